@@ -1,0 +1,108 @@
+package cli
+
+import (
+	"fmt"
+	"time"
+
+	"github.com/meshfed/meshfed/hub"
+	"github.com/meshfed/meshfed/spoke"
+	"github.com/meshfed/meshfed/spoke/filesource"
+	"github.com/meshfed/meshfed/store"
+	"github.com/spf13/cobra"
+)
+
+func newHubCmd(g *globals) *cobra.Command {
+	var o hub.Options
+	var storeKind, etcdPrefix string
+	var etcdEndpoints []string
+	cmd := &cobra.Command{
+		Use:   "hub",
+		Short: "Run the hub: site registry, federated catalog, join tokens and the federation CA",
+		Example: `  meshfed hub --data-dir /var/lib/meshfed --listen :7443
+  meshfed hub --data-dir /var/lib/meshfed --store etcd --etcd-endpoints http://10.0.0.5:2379`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			ctx := cmd.Context()
+			o.Logger = g.logger()
+			switch storeKind {
+			case "bolt":
+			case "etcd":
+				s, err := store.OpenEtcd(ctx, store.EtcdOptions{Endpoints: etcdEndpoints, Prefix: etcdPrefix})
+				if err != nil {
+					return err
+				}
+				o.Store = s
+			default:
+				return fmt.Errorf("--store %q is unknown: use bolt (a file in --data-dir) or etcd", storeKind)
+			}
+			h, err := hub.New(ctx, o)
+			if err != nil {
+				if o.Store != nil {
+					o.Store.Close()
+				}
+				return err
+			}
+			return h.Run(ctx)
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&o.DataDir, "data-dir", "", "directory for the hub's state and admin.conf (required)")
+	f.StringVar(&o.Listen, "listen", ":7443", "gRPC address for spokes and the CLI")
+	f.StringVar(&o.HTTPListen, "http-listen", "127.0.0.1:7080", "address for /healthz, /readyz and /metrics (- disables)")
+	f.StringVar(&o.Federation, "federation", "meshfed", "federation name, also its root SPIFFE trust domain")
+	f.StringVar(&o.Advertise, "advertise", "", "host:port spokes and the CLI reach the hub at (default: the listen address)")
+	f.DurationVar(&o.SpokeCertTTL, "spoke-cert-ttl", 30*24*time.Hour, "lifetime of spoke certificates; spokes renew at half-life")
+	f.StringVar(&storeKind, "store", "bolt", "state store: bolt (a file in --data-dir) or etcd (for several hub replicas)")
+	f.StringSliceVar(&etcdEndpoints, "etcd-endpoints", nil, "etcd client URLs, with --store etcd")
+	f.StringVar(&etcdPrefix, "etcd-prefix", "/meshfed/", "key prefix in etcd, with --store etcd")
+	_ = cmd.MarkFlagRequired("data-dir")
+	return cmd
+}
+
+func newSpokeCmd(g *globals) *cobra.Command {
+	var o spoke.Options
+	var services string
+	var poll time.Duration
+	cmd := &cobra.Command{
+		Use:   "spoke",
+		Short: "Run a site's spoke: publish its services to the hub and keep the federated view",
+		Example: `  # first start: join with a one-time token
+  meshfed spoke --site east --hub hub.example.com:7443 --token mf1.… --services services.yaml --data-dir /var/lib/meshfed-spoke
+  # later starts need no token: the data dir keeps the credential
+  meshfed spoke --site east --services services.yaml --data-dir /var/lib/meshfed-spoke`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			ctx := cmd.Context()
+			o.Logger = g.logger()
+			// sp is set before the source first runs (in sp.Run).
+			var sp *spoke.Spoke
+			if services != "" {
+				src := filesource.New(filesource.Options{
+					Path: services, Interval: poll, Logger: o.Logger.With("component", "filesource"),
+					OnError: func(err error) { sp.OnSourceError(err) },
+				})
+				if _, err := src.Load(); err != nil {
+					return fmt.Errorf("--services %s: %w", services, err)
+				}
+				o.Source = src
+			}
+			sp, err := spoke.New(ctx, o)
+			if err != nil {
+				return err
+			}
+			return sp.Run(ctx)
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&o.Site, "site", "", "this site's name (required)")
+	f.StringVar(&o.Hub, "hub", "", "hub address host:port (needed to join)")
+	f.StringVar(&o.Token, "token", "", "one-time join token from `meshfed site token create` (first start only)")
+	f.StringVar(&o.DataDir, "data-dir", "", "directory for the spoke's credential and federated view (required)")
+	f.StringVar(&services, "services", "", "YAML file listing this site's services (watched for changes)")
+	f.DurationVar(&poll, "services-poll", time.Second, "how often to check the services file for changes")
+	f.StringVar(&o.HTTPListen, "http-listen", "127.0.0.1:7180", "address for /healthz, /readyz, /metrics and /v1/catalog (- disables)")
+	f.DurationVar(&o.MaxStale, "max-stale", 24*time.Hour, "keep serving other sites' services this long after the hub was last reached (negative: forever)")
+	_ = cmd.MarkFlagRequired("site")
+	_ = cmd.MarkFlagRequired("data-dir")
+	return cmd
+}

@@ -1,0 +1,180 @@
+package federation
+
+import (
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	meshfedv1 "github.com/meshfed/meshfed/api/meshfed/v1"
+)
+
+// Table is a set of versioned resources one side publishes, with
+// subscriptions that learn which keys changed. It is safe for concurrent use.
+type Table struct {
+	mu    sync.RWMutex
+	items map[string]item
+	subs  map[*Subscription]struct{}
+}
+
+type item struct {
+	res     *meshfedv1.Resource
+	changed time.Time
+}
+
+// NewTable returns an empty table.
+func NewTable() *Table {
+	return &Table{items: map[string]item{}, subs: map[*Subscription]struct{}{}}
+}
+
+// Put stores r (its Version must be set) and reports whether anything
+// changed; an equal version is a no-op, so no subscriber hears of it.
+func (t *Table) Put(r *meshfedv1.Resource) bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if old, ok := t.items[r.Key]; ok && old.res.Version == r.Version {
+		return false
+	}
+	t.items[r.Key] = item{res: r, changed: time.Now()}
+	t.markLocked(r.Key)
+	return true
+}
+
+// Delete removes key and reports whether it was there.
+func (t *Table) Delete(key string) bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if _, ok := t.items[key]; !ok {
+		return false
+	}
+	delete(t.items, key)
+	t.markLocked(key)
+	return true
+}
+
+// Get returns the resource at key.
+func (t *Table) Get(key string) (*meshfedv1.Resource, bool) {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	it, ok := t.items[key]
+	return it.res, ok
+}
+
+// List returns the resources whose key starts with prefix, sorted by key.
+func (t *Table) List(prefix string) []*meshfedv1.Resource {
+	t.mu.RLock()
+	out := make([]*meshfedv1.Resource, 0)
+	for k, it := range t.items {
+		if strings.HasPrefix(k, prefix) {
+			out = append(out, it.res)
+		}
+	}
+	t.mu.RUnlock()
+	sort.Slice(out, func(i, j int) bool { return out[i].Key < out[j].Key })
+	return out
+}
+
+// Versions returns key → version of the resources whose key starts with
+// prefix.
+func (t *Table) Versions(prefix string) map[string]string {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	out := map[string]string{}
+	for k, it := range t.items {
+		if strings.HasPrefix(k, prefix) {
+			out[k] = it.res.Version
+		}
+	}
+	return out
+}
+
+// Len is the number of resources.
+func (t *Table) Len() int {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	return len(t.items)
+}
+
+func (t *Table) markLocked(key string) {
+	for s := range t.subs {
+		if s.filter(key) {
+			s.mark(key)
+		}
+	}
+}
+
+// Subscribe returns a subscription to the keys filter accepts, with every
+// such key present now already marked dirty.
+func (t *Table) Subscribe(filter func(key string) bool) *Subscription {
+	s := &Subscription{t: t, filter: filter, dirty: map[string]struct{}{}, notify: make(chan struct{}, 1)}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.subs[s] = struct{}{}
+	for k := range t.items {
+		if filter(k) {
+			s.mark(k)
+		}
+	}
+	return s
+}
+
+// Subscription is the set of keys changed since its owner last took them.
+type Subscription struct {
+	t      *Table
+	filter func(string) bool
+	mu     sync.Mutex
+	dirty  map[string]struct{}
+	notify chan struct{}
+}
+
+// C is signalled after keys are marked dirty.
+func (s *Subscription) C() <-chan struct{} { return s.notify }
+
+// Mark marks keys dirty, for example the keys a peer holds that may have
+// been deleted meanwhile.
+func (s *Subscription) Mark(keys ...string) {
+	for _, k := range keys {
+		s.mark(k)
+	}
+}
+
+func (s *Subscription) mark(key string) {
+	s.mu.Lock()
+	s.dirty[key] = struct{}{}
+	s.mu.Unlock()
+	select {
+	case s.notify <- struct{}{}:
+	default:
+	}
+}
+
+// Take removes and returns up to max dirty keys, sorted, and how many stay.
+func (s *Subscription) Take(max int) (keys []string, left int) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for k := range s.dirty {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	if len(keys) > max {
+		keys = keys[:max]
+	}
+	for _, k := range keys {
+		delete(s.dirty, k)
+	}
+	return keys, len(s.dirty)
+}
+
+// changedAt returns when key last changed in the table.
+func (s *Subscription) changedAt(key string) time.Time {
+	s.t.mu.RLock()
+	defer s.t.mu.RUnlock()
+	return s.t.items[key].changed
+}
+
+// Close ends the subscription.
+func (s *Subscription) Close() {
+	s.t.mu.Lock()
+	delete(s.t.subs, s)
+	s.t.mu.Unlock()
+}

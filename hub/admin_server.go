@@ -1,0 +1,238 @@
+package hub
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/base32"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"sort"
+	"strings"
+	"time"
+
+	meshfedv1 "github.com/meshfed/meshfed/api/meshfed/v1"
+	"github.com/meshfed/meshfed/catalog"
+	"github.com/meshfed/meshfed/federation"
+	"github.com/meshfed/meshfed/hubclient"
+	"github.com/meshfed/meshfed/store"
+	"github.com/meshfed/meshfed/trust/ca"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/timestamppb"
+)
+
+type adminServer struct {
+	meshfedv1.UnimplementedAdminServer
+	h *Hub
+}
+
+var errExists = errors.New("exists")
+
+// AddSite registers a site; a name already taken is refused and nothing
+// stored changes.
+func (s *adminServer) AddSite(ctx context.Context, req *meshfedv1.AddSiteRequest) (*meshfedv1.SiteStatus, error) {
+	h := s.h
+	site := federation.SiteFromWire(req.GetSite())
+	site.State = ""
+	if site.TrustDomain == "" {
+		site.TrustDomain = site.Name + "." + h.o.Federation
+	}
+	if err := catalog.ValidateSite(site); err != nil {
+		return nil, status.Error(codes.InvalidArgument, err.Error())
+	}
+	rec := siteRecord{Site: site, Created: time.Now().UTC()}
+	var existing siteRecord
+	err := h.store.Update(ctx, keySites+site.Name, func(cur []byte) ([]byte, error) {
+		if cur != nil {
+			_ = json.Unmarshal(cur, &existing)
+			return nil, errExists
+		}
+		return json.Marshal(rec)
+	})
+	if errors.Is(err, errExists) {
+		return nil, status.Errorf(codes.AlreadyExists, "site %s already exists (kind %s, %s): see it with `meshfed site show %s`, or remove it first with `meshfed site remove %s`",
+			site.Name, existing.Site.Kind, existing.Site.Locality, site.Name, site.Name)
+	}
+	if err != nil {
+		return nil, status.Errorf(codes.Unavailable, "store site: %v", err)
+	}
+	h.mu.Lock()
+	st := &siteState{rec: rec}
+	h.sites[site.Name] = st
+	h.publishSiteLocked(st)
+	h.refreshGaugesLocked()
+	out := h.statusLocked(st)
+	h.mu.Unlock()
+	h.log.Info("site added", "site", site.Name, "kind", site.Kind, "locality", site.Locality.String())
+	return out, nil
+}
+
+func (h *Hub) statusLocked(st *siteState) *meshfedv1.SiteStatus {
+	w := federation.SiteToWire(st.rec.Site)
+	w.State = st.state()
+	out := &meshfedv1.SiteStatus{
+		Site:      w,
+		Created:   timestamppb.New(st.rec.Created),
+		Services:  uint32(st.services),
+		Endpoints: uint32(st.endpoints),
+	}
+	if !st.rec.LastSync.IsZero() {
+		out.LastSync = timestamppb.New(st.rec.LastSync)
+	}
+	if st.conn != nil {
+		out.ConnectedSince = timestamppb.New(st.conn.since)
+	}
+	return out
+}
+
+func (s *adminServer) ListSites(context.Context, *meshfedv1.ListSitesRequest) (*meshfedv1.ListSitesResponse, error) {
+	h := s.h
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	out := &meshfedv1.ListSitesResponse{}
+	for _, st := range h.sites {
+		out.Sites = append(out.Sites, h.statusLocked(st))
+	}
+	sort.Slice(out.Sites, func(i, j int) bool { return out.Sites[i].Site.Name < out.Sites[j].Site.Name })
+	return out, nil
+}
+
+func (s *adminServer) GetSite(_ context.Context, req *meshfedv1.GetSiteRequest) (*meshfedv1.SiteStatus, error) {
+	h := s.h
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	st := h.sites[req.GetName()]
+	if st == nil {
+		return nil, notFoundSite(req.GetName())
+	}
+	return h.statusLocked(st), nil
+}
+
+func notFoundSite(name string) error {
+	return status.Errorf(codes.NotFound, "site %s is not registered: `meshfed site list` shows the sites", name)
+}
+
+// RemoveSite removes a site, its services and its unused tokens, and cuts
+// its spoke off: the spoke's certificate is no longer accepted.
+func (s *adminServer) RemoveSite(ctx context.Context, req *meshfedv1.RemoveSiteRequest) (*meshfedv1.RemoveSiteResponse, error) {
+	h := s.h
+	name := req.GetName()
+	h.mu.Lock()
+	st := h.sites[name]
+	h.mu.Unlock()
+	if st == nil {
+		return nil, notFoundSite(name)
+	}
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	keys := h.table.Versions(federation.SiteServicesPrefix(name))
+	var ops []store.Op
+	for k := range keys {
+		ops = append(ops, store.Op{Key: keyResource + k, Delete: true})
+	}
+	tokens, err := h.store.List(ctx, keyTokens)
+	if err != nil {
+		return nil, status.Errorf(codes.Unavailable, "list tokens: %v", err)
+	}
+	for _, kv := range tokens {
+		var t tokenRecord
+		if json.Unmarshal(kv.Value, &t) == nil && t.Site == name {
+			ops = append(ops, store.Op{Key: kv.Key, Delete: true})
+		}
+	}
+	// The site record goes last: a removal cut short is finished by running
+	// it again, and what is left without a site record is ignored on load.
+	for len(ops) > 0 {
+		n := min(len(ops), 100)
+		if err := h.store.Apply(ctx, ops[:n]...); err != nil {
+			return nil, status.Errorf(codes.Unavailable, "remove site %s: %v (run the command again to finish)", name, err)
+		}
+		ops = ops[n:]
+	}
+	if err := h.store.Apply(ctx, store.Op{Key: keySites + name, Delete: true}); err != nil {
+		return nil, status.Errorf(codes.Unavailable, "remove site %s: %v (run the command again to finish)", name, err)
+	}
+	h.mu.Lock()
+	if st.conn != nil {
+		st.conn.cancel()
+	}
+	delete(h.sites, name)
+	for k := range keys {
+		h.table.Delete(k)
+	}
+	h.table.Delete(federation.SiteKey(name))
+	h.refreshGaugesLocked()
+	h.mu.Unlock()
+	h.log.Info("site removed", "site", name, "services", len(keys))
+	return &meshfedv1.RemoveSiteResponse{ServicesRemoved: uint32(len(keys))}, nil
+}
+
+// CreateToken makes a one-time join token for a registered site. Only a
+// hash of the secret is stored; the token is shown once.
+func (s *adminServer) CreateToken(ctx context.Context, req *meshfedv1.CreateTokenRequest) (*meshfedv1.CreateTokenResponse, error) {
+	h := s.h
+	if !h.siteExists(req.GetSite()) {
+		return nil, status.Errorf(codes.NotFound, "site %s is not registered: add it first with `meshfed site add %s --kind docker --region R --zone Z`", req.GetSite(), req.GetSite())
+	}
+	ttl := req.GetTtl().AsDuration()
+	if ttl <= 0 {
+		ttl = time.Hour
+	}
+	if ttl > h.o.MaxTokenTTL {
+		return nil, status.Errorf(codes.InvalidArgument, "--ttl %s is longer than the hub allows (%s): join tokens are meant to be used soon", ttl, h.o.MaxTokenTTL)
+	}
+	tok := hubclient.Token{ID: randomString(6), Secret: randomString(16), CAPin: ca.Pin(h.ca.Cert)}
+	sum := sha256.Sum256([]byte(tok.Secret))
+	rec := tokenRecord{Site: req.GetSite(), SecretHash: hex.EncodeToString(sum[:]), Expires: time.Now().Add(ttl).UTC()}
+	b, err := json.Marshal(rec)
+	if err != nil {
+		return nil, err
+	}
+	if err := h.store.Apply(ctx, store.Op{Key: keyTokens + tok.ID, Value: b}); err != nil {
+		return nil, status.Errorf(codes.Unavailable, "store token: %v", err)
+	}
+	h.log.Info("join token created", "site", rec.Site, "token_id", tok.ID, "expires", rec.Expires)
+	return &meshfedv1.CreateTokenResponse{Token: tok.String(), Expires: timestamppb.New(rec.Expires)}, nil
+}
+
+func randomString(n int) string {
+	b := make([]byte, n)
+	if _, err := rand.Read(b); err != nil {
+		panic(fmt.Sprintf("hub: no randomness: %v", err))
+	}
+	return strings.ToLower(base32.StdEncoding.WithPadding(base32.NoPadding).EncodeToString(b))[:n]
+}
+
+func (s *adminServer) ListServices(context.Context, *meshfedv1.ListServicesRequest) (*meshfedv1.ListServicesResponse, error) {
+	out := &meshfedv1.ListServicesResponse{}
+	for _, r := range s.h.table.List("svc/") {
+		out.Services = append(out.Services, r.GetService())
+	}
+	return out, nil
+}
+
+func (s *adminServer) GetService(_ context.Context, req *meshfedv1.GetServiceRequest) (*meshfedv1.GetServiceResponse, error) {
+	h := s.h
+	out := &meshfedv1.GetServiceResponse{}
+	seen := map[string]bool{}
+	for _, r := range h.table.List("svc/") {
+		svc := r.GetService()
+		if svc.GetNamespace() != req.GetNamespace() || svc.GetName() != req.GetName() {
+			continue
+		}
+		out.Services = append(out.Services, svc)
+		if !seen[svc.GetSite()] {
+			seen[svc.GetSite()] = true
+			if sr, ok := h.table.Get(federation.SiteKey(svc.GetSite())); ok {
+				out.Sites = append(out.Sites, sr.GetSite())
+			}
+		}
+	}
+	if len(out.Services) == 0 {
+		return nil, status.Errorf(codes.NotFound, "service %s/%s is not exported by any site: `meshfed service list` shows what is", req.GetNamespace(), req.GetName())
+	}
+	return out, nil
+}

@@ -1,0 +1,308 @@
+package hub
+
+import (
+	"context"
+	"crypto/sha256"
+	"crypto/subtle"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"time"
+
+	meshfedv1 "github.com/meshfed/meshfed/api/meshfed/v1"
+	"github.com/meshfed/meshfed/catalog"
+	"github.com/meshfed/meshfed/federation"
+	"github.com/meshfed/meshfed/hubclient"
+	"github.com/meshfed/meshfed/store"
+	"github.com/meshfed/meshfed/trust/ca"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
+)
+
+type federationServer struct {
+	meshfedv1.UnimplementedFederationServer
+	h *Hub
+}
+
+// Join redeems a one-time token: the token must exist, match its secret,
+// be unexpired, unused and for the site asked; it is burnt in the same
+// atomic update that checks it, so two spokes cannot both redeem it.
+func (s *federationServer) Join(ctx context.Context, req *meshfedv1.JoinRequest) (*meshfedv1.JoinResponse, error) {
+	h := s.h
+	if err := catalog.ValidateName("site name", req.GetSite()); err != nil {
+		return nil, status.Error(codes.InvalidArgument, err.Error())
+	}
+	tok, err := hubclient.ParseToken(req.GetToken())
+	if err != nil {
+		h.m.joins.WithLabelValues("malformed").Inc()
+		return nil, status.Error(codes.InvalidArgument, err.Error())
+	}
+	now := time.Now()
+	result := "ok"
+	err = h.store.Update(ctx, keyTokens+tok.ID, func(cur []byte) ([]byte, error) {
+		var rec tokenRecord
+		if cur == nil || json.Unmarshal(cur, &rec) != nil || !secretMatches(rec.SecretHash, tok.Secret) {
+			result = "unknown"
+			return nil, errors.New("join token is not known to this hub: create one with `meshfed site token create --site " + req.GetSite() + "`")
+		}
+		switch {
+		case !rec.Used.IsZero():
+			result = "replayed"
+			return nil, fmt.Errorf("join token was already used at %s: tokens are single-use, create a new one with `meshfed site token create --site %s`", rec.Used.Format(time.RFC3339), rec.Site)
+		case now.After(rec.Expires):
+			result = "expired"
+			return nil, fmt.Errorf("join token expired at %s: create a new one with `meshfed site token create --site %s`", rec.Expires.Format(time.RFC3339), rec.Site)
+		case rec.Site != req.GetSite():
+			result = "wrong_site"
+			return nil, fmt.Errorf("join token is for site %q, not %q: start the spoke with --site %s or create a token for %s", rec.Site, req.GetSite(), rec.Site, req.GetSite())
+		}
+		rec.Used = now
+		return json.Marshal(rec)
+	})
+	h.m.joins.WithLabelValues(result).Inc()
+	if err != nil {
+		if result == "ok" {
+			return nil, status.Errorf(codes.Unavailable, "redeem token: %v", err)
+		}
+		h.log.Warn("refused a join", "site", req.GetSite(), "token_id", tok.ID, "reason", result)
+		return nil, status.Error(codes.Unauthenticated, err.Error())
+	}
+	if !h.siteExists(req.GetSite()) {
+		return nil, status.Errorf(codes.NotFound, "site %s was removed after its token was made: add it again with `meshfed site add`", req.GetSite())
+	}
+	h.log.Info("spoke joined", "site", req.GetSite(), "token_id", tok.ID)
+	return s.issue(req.GetSite(), req.GetCsr())
+}
+
+// Renew gives a spoke with a valid certificate a fresh one.
+func (s *federationServer) Renew(ctx context.Context, req *meshfedv1.RenewRequest) (*meshfedv1.JoinResponse, error) {
+	site := spokeSite(ctx)
+	if !s.h.siteExists(site) {
+		return nil, status.Errorf(codes.PermissionDenied, "site %s is not registered at this hub", site)
+	}
+	return s.issue(site, req.GetCsr())
+}
+
+func (s *federationServer) issue(site string, csr []byte) (*meshfedv1.JoinResponse, error) {
+	h := s.h
+	id, err := ca.SpokeID(h.td, site)
+	if err != nil {
+		return nil, status.Error(codes.InvalidArgument, err.Error())
+	}
+	cert, err := h.ca.SignCSR(csr, id, h.o.SpokeCertTTL)
+	if err != nil {
+		return nil, status.Error(codes.InvalidArgument, err.Error())
+	}
+	return &meshfedv1.JoinResponse{
+		CertificatePem: ca.EncodeCertPEM(cert),
+		CaPem:          ca.EncodeCertPEM(h.ca.Cert),
+		Federation:     h.o.Federation,
+		SpiffeId:       id.String(),
+	}, nil
+}
+
+func secretMatches(hash, secret string) bool {
+	sum := sha256.Sum256([]byte(secret))
+	return subtle.ConstantTimeCompare([]byte(hash), []byte(hex.EncodeToString(sum[:]))) == 1
+}
+
+func (h *Hub) siteExists(name string) bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.sites[name] != nil
+}
+
+// Sync runs one spoke's federation stream. The newest stream of a site wins:
+// an older one still open is cancelled.
+func (s *federationServer) Sync(stream meshfedv1.Federation_SyncServer) error {
+	h := s.h
+	site := spokeSite(stream.Context())
+	first, err := stream.Recv()
+	if err != nil {
+		return err
+	}
+	hello := first.GetHello()
+	if hello == nil {
+		return status.Error(codes.InvalidArgument, "the first message of a Sync stream must be a Hello")
+	}
+	if hello.GetSite() != "" && hello.GetSite() != site {
+		h.m.nacks.WithLabelValues(site, "hub").Inc()
+		return status.Errorf(codes.PermissionDenied, "this certificate is for site %s, the hello claims site %s", site, hello.GetSite())
+	}
+	ctx, cancel := context.WithCancel(stream.Context())
+	defer cancel()
+	st, err := h.connect(site, cancel)
+	if err != nil {
+		return err
+	}
+	defer h.disconnect(site, st)
+	reply := &meshfedv1.Hello{KnownVersions: h.table.Versions(federation.SiteServicesPrefix(site))}
+	if err := stream.Send(&meshfedv1.SyncMessage{Kind: &meshfedv1.SyncMessage_Hello{Hello: reply}}); err != nil {
+		return err
+	}
+	own := federation.SiteServicesPrefix(site)
+	sess := &federation.Session{
+		Stream:    stream,
+		Out:       h.table,
+		Filter:    func(k string) bool { return len(k) < len(own) || k[:len(own)] != own },
+		PeerKnown: hello.GetKnownVersions(),
+		In:        &spokeSink{h: h, site: site},
+		Logger:    h.log.With("site", site),
+		OnSent: func(n int, oldest time.Time) {
+			h.m.resourcesSent.WithLabelValues(site).Add(float64(n))
+			if !oldest.IsZero() {
+				h.m.pushDuration.Observe(time.Since(oldest).Seconds())
+			}
+		},
+		OnNack: func(string) { h.m.nacks.WithLabelValues(site, "spoke").Inc() },
+	}
+	h.log.Info("spoke connected", "site", site, "holds", len(hello.GetKnownVersions()))
+	err = sess.Run(ctx)
+	if ctx.Err() != nil {
+		return nil
+	}
+	return err
+}
+
+// connect marks site connected with a new stream, cancelling an older one.
+func (h *Hub) connect(site string, cancel context.CancelFunc) (*siteState, error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	st := h.sites[site]
+	if st == nil {
+		return nil, status.Errorf(codes.PermissionDenied, "site %s is not registered at this hub (was it removed?): add it with `meshfed site add` and join with a new token", site)
+	}
+	if st.conn != nil {
+		h.log.Warn("a second spoke stream for the site replaces the first", "site", site)
+		st.conn.cancel()
+	}
+	st.conn = &spokeConn{cancel: cancel, since: time.Now()}
+	st.rec.LastSync = time.Now()
+	h.publishSiteLocked(st)
+	h.refreshGaugesLocked()
+	return st, nil
+}
+
+// disconnect marks the site stale if st's stream is still its current one,
+// and records when it was last in sync.
+func (h *Hub) disconnect(site string, st *siteState) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.sites[site] != st {
+		return
+	}
+	st.conn = nil
+	h.publishSiteLocked(st)
+	h.refreshGaugesLocked()
+	rec := st.rec
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		if err := h.saveSite(ctx, rec); err != nil {
+			h.log.Warn("could not record the site's last sync", "site", site, "err", err)
+		}
+	}()
+	h.log.Info("spoke disconnected", "site", site)
+}
+
+func (h *Hub) saveSite(ctx context.Context, rec siteRecord) error {
+	return h.store.Update(ctx, keySites+rec.Site.Name, func(cur []byte) ([]byte, error) {
+		if cur == nil {
+			return nil, nil // removed meanwhile: do not bring it back
+		}
+		return json.Marshal(rec)
+	})
+}
+
+// spokeSink applies a spoke's deltas to the federated catalog.
+type spokeSink struct {
+	h    *Hub
+	site string
+}
+
+func (k *spokeSink) Apply(ctx context.Context, d *meshfedv1.Delta) error {
+	err := k.apply(ctx, d)
+	if errors.Is(err, federation.ErrRejected) {
+		k.h.m.nacks.WithLabelValues(k.site, "hub").Inc()
+	}
+	return err
+}
+
+func (k *spokeSink) apply(ctx context.Context, d *meshfedv1.Delta) error {
+	h, site := k.h, k.site
+	ops := make([]store.Op, 0, len(d.GetUpdated())+len(d.GetRemoved()))
+	for _, r := range d.GetUpdated() {
+		if err := k.check(r.GetKey()); err != nil {
+			return err
+		}
+		if err := federation.CheckResource(r); err != nil {
+			return fmt.Errorf("%w: %v", federation.ErrRejected, err)
+		}
+		svc := r.GetService()
+		if svc == nil {
+			return fmt.Errorf("%w: %s: a spoke may only send services", federation.ErrRejected, r.GetKey())
+		}
+		if err := catalog.ValidateService(federation.ServiceFromWire(svc, catalog.Locality{})); err != nil {
+			return fmt.Errorf("%w: %v", federation.ErrRejected, err)
+		}
+		b, err := proto.Marshal(r)
+		if err != nil {
+			return err
+		}
+		ops = append(ops, store.Op{Key: keyResource + r.GetKey(), Value: b})
+	}
+	for _, key := range d.GetRemoved() {
+		if err := k.check(key); err != nil {
+			return err
+		}
+		ops = append(ops, store.Op{Key: keyResource + key, Delete: true})
+	}
+	h.mu.Lock()
+	st := h.sites[site]
+	h.mu.Unlock()
+	if st == nil {
+		return fmt.Errorf("site %s was removed", site)
+	}
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	if len(ops) > 0 {
+		if err := h.store.Apply(ctx, ops...); err != nil {
+			h.log.Error("could not store a spoke's delta; the spoke will resend it", "site", site, "err", err)
+			return err
+		}
+	}
+	dServices, dEndpoints := 0, 0
+	for _, r := range d.GetUpdated() {
+		if old, ok := h.table.Get(r.GetKey()); ok {
+			dServices--
+			dEndpoints -= len(old.GetService().GetEndpoints())
+		}
+		dServices++
+		dEndpoints += len(r.GetService().GetEndpoints())
+		h.table.Put(r)
+	}
+	for _, key := range d.GetRemoved() {
+		if old, ok := h.table.Get(key); ok {
+			dServices--
+			dEndpoints -= len(old.GetService().GetEndpoints())
+			h.table.Delete(key)
+		}
+	}
+	h.m.resourcesReceived.WithLabelValues(site).Add(float64(len(ops)))
+	h.mu.Lock()
+	st.services += dServices
+	st.endpoints += dEndpoints
+	st.rec.LastSync = time.Now()
+	h.refreshGaugesLocked()
+	h.mu.Unlock()
+	return nil
+}
+
+func (k *spokeSink) check(key string) error {
+	if federation.KeySite(key) != k.site {
+		return fmt.Errorf("%w: spoke of site %s may not write %q: a spoke writes only its own site's services", federation.ErrRejected, k.site, key)
+	}
+	return nil
+}

@@ -1,0 +1,431 @@
+package hub
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	meshfedv1 "github.com/meshfed/meshfed/api/meshfed/v1"
+	"github.com/meshfed/meshfed/federation"
+	"github.com/meshfed/meshfed/hubclient"
+	"github.com/meshfed/meshfed/store"
+	"github.com/meshfed/meshfed/telemetry"
+	"github.com/meshfed/meshfed/trust/ca"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"golang.org/x/sync/errgroup"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/keepalive"
+	"google.golang.org/protobuf/proto"
+)
+
+// Options configures a Hub. Zero values take the documented defaults.
+type Options struct {
+	// DataDir holds admin.conf (the CLI's credential) and, with the default
+	// store, hub.db. Required.
+	DataDir string
+	// Store is where the hub keeps its state. Default: bbolt in DataDir.
+	Store store.Store
+	// Listen is the gRPC (federation and admin API) address. Default ":7443".
+	Listen string
+	// HTTPListen serves /healthz, /readyz and /metrics. Default
+	// "127.0.0.1:7080"; "" after defaults means the default, "-" disables.
+	HTTPListen string
+	// Federation is the name and root trust domain of the federation.
+	// Default "meshfed". A store made for another federation is refused.
+	Federation string
+	// Advertise is the host:port spokes and the CLI reach the hub at; it
+	// goes into admin.conf and the serving certificate. Default: the listen
+	// address, with 127.0.0.1 for an unspecified host.
+	Advertise string
+	// SpokeCertTTL is how long a spoke certificate lives; spokes renew at
+	// half-life. Default 30 days.
+	SpokeCertTTL time.Duration
+	// MaxTokenTTL caps join token lifetimes. Default 7 days.
+	MaxTokenTTL time.Duration
+	Logger      *slog.Logger
+	// Registry receives the hub's metrics. Default: a new registry.
+	Registry *prometheus.Registry
+}
+
+// Hub is the federation's control plane.
+type Hub struct {
+	o     Options
+	log   *slog.Logger
+	store store.Store
+	ca    *ca.CA
+	td    spiffeid.TrustDomain
+	table *federation.Table
+	m     *metrics
+
+	grpcLn  net.Listener
+	tele    *telemetry.Server
+	serving tls.Certificate
+
+	mu    sync.Mutex
+	sites map[string]*siteState
+}
+
+// siteState is the hub's live view of one site.
+type siteState struct {
+	rec       siteRecord
+	conn      *spokeConn
+	services  int
+	endpoints int
+	// mu serialises writes of this site's catalog with its removal.
+	mu sync.Mutex
+}
+
+type spokeConn struct {
+	cancel context.CancelFunc
+	since  time.Time
+}
+
+// New opens the hub's state, creating the federation CA and the admin
+// credential on first start, and binds its listeners.
+func New(ctx context.Context, o Options) (*Hub, error) {
+	if o.DataDir == "" {
+		return nil, errors.New("hub: --data-dir is required")
+	}
+	if o.Listen == "" {
+		o.Listen = ":7443"
+	}
+	if o.HTTPListen == "" {
+		o.HTTPListen = "127.0.0.1:7080"
+	}
+	if o.Federation == "" {
+		o.Federation = "meshfed"
+	}
+	if o.SpokeCertTTL == 0 {
+		o.SpokeCertTTL = 30 * 24 * time.Hour
+	}
+	if o.MaxTokenTTL == 0 {
+		o.MaxTokenTTL = 7 * 24 * time.Hour
+	}
+	if o.Logger == nil {
+		o.Logger = slog.Default()
+	}
+	if o.Registry == nil {
+		o.Registry = telemetry.NewRegistry()
+	}
+	td, err := spiffeid.TrustDomainFromString(o.Federation)
+	if err != nil {
+		return nil, fmt.Errorf("hub: federation name %q is not a valid trust domain: %w", o.Federation, err)
+	}
+	if err := os.MkdirAll(o.DataDir, 0o700); err != nil {
+		return nil, fmt.Errorf("hub: create data dir: %w", err)
+	}
+	h := &Hub{o: o, log: o.Logger.With("component", "hub"), td: td, table: federation.NewTable(), sites: map[string]*siteState{}}
+	if o.Store == nil {
+		s, err := store.OpenBolt(filepath.Join(o.DataDir, "hub.db"), time.Second)
+		if err != nil {
+			return nil, fmt.Errorf("hub: %w", err)
+		}
+		h.store = s
+	} else {
+		h.store = o.Store
+	}
+	ok := false
+	defer func() {
+		if !ok {
+			h.close()
+		}
+	}()
+	if err := h.loadCA(ctx); err != nil {
+		return nil, err
+	}
+	if err := h.load(ctx); err != nil {
+		return nil, err
+	}
+	h.grpcLn, err = net.Listen("tcp", o.Listen)
+	if err != nil {
+		return nil, fmt.Errorf("hub: listen %s: %w", o.Listen, err)
+	}
+	if o.Advertise == "" {
+		o.Advertise = advertised(h.grpcLn.Addr().(*net.TCPAddr))
+		h.o.Advertise = o.Advertise
+	}
+	if err := h.issueServing(); err != nil {
+		return nil, err
+	}
+	if err := h.writeAdminConfig(); err != nil {
+		return nil, err
+	}
+	if o.HTTPListen != "-" {
+		h.tele, err = telemetry.Listen(telemetry.Options{Listen: o.HTTPListen, Registry: o.Registry, Logger: h.log})
+		if err != nil {
+			return nil, fmt.Errorf("hub: %w", err)
+		}
+	}
+	h.m = newMetrics(o.Registry)
+	h.refreshGauges()
+	ok = true
+	return h, nil
+}
+
+// Addr is the bound gRPC address.
+func (h *Hub) Addr() string { return h.grpcLn.Addr().String() }
+
+// HTTPAddr is the bound telemetry address ("" when disabled).
+func (h *Hub) HTTPAddr() string {
+	if h.tele == nil {
+		return ""
+	}
+	return h.tele.Addr()
+}
+
+// AdminConfigPath is where the admin credential is written.
+func (h *Hub) AdminConfigPath() string { return filepath.Join(h.o.DataDir, "admin.conf") }
+
+// Run serves until ctx ends, then closes the store.
+func (h *Hub) Run(ctx context.Context) error {
+	defer h.close()
+	tc := &tls.Config{
+		MinVersion:   tls.VersionTLS13,
+		Certificates: []tls.Certificate{h.serving},
+		// Join is the one call made before a spoke has a certificate;
+		// every other call checks the peer's verified identity.
+		ClientAuth: tls.VerifyClientCertIfGiven,
+		ClientCAs:  h.caPool(),
+	}
+	srv := grpc.NewServer(
+		grpc.Creds(credentials.NewTLS(tc)),
+		grpc.UnaryInterceptor(h.authorizeUnary),
+		grpc.StreamInterceptor(h.authorizeStream),
+		grpc.KeepaliveParams(keepalive.ServerParameters{Time: 20 * time.Second, Timeout: 10 * time.Second}),
+		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
+		grpc.MaxRecvMsgSize(16<<20),
+	)
+	meshfedv1.RegisterFederationServer(srv, &federationServer{h: h})
+	meshfedv1.RegisterAdminServer(srv, &adminServer{h: h})
+	g, ctx := errgroup.WithContext(ctx)
+	g.Go(func() error {
+		if err := srv.Serve(h.grpcLn); err != nil && !errors.Is(err, grpc.ErrServerStopped) {
+			return fmt.Errorf("hub: serve: %w", err)
+		}
+		return nil
+	})
+	g.Go(func() error {
+		<-ctx.Done()
+		// Streams never end by themselves: stop them, then the server.
+		h.mu.Lock()
+		for _, st := range h.sites {
+			if st.conn != nil {
+				st.conn.cancel()
+			}
+		}
+		h.mu.Unlock()
+		done := make(chan struct{})
+		go func() { srv.GracefulStop(); close(done) }()
+		select {
+		case <-done:
+		case <-time.After(5 * time.Second):
+			srv.Stop()
+		}
+		return nil
+	})
+	if h.tele != nil {
+		g.Go(func() error { return h.tele.Run(ctx) })
+	}
+	h.log.Info("hub serving", "federation", h.o.Federation, "grpc", h.Addr(), "http", h.HTTPAddr(), "admin_config", h.AdminConfigPath())
+	return g.Wait()
+}
+
+func (h *Hub) close() {
+	if h.grpcLn != nil {
+		h.grpcLn.Close()
+	}
+	if h.store != nil {
+		h.store.Close()
+	}
+}
+
+// loadCA loads the federation CA from the store, creating it on first start.
+func (h *Hub) loadCA(ctx context.Context) error {
+	var rec caRecord
+	err := h.store.Update(ctx, keyCA, func(cur []byte) ([]byte, error) {
+		if cur != nil {
+			return cur, json.Unmarshal(cur, &rec)
+		}
+		c, err := ca.New(h.td, "meshfed federation "+h.o.Federation, 10*365*24*time.Hour)
+		if err != nil {
+			return nil, err
+		}
+		key, err := ca.EncodeKeyPEM(c.Key)
+		if err != nil {
+			return nil, err
+		}
+		rec = caRecord{Federation: h.o.Federation, CertPEM: string(ca.EncodeCertPEM(c.Cert)), KeyPEM: string(key)}
+		h.log.Info("created the federation CA", "federation", h.o.Federation, "pin", ca.Pin(c.Cert))
+		return json.Marshal(rec)
+	})
+	if err != nil {
+		return fmt.Errorf("hub: federation CA: %w", err)
+	}
+	if rec.Federation != h.o.Federation {
+		return fmt.Errorf("hub: the store belongs to federation %q, not %q: start with --federation %s or use another data dir/store", rec.Federation, h.o.Federation, rec.Federation)
+	}
+	h.ca, err = ca.Load([]byte(rec.CertPEM), []byte(rec.KeyPEM))
+	if err != nil {
+		return fmt.Errorf("hub: federation CA: %w", err)
+	}
+	return nil
+}
+
+func (h *Hub) caPool() *x509.CertPool {
+	p := x509.NewCertPool()
+	p.AddCert(h.ca.Cert)
+	return p
+}
+
+// issueServing makes a fresh serving certificate for this process; its key
+// lives only in memory.
+func (h *Hub) issueServing() error {
+	key, err := ca.NewKey()
+	if err != nil {
+		return fmt.Errorf("hub: serving key: %w", err)
+	}
+	dns, ips := []string{"localhost"}, []net.IP{net.IPv4(127, 0, 0, 1), net.IPv6loopback}
+	if hn, err := os.Hostname(); err == nil {
+		dns = append(dns, hn)
+	}
+	if host, _, err := net.SplitHostPort(h.o.Advertise); err == nil {
+		if ip := net.ParseIP(host); ip != nil {
+			ips = append(ips, ip)
+		} else {
+			dns = append(dns, host)
+		}
+	}
+	cert, err := h.ca.Sign(ca.Leaf{ID: ca.HubID(h.td), Key: key.Public(), TTL: 365 * 24 * time.Hour, DNSNames: dns, IPs: ips})
+	if err != nil {
+		return fmt.Errorf("hub: serving certificate: %w", err)
+	}
+	h.serving = tls.Certificate{Certificate: [][]byte{cert.Raw, h.ca.Cert.Raw}, PrivateKey: key, Leaf: cert}
+	return nil
+}
+
+// writeAdminConfig writes the CLI's credential once; an existing one is
+// kept (only its hub address follows --advertise).
+func (h *Hub) writeAdminConfig() error {
+	path := h.AdminConfigPath()
+	if c, err := hubclient.Load(path); err == nil {
+		if c.Hub == h.o.Advertise {
+			return nil
+		}
+		c.Hub = h.o.Advertise
+		return c.Write(path)
+	}
+	key, err := ca.NewKey()
+	if err != nil {
+		return err
+	}
+	cert, err := h.ca.Sign(ca.Leaf{ID: ca.AdminID(h.td), Key: key.Public(), TTL: 365 * 24 * time.Hour})
+	if err != nil {
+		return fmt.Errorf("hub: admin credential: %w", err)
+	}
+	keyPEM, err := ca.EncodeKeyPEM(key)
+	if err != nil {
+		return err
+	}
+	c := &hubclient.Config{Hub: h.o.Advertise, Federation: h.o.Federation, CA: string(ca.EncodeCertPEM(h.ca.Cert)), Cert: string(ca.EncodeCertPEM(cert)), Key: string(keyPEM)}
+	if err := c.Write(path); err != nil {
+		return fmt.Errorf("hub: admin credential: %w", err)
+	}
+	h.log.Info("wrote the admin credential", "path", path)
+	return nil
+}
+
+func advertised(a *net.TCPAddr) string {
+	if a.IP.IsUnspecified() {
+		return net.JoinHostPort("127.0.0.1", fmt.Sprint(a.Port))
+	}
+	return a.String()
+}
+
+// load reads sites and the catalog from the store into memory.
+func (h *Hub) load(ctx context.Context) error {
+	kvs, err := h.store.List(ctx, keySites)
+	if err != nil {
+		return fmt.Errorf("hub: load sites: %w", err)
+	}
+	for _, kv := range kvs {
+		var rec siteRecord
+		if err := json.Unmarshal(kv.Value, &rec); err != nil {
+			return fmt.Errorf("hub: stored site %s is damaged: %w", kv.Key, err)
+		}
+		h.sites[rec.Site.Name] = &siteState{rec: rec}
+	}
+	kvs, err = h.store.List(ctx, keyResource)
+	if err != nil {
+		return fmt.Errorf("hub: load catalog: %w", err)
+	}
+	for _, kv := range kvs {
+		r := &meshfedv1.Resource{}
+		if err := proto.Unmarshal(kv.Value, r); err != nil {
+			return fmt.Errorf("hub: stored resource %s is damaged: %w", kv.Key, err)
+		}
+		st := h.sites[federation.KeySite(r.Key)]
+		if st == nil {
+			// Left over from a removal that was cut short; the site is gone.
+			continue
+		}
+		st.services++
+		st.endpoints += len(r.GetService().GetEndpoints())
+		h.table.Put(r)
+	}
+	for _, st := range h.sites {
+		h.publishSiteLocked(st)
+	}
+	h.log.Info("loaded state", "sites", len(h.sites), "resources", h.table.Len())
+	return nil
+}
+
+// publishSiteLocked puts the site's wire record, with its state, into the
+// federated table. Callers hold h.mu (or own h exclusively).
+func (h *Hub) publishSiteLocked(st *siteState) {
+	w := federation.SiteToWire(st.rec.Site)
+	w.State = st.state()
+	h.table.Put(federation.SiteResource(w))
+}
+
+func (st *siteState) state() meshfedv1.SiteState {
+	switch {
+	case st.conn != nil:
+		return meshfedv1.SiteState_SITE_STATE_CONNECTED
+	case st.rec.LastSync.IsZero():
+		return meshfedv1.SiteState_SITE_STATE_PENDING
+	default:
+		return meshfedv1.SiteState_SITE_STATE_STALE
+	}
+}
+
+func (h *Hub) refreshGauges() {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.refreshGaugesLocked()
+}
+
+func (h *Hub) refreshGaugesLocked() {
+	var services, endpoints, connected int
+	for _, st := range h.sites {
+		services += st.services
+		endpoints += st.endpoints
+		if st.conn != nil {
+			connected++
+		}
+	}
+	h.m.sites.Set(float64(len(h.sites)))
+	h.m.services.Set(float64(services))
+	h.m.endpoints.Set(float64(endpoints))
+	h.m.spokesConnected.Set(float64(connected))
+}

@@ -1,0 +1,158 @@
+// Package hubclient is the client side of the hub's API: the credential
+// file the CLI and spokes keep (like a kubeconfig) and dialing the hub over
+// mTLS with it, or, before a spoke has a certificate, over TLS pinned to
+// the hub's CA by a join token.
+package hubclient
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/meshfed/meshfed/trust/ca"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/keepalive"
+	"gopkg.in/yaml.v3"
+)
+
+// Config is a credential for the hub: where it is, the CA to trust, and a
+// client certificate with its key. It is written 0600.
+type Config struct {
+	Hub        string `yaml:"hub"`
+	Federation string `yaml:"federation"`
+	CA         string `yaml:"ca"`
+	Cert       string `yaml:"certificate"`
+	Key        string `yaml:"key"`
+}
+
+// Load reads a credential file.
+func Load(path string) (*Config, error) {
+	b, err := os.ReadFile(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("hub credential %s does not exist: point --config or MESHFED_CONFIG at the admin.conf in the hub's data dir", path)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("read hub credential: %w", err)
+	}
+	var c Config
+	dec := yaml.NewDecoder(strings.NewReader(string(b)))
+	dec.KnownFields(true)
+	if err := dec.Decode(&c); err != nil {
+		return nil, fmt.Errorf("hub credential %s: %w", path, err)
+	}
+	if c.Hub == "" || c.CA == "" || c.Cert == "" || c.Key == "" {
+		return nil, fmt.Errorf("hub credential %s is incomplete: it needs hub, ca, certificate and key", path)
+	}
+	return &c, nil
+}
+
+// Write stores the credential at path, 0600, atomically.
+func (c *Config) Write(path string) error {
+	b, err := yaml.Marshal(c)
+	if err != nil {
+		return err
+	}
+	return WriteFileAtomic(path, b, 0o600)
+}
+
+// WriteFileAtomic writes data to path through a temp file, fsync and
+// rename, so a crash leaves the old file or the new one, never half.
+func WriteFileAtomic(path string, data []byte, mode os.FileMode) error {
+	dir := filepath.Dir(path)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return fmt.Errorf("create %s: %w", dir, err)
+	}
+	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".*")
+	if err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	defer os.Remove(f.Name())
+	if err := f.Chmod(mode); err != nil {
+		f.Close()
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	if _, err := f.Write(data); err != nil {
+		f.Close()
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	if err := f.Close(); err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	if err := os.Rename(f.Name(), path); err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	return nil
+}
+
+// TLS returns the mTLS client configuration of the credential.
+func (c *Config) TLS() (*tls.Config, error) {
+	pair, err := tls.X509KeyPair([]byte(c.Cert), []byte(c.Key))
+	if err != nil {
+		return nil, fmt.Errorf("hub credential: %w", err)
+	}
+	roots := x509.NewCertPool()
+	if !roots.AppendCertsFromPEM([]byte(c.CA)) {
+		return nil, errors.New("hub credential: no CA certificate in it")
+	}
+	return &tls.Config{Certificates: []tls.Certificate{pair}, RootCAs: roots, MinVersion: tls.VersionTLS13, ServerName: hostOf(c.Hub)}, nil
+}
+
+// Dial connects to the hub with the credential.
+func (c *Config) Dial() (*grpc.ClientConn, error) {
+	tc, err := c.TLS()
+	if err != nil {
+		return nil, err
+	}
+	return DialTLS(c.Hub, tc)
+}
+
+// DialPinned connects to the hub at addr without a client certificate,
+// trusting the server only if its CA's key has the given pin: the way a
+// spoke first reaches the hub to redeem its join token.
+func DialPinned(addr, pin string) (*grpc.ClientConn, error) {
+	tc := &tls.Config{
+		MinVersion: tls.VersionTLS13,
+		// The chain is checked against the pin below instead of system roots.
+		InsecureSkipVerify: true,
+		VerifyPeerCertificate: func(raw [][]byte, _ [][]*x509.Certificate) error {
+			_, err := ca.VerifyPinned(raw, pin)
+			return err
+		},
+	}
+	return DialTLS(addr, tc)
+}
+
+// DialTLS connects to the hub at addr with tc.
+func DialTLS(addr string, tc *tls.Config) (*grpc.ClientConn, error) {
+	conn, err := grpc.NewClient("passthrough:///"+addr,
+		grpc.WithTransportCredentials(credentials.NewTLS(tc)),
+		grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: 20 * time.Second, Timeout: 10 * time.Second}),
+	)
+	if err != nil {
+		return nil, fmt.Errorf("dial hub %s: %w", addr, err)
+	}
+	return conn, nil
+}
+
+func hostOf(addr string) string {
+	if i := strings.LastIndex(addr, ":"); i >= 0 {
+		return strings.Trim(addr[:i], "[]")
+	}
+	return addr
+}
+
+// Call bounds a CLI call's time.
+func Call(ctx context.Context) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(ctx, 15*time.Second)
+}

@@ -1,0 +1,170 @@
+package spoke
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	meshfedv1 "github.com/meshfed/meshfed/api/meshfed/v1"
+	"github.com/meshfed/meshfed/hubclient"
+	"github.com/meshfed/meshfed/trust/ca"
+	"google.golang.org/grpc"
+)
+
+// credentials is the spoke's identity at the hub, kept in the data dir as
+// spoke.conf (0600) so a restart needs no new token.
+type credentials struct {
+	path string
+	mu   sync.Mutex
+	conf *hubclient.Config
+	cert *tls.Certificate
+}
+
+func credentialsPath(dataDir string) string { return filepath.Join(dataDir, "spoke.conf") }
+
+// loadOrJoin loads the stored credential, or redeems token for one.
+func loadOrJoin(ctx context.Context, dataDir, site, hub, token string) (*credentials, error) {
+	path := credentialsPath(dataDir)
+	conf, err := hubclient.Load(path)
+	switch {
+	case err == nil:
+		c := &credentials{path: path, conf: conf}
+		if err := c.parse(site); err != nil {
+			return nil, err
+		}
+		if hub != "" && hub != conf.Hub {
+			conf.Hub = hub
+			if err := conf.Write(path); err != nil {
+				return nil, err
+			}
+		}
+		return c, nil
+	case !errors.Is(err, os.ErrNotExist) && fileExists(path):
+		return nil, fmt.Errorf("spoke: %w (move it away and join again with a new token)", err)
+	}
+	if token == "" {
+		return nil, fmt.Errorf("spoke: %s has no credential yet: pass --token (from `meshfed site token create --site %s`)", dataDir, site)
+	}
+	if hub == "" {
+		return nil, errors.New("spoke: pass --hub HOST:PORT to join")
+	}
+	tok, err := hubclient.ParseToken(token)
+	if err != nil {
+		return nil, fmt.Errorf("spoke: %w", err)
+	}
+	key, err := ca.NewKey()
+	if err != nil {
+		return nil, err
+	}
+	csr, err := ca.NewCSR(key)
+	if err != nil {
+		return nil, err
+	}
+	conn, err := hubclient.DialPinned(hub, tok.CAPin)
+	if err != nil {
+		return nil, err
+	}
+	defer conn.Close()
+	cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	resp, err := meshfedv1.NewFederationClient(conn).Join(cctx, &meshfedv1.JoinRequest{Token: token, Site: site, Csr: csr}, grpc.WaitForReady(true))
+	if err != nil {
+		return nil, fmt.Errorf("spoke: join hub %s: %w", hub, err)
+	}
+	keyPEM, err := ca.EncodeKeyPEM(key)
+	if err != nil {
+		return nil, err
+	}
+	conf = &hubclient.Config{Hub: hub, Federation: resp.GetFederation(), CA: string(resp.GetCaPem()), Cert: string(resp.GetCertificatePem()), Key: string(keyPEM)}
+	if err := conf.Write(path); err != nil {
+		return nil, fmt.Errorf("spoke: keep credential: %w", err)
+	}
+	c := &credentials{path: path, conf: conf}
+	return c, c.parse(site)
+}
+
+func fileExists(p string) bool {
+	_, err := os.Stat(p)
+	return err == nil
+}
+
+// parse loads the key pair and checks it is this site's.
+func (c *credentials) parse(site string) error {
+	pair, err := tls.X509KeyPair([]byte(c.conf.Cert), []byte(c.conf.Key))
+	if err != nil {
+		return fmt.Errorf("spoke: credential %s: %w", c.path, err)
+	}
+	leaf, err := x509.ParseCertificate(pair.Certificate[0])
+	if err != nil {
+		return err
+	}
+	id, err := ca.SPIFFEID(leaf)
+	if err != nil {
+		return err
+	}
+	if want := "/meshfed/spoke/" + site; id.Path() != want {
+		return fmt.Errorf("spoke: the data dir's credential is %s, not site %s: use the data dir of site %s or another one", id, site, site)
+	}
+	pair.Leaf = leaf
+	c.mu.Lock()
+	c.cert = &pair
+	c.mu.Unlock()
+	return nil
+}
+
+// tlsConfig presents the current certificate, so a renewal takes effect on
+// the next handshake without redialing.
+func (c *credentials) tlsConfig() (*tls.Config, error) {
+	tc, err := c.conf.TLS()
+	if err != nil {
+		return nil, err
+	}
+	tc.Certificates = nil
+	tc.GetClientCertificate = func(*tls.CertificateRequestInfo) (*tls.Certificate, error) {
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		return c.cert, nil
+	}
+	return tc, nil
+}
+
+// renewAt is the half-life of the current certificate.
+func (c *credentials) renewAt() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	l := c.cert.Leaf
+	return l.NotBefore.Add(l.NotAfter.Sub(l.NotBefore) / 2)
+}
+
+// renew exchanges the certificate for a fresh one and stores it.
+func (c *credentials) renew(ctx context.Context, conn *grpc.ClientConn, site string) error {
+	key, err := ca.NewKey()
+	if err != nil {
+		return err
+	}
+	csr, err := ca.NewCSR(key)
+	if err != nil {
+		return err
+	}
+	resp, err := meshfedv1.NewFederationClient(conn).Renew(ctx, &meshfedv1.RenewRequest{Csr: csr})
+	if err != nil {
+		return fmt.Errorf("spoke: renew certificate: %w", err)
+	}
+	keyPEM, err := ca.EncodeKeyPEM(key)
+	if err != nil {
+		return err
+	}
+	next := *c.conf
+	next.Cert, next.Key = string(resp.GetCertificatePem()), string(keyPEM)
+	if err := next.Write(c.path); err != nil {
+		return err
+	}
+	c.conf = &next
+	return c.parse(site)
+}

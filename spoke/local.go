@@ -1,0 +1,64 @@
+package spoke
+
+import (
+	"context"
+	"sort"
+
+	"github.com/meshfed/meshfed/catalog"
+	"github.com/meshfed/meshfed/federation"
+)
+
+// Local is the site's own catalog, which a Source writes and the spoke
+// streams to the hub. Writes of unchanged content cost nothing downstream:
+// versions are content hashes, so the table ignores them.
+type Local struct {
+	site  string
+	table *federation.Table
+}
+
+// NewLocal returns an empty local catalog for site.
+func NewLocal(site string) *Local {
+	return &Local{site: site, table: federation.NewTable()}
+}
+
+// Table is the versioned table the federation session publishes.
+func (l *Local) Table() *federation.Table { return l.table }
+
+// Upsert sets one service.
+func (l *Local) Upsert(s catalog.Service) {
+	l.table.Put(federation.ServiceResource(federation.ServiceToWire(l.site, s)))
+}
+
+// Remove deletes one service.
+func (l *Local) Remove(namespace, name string) {
+	l.table.Delete(federation.ServiceKey(l.site, namespace, name))
+}
+
+// Replace makes services the whole local catalog.
+func (l *Local) Replace(services []catalog.Service) {
+	keep := map[string]bool{}
+	for _, s := range services {
+		keep[federation.ServiceKey(l.site, s.Namespace, s.Name)] = true
+		l.Upsert(s)
+	}
+	for k := range l.table.Versions("") {
+		if !keep[k] {
+			l.table.Delete(k)
+		}
+	}
+}
+
+// Services returns the local services, sorted.
+func (l *Local) Services() []catalog.Service {
+	var out []catalog.Service
+	for _, r := range l.table.List("") {
+		out = append(out, federation.ServiceFromWire(r.GetService(), catalog.Locality{}))
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].ID() < out[j].ID() })
+	return out
+}
+
+// Source fills a site's local catalog until ctx ends.
+type Source interface {
+	Run(ctx context.Context, local *Local) error
+}

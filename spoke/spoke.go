@@ -1,0 +1,315 @@
+package spoke
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"net/http"
+	"os"
+	"sort"
+	"sync/atomic"
+	"time"
+
+	meshfedv1 "github.com/meshfed/meshfed/api/meshfed/v1"
+	"github.com/meshfed/meshfed/catalog"
+	"github.com/meshfed/meshfed/federation"
+	"github.com/meshfed/meshfed/hubclient"
+	"github.com/meshfed/meshfed/telemetry"
+	"github.com/prometheus/client_golang/prometheus"
+	"golang.org/x/sync/errgroup"
+	"google.golang.org/grpc"
+)
+
+// Options configures a Spoke. Zero values take the documented defaults.
+type Options struct {
+	// Site is this spoke's site name. Required.
+	Site string
+	// Hub is the hub's host:port; needed to join, optional afterwards
+	// (the data dir remembers it).
+	Hub string
+	// Token is a one-time join token, needed only on first start.
+	Token string
+	// DataDir keeps the credential (spoke.conf) and the federated view
+	// (view.db). Required.
+	DataDir string
+	// Source fills the local catalog. Nil: the site exports nothing.
+	Source Source
+	// HTTPListen serves /healthz, /readyz, /metrics and /v1/catalog.
+	// Default "127.0.0.1:7180"; "-" disables.
+	HTTPListen string
+	// MaxStale is how long the spoke keeps serving other sites' services
+	// after it last heard from the hub. Default 24h; negative: forever.
+	MaxStale time.Duration
+	// MaxBackoff caps the wait between reconnects. Default 5s.
+	MaxBackoff time.Duration
+	Logger     *slog.Logger
+	Registry   *prometheus.Registry
+}
+
+// Spoke is a site's control plane.
+type Spoke struct {
+	o         Options
+	log       *slog.Logger
+	creds     *credentials
+	view      *View
+	local     *Local
+	m         *metrics
+	tele      *telemetry.Server
+	connected atomic.Bool
+}
+
+// New opens the spoke's view, joins the hub if the data dir has no
+// credential yet, and binds the HTTP listener.
+func New(ctx context.Context, o Options) (*Spoke, error) {
+	if err := catalog.ValidateName("site name", o.Site); err != nil {
+		return nil, fmt.Errorf("spoke: --site: %w", err)
+	}
+	if o.DataDir == "" {
+		return nil, errors.New("spoke: --data-dir is required")
+	}
+	if o.HTTPListen == "" {
+		o.HTTPListen = "127.0.0.1:7180"
+	}
+	if o.MaxStale == 0 {
+		o.MaxStale = 24 * time.Hour
+	}
+	if o.MaxBackoff == 0 {
+		o.MaxBackoff = 5 * time.Second
+	}
+	if o.Logger == nil {
+		o.Logger = slog.Default()
+	}
+	if o.Registry == nil {
+		o.Registry = telemetry.NewRegistry()
+	}
+	if err := os.MkdirAll(o.DataDir, 0o700); err != nil {
+		return nil, fmt.Errorf("spoke: create data dir: %w", err)
+	}
+	s := &Spoke{o: o, log: o.Logger.With("component", "spoke", "site", o.Site), local: NewLocal(o.Site)}
+	var err error
+	// The view is opened first: its file lock keeps two spokes off one
+	// data dir before either touches the credential.
+	if s.view, err = OpenView(ctx, o.DataDir, o.Site); err != nil {
+		return nil, err
+	}
+	if s.creds, err = loadOrJoin(ctx, o.DataDir, o.Site, o.Hub, o.Token); err != nil {
+		s.view.Close()
+		return nil, err
+	}
+	s.m = newMetrics(o.Registry, s)
+	if o.HTTPListen != "-" {
+		s.tele, err = telemetry.Listen(telemetry.Options{
+			Listen: o.HTTPListen, Registry: o.Registry, Logger: s.log, Ready: s.ready,
+			Handlers: map[string]http.Handler{"/v1/catalog": http.HandlerFunc(s.serveView)},
+		})
+		if err != nil {
+			s.view.Close()
+			return nil, fmt.Errorf("spoke: %w", err)
+		}
+	}
+	return s, nil
+}
+
+// Local is the site's own catalog.
+func (s *Spoke) Local() *Local { return s.local }
+
+// View is the federated view.
+func (s *Spoke) View() *View { return s.view }
+
+// HTTPAddr is the bound HTTP address ("" when disabled).
+func (s *Spoke) HTTPAddr() string {
+	if s.tele == nil {
+		return ""
+	}
+	return s.tele.Addr()
+}
+
+// OnSourceError counts an invalid input of the local source.
+func (s *Spoke) OnSourceError(error) { s.m.sourceErrors.Inc() }
+
+func (s *Spoke) ready() error {
+	if s.view.LastContact().IsZero() {
+		return errors.New("no federated view yet: the hub has not been reached")
+	}
+	return nil
+}
+
+// Run runs the spoke until ctx ends.
+func (s *Spoke) Run(ctx context.Context) error {
+	defer s.view.Close()
+	tc, err := s.creds.tlsConfig()
+	if err != nil {
+		return err
+	}
+	conn, err := hubclient.DialTLS(s.creds.conf.Hub, tc)
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	g, ctx := errgroup.WithContext(ctx)
+	if s.o.Source != nil {
+		g.Go(func() error { return s.o.Source.Run(ctx, s.local) })
+	}
+	g.Go(func() error { return s.syncLoop(ctx, conn) })
+	g.Go(func() error { return s.renewLoop(ctx, conn) })
+	g.Go(func() error { return s.expireLoop(ctx) })
+	if s.tele != nil {
+		g.Go(func() error { return s.tele.Run(ctx) })
+	}
+	s.log.Info("spoke running", "hub", s.creds.conf.Hub, "http", s.HTTPAddr(), "view", s.view.table.Len())
+	return g.Wait()
+}
+
+// syncLoop keeps a federation stream up, reconnecting with jittered
+// exponential backoff.
+func (s *Spoke) syncLoop(ctx context.Context, conn *grpc.ClientConn) error {
+	const minBackoff = 100 * time.Millisecond
+	backoff := minBackoff
+	for {
+		start := time.Now()
+		err := s.syncOnce(ctx, conn)
+		s.connected.Store(false)
+		s.m.hubConnected.Set(0)
+		if ctx.Err() != nil {
+			return nil
+		}
+		if time.Since(start) > 10*time.Second {
+			backoff = minBackoff
+		}
+		s.log.Warn("federation stream ended; serving the last federated view and retrying", "err", err, "retry_in", backoff)
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(backoff/2 + rand.N(backoff/2+1)):
+		}
+		backoff = min(backoff*2, s.o.MaxBackoff)
+	}
+}
+
+func (s *Spoke) syncOnce(ctx context.Context, conn *grpc.ClientConn) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	stream, err := meshfedv1.NewFederationClient(conn).Sync(ctx)
+	if err != nil {
+		return err
+	}
+	hello := &meshfedv1.Hello{Site: s.o.Site, KnownVersions: s.view.Versions()}
+	if err := stream.Send(&meshfedv1.SyncMessage{Kind: &meshfedv1.SyncMessage_Hello{Hello: hello}}); err != nil {
+		return err
+	}
+	first, err := stream.Recv()
+	if err != nil {
+		return err
+	}
+	if first.GetHello() == nil {
+		return errors.New("spoke: the hub did not open with a hello")
+	}
+	s.connected.Store(true)
+	s.m.hubConnected.Set(1)
+	s.m.syncs.Inc()
+	s.log.Info("federation stream up", "hub_holds", len(first.GetHello().GetKnownVersions()), "view_holds", len(hello.KnownVersions))
+	sess := &federation.Session{
+		Stream:    stream,
+		Out:       s.local.Table(),
+		PeerKnown: first.GetHello().GetKnownVersions(),
+		In:        s.view,
+		Logger:    s.log,
+		OnSent:    func(n int, _ time.Time) { s.m.resourcesSent.Add(float64(n)) },
+		OnNack:    func(string) { s.m.nacks.WithLabelValues("hub").Inc() },
+		OnReceived: func(d *meshfedv1.Delta) {
+			s.m.resourcesReceived.Add(float64(len(d.GetUpdated()) + len(d.GetRemoved())))
+		},
+	}
+	return sess.Run(ctx)
+}
+
+func (s *Spoke) renewLoop(ctx context.Context, conn *grpc.ClientConn) error {
+	for {
+		wait := time.Until(s.creds.renewAt())
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(max(wait, 0)):
+		}
+		cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+		err := s.creds.renew(cctx, conn, s.o.Site)
+		cancel()
+		if err != nil {
+			s.log.Error("could not renew the spoke certificate; retrying in a minute", "err", err, "expires", s.creds.cert.Leaf.NotAfter)
+			select {
+			case <-ctx.Done():
+				return nil
+			case <-time.After(time.Minute):
+			}
+			continue
+		}
+		s.log.Info("renewed the spoke certificate", "expires", s.creds.cert.Leaf.NotAfter)
+	}
+}
+
+func (s *Spoke) expireLoop(ctx context.Context) error {
+	if s.o.MaxStale < 0 {
+		return nil
+	}
+	every := min(s.o.MaxStale/10, time.Minute)
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		if !s.connected.Load() {
+			n, err := s.view.Expire(ctx, s.o.MaxStale)
+			if err != nil {
+				s.log.Error("could not expire the stale view", "err", err)
+			} else if n > 0 {
+				s.m.expired.Add(float64(n))
+				s.log.Error("the hub was unreachable for longer than --max-stale; dropped other sites' services", "services", n, "last_contact", s.view.LastContact())
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+		}
+	}
+}
+
+// Snapshot is the catalog as this site sees it: its own services and the
+// federated view.
+func (s *Spoke) Snapshot() catalog.SiteView {
+	v := catalog.SiteView{Site: s.o.Site, HubConnected: s.connected.Load(), Synced: s.view.Synced(), LastHubContact: s.view.LastContact()}
+	localities := map[string]catalog.Locality{}
+	for _, r := range s.view.table.List("site/") {
+		site := federation.SiteFromWire(r.GetSite())
+		localities[site.Name] = site.Locality
+		v.Sites = append(v.Sites, site)
+	}
+	for _, r := range s.view.table.List("svc/") {
+		v.Services = append(v.Services, federation.ServiceFromWire(r.GetService(), localities[r.GetService().GetSite()]))
+	}
+	for _, r := range s.local.table.List("") {
+		v.Services = append(v.Services, federation.ServiceFromWire(r.GetService(), localities[s.o.Site]))
+	}
+	sort.SliceStable(v.Services, func(i, j int) bool {
+		a, b := v.Services[i], v.Services[j]
+		if a.ID() != b.ID() {
+			return a.ID() < b.ID()
+		}
+		return a.Site < b.Site
+	})
+	return v
+}
+
+func (s *Spoke) serveView(w http.ResponseWriter, _ *http.Request) {
+	w.Header().Set("Content-Type", "application/json")
+	_ = json.NewEncoder(w).Encode(s.Snapshot())
+}
+
+func countEndpoints(rs []*meshfedv1.Resource) int {
+	n := 0
+	for _, r := range rs {
+		n += len(r.GetService().GetEndpoints())
+	}
+	return n
+}

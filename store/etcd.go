@@ -1,0 +1,138 @@
+package store
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+)
+
+var _ Store = (*Etcd)(nil)
+
+// EtcdOptions configures OpenEtcd.
+type EtcdOptions struct {
+	// Endpoints are the etcd client URLs.
+	Endpoints []string
+	// Prefix is put before every key, so several federations can share one
+	// etcd. Default "/meshfed/".
+	Prefix string
+	// DialTimeout bounds the first connection. Default 5s.
+	DialTimeout time.Duration
+}
+
+// Etcd is a Store in etcd, for hub replicas that share state. etcd commits a
+// write to a quorum's disks before it answers, which makes it durable.
+type Etcd struct {
+	cli    *clientv3.Client
+	prefix string
+}
+
+// OpenEtcd connects to etcd and checks that it answers.
+func OpenEtcd(ctx context.Context, o EtcdOptions) (*Etcd, error) {
+	if len(o.Endpoints) == 0 {
+		return nil, fmt.Errorf("store: etcd: no endpoints: pass --etcd-endpoints http://HOST:2379")
+	}
+	if o.Prefix == "" {
+		o.Prefix = "/meshfed/"
+	}
+	if o.DialTimeout == 0 {
+		o.DialTimeout = 5 * time.Second
+	}
+	cli, err := clientv3.New(clientv3.Config{Endpoints: o.Endpoints, DialTimeout: o.DialTimeout, Logger: nopZap()})
+	if err != nil {
+		return nil, fmt.Errorf("store: etcd %v: %w", o.Endpoints, err)
+	}
+	cctx, cancel := context.WithTimeout(ctx, o.DialTimeout)
+	defer cancel()
+	if _, err := cli.Get(cctx, o.Prefix+"\x00"); err != nil {
+		cli.Close()
+		return nil, fmt.Errorf("store: etcd %v does not answer: %w (is etcd running and reachable?)", o.Endpoints, err)
+	}
+	return &Etcd{cli: cli, prefix: o.Prefix}, nil
+}
+
+// Get implements Store.
+func (e *Etcd) Get(ctx context.Context, key string) ([]byte, error) {
+	r, err := e.cli.Get(ctx, e.prefix+key)
+	if err != nil {
+		return nil, fmt.Errorf("store: etcd get %s: %w", key, err)
+	}
+	if len(r.Kvs) == 0 {
+		return nil, ErrNotFound
+	}
+	return r.Kvs[0].Value, nil
+}
+
+// List implements Store.
+func (e *Etcd) List(ctx context.Context, prefix string) ([]KV, error) {
+	r, err := e.cli.Get(ctx, e.prefix+prefix, clientv3.WithPrefix(), clientv3.WithSort(clientv3.SortByKey, clientv3.SortAscend))
+	if err != nil {
+		return nil, fmt.Errorf("store: etcd list %s: %w", prefix, err)
+	}
+	out := make([]KV, 0, len(r.Kvs))
+	for _, kv := range r.Kvs {
+		out = append(out, KV{Key: string(kv.Key[len(e.prefix):]), Value: kv.Value})
+	}
+	return out, nil
+}
+
+// etcdMaxOps stays under etcd's default --max-txn-ops of 128.
+const etcdMaxOps = 128
+
+// Apply implements Store. etcd limits one transaction to 128 operations, so a
+// larger batch must be split, and then it is no longer atomic as a whole:
+// Apply refuses it rather than pretend.
+func (e *Etcd) Apply(ctx context.Context, ops ...Op) error {
+	if len(ops) > etcdMaxOps {
+		return fmt.Errorf("store: etcd: a batch of %d writes exceeds etcd's %d per transaction", len(ops), etcdMaxOps)
+	}
+	txn := make([]clientv3.Op, 0, len(ops))
+	for _, op := range ops {
+		if op.Delete {
+			txn = append(txn, clientv3.OpDelete(e.prefix+op.Key))
+		} else {
+			txn = append(txn, clientv3.OpPut(e.prefix+op.Key, string(op.Value)))
+		}
+	}
+	if _, err := e.cli.Txn(ctx).Then(txn...).Commit(); err != nil {
+		return fmt.Errorf("store: etcd write: %w", err)
+	}
+	return nil
+}
+
+// Update implements Store with optimistic concurrency: it retries when the
+// key's revision moved between its read and its write.
+func (e *Etcd) Update(ctx context.Context, key string, fn UpdateFunc) error {
+	k := e.prefix + key
+	for range 16 {
+		r, err := e.cli.Get(ctx, k)
+		if err != nil {
+			return fmt.Errorf("store: etcd get %s: %w", key, err)
+		}
+		var cur []byte
+		var rev int64
+		if len(r.Kvs) > 0 {
+			cur, rev = r.Kvs[0].Value, r.Kvs[0].ModRevision
+		}
+		next, err := fn(cur)
+		if err != nil {
+			return err
+		}
+		write := clientv3.OpDelete(k)
+		if next != nil {
+			write = clientv3.OpPut(k, string(next))
+		}
+		tr, err := e.cli.Txn(ctx).If(clientv3.Compare(clientv3.ModRevision(k), "=", rev)).Then(write).Commit()
+		if err != nil {
+			return fmt.Errorf("store: etcd update %s: %w", key, err)
+		}
+		if tr.Succeeded {
+			return nil
+		}
+	}
+	return fmt.Errorf("%w: %s", ErrConflict, key)
+}
+
+// Close implements Store.
+func (e *Etcd) Close() error { return e.cli.Close() }

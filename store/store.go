@@ -1,0 +1,51 @@
+// Package store is the hub's durable key/value storage: one small interface
+// with an embedded implementation (bbolt, a file in the data dir) and a
+// shared one (etcd, for several hub replicas). Both pass the conformance
+// suite in store/storetest. A call returns only after its write is durable.
+//
+// Keys are slash-separated paths such as "sites/east"; values are opaque.
+package store
+
+import (
+	"context"
+	"errors"
+)
+
+// ErrNotFound is returned by Get for a key that does not exist.
+var ErrNotFound = errors.New("store: key not found")
+
+// ErrConflict is returned by Update when another writer changed the key
+// between read and write too many times in a row.
+var ErrConflict = errors.New("store: too many concurrent updates of one key")
+
+// KV is one stored pair.
+type KV struct {
+	Key   string
+	Value []byte
+}
+
+// Op is one write in a batch: a put, or a delete when Delete is set.
+type Op struct {
+	Key    string
+	Value  []byte
+	Delete bool
+}
+
+// UpdateFunc gets the key's current value (nil when absent) and returns the
+// value to store: nil deletes the key. An error aborts the update unchanged
+// and is returned by Update as it is.
+type UpdateFunc func(current []byte) (next []byte, err error)
+
+// Store is durable storage. Every method is safe for concurrent use.
+type Store interface {
+	// Get returns the value of key, or ErrNotFound.
+	Get(ctx context.Context, key string) ([]byte, error)
+	// List returns every pair whose key starts with prefix, sorted by key.
+	List(ctx context.Context, prefix string) ([]KV, error)
+	// Apply writes all ops atomically: all of them or none.
+	Apply(ctx context.Context, ops ...Op) error
+	// Update atomically reads, changes and writes one key.
+	Update(ctx context.Context, key string, fn UpdateFunc) error
+	// Close releases the store.
+	Close() error
+}
