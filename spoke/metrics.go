@@ -8,7 +8,7 @@ type metrics struct {
 	federatedServices  prometheus.GaugeFunc
 	federatedEndpoints prometheus.GaugeFunc
 	localServices      prometheus.GaugeFunc
-	resourcesReceived  prometheus.Counter
+	resourcesReceived  *prometheus.CounterVec
 	resourcesSent      prometheus.Counter
 	nacks              *prometheus.CounterVec
 	sourceErrors       prometheus.Counter
@@ -26,7 +26,7 @@ func newMetrics(r prometheus.Registerer, s *Spoke) *metrics {
 			func() float64 { return float64(countEndpoints(s.view.table.List("svc/"))) }),
 		localServices: prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "meshfed_spoke_local_services", Help: "This site's own exported services."},
 			func() float64 { return float64(s.local.table.Len()) }),
-		resourcesReceived: prometheus.NewCounter(prometheus.CounterOpts{Name: "meshfed_spoke_resources_received_total", Help: "Resources received from the hub (updates and removals)."}),
+		resourcesReceived: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "meshfed_spoke_resources_received_total", Help: "Resources received from the hub (updates and removals), by kind: service or site."}, []string{"kind"}),
 		resourcesSent:     prometheus.NewCounter(prometheus.CounterOpts{Name: "meshfed_spoke_resources_sent_total", Help: "Resources sent to the hub and ACKed."}),
 		nacks:             prometheus.NewCounterVec(prometheus.CounterOpts{Name: "meshfed_spoke_nacks_total", Help: "Deltas refused, by who refused them."}, []string{"by"}),
 		sourceErrors:      prometheus.NewCounter(prometheus.CounterOpts{Name: "meshfed_spoke_source_errors_total", Help: "Invalid inputs from the local source (kept out of the catalog)."}),

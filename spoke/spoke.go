@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"os"
 	"sort"
+	"strings"
 	"sync/atomic"
 	"time"
 
@@ -220,7 +221,12 @@ func (s *Spoke) syncOnce(ctx context.Context, conn *grpc.ClientConn) error {
 		OnSent:    func(n int, _ time.Time) { s.m.resourcesSent.Add(float64(n)) },
 		OnNack:    func(string) { s.m.nacks.WithLabelValues("hub").Inc() },
 		OnReceived: func(d *meshfedv1.Delta) {
-			s.m.resourcesReceived.Add(float64(len(d.GetUpdated()) + len(d.GetRemoved())))
+			for _, r := range d.GetUpdated() {
+				s.m.resourcesReceived.WithLabelValues(kindOf(r.GetKey())).Inc()
+			}
+			for _, k := range d.GetRemoved() {
+				s.m.resourcesReceived.WithLabelValues(kindOf(k)).Inc()
+			}
 		},
 	}
 	return sess.Run(ctx)
@@ -312,4 +318,11 @@ func countEndpoints(rs []*meshfedv1.Resource) int {
 		n += len(r.GetService().GetEndpoints())
 	}
 	return n
+}
+
+func kindOf(key string) string {
+	if strings.HasPrefix(key, "site/") {
+		return "site"
+	}
+	return "service"
 }

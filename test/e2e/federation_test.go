@@ -1,0 +1,349 @@
+package e2e
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/meshfed/meshfed/catalog"
+	"github.com/meshfed/meshfed/test/harness"
+)
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	harness.CleanupBinary()
+	os.Exit(code)
+}
+
+// federation is a hub and its spokes, run as processes of the built binary.
+type federation struct {
+	t         *testing.T
+	bin       string
+	dir       string
+	hubAddr   string
+	hubHTTP   string
+	storeArgs []string
+	hub       *harness.Process
+	spokes    map[string]*spokeProc
+}
+
+type spokeProc struct {
+	site, dir, file, http string
+	p                     *harness.Process
+}
+
+func newFederation(t *testing.T, storeArgs ...string) *federation {
+	f := &federation{t: t, bin: harness.Binary(t), dir: t.TempDir(), hubAddr: harness.FreePort(t), hubHTTP: harness.FreePort(t), storeArgs: storeArgs, spokes: map[string]*spokeProc{}}
+	f.startHub()
+	return f
+}
+
+func (f *federation) startHub() {
+	f.t.Helper()
+	args := append([]string{"hub", "--data-dir", filepath.Join(f.dir, "hub"), "--listen", f.hubAddr, "--http-listen", f.hubHTTP, "--federation", "test.meshfed"}, f.storeArgs...)
+	f.hub = harness.Start(f.t, "hub", f.bin, args...)
+	harness.WaitReady(f.t, f.hubHTTP, 30*time.Second)
+}
+
+func (f *federation) cli(args ...string) (string, error) {
+	return harness.Run(f.bin, append([]string{"--config", filepath.Join(f.dir, "hub", "admin.conf")}, args...)...)
+}
+
+func (f *federation) mustCLI(args ...string) string {
+	f.t.Helper()
+	out, err := f.cli(args...)
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	return out
+}
+
+// addSite registers site, writes its services file and starts its spoke.
+func (f *federation) addSite(site, zone string, services string) *spokeProc {
+	f.t.Helper()
+	f.mustCLI("site", "add", site, "--kind", "docker", "--region", "test", "--zone", zone)
+	token := strings.TrimSpace(f.mustCLI("site", "token", "create", "--site", site, "--ttl", "10m"))
+	s := &spokeProc{site: site, dir: filepath.Join(f.dir, site), file: filepath.Join(f.dir, site+".yaml"), http: harness.FreePort(f.t)}
+	writeFile(f.t, s.file, services)
+	s.p = harness.Start(f.t, "spoke-"+site, f.bin, "spoke", "--site", site, "--hub", f.hubAddr, "--token", token,
+		"--data-dir", s.dir, "--services", s.file, "--services-poll", "50ms", "--http-listen", s.http)
+	f.spokes[site] = s
+	return s
+}
+
+func writeFile(t *testing.T, path, content string) {
+	t.Helper()
+	tmp := path + ".tmp"
+	if err := os.WriteFile(tmp, []byte(content), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// entries renders a catalog as sorted "site:ns/name:endpoints:labels" lines.
+func entries(services []catalog.Service) string {
+	var out []string
+	for _, s := range services {
+		var eps []string
+		for _, e := range s.Endpoints {
+			eps = append(eps, fmt.Sprintf("%s:%d%v", e.Address, e.Port, e.Labels))
+		}
+		sort.Strings(eps)
+		out = append(out, s.Site+":"+s.ID()+":"+strings.Join(eps, ","))
+	}
+	sort.Strings(out)
+	return strings.Join(out, "\n")
+}
+
+func (f *federation) hubCatalog() (string, error) {
+	out, err := f.cli("service", "list", "-o", "json")
+	if err != nil {
+		return "", err
+	}
+	var sums []struct {
+		Namespace, Name string
+		Sites           []string
+	}
+	if err := json.Unmarshal([]byte(out), &sums); err != nil {
+		return "", err
+	}
+	var all []catalog.Service
+	for _, s := range sums {
+		out, err := f.cli("service", "show", s.Namespace+"/"+s.Name, "-o", "json")
+		if err != nil {
+			return "", err
+		}
+		var svcs []catalog.Service
+		if err := json.Unmarshal([]byte(out), &svcs); err != nil {
+			return "", err
+		}
+		all = append(all, svcs...)
+	}
+	return entries(all), nil
+}
+
+// converged waits until the hub and every spoke see exactly want.
+func (f *federation) converged(within time.Duration, want string) {
+	f.t.Helper()
+	harness.Eventually(f.t, within, "the hub has the whole catalog", func() error {
+		got, err := f.hubCatalog()
+		if err != nil {
+			return err
+		}
+		if got != want {
+			return fmt.Errorf("hub catalog:\n%s\nwant:\n%s", got, want)
+		}
+		return nil
+	})
+	for _, s := range f.spokes {
+		harness.Eventually(f.t, within, "spoke "+s.site+" sees every site's services", func() error {
+			v, err := harness.View(s.http)
+			if err != nil {
+				return err
+			}
+			if got := entries(v.Services); got != want {
+				return fmt.Errorf("view of %s:\n%s\nwant:\n%s", s.site, got, want)
+			}
+			return nil
+		})
+	}
+}
+
+func servicesYAML(rev int, extra string) string {
+	return fmt.Sprintf(`services:
+- namespace: default
+  name: echo
+  ports: [{name: http, port: 8080}]
+  endpoints:
+  - {address: 127.0.0.11, port: 18080, labels: {rev: "%d"}}
+  - {address: 127.0.0.12, port: 18080}
+%s`, rev, extra)
+}
+
+const (
+	siteB = `services:
+- namespace: default
+  name: echo
+  endpoints:
+  - {address: 127.0.0.21, port: 18080}
+- namespace: shop
+  name: bravo
+  endpoints:
+  - {address: 127.0.0.22, port: 9000}
+`
+	siteC = `services:
+- namespace: shop
+  name: charlie
+  endpoints:
+  - {address: 127.0.0.31, port: 9000, health: unhealthy}
+`
+)
+
+func wantCatalog(rev int) string {
+	return strings.Join([]string{
+		fmt.Sprintf("a:default/echo:127.0.0.11:18080map[rev:%d],127.0.0.12:18080map[]", rev),
+		"a:team-a/alpha:127.0.0.13:7000map[]",
+		"b:default/echo:127.0.0.21:18080map[]",
+		"b:shop/bravo:127.0.0.22:9000map[]",
+		"c:shop/charlie:127.0.0.31:9000map[]",
+	}, "\n")
+}
+
+const alpha = `- namespace: team-a
+  name: alpha
+  endpoints:
+  - {address: 127.0.0.13, port: 7000}
+`
+
+func TestFederation_bolt(t *testing.T) { testFederation(t) }
+
+func TestFederation_etcd(t *testing.T) {
+	url := harness.Etcd(t)
+	testFederation(t, "--store", "etcd", "--etcd-endpoints", url, "--etcd-prefix", "/e2e/")
+}
+
+func testFederation(t *testing.T, storeArgs ...string) {
+	f := newFederation(t, storeArgs...)
+	a := f.addSite("a", "z1", servicesYAML(0, alpha))
+	f.addSite("b", "z2", siteB)
+	f.addSite("c", "z3", siteC)
+
+	t.Run("every spoke sees the other sites' services", func(t *testing.T) {
+		f.converged(30*time.Second, wantCatalog(0))
+	})
+
+	t.Run("a hub killed mid-write loses nothing", func(t *testing.T) {
+		var rev atomic.Int64
+		stop := make(chan struct{})
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			for {
+				select {
+				case <-stop:
+					return
+				case <-time.After(15 * time.Millisecond):
+				}
+				writeFile(t, a.file, servicesYAML(int(rev.Add(1)), alpha))
+			}
+		}()
+		harness.Eventually(t, 10*time.Second, "writes reach the hub", func() error {
+			n, err := harness.Metric(f.hubHTTP, "meshfed_hub_resources_received_total", `site="a"`)
+			if err != nil || n < 10 {
+				return fmt.Errorf("hub received %v resources from a (%v)", n, err)
+			}
+			return nil
+		})
+		f.hub.Kill()
+		time.Sleep(100 * time.Millisecond) // let writes pile up while the hub is down
+		f.startHub()
+		harness.Eventually(t, 10*time.Second, "writes reach the restarted hub", func() error {
+			n, err := harness.Metric(f.hubHTTP, "meshfed_hub_resources_received_total", `site="a"`)
+			if err != nil || n < 5 {
+				return fmt.Errorf("hub received %v resources from a (%v)", n, err)
+			}
+			return nil
+		})
+		close(stop)
+		<-done
+		f.converged(30*time.Second, wantCatalog(int(rev.Load())))
+	})
+
+	t.Run("spokes resume after a hub restart without a full resend", func(t *testing.T) {
+		before := map[string][2]float64{}
+		for _, s := range f.spokes {
+			recv, err1 := harness.Metric(s.http, "meshfed_spoke_resources_received_total", `kind="service"`)
+			syncs, err2 := harness.Metric(s.http, "meshfed_spoke_syncs_total")
+			if err1 != nil || err2 != nil {
+				t.Fatal(err1, err2)
+			}
+			before[s.site] = [2]float64{recv, syncs}
+		}
+		f.hub.Kill()
+		f.startHub()
+		for _, s := range f.spokes {
+			harness.Eventually(t, 30*time.Second, "spoke "+s.site+" reconnects and is in sync", func() error {
+				syncs, err := harness.Metric(s.http, "meshfed_spoke_syncs_total")
+				if err != nil || syncs <= before[s.site][1] {
+					return fmt.Errorf("syncs %v (before %v), %v", syncs, before[s.site][1], err)
+				}
+				v, err := harness.View(s.http)
+				if err != nil || !v.HubConnected || !v.Synced {
+					return fmt.Errorf("view connected=%v synced=%v err=%v", v != nil && v.HubConnected, v != nil && v.Synced, err)
+				}
+				return nil
+			})
+		}
+		for _, s := range f.spokes {
+			recv, err := harness.Metric(s.http, "meshfed_spoke_resources_received_total", `kind="service"`)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if recv != before[s.site][0] {
+				t.Errorf("spoke %s received %v services after the restart, want 0 (nothing changed)", s.site, recv-before[s.site][0])
+			}
+		}
+		sent, err := harness.Metric(f.hubHTTP, "meshfed_hub_resources_received_total")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if sent != 0 {
+			t.Errorf("spokes resent %v resources to the restarted hub, want 0: it had all of them", sent)
+		}
+		f.converged(10*time.Second, wantCatalog(currentRev(t, a.file)))
+	})
+
+	t.Run("an invalid services file keeps the last valid catalog", func(t *testing.T) {
+		c := f.spokes["c"]
+		writeFile(t, c.file, strings.Replace(siteC, "health:", "helth:", 1))
+		harness.Eventually(t, 10*time.Second, "the spoke reports the bad file", func() error {
+			n, err := harness.Metric(c.http, "meshfed_spoke_source_errors_total")
+			if err != nil || n < 1 {
+				return fmt.Errorf("source errors %v, %v", n, err)
+			}
+			return nil
+		})
+		if !strings.Contains(c.p.Log(), "field helth not found") {
+			t.Errorf("spoke log does not name the unknown field:\n%s", c.p.Log())
+		}
+		f.converged(5*time.Second, wantCatalog(currentRev(t, a.file)))
+		writeFile(t, c.file, siteC)
+	})
+
+	t.Run("site list shows every site connected with its counts", func(t *testing.T) {
+		out := f.mustCLI("site", "list", "-o", "json")
+		var sites []catalog.Site
+		if err := json.Unmarshal([]byte(out), &sites); err != nil {
+			t.Fatal(err)
+		}
+		got := map[string]string{}
+		for _, s := range sites {
+			got[s.Name] = fmt.Sprintf("%s %d/%d", s.State, s.Services, s.Endpoints)
+		}
+		want := map[string]string{"a": "connected 2/3", "b": "connected 2/2", "c": "connected 1/1"}
+		for k, v := range want {
+			if got[k] != v {
+				t.Errorf("site %s: %q, want %q", k, got[k], v)
+			}
+		}
+	})
+}
+
+func currentRev(t *testing.T, path string) int {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var rev int
+	i := strings.Index(string(b), `rev: "`)
+	fmt.Sscanf(string(b)[i+len(`rev: "`):], "%d", &rev)
+	return rev
+}
