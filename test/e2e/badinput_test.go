@@ -1,0 +1,108 @@
+package e2e
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/meshfed/meshfed/test/harness"
+)
+
+// TestBadInput checks that what a user gets wrong is refused with an error
+// that says what to do, and changes nothing stored.
+func TestBadInput(t *testing.T) {
+	f := newFederation(t)
+	b := f.addSite("b", "z1", siteB)
+	f.addSite("c", "z2", siteC)
+	want := strings.Join([]string{
+		"b:default/echo:127.0.0.21:18080map[]",
+		"b:shop/bravo:127.0.0.22:9000map[]",
+		"c:shop/charlie:127.0.0.31:9000map[]",
+	}, "\n")
+	f.converged(30*time.Second, want)
+
+	refused := func(t *testing.T, says string, args ...string) {
+		t.Helper()
+		out, err := harness.Run(f.bin, args...)
+		if err == nil || !strings.Contains(out, says) {
+			t.Fatalf("meshfed %s: err=%v, output %q; want a refusal saying %q", strings.Join(args, " "), err, out, says)
+		}
+	}
+	config := []string{"--config", filepath.Join(f.dir, "hub", "admin.conf")}
+
+	t.Run("an invalid site name is refused", func(t *testing.T) {
+		refused(t, "DNS-1123", append(config, "site", "add", "Bad_Name")...)
+	})
+	t.Run("a duplicate site is refused", func(t *testing.T) {
+		refused(t, "already exists", append(config, "site", "add", "b")...)
+	})
+	t.Run("a second hub on the same data dir is refused", func(t *testing.T) {
+		refused(t, "locked", "hub", "--data-dir", filepath.Join(f.dir, "hub"), "--listen", "127.0.0.1:0", "--http-listen", "-")
+	})
+	t.Run("a corrupt hub data file is refused and kept", func(t *testing.T) {
+		dir := t.TempDir()
+		junk := strings.Repeat("definitely not bbolt ", 400)
+		os.WriteFile(filepath.Join(dir, "hub.db"), []byte(junk), 0o600)
+		refused(t, "backup", "hub", "--data-dir", dir, "--listen", "127.0.0.1:0", "--http-listen", "-")
+		if got, _ := os.ReadFile(filepath.Join(dir, "hub.db")); string(got) != junk {
+			t.Fatal("the corrupt file was changed")
+		}
+	})
+	t.Run("a replayed join token is refused", func(t *testing.T) {
+		token := strings.TrimSpace(f.mustCLI("site", "token", "create", "--site", "c"))
+		dir := t.TempDir()
+		spoke := []string{"spoke", "--site", "c", "--hub", f.hubAddr, "--token", token, "--http-listen", "-", "--data-dir"}
+		p := harness.Start(t, "spoke-c2", f.bin, append(spoke, dir)...)
+		harness.Eventually(t, 10*time.Second, "the token is redeemed", func() error {
+			_, err := os.Stat(filepath.Join(dir, "spoke.conf"))
+			return err
+		})
+		p.Kill()
+		refused(t, "already used", append(spoke, t.TempDir())...)
+	})
+	t.Run("an expired join token is refused", func(t *testing.T) {
+		token := strings.TrimSpace(f.mustCLI("site", "token", "create", "--site", "c", "--ttl", "1ms"))
+		refused(t, "expired", "spoke", "--site", "c", "--hub", f.hubAddr, "--token", token, "--http-listen", "-", "--data-dir", t.TempDir())
+	})
+	t.Run("a token for another site is refused", func(t *testing.T) {
+		token := strings.TrimSpace(f.mustCLI("site", "token", "create", "--site", "c"))
+		refused(t, `is for site "c"`, "spoke", "--site", "b", "--hub", f.hubAddr, "--token", token, "--http-listen", "-", "--data-dir", t.TempDir())
+	})
+	t.Run("a spoke cannot claim another site with its credential", func(t *testing.T) {
+		dir := t.TempDir()
+		conf, err := os.ReadFile(filepath.Join(b.dir, "spoke.conf"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		os.WriteFile(filepath.Join(dir, "spoke.conf"), conf, 0o600)
+		refused(t, "not site c", "spoke", "--site", "c", "--http-listen", "-", "--data-dir", dir)
+	})
+	t.Run("credential files are private", func(t *testing.T) {
+		for _, p := range []string{filepath.Join(f.dir, "hub", "admin.conf"), filepath.Join(f.dir, "hub", "hub.db"), filepath.Join(b.dir, "spoke.conf"), filepath.Join(b.dir, "view.db")} {
+			fi, err := os.Stat(p)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if fi.Mode().Perm() != 0o600 {
+				t.Errorf("%s has mode %v, want 0600", p, fi.Mode().Perm())
+			}
+		}
+	})
+	t.Run("the catalog is unchanged by all of it", func(t *testing.T) {
+		f.converged(10*time.Second, want)
+	})
+	t.Run("a removed site is cut off and withdrawn everywhere", func(t *testing.T) {
+		f.mustCLI("site", "remove", "b")
+		delete(f.spokes, "b")
+		// c's view keeps only its own service; b's spoke is refused.
+		f.converged(10*time.Second, "c:shop/charlie:127.0.0.31:9000map[]")
+		harness.Eventually(t, 10*time.Second, "b's spoke is refused", func() error {
+			if !strings.Contains(b.p.Log(), "not registered at this hub") {
+				return os.ErrNotExist
+			}
+			return nil
+		})
+	})
+}
