@@ -1,16 +1,22 @@
 package federation
 
 import (
+	"fmt"
 	"sort"
 	"strings"
 	"sync"
 	"time"
 
 	meshfedv1 "github.com/meshfed/meshfed/api/meshfed/v1"
+	"google.golang.org/protobuf/proto"
 )
 
 // Table is a set of versioned resources one side publishes, with
 // subscriptions that learn which keys changed. It is safe for concurrent use.
+//
+// Resources are held encoded: a decoded endpoint with its labels map costs
+// several times its wire size, and the hub holds every endpoint of the
+// federation. Get decodes a fresh copy, so callers may keep or change it.
 type Table struct {
 	mu    sync.RWMutex
 	items map[string]item
@@ -18,8 +24,18 @@ type Table struct {
 }
 
 type item struct {
-	res     *meshfedv1.Resource
+	version string
+	raw     []byte
 	changed time.Time
+}
+
+func (it item) decode() *meshfedv1.Resource {
+	r := &meshfedv1.Resource{}
+	if err := proto.Unmarshal(it.raw, r); err != nil {
+		// raw was produced by proto.Marshal in Put.
+		panic(fmt.Sprintf("federation: table entry does not decode: %v", err))
+	}
+	return r
 }
 
 // NewTable returns an empty table.
@@ -30,12 +46,16 @@ func NewTable() *Table {
 // Put stores r (its Version must be set) and reports whether anything
 // changed; an equal version is a no-op, so no subscriber hears of it.
 func (t *Table) Put(r *meshfedv1.Resource) bool {
+	raw, err := proto.Marshal(r)
+	if err != nil {
+		panic(fmt.Sprintf("federation: marshal %s: %v", r.Key, err))
+	}
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	if old, ok := t.items[r.Key]; ok && old.res.Version == r.Version {
+	if old, ok := t.items[r.Key]; ok && old.version == r.Version {
 		return false
 	}
-	t.items[r.Key] = item{res: r, changed: time.Now()}
+	t.items[r.Key] = item{version: r.Version, raw: raw, changed: time.Now()}
 	t.markLocked(r.Key)
 	return true
 }
@@ -55,21 +75,28 @@ func (t *Table) Delete(key string) bool {
 // Get returns the resource at key.
 func (t *Table) Get(key string) (*meshfedv1.Resource, bool) {
 	t.mu.RLock()
-	defer t.mu.RUnlock()
 	it, ok := t.items[key]
-	return it.res, ok
+	t.mu.RUnlock()
+	if !ok {
+		return nil, false
+	}
+	return it.decode(), true
 }
 
 // List returns the resources whose key starts with prefix, sorted by key.
 func (t *Table) List(prefix string) []*meshfedv1.Resource {
 	t.mu.RLock()
-	out := make([]*meshfedv1.Resource, 0)
+	var items []item
 	for k, it := range t.items {
 		if strings.HasPrefix(k, prefix) {
-			out = append(out, it.res)
+			items = append(items, it)
 		}
 	}
 	t.mu.RUnlock()
+	out := make([]*meshfedv1.Resource, 0, len(items))
+	for _, it := range items {
+		out = append(out, it.decode())
+	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Key < out[j].Key })
 	return out
 }
@@ -82,7 +109,7 @@ func (t *Table) Versions(prefix string) map[string]string {
 	out := map[string]string{}
 	for k, it := range t.items {
 		if strings.HasPrefix(k, prefix) {
-			out[k] = it.res.Version
+			out[k] = it.version
 		}
 	}
 	return out
