@@ -3,10 +3,11 @@
 GO        ?= go
 BIN       := bin/meshfed
 PROTOS    := $(wildcard api/meshfed/v1/*.proto)
+GEN_OUT   ?= api
 export GOTOOLCHAIN := local
 export CGO_ENABLED := 0
 
-.PHONY: all build test e2e fuzz demo bench generate lint tools clean
+.PHONY: all build test demo bench generate check-generate lint tools clean
 
 all: build
 
@@ -17,7 +18,7 @@ build:
 tools:
 	test/tools.sh
 
-test: tools lint
+test: tools lint check-generate
 	$(GO) test -count=1 -timeout 20m ./...
 
 demo: build
@@ -34,9 +35,16 @@ generate:
 	protoc -I api \
 		--plugin=protoc-gen-go="$$($(GO) tool -n protoc-gen-go)" \
 		--plugin=protoc-gen-go-grpc="$$($(GO) tool -n protoc-gen-go-grpc)" \
-		--go_out=api --go_opt=paths=source_relative \
-		--go-grpc_out=api --go-grpc_opt=paths=source_relative \
+		--go_out=$(GEN_OUT) --go_opt=paths=source_relative \
+		--go-grpc_out=$(GEN_OUT) --go-grpc_opt=paths=source_relative \
 		$(PROTOS)
+
+# check-generate fails when the committed protobuf code is not what
+# `make generate` makes.
+check-generate: tools
+	@tmp=$$(mktemp -d) && trap 'rm -rf $$tmp' EXIT && \
+		$(MAKE) -s generate GEN_OUT=$$tmp >/dev/null && \
+		for f in api/meshfed/v1/*.pb.go; do cmp -s $$f $$tmp/meshfed/v1/$$(basename $$f) || { echo "$$f differs from make generate's output: run make generate and commit"; exit 1; }; done
 
 lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
