@@ -2,6 +2,7 @@ package hub_test
 
 import (
 	"context"
+	"fmt"
 	"log/slog"
 	"strings"
 	"testing"
@@ -271,5 +272,96 @@ func TestAdmin_needsTheAdminCredential(t *testing.T) {
 	_, err = meshfedv1.NewAdminClient(anon).ListSites(context.Background(), &meshfedv1.ListSitesRequest{})
 	if status.Code(err) != codes.Unauthenticated {
 		t.Fatalf("no certificate = %v, want Unauthenticated", err)
+	}
+}
+
+// openSync opens a Sync stream for site and exchanges hellos.
+func openSync(t *testing.T, ctx context.Context, conn *grpc.ClientConn, site string) meshfedv1.Federation_SyncClient {
+	t.Helper()
+	stream, err := meshfedv1.NewFederationClient(conn).Sync(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := stream.Send(&meshfedv1.SyncMessage{Kind: &meshfedv1.SyncMessage_Hello{Hello: &meshfedv1.Hello{Site: site}}}); err != nil {
+		t.Fatal(err)
+	}
+	if m, err := stream.Recv(); err != nil || m.GetHello() == nil {
+		t.Fatalf("want the hub's hello, got %v, %v", m, err)
+	}
+	return stream
+}
+
+func TestSync_aStalledSpokeDoesNotHoldBackOthers(t *testing.T) {
+	admin, h := testHub(t)
+	conns := map[string]*grpc.ClientConn{}
+	for _, s := range []string{"east", "west", "stalled"} {
+		addSite(t, admin, s)
+		c, err := join(t, h.Addr(), token(t, admin, s, time.Hour), s)
+		if err != nil {
+			t.Fatal(err)
+		}
+		conns[s] = c
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	// stalled reads nothing and ACKs nothing after its hello.
+	openSync(t, ctx, conns["stalled"], "stalled")
+
+	// west ACKs everything and reports the ports of east's echo it sees.
+	west := openSync(t, ctx, conns["west"], "west")
+	seen := make(chan uint32, 1024)
+	go func() {
+		for {
+			m, err := west.Recv()
+			if err != nil {
+				return
+			}
+			if d := m.GetDelta(); d != nil {
+				for _, r := range d.GetUpdated() {
+					if s := r.GetService(); s != nil && s.GetSite() == "east" {
+						seen <- s.GetEndpoints()[0].GetPort()
+					}
+				}
+				west.Send(&meshfedv1.SyncMessage{Kind: &meshfedv1.SyncMessage_Ack{Ack: &meshfedv1.Ack{Nonce: d.GetNonce()}}})
+			}
+		}
+	}()
+
+	east := openSync(t, ctx, conns["east"], "east")
+	const writes = 300
+	for i := 1; i <= writes; i++ {
+		r := federation.ServiceResource(&meshfedv1.Service{Site: "east", Namespace: "default", Name: "echo", Endpoints: []*meshfedv1.Endpoint{{Address: "10.0.0.1", Port: uint32(i), Weight: 1}}})
+		d := &meshfedv1.Delta{Nonce: fmt.Sprint(i), Updated: []*meshfedv1.Resource{r}}
+		if err := east.Send(&meshfedv1.SyncMessage{Kind: &meshfedv1.SyncMessage_Delta{Delta: d}}); err != nil {
+			t.Fatal(err)
+		}
+		for {
+			m, err := east.Recv()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if a := m.GetAck(); a != nil {
+				if a.GetError() != "" {
+					t.Fatalf("write %d NACKed: %s", i, a.GetError())
+				}
+				break
+			}
+			east.Send(&meshfedv1.SyncMessage{Kind: &meshfedv1.SyncMessage_Ack{Ack: &meshfedv1.Ack{Nonce: m.GetDelta().GetNonce()}}})
+		}
+	}
+	deadline := time.After(10 * time.Second)
+	received := 0
+	for {
+		select {
+		case p := <-seen:
+			received++
+			if p == writes {
+				// Coalescing: west need not see every intermediate write.
+				t.Logf("west saw the last of %d writes after %d updates while another spoke was stalled", writes, received)
+				return
+			}
+		case <-deadline:
+			t.Fatalf("west did not get east's last write within 10s (saw %d updates): the stalled spoke held it back", received)
+		}
 	}
 }

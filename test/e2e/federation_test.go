@@ -268,6 +268,18 @@ func testFederation(t *testing.T, storeArgs ...string) {
 			before[s.site] = [2]float64{recv, syncs}
 		}
 		f.hub.Kill()
+		for _, s := range f.spokes {
+			v, err := harness.View(s.http)
+			if err != nil {
+				t.Fatalf("spoke %s with the hub down: %v", s.site, err)
+			}
+			if got, want := entries(v.Services), wantCatalog(currentRev(t, a.file)); got != want {
+				t.Errorf("spoke %s with the hub down serves:\n%s\nwant its last view:\n%s", s.site, got, want)
+			}
+			if _, err := harness.GetText("http://" + s.http + "/readyz"); err != nil {
+				t.Errorf("spoke %s is not ready with the hub down: %v", s.site, err)
+			}
+		}
 		f.startHub()
 		for _, s := range f.spokes {
 			harness.Eventually(t, 30*time.Second, "spoke "+s.site+" reconnects and is in sync", func() error {
