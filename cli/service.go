@@ -12,7 +12,6 @@ import (
 	meshfedv1 "github.com/meshfed/meshfed/api/meshfed/v1"
 	"github.com/meshfed/meshfed/catalog"
 	"github.com/meshfed/meshfed/federation"
-	"github.com/meshfed/meshfed/hubclient"
 	"github.com/spf13/cobra"
 )
 
@@ -70,13 +69,11 @@ func (g *globals) services(cmd *cobra.Command, spokeAddr, ns, name string) ([]ca
 		}
 		return out, nil
 	}
-	c, done, err := g.admin()
+	ctx, c, done, err := g.admin(cmd)
 	if err != nil {
 		return nil, err
 	}
 	defer done()
-	ctx, cancel := hubclient.Call(cmd.Context())
-	defer cancel()
 	out := []catalog.Service{}
 	if ns == "" {
 		resp, err := c.ListServices(ctx, &meshfedv1.ListServicesRequest{})

@@ -1,6 +1,7 @@
 package cli
 
 import (
+	"context"
 	"fmt"
 	"io"
 	"strings"
@@ -14,17 +15,19 @@ import (
 	"google.golang.org/protobuf/types/known/durationpb"
 )
 
-// admin dials the hub with the CLI's credential.
-func (g *globals) admin() (meshfedv1.AdminClient, func(), error) {
+// admin dials the hub with the CLI's credential and bounds the call's
+// time; done releases both.
+func (g *globals) admin(cmd *cobra.Command) (ctx context.Context, c meshfedv1.AdminClient, done func(), err error) {
 	conf, err := hubclient.Load(g.config)
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, nil, err
 	}
 	conn, err := conf.Dial()
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, nil, err
 	}
-	return meshfedv1.NewAdminClient(conn), func() { conn.Close() }, nil
+	ctx, cancel := hubclient.Call(cmd.Context())
+	return ctx, meshfedv1.NewAdminClient(conn), func() { cancel(); conn.Close() }, nil
 }
 
 func newSiteCmd(g *globals) *cobra.Command {
@@ -45,13 +48,11 @@ func newSiteAddCmd(g *globals) *cobra.Command {
 			if err := catalog.ValidateSite(s); err != nil {
 				return err
 			}
-			c, done, err := g.admin()
+			ctx, c, done, err := g.admin(cmd)
 			if err != nil {
 				return err
 			}
 			defer done()
-			ctx, cancel := hubclient.Call(cmd.Context())
-			defer cancel()
 			st, err := c.AddSite(ctx, &meshfedv1.AddSiteRequest{Site: federation.SiteToWire(s)})
 			if err != nil {
 				return err
@@ -75,13 +76,11 @@ func newSiteListCmd(g *globals) *cobra.Command {
 		Short: "List sites with their state, last sync and counts",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			c, done, err := g.admin()
+			ctx, c, done, err := g.admin(cmd)
 			if err != nil {
 				return err
 			}
 			defer done()
-			ctx, cancel := hubclient.Call(cmd.Context())
-			defer cancel()
 			resp, err := c.ListSites(ctx, &meshfedv1.ListSitesRequest{})
 			if err != nil {
 				return err
@@ -110,13 +109,11 @@ func newSiteShowCmd(g *globals) *cobra.Command {
 		Short: "Show one site",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			c, done, err := g.admin()
+			ctx, c, done, err := g.admin(cmd)
 			if err != nil {
 				return err
 			}
 			defer done()
-			ctx, cancel := hubclient.Call(cmd.Context())
-			defer cancel()
 			st, err := c.GetSite(ctx, &meshfedv1.GetSiteRequest{Name: args[0]})
 			if err != nil {
 				return err
@@ -153,13 +150,11 @@ func newSiteRemoveCmd(g *globals) *cobra.Command {
 		Short: "Remove a site, its services and its tokens; its spoke is cut off",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			c, done, err := g.admin()
+			ctx, c, done, err := g.admin(cmd)
 			if err != nil {
 				return err
 			}
 			defer done()
-			ctx, cancel := hubclient.Call(cmd.Context())
-			defer cancel()
 			resp, err := c.RemoveSite(ctx, &meshfedv1.RemoveSiteRequest{Name: args[0]})
 			if err != nil {
 				return err
@@ -182,13 +177,11 @@ func newSiteTokenCmd(g *globals) *cobra.Command {
 		Example: "  meshfed site token create --site east --ttl 1h",
 		Args:    cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			c, done, err := g.admin()
+			ctx, c, done, err := g.admin(cmd)
 			if err != nil {
 				return err
 			}
 			defer done()
-			ctx, cancel := hubclient.Call(cmd.Context())
-			defer cancel()
 			resp, err := c.CreateToken(ctx, &meshfedv1.CreateTokenRequest{Site: site, Ttl: durationpb.New(ttl)})
 			if err != nil {
 				return err
