@@ -1,10 +1,14 @@
 package federation
 
 import (
+	"crypto/x509"
+	"fmt"
 	"time"
 
 	meshfedv1 "github.com/meshfed/meshfed/api/meshfed/v1"
 	"github.com/meshfed/meshfed/catalog"
+	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/protobuf/types/known/timestamppb"
 )
 
@@ -124,4 +128,47 @@ func timeOf(ts *timestamppb.Timestamp) time.Time {
 		return time.Time{}
 	}
 	return ts.AsTime()
+}
+
+// BundleToWire converts a SPIFFE bundle; site is "" for an outside one.
+func BundleToWire(site string, b *spiffebundle.Bundle) *meshfedv1.Bundle {
+	out := &meshfedv1.Bundle{TrustDomain: b.TrustDomain().Name(), Site: site}
+	for _, c := range b.X509Authorities() {
+		out.X509Authorities = append(out.X509Authorities, c.Raw)
+	}
+	if seq, ok := b.SequenceNumber(); ok {
+		out.Sequence = seq
+	}
+	if hint, ok := b.RefreshHint(); ok {
+		out.RefreshHintSeconds = int64(hint / time.Second)
+	}
+	return out
+}
+
+// BundleFromWire parses a wire bundle; every authority must be a CA
+// certificate.
+func BundleFromWire(b *meshfedv1.Bundle) (*spiffebundle.Bundle, error) {
+	td, err := spiffeid.TrustDomainFromString(b.GetTrustDomain())
+	if err != nil {
+		return nil, fmt.Errorf("bundle trust domain %q: %w", b.GetTrustDomain(), err)
+	}
+	if len(b.GetX509Authorities()) == 0 {
+		return nil, fmt.Errorf("bundle of %s has no X.509 authorities", td)
+	}
+	out := spiffebundle.New(td)
+	for i, der := range b.GetX509Authorities() {
+		c, err := x509.ParseCertificate(der)
+		if err != nil {
+			return nil, fmt.Errorf("bundle of %s: authority %d: %w", td, i, err)
+		}
+		if !c.IsCA {
+			return nil, fmt.Errorf("bundle of %s: authority %d is not a CA certificate", td, i)
+		}
+		out.AddX509Authority(c)
+	}
+	out.SetSequenceNumber(b.GetSequence())
+	if b.GetRefreshHintSeconds() > 0 {
+		out.SetRefreshHint(time.Duration(b.GetRefreshHintSeconds()) * time.Second)
+	}
+	return out, nil
 }

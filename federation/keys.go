@@ -21,6 +21,13 @@ func SiteServicesPrefix(site string) string { return "svc/" + site + "/" }
 // SiteKey is the resource key of a site record.
 func SiteKey(name string) string { return "site/" + name }
 
+// BundleKey is the resource key of a site's own trust bundle.
+func BundleKey(site string) string { return "bundle/" + site }
+
+// ExternalBundleKey is the resource key of an imported trust domain's
+// bundle (hub-owned).
+func ExternalBundleKey(trustDomain string) string { return "xbundle/" + trustDomain }
+
 // Version is the content hash of a resource body: equal bodies have equal
 // versions, across restarts and on both sides of a stream.
 func Version(body proto.Message) string {
@@ -39,6 +46,16 @@ func ServiceResource(s *meshfedv1.Service) *meshfedv1.Resource {
 		Version: Version(s),
 		Body:    &meshfedv1.Resource_Service{Service: s},
 	}
+}
+
+// BundleResource wraps a bundle as a versioned resource, keyed by its site,
+// or by its trust domain when it has none (an imported one).
+func BundleResource(b *meshfedv1.Bundle) *meshfedv1.Resource {
+	key := BundleKey(b.GetSite())
+	if b.GetSite() == "" {
+		key = ExternalBundleKey(b.GetTrustDomain())
+	}
+	return &meshfedv1.Resource{Key: key, Version: Version(b), Body: &meshfedv1.Resource_Bundle{Bundle: b}}
 }
 
 // SiteResource wraps a site as a versioned resource.
@@ -60,6 +77,8 @@ func CheckResource(r *meshfedv1.Resource) error {
 		want = ServiceResource(b.Service)
 	case *meshfedv1.Resource_Site:
 		want = SiteResource(b.Site)
+	case *meshfedv1.Resource_Bundle:
+		want = BundleResource(b.Bundle)
 	default:
 		return fmt.Errorf("resource %q has no body", r.GetKey())
 	}
@@ -72,8 +91,13 @@ func CheckResource(r *meshfedv1.Resource) error {
 	return nil
 }
 
-// KeySite returns the site a service key belongs to ("" for other keys).
+// KeySite returns the site that owns key: the site of a service or of a
+// site bundle; "" for hub-owned keys (site records, imported bundles).
+// Only the owner's spoke may write a key.
 func KeySite(key string) string {
+	if site, ok := strings.CutPrefix(key, "bundle/"); ok {
+		return site
+	}
 	rest, ok := strings.CutPrefix(key, "svc/")
 	if !ok {
 		return ""
@@ -81,3 +105,6 @@ func KeySite(key string) string {
 	site, _, _ := strings.Cut(rest, "/")
 	return site
 }
+
+// OwnedBy reports whether site's spoke owns key.
+func OwnedBy(key, site string) bool { return KeySite(key) == site }

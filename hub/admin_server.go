@@ -128,7 +128,7 @@ func (s *adminServer) RemoveSite(ctx context.Context, req *meshfedv1.RemoveSiteR
 	}
 	st.mu.Lock()
 	defer st.mu.Unlock()
-	keys := h.table.Versions(federation.SiteServicesPrefix(name))
+	keys := h.ownedVersions(name)
 	var ops []store.Op
 	for k := range keys {
 		ops = append(ops, store.Op{Key: keyResource + k, Delete: true})
@@ -166,8 +166,9 @@ func (s *adminServer) RemoveSite(ctx context.Context, req *meshfedv1.RemoveSiteR
 	h.table.Delete(federation.SiteKey(name))
 	h.refreshGaugesLocked()
 	h.mu.Unlock()
-	h.log.Info("site removed", "site", name, "services", len(keys))
-	return &meshfedv1.RemoveSiteResponse{ServicesRemoved: uint32(len(keys))}, nil
+	services := st.services
+	h.log.Info("site removed", "site", name, "services", services)
+	return &meshfedv1.RemoveSiteResponse{ServicesRemoved: uint32(services)}, nil
 }
 
 // CreateToken makes a one-time join token for a registered site. Only a

@@ -100,12 +100,22 @@ func (s *federationServer) issue(site string, csr []byte) (*meshfedv1.JoinRespon
 		CaPem:          ca.EncodeCertPEM(h.ca.Cert),
 		Federation:     h.o.Federation,
 		SpiffeId:       id.String(),
+		TrustDomain:    h.siteTrustDomain(site),
 	}, nil
 }
 
 func secretMatches(hash, secret string) bool {
 	sum := sha256.Sum256([]byte(secret))
 	return subtle.ConstantTimeCompare([]byte(hash), []byte(hex.EncodeToString(sum[:]))) == 1
+}
+
+func (h *Hub) siteTrustDomain(name string) string {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if st := h.sites[name]; st != nil {
+		return st.rec.Site.TrustDomain
+	}
+	return ""
 }
 
 func (h *Hub) siteExists(name string) bool {
@@ -138,15 +148,14 @@ func (s *federationServer) Sync(stream meshfedv1.Federation_SyncServer) error {
 		return err
 	}
 	defer h.disconnect(site, st)
-	reply := &meshfedv1.Hello{KnownVersions: h.table.Versions(federation.SiteServicesPrefix(site))}
+	reply := &meshfedv1.Hello{KnownVersions: h.ownedVersions(site)}
 	if err := stream.Send(&meshfedv1.SyncMessage{Kind: &meshfedv1.SyncMessage_Hello{Hello: reply}}); err != nil {
 		return err
 	}
-	own := federation.SiteServicesPrefix(site)
 	sess := &federation.Session{
 		Stream:    stream,
 		Out:       h.table,
-		Filter:    func(k string) bool { return len(k) < len(own) || k[:len(own)] != own },
+		Filter:    func(k string) bool { return !federation.OwnedBy(k, site) },
 		PeerKnown: hello.GetKnownVersions(),
 		In:        &spokeSink{h: h, site: site},
 		Logger:    h.log.With("site", site),
@@ -240,11 +249,7 @@ func (k *spokeSink) apply(ctx context.Context, d *meshfedv1.Delta) error {
 		if err := federation.CheckResource(r); err != nil {
 			return fmt.Errorf("%w: %v", federation.ErrRejected, err)
 		}
-		svc := r.GetService()
-		if svc == nil {
-			return fmt.Errorf("%w: %s: a spoke may only send services", federation.ErrRejected, r.GetKey())
-		}
-		if err := catalog.ValidateService(federation.ServiceFromWire(svc, catalog.Locality{})); err != nil {
+		if err := k.validate(r); err != nil {
 			return fmt.Errorf("%w: %v", federation.ErrRejected, err)
 		}
 		b, err := proto.Marshal(r)
@@ -276,16 +281,16 @@ func (k *spokeSink) apply(ctx context.Context, d *meshfedv1.Delta) error {
 	dServices, dEndpoints := 0, 0
 	for _, r := range d.GetUpdated() {
 		if old, ok := h.table.Get(r.GetKey()); ok {
-			dServices--
+			dServices -= countServices(old)
 			dEndpoints -= len(old.GetService().GetEndpoints())
 		}
-		dServices++
+		dServices += countServices(r)
 		dEndpoints += len(r.GetService().GetEndpoints())
 		h.table.Put(r)
 	}
 	for _, key := range d.GetRemoved() {
 		if old, ok := h.table.Get(key); ok {
-			dServices--
+			dServices -= countServices(old)
 			dEndpoints -= len(old.GetService().GetEndpoints())
 			h.table.Delete(key)
 		}
@@ -298,6 +303,29 @@ func (k *spokeSink) apply(ctx context.Context, d *meshfedv1.Delta) error {
 	h.refreshGaugesLocked()
 	h.mu.Unlock()
 	return nil
+}
+
+func countServices(r *meshfedv1.Resource) int {
+	if r.GetService() != nil {
+		return 1
+	}
+	return 0
+}
+
+// validate checks what a spoke may publish: its services, and its own
+// trust domain's bundle.
+func (k *spokeSink) validate(r *meshfedv1.Resource) error {
+	switch b := r.GetBody().(type) {
+	case *meshfedv1.Resource_Service:
+		return catalog.ValidateService(federation.ServiceFromWire(b.Service, catalog.Locality{}))
+	case *meshfedv1.Resource_Bundle:
+		if want := k.h.siteTrustDomain(k.site); b.Bundle.GetTrustDomain() != want {
+			return fmt.Errorf("site %s may publish the bundle of its trust domain %s only, not %s", k.site, want, b.Bundle.GetTrustDomain())
+		}
+		_, err := federation.BundleFromWire(b.Bundle)
+		return err
+	}
+	return fmt.Errorf("%s: a spoke may send only services and its bundle", r.GetKey())
 }
 
 func (k *spokeSink) check(key string) error {

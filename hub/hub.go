@@ -379,7 +379,7 @@ func (h *Hub) load(ctx context.Context) error {
 			// Left over from a removal that was cut short; the site is gone.
 			continue
 		}
-		st.services++
+		st.services += countServices(r)
 		st.endpoints += len(r.GetService().GetEndpoints())
 		h.table.Put(r)
 	}
@@ -396,6 +396,16 @@ func (h *Hub) publishSiteLocked(st *siteState) {
 	w := federation.SiteToWire(st.rec.Site)
 	w.State = st.state()
 	h.table.Put(federation.SiteResource(w))
+}
+
+// ownedVersions are the versions of every resource site's spoke owns: its
+// services and its bundle.
+func (h *Hub) ownedVersions(site string) map[string]string {
+	out := h.table.Versions(federation.SiteServicesPrefix(site))
+	if r, ok := h.table.Get(federation.BundleKey(site)); ok {
+		out[r.Key] = r.Version
+	}
+	return out
 }
 
 func (st *siteState) state() meshfedv1.SiteState {

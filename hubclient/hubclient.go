@@ -11,10 +11,10 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"path/filepath"
 	"strings"
 	"time"
 
+	"github.com/meshfed/meshfed/atomicfile"
 	"github.com/meshfed/meshfed/trust/ca"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
@@ -27,9 +27,11 @@ import (
 type Config struct {
 	Hub        string `yaml:"hub"`
 	Federation string `yaml:"federation"`
-	CA         string `yaml:"ca"`
-	Cert       string `yaml:"certificate"`
-	Key        string `yaml:"key"`
+	// TrustDomain is a spoke's own site trust domain (empty for admin).
+	TrustDomain string `yaml:"trustDomain,omitempty"`
+	CA          string `yaml:"ca"`
+	Cert        string `yaml:"certificate"`
+	Key         string `yaml:"key"`
 }
 
 // Load reads a credential file.
@@ -59,40 +61,7 @@ func (c *Config) Write(path string) error {
 	if err != nil {
 		return err
 	}
-	return WriteFileAtomic(path, b, 0o600)
-}
-
-// WriteFileAtomic writes data to path through a temp file, fsync and
-// rename, so a crash leaves the old file or the new one, never half.
-func WriteFileAtomic(path string, data []byte, mode os.FileMode) error {
-	dir := filepath.Dir(path)
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return fmt.Errorf("create %s: %w", dir, err)
-	}
-	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".*")
-	if err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	defer os.Remove(f.Name())
-	if err := f.Chmod(mode); err != nil {
-		f.Close()
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if _, err := f.Write(data); err != nil {
-		f.Close()
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if err := f.Close(); err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if err := os.Rename(f.Name(), path); err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	return nil
+	return atomicfile.Write(path, b, 0o600)
 }
 
 // TLS returns the mTLS client configuration of the credential.

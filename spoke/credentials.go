@@ -81,7 +81,7 @@ func loadOrJoin(ctx context.Context, dataDir, site, hub, token string) (*credent
 	if err != nil {
 		return nil, err
 	}
-	conf = &hubclient.Config{Hub: hub, Federation: resp.GetFederation(), CA: string(resp.GetCaPem()), Cert: string(resp.GetCertificatePem()), Key: string(keyPEM)}
+	conf = &hubclient.Config{Hub: hub, Federation: resp.GetFederation(), TrustDomain: resp.GetTrustDomain(), CA: string(resp.GetCaPem()), Cert: string(resp.GetCertificatePem()), Key: string(keyPEM)}
 	if err := conf.Write(path); err != nil {
 		return nil, fmt.Errorf("spoke: keep credential: %w", err)
 	}

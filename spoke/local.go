@@ -41,7 +41,7 @@ func (l *Local) Replace(services []catalog.Service) {
 		keep[federation.ServiceKey(l.site, s.Namespace, s.Name)] = true
 		l.Upsert(s)
 	}
-	for k := range l.table.Versions("") {
+	for k := range l.table.Versions("svc/") {
 		if !keep[k] {
 			l.table.Delete(k)
 		}
@@ -51,7 +51,7 @@ func (l *Local) Replace(services []catalog.Service) {
 // Services returns the local services, sorted.
 func (l *Local) Services() []catalog.Service {
 	var out []catalog.Service
-	for _, r := range l.table.List("") {
+	for _, r := range l.table.List("svc/") {
 		out = append(out, federation.ServiceFromWire(r.GetService(), catalog.Locality{}))
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].ID() < out[j].ID() })

@@ -25,7 +25,7 @@ func newMetrics(r prometheus.Registerer, s *Spoke) *metrics {
 		federatedEndpoints: prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "meshfed_spoke_federated_endpoints", Help: "Other sites' endpoints in this spoke's view."},
 			func() float64 { return float64(countEndpoints(s.view.table.List("svc/"))) }),
 		localServices: prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "meshfed_spoke_local_services", Help: "This site's own exported services."},
-			func() float64 { return float64(s.local.table.Len()) }),
+			func() float64 { return float64(len(s.local.table.Versions("svc/"))) }),
 		resourcesReceived: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "meshfed_spoke_resources_received_total", Help: "Resources received from the hub (updates and removals), by kind: service or site."}, []string{"kind"}),
 		resourcesSent:     prometheus.NewCounter(prometheus.CounterOpts{Name: "meshfed_spoke_resources_sent_total", Help: "Resources sent to the hub and ACKed."}),
 		nacks:             prometheus.NewCounterVec(prometheus.CounterOpts{Name: "meshfed_spoke_nacks_total", Help: "Deltas refused, by who refused them."}, []string{"by"}),

@@ -9,6 +9,7 @@ import (
 	"math/rand/v2"
 	"net/http"
 	"os"
+	"path/filepath"
 	"sort"
 	"strings"
 	"sync/atomic"
@@ -19,6 +20,8 @@ import (
 	"github.com/meshfed/meshfed/federation"
 	"github.com/meshfed/meshfed/hubclient"
 	"github.com/meshfed/meshfed/telemetry"
+	"github.com/meshfed/meshfed/trust/siteca"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sync/errgroup"
 	"google.golang.org/grpc"
@@ -44,6 +47,9 @@ type Options struct {
 	// MaxStale is how long the spoke keeps serving other sites' services
 	// after it last heard from the hub. Default 24h; negative: forever.
 	MaxStale time.Duration
+	// CA configures the site CA (its Dir and TrustDomain are set by the
+	// spoke: <data dir>/ca and the site's trust domain from the hub).
+	CA siteca.Options
 	// MaxBackoff caps the wait between reconnects. Default 5s.
 	MaxBackoff time.Duration
 	Logger     *slog.Logger
@@ -57,6 +63,7 @@ type Spoke struct {
 	creds     *credentials
 	view      *View
 	local     *Local
+	ca        *siteca.SiteCA
 	m         *metrics
 	tele      *telemetry.Server
 	connected atomic.Bool
@@ -100,6 +107,12 @@ func New(ctx context.Context, o Options) (*Spoke, error) {
 		s.view.Close()
 		return nil, err
 	}
+	if s.ca, err = openSiteCA(o, s.creds.conf.TrustDomain); err != nil {
+		s.view.Close()
+		return nil, err
+	}
+	// The site's bundle is published like its services.
+	s.local.table.Put(federation.BundleResource(federation.BundleToWire(o.Site, s.ca.Bundle())))
 	s.m = newMetrics(o.Registry, s)
 	if o.HTTPListen != "-" {
 		s.tele, err = telemetry.Listen(telemetry.Options{
@@ -113,6 +126,18 @@ func New(ctx context.Context, o Options) (*Spoke, error) {
 	}
 	return s, nil
 }
+
+func openSiteCA(o Options, trustDomain string) (*siteca.SiteCA, error) {
+	td, err := spiffeid.TrustDomainFromString(trustDomain)
+	if err != nil {
+		return nil, fmt.Errorf("spoke: the credential names no valid trust domain (%q): move spoke.conf away and join again: %w", trustDomain, err)
+	}
+	o.CA.Dir, o.CA.TrustDomain = filepath.Join(o.DataDir, "ca"), td
+	return siteca.Open(o.CA)
+}
+
+// CA is the site's certificate authority.
+func (s *Spoke) CA() *siteca.SiteCA { return s.ca }
 
 // Local is the site's own catalog.
 func (s *Spoke) Local() *Local { return s.local }
@@ -294,7 +319,7 @@ func (s *Spoke) Snapshot() catalog.SiteView {
 	for _, r := range s.view.table.List("svc/") {
 		v.Services = append(v.Services, federation.ServiceFromWire(r.GetService(), localities[r.GetService().GetSite()]))
 	}
-	for _, r := range s.local.table.List("") {
+	for _, r := range s.local.table.List("svc/") {
 		v.Services = append(v.Services, federation.ServiceFromWire(r.GetService(), localities[s.o.Site]))
 	}
 	sort.SliceStable(v.Services, func(i, j int) bool {

@@ -12,6 +12,7 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/rsa"
 	"crypto/sha256"
 	"crypto/x509"
 	"crypto/x509/pkix"
@@ -35,11 +36,37 @@ type CA struct {
 	now func() time.Time
 }
 
-// New creates a self-signed CA for trust domain td, valid for ttl.
+// Key types NewKeyOfType makes.
+const (
+	KeyECP256  = "ec-p256"
+	KeyECP384  = "ec-p384"
+	KeyRSA2048 = "rsa-2048"
+)
+
+// NewKeyOfType generates a key of kind ("" is ec-p256).
+func NewKeyOfType(kind string) (crypto.Signer, error) {
+	switch kind {
+	case "", KeyECP256:
+		return ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	case KeyECP384:
+		return ecdsa.GenerateKey(elliptic.P384(), rand.Reader)
+	case KeyRSA2048:
+		return rsa.GenerateKey(rand.Reader, 2048)
+	}
+	return nil, fmt.Errorf("ca: key type %q is unknown: want %s, %s or %s", kind, KeyECP256, KeyECP384, KeyRSA2048)
+}
+
+// New creates a self-signed ECDSA P-256 CA for trust domain td, valid for
+// ttl.
 func New(td spiffeid.TrustDomain, commonName string, ttl time.Duration) (*CA, error) {
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	return NewWithKeyType(td, commonName, ttl, KeyECP256)
+}
+
+// NewWithKeyType creates a self-signed CA with a key of keyType.
+func NewWithKeyType(td spiffeid.TrustDomain, commonName string, ttl time.Duration, keyType string) (*CA, error) {
+	key, err := NewKeyOfType(keyType)
 	if err != nil {
-		return nil, fmt.Errorf("ca: generate key: %w", err)
+		return nil, err
 	}
 	now := time.Now()
 	tmpl := &x509.Certificate{

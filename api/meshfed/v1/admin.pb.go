@@ -568,6 +568,212 @@ func (x *GetServiceResponse) GetSites() []*Site {
 	return nil
 }
 
+type ListBundlesRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListBundlesRequest) Reset() {
+	*x = ListBundlesRequest{}
+	mi := &file_meshfed_v1_admin_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListBundlesRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListBundlesRequest) ProtoMessage() {}
+
+func (x *ListBundlesRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_meshfed_v1_admin_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListBundlesRequest.ProtoReflect.Descriptor instead.
+func (*ListBundlesRequest) Descriptor() ([]byte, []int) {
+	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{12}
+}
+
+type ListBundlesResponse struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Bundles []*Bundle              `protobuf:"bytes,1,rep,name=bundles,proto3" json:"bundles,omitempty"`
+	// federation_bundle is the federation CA: the bootstrap bundle for the
+	// hub's SPIFFE bundle endpoint.
+	FederationBundle *Bundle `protobuf:"bytes,2,opt,name=federation_bundle,json=federationBundle,proto3" json:"federation_bundle,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
+}
+
+func (x *ListBundlesResponse) Reset() {
+	*x = ListBundlesResponse{}
+	mi := &file_meshfed_v1_admin_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListBundlesResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListBundlesResponse) ProtoMessage() {}
+
+func (x *ListBundlesResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_meshfed_v1_admin_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListBundlesResponse.ProtoReflect.Descriptor instead.
+func (*ListBundlesResponse) Descriptor() ([]byte, []int) {
+	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{13}
+}
+
+func (x *ListBundlesResponse) GetBundles() []*Bundle {
+	if x != nil {
+		return x.Bundles
+	}
+	return nil
+}
+
+func (x *ListBundlesResponse) GetFederationBundle() *Bundle {
+	if x != nil {
+		return x.FederationBundle
+	}
+	return nil
+}
+
+// FederateRequest imports an outside trust domain's bundle from its SPIFFE
+// bundle endpoint (https_spiffe profile).
+type FederateRequest struct {
+	state             protoimpl.MessageState `protogen:"open.v1"`
+	TrustDomain       string                 `protobuf:"bytes,1,opt,name=trust_domain,json=trustDomain,proto3" json:"trust_domain,omitempty"`
+	BundleEndpointUrl string                 `protobuf:"bytes,2,opt,name=bundle_endpoint_url,json=bundleEndpointUrl,proto3" json:"bundle_endpoint_url,omitempty"`
+	EndpointSpiffeId  string                 `protobuf:"bytes,3,opt,name=endpoint_spiffe_id,json=endpointSpiffeId,proto3" json:"endpoint_spiffe_id,omitempty"`
+	// bootstrap_pem holds CA certificates that authenticate the endpoint on
+	// the first fetch; later fetches use the fetched bundle.
+	BootstrapPem  []byte `protobuf:"bytes,4,opt,name=bootstrap_pem,json=bootstrapPem,proto3" json:"bootstrap_pem,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *FederateRequest) Reset() {
+	*x = FederateRequest{}
+	mi := &file_meshfed_v1_admin_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *FederateRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*FederateRequest) ProtoMessage() {}
+
+func (x *FederateRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_meshfed_v1_admin_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use FederateRequest.ProtoReflect.Descriptor instead.
+func (*FederateRequest) Descriptor() ([]byte, []int) {
+	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{14}
+}
+
+func (x *FederateRequest) GetTrustDomain() string {
+	if x != nil {
+		return x.TrustDomain
+	}
+	return ""
+}
+
+func (x *FederateRequest) GetBundleEndpointUrl() string {
+	if x != nil {
+		return x.BundleEndpointUrl
+	}
+	return ""
+}
+
+func (x *FederateRequest) GetEndpointSpiffeId() string {
+	if x != nil {
+		return x.EndpointSpiffeId
+	}
+	return ""
+}
+
+func (x *FederateRequest) GetBootstrapPem() []byte {
+	if x != nil {
+		return x.BootstrapPem
+	}
+	return nil
+}
+
+type FederateResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Bundle        *Bundle                `protobuf:"bytes,1,opt,name=bundle,proto3" json:"bundle,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *FederateResponse) Reset() {
+	*x = FederateResponse{}
+	mi := &file_meshfed_v1_admin_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *FederateResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*FederateResponse) ProtoMessage() {}
+
+func (x *FederateResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_meshfed_v1_admin_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use FederateResponse.ProtoReflect.Descriptor instead.
+func (*FederateResponse) Descriptor() ([]byte, []int) {
+	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *FederateResponse) GetBundle() *Bundle {
+	if x != nil {
+		return x.Bundle
+	}
+	return nil
+}
+
 var File_meshfed_v1_admin_proto protoreflect.FileDescriptor
 
 const file_meshfed_v1_admin_proto_rawDesc = "" +
@@ -599,7 +805,18 @@ const file_meshfed_v1_admin_proto_rawDesc = "" +
 	"\x04name\x18\x02 \x01(\tR\x04name\"m\n" +
 	"\x12GetServiceResponse\x12/\n" +
 	"\bservices\x18\x01 \x03(\v2\x13.meshfed.v1.ServiceR\bservices\x12&\n" +
-	"\x05sites\x18\x02 \x03(\v2\x10.meshfed.v1.SiteR\x05sites2\x8c\x04\n" +
+	"\x05sites\x18\x02 \x03(\v2\x10.meshfed.v1.SiteR\x05sites\"\x14\n" +
+	"\x12ListBundlesRequest\"\x84\x01\n" +
+	"\x13ListBundlesResponse\x12,\n" +
+	"\abundles\x18\x01 \x03(\v2\x12.meshfed.v1.BundleR\abundles\x12?\n" +
+	"\x11federation_bundle\x18\x02 \x01(\v2\x12.meshfed.v1.BundleR\x10federationBundle\"\xb7\x01\n" +
+	"\x0fFederateRequest\x12!\n" +
+	"\ftrust_domain\x18\x01 \x01(\tR\vtrustDomain\x12.\n" +
+	"\x13bundle_endpoint_url\x18\x02 \x01(\tR\x11bundleEndpointUrl\x12,\n" +
+	"\x12endpoint_spiffe_id\x18\x03 \x01(\tR\x10endpointSpiffeId\x12#\n" +
+	"\rbootstrap_pem\x18\x04 \x01(\fR\fbootstrapPem\">\n" +
+	"\x10FederateResponse\x12*\n" +
+	"\x06bundle\x18\x01 \x01(\v2\x12.meshfed.v1.BundleR\x06bundle2\xa3\x05\n" +
 	"\x05Admin\x12=\n" +
 	"\aAddSite\x12\x1a.meshfed.v1.AddSiteRequest\x1a\x16.meshfed.v1.SiteStatus\x12H\n" +
 	"\tListSites\x12\x1c.meshfed.v1.ListSitesRequest\x1a\x1d.meshfed.v1.ListSitesResponse\x12=\n" +
@@ -609,7 +826,9 @@ const file_meshfed_v1_admin_proto_rawDesc = "" +
 	"\vCreateToken\x12\x1e.meshfed.v1.CreateTokenRequest\x1a\x1f.meshfed.v1.CreateTokenResponse\x12Q\n" +
 	"\fListServices\x12\x1f.meshfed.v1.ListServicesRequest\x1a .meshfed.v1.ListServicesResponse\x12K\n" +
 	"\n" +
-	"GetService\x12\x1d.meshfed.v1.GetServiceRequest\x1a\x1e.meshfed.v1.GetServiceResponseB5Z3github.com/meshfed/meshfed/api/meshfed/v1;meshfedv1b\x06proto3"
+	"GetService\x12\x1d.meshfed.v1.GetServiceRequest\x1a\x1e.meshfed.v1.GetServiceResponse\x12N\n" +
+	"\vListBundles\x12\x1e.meshfed.v1.ListBundlesRequest\x1a\x1f.meshfed.v1.ListBundlesResponse\x12E\n" +
+	"\bFederate\x12\x1b.meshfed.v1.FederateRequest\x1a\x1c.meshfed.v1.FederateResponseB5Z3github.com/meshfed/meshfed/api/meshfed/v1;meshfedv1b\x06proto3"
 
 var (
 	file_meshfed_v1_admin_proto_rawDescOnce sync.Once
@@ -623,7 +842,7 @@ func file_meshfed_v1_admin_proto_rawDescGZIP() []byte {
 	return file_meshfed_v1_admin_proto_rawDescData
 }
 
-var file_meshfed_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 12)
+var file_meshfed_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 16)
 var file_meshfed_v1_admin_proto_goTypes = []any{
 	(*AddSiteRequest)(nil),        // 0: meshfed.v1.AddSiteRequest
 	(*ListSitesRequest)(nil),      // 1: meshfed.v1.ListSitesRequest
@@ -637,39 +856,51 @@ var file_meshfed_v1_admin_proto_goTypes = []any{
 	(*ListServicesResponse)(nil),  // 9: meshfed.v1.ListServicesResponse
 	(*GetServiceRequest)(nil),     // 10: meshfed.v1.GetServiceRequest
 	(*GetServiceResponse)(nil),    // 11: meshfed.v1.GetServiceResponse
-	(*Site)(nil),                  // 12: meshfed.v1.Site
-	(*SiteStatus)(nil),            // 13: meshfed.v1.SiteStatus
-	(*durationpb.Duration)(nil),   // 14: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil), // 15: google.protobuf.Timestamp
-	(*Service)(nil),               // 16: meshfed.v1.Service
+	(*ListBundlesRequest)(nil),    // 12: meshfed.v1.ListBundlesRequest
+	(*ListBundlesResponse)(nil),   // 13: meshfed.v1.ListBundlesResponse
+	(*FederateRequest)(nil),       // 14: meshfed.v1.FederateRequest
+	(*FederateResponse)(nil),      // 15: meshfed.v1.FederateResponse
+	(*Site)(nil),                  // 16: meshfed.v1.Site
+	(*SiteStatus)(nil),            // 17: meshfed.v1.SiteStatus
+	(*durationpb.Duration)(nil),   // 18: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil), // 19: google.protobuf.Timestamp
+	(*Service)(nil),               // 20: meshfed.v1.Service
+	(*Bundle)(nil),                // 21: meshfed.v1.Bundle
 }
 var file_meshfed_v1_admin_proto_depIdxs = []int32{
-	12, // 0: meshfed.v1.AddSiteRequest.site:type_name -> meshfed.v1.Site
-	13, // 1: meshfed.v1.ListSitesResponse.sites:type_name -> meshfed.v1.SiteStatus
-	14, // 2: meshfed.v1.CreateTokenRequest.ttl:type_name -> google.protobuf.Duration
-	15, // 3: meshfed.v1.CreateTokenResponse.expires:type_name -> google.protobuf.Timestamp
-	16, // 4: meshfed.v1.ListServicesResponse.services:type_name -> meshfed.v1.Service
-	16, // 5: meshfed.v1.GetServiceResponse.services:type_name -> meshfed.v1.Service
-	12, // 6: meshfed.v1.GetServiceResponse.sites:type_name -> meshfed.v1.Site
-	0,  // 7: meshfed.v1.Admin.AddSite:input_type -> meshfed.v1.AddSiteRequest
-	1,  // 8: meshfed.v1.Admin.ListSites:input_type -> meshfed.v1.ListSitesRequest
-	3,  // 9: meshfed.v1.Admin.GetSite:input_type -> meshfed.v1.GetSiteRequest
-	4,  // 10: meshfed.v1.Admin.RemoveSite:input_type -> meshfed.v1.RemoveSiteRequest
-	6,  // 11: meshfed.v1.Admin.CreateToken:input_type -> meshfed.v1.CreateTokenRequest
-	8,  // 12: meshfed.v1.Admin.ListServices:input_type -> meshfed.v1.ListServicesRequest
-	10, // 13: meshfed.v1.Admin.GetService:input_type -> meshfed.v1.GetServiceRequest
-	13, // 14: meshfed.v1.Admin.AddSite:output_type -> meshfed.v1.SiteStatus
-	2,  // 15: meshfed.v1.Admin.ListSites:output_type -> meshfed.v1.ListSitesResponse
-	13, // 16: meshfed.v1.Admin.GetSite:output_type -> meshfed.v1.SiteStatus
-	5,  // 17: meshfed.v1.Admin.RemoveSite:output_type -> meshfed.v1.RemoveSiteResponse
-	7,  // 18: meshfed.v1.Admin.CreateToken:output_type -> meshfed.v1.CreateTokenResponse
-	9,  // 19: meshfed.v1.Admin.ListServices:output_type -> meshfed.v1.ListServicesResponse
-	11, // 20: meshfed.v1.Admin.GetService:output_type -> meshfed.v1.GetServiceResponse
-	14, // [14:21] is the sub-list for method output_type
-	7,  // [7:14] is the sub-list for method input_type
-	7,  // [7:7] is the sub-list for extension type_name
-	7,  // [7:7] is the sub-list for extension extendee
-	0,  // [0:7] is the sub-list for field type_name
+	16, // 0: meshfed.v1.AddSiteRequest.site:type_name -> meshfed.v1.Site
+	17, // 1: meshfed.v1.ListSitesResponse.sites:type_name -> meshfed.v1.SiteStatus
+	18, // 2: meshfed.v1.CreateTokenRequest.ttl:type_name -> google.protobuf.Duration
+	19, // 3: meshfed.v1.CreateTokenResponse.expires:type_name -> google.protobuf.Timestamp
+	20, // 4: meshfed.v1.ListServicesResponse.services:type_name -> meshfed.v1.Service
+	20, // 5: meshfed.v1.GetServiceResponse.services:type_name -> meshfed.v1.Service
+	16, // 6: meshfed.v1.GetServiceResponse.sites:type_name -> meshfed.v1.Site
+	21, // 7: meshfed.v1.ListBundlesResponse.bundles:type_name -> meshfed.v1.Bundle
+	21, // 8: meshfed.v1.ListBundlesResponse.federation_bundle:type_name -> meshfed.v1.Bundle
+	21, // 9: meshfed.v1.FederateResponse.bundle:type_name -> meshfed.v1.Bundle
+	0,  // 10: meshfed.v1.Admin.AddSite:input_type -> meshfed.v1.AddSiteRequest
+	1,  // 11: meshfed.v1.Admin.ListSites:input_type -> meshfed.v1.ListSitesRequest
+	3,  // 12: meshfed.v1.Admin.GetSite:input_type -> meshfed.v1.GetSiteRequest
+	4,  // 13: meshfed.v1.Admin.RemoveSite:input_type -> meshfed.v1.RemoveSiteRequest
+	6,  // 14: meshfed.v1.Admin.CreateToken:input_type -> meshfed.v1.CreateTokenRequest
+	8,  // 15: meshfed.v1.Admin.ListServices:input_type -> meshfed.v1.ListServicesRequest
+	10, // 16: meshfed.v1.Admin.GetService:input_type -> meshfed.v1.GetServiceRequest
+	12, // 17: meshfed.v1.Admin.ListBundles:input_type -> meshfed.v1.ListBundlesRequest
+	14, // 18: meshfed.v1.Admin.Federate:input_type -> meshfed.v1.FederateRequest
+	17, // 19: meshfed.v1.Admin.AddSite:output_type -> meshfed.v1.SiteStatus
+	2,  // 20: meshfed.v1.Admin.ListSites:output_type -> meshfed.v1.ListSitesResponse
+	17, // 21: meshfed.v1.Admin.GetSite:output_type -> meshfed.v1.SiteStatus
+	5,  // 22: meshfed.v1.Admin.RemoveSite:output_type -> meshfed.v1.RemoveSiteResponse
+	7,  // 23: meshfed.v1.Admin.CreateToken:output_type -> meshfed.v1.CreateTokenResponse
+	9,  // 24: meshfed.v1.Admin.ListServices:output_type -> meshfed.v1.ListServicesResponse
+	11, // 25: meshfed.v1.Admin.GetService:output_type -> meshfed.v1.GetServiceResponse
+	13, // 26: meshfed.v1.Admin.ListBundles:output_type -> meshfed.v1.ListBundlesResponse
+	15, // 27: meshfed.v1.Admin.Federate:output_type -> meshfed.v1.FederateResponse
+	19, // [19:28] is the sub-list for method output_type
+	10, // [10:19] is the sub-list for method input_type
+	10, // [10:10] is the sub-list for extension type_name
+	10, // [10:10] is the sub-list for extension extendee
+	0,  // [0:10] is the sub-list for field type_name
 }
 
 func init() { file_meshfed_v1_admin_proto_init() }
@@ -684,7 +915,7 @@ func file_meshfed_v1_admin_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_meshfed_v1_admin_proto_rawDesc), len(file_meshfed_v1_admin_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   12,
+			NumMessages:   16,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

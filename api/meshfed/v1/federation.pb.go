@@ -132,8 +132,10 @@ type JoinResponse struct {
 	CaPem          []byte                 `protobuf:"bytes,2,opt,name=ca_pem,json=caPem,proto3" json:"ca_pem,omitempty"`
 	Federation     string                 `protobuf:"bytes,3,opt,name=federation,proto3" json:"federation,omitempty"`
 	SpiffeId       string                 `protobuf:"bytes,4,opt,name=spiffe_id,json=spiffeId,proto3" json:"spiffe_id,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// trust_domain is the joining site's own SPIFFE trust domain.
+	TrustDomain   string `protobuf:"bytes,5,opt,name=trust_domain,json=trustDomain,proto3" json:"trust_domain,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *JoinResponse) Reset() {
@@ -190,6 +192,13 @@ func (x *JoinResponse) GetFederation() string {
 func (x *JoinResponse) GetSpiffeId() string {
 	if x != nil {
 		return x.SpiffeId
+	}
+	return ""
+}
+
+func (x *JoinResponse) GetTrustDomain() string {
+	if x != nil {
+		return x.TrustDomain
 	}
 	return ""
 }
@@ -358,6 +367,7 @@ type Resource struct {
 	//
 	//	*Resource_Service
 	//	*Resource_Site
+	//	*Resource_Bundle
 	Body          isResource_Body `protobuf_oneof:"body"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -432,6 +442,15 @@ func (x *Resource) GetSite() *Site {
 	return nil
 }
 
+func (x *Resource) GetBundle() *Bundle {
+	if x != nil {
+		if x, ok := x.Body.(*Resource_Bundle); ok {
+			return x.Bundle
+		}
+	}
+	return nil
+}
+
 type isResource_Body interface {
 	isResource_Body()
 }
@@ -444,9 +463,15 @@ type Resource_Site struct {
 	Site *Site `protobuf:"bytes,4,opt,name=site,proto3,oneof"`
 }
 
+type Resource_Bundle struct {
+	Bundle *Bundle `protobuf:"bytes,5,opt,name=bundle,proto3,oneof"`
+}
+
 func (*Resource_Service) isResource_Body() {}
 
 func (*Resource_Site) isResource_Body() {}
+
+func (*Resource_Bundle) isResource_Body() {}
 
 // Delta changes the receiver's copy; the receiver answers with an Ack of the
 // same nonce. A sender has at most one delta in flight per stream.
@@ -585,14 +610,15 @@ const file_meshfed_v1_federation_proto_rawDesc = "" +
 	"\x04site\x18\x02 \x01(\tR\x04site\x12\x10\n" +
 	"\x03csr\x18\x03 \x01(\fR\x03csr\" \n" +
 	"\fRenewRequest\x12\x10\n" +
-	"\x03csr\x18\x01 \x01(\fR\x03csr\"\x8b\x01\n" +
+	"\x03csr\x18\x01 \x01(\fR\x03csr\"\xae\x01\n" +
 	"\fJoinResponse\x12'\n" +
 	"\x0fcertificate_pem\x18\x01 \x01(\fR\x0ecertificatePem\x12\x15\n" +
 	"\x06ca_pem\x18\x02 \x01(\fR\x05caPem\x12\x1e\n" +
 	"\n" +
 	"federation\x18\x03 \x01(\tR\n" +
 	"federation\x12\x1b\n" +
-	"\tspiffe_id\x18\x04 \x01(\tR\bspiffeId\"\x90\x01\n" +
+	"\tspiffe_id\x18\x04 \x01(\tR\bspiffeId\x12!\n" +
+	"\ftrust_domain\x18\x05 \x01(\tR\vtrustDomain\"\x90\x01\n" +
 	"\vSyncMessage\x12)\n" +
 	"\x05hello\x18\x01 \x01(\v2\x11.meshfed.v1.HelloH\x00R\x05hello\x12)\n" +
 	"\x05delta\x18\x02 \x01(\v2\x11.meshfed.v1.DeltaH\x00R\x05delta\x12#\n" +
@@ -603,12 +629,13 @@ const file_meshfed_v1_federation_proto_rawDesc = "" +
 	"\x0eknown_versions\x18\x02 \x03(\v2$.meshfed.v1.Hello.KnownVersionsEntryR\rknownVersions\x1a@\n" +
 	"\x12KnownVersionsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\x97\x01\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xc5\x01\n" +
 	"\bResource\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x18\n" +
 	"\aversion\x18\x02 \x01(\tR\aversion\x12/\n" +
 	"\aservice\x18\x03 \x01(\v2\x13.meshfed.v1.ServiceH\x00R\aservice\x12&\n" +
-	"\x04site\x18\x04 \x01(\v2\x10.meshfed.v1.SiteH\x00R\x04siteB\x06\n" +
+	"\x04site\x18\x04 \x01(\v2\x10.meshfed.v1.SiteH\x00R\x04site\x12,\n" +
+	"\x06bundle\x18\x05 \x01(\v2\x12.meshfed.v1.BundleH\x00R\x06bundleB\x06\n" +
 	"\x04body\"\x7f\n" +
 	"\x05Delta\x12\x14\n" +
 	"\x05nonce\x18\x01 \x01(\tR\x05nonce\x12.\n" +
@@ -649,6 +676,7 @@ var file_meshfed_v1_federation_proto_goTypes = []any{
 	nil,                  // 8: meshfed.v1.Hello.KnownVersionsEntry
 	(*Service)(nil),      // 9: meshfed.v1.Service
 	(*Site)(nil),         // 10: meshfed.v1.Site
+	(*Bundle)(nil),       // 11: meshfed.v1.Bundle
 }
 var file_meshfed_v1_federation_proto_depIdxs = []int32{
 	4,  // 0: meshfed.v1.SyncMessage.hello:type_name -> meshfed.v1.Hello
@@ -657,18 +685,19 @@ var file_meshfed_v1_federation_proto_depIdxs = []int32{
 	8,  // 3: meshfed.v1.Hello.known_versions:type_name -> meshfed.v1.Hello.KnownVersionsEntry
 	9,  // 4: meshfed.v1.Resource.service:type_name -> meshfed.v1.Service
 	10, // 5: meshfed.v1.Resource.site:type_name -> meshfed.v1.Site
-	5,  // 6: meshfed.v1.Delta.updated:type_name -> meshfed.v1.Resource
-	0,  // 7: meshfed.v1.Federation.Join:input_type -> meshfed.v1.JoinRequest
-	1,  // 8: meshfed.v1.Federation.Renew:input_type -> meshfed.v1.RenewRequest
-	3,  // 9: meshfed.v1.Federation.Sync:input_type -> meshfed.v1.SyncMessage
-	2,  // 10: meshfed.v1.Federation.Join:output_type -> meshfed.v1.JoinResponse
-	2,  // 11: meshfed.v1.Federation.Renew:output_type -> meshfed.v1.JoinResponse
-	3,  // 12: meshfed.v1.Federation.Sync:output_type -> meshfed.v1.SyncMessage
-	10, // [10:13] is the sub-list for method output_type
-	7,  // [7:10] is the sub-list for method input_type
-	7,  // [7:7] is the sub-list for extension type_name
-	7,  // [7:7] is the sub-list for extension extendee
-	0,  // [0:7] is the sub-list for field type_name
+	11, // 6: meshfed.v1.Resource.bundle:type_name -> meshfed.v1.Bundle
+	5,  // 7: meshfed.v1.Delta.updated:type_name -> meshfed.v1.Resource
+	0,  // 8: meshfed.v1.Federation.Join:input_type -> meshfed.v1.JoinRequest
+	1,  // 9: meshfed.v1.Federation.Renew:input_type -> meshfed.v1.RenewRequest
+	3,  // 10: meshfed.v1.Federation.Sync:input_type -> meshfed.v1.SyncMessage
+	2,  // 11: meshfed.v1.Federation.Join:output_type -> meshfed.v1.JoinResponse
+	2,  // 12: meshfed.v1.Federation.Renew:output_type -> meshfed.v1.JoinResponse
+	3,  // 13: meshfed.v1.Federation.Sync:output_type -> meshfed.v1.SyncMessage
+	11, // [11:14] is the sub-list for method output_type
+	8,  // [8:11] is the sub-list for method input_type
+	8,  // [8:8] is the sub-list for extension type_name
+	8,  // [8:8] is the sub-list for extension extendee
+	0,  // [0:8] is the sub-list for field type_name
 }
 
 func init() { file_meshfed_v1_federation_proto_init() }
@@ -685,6 +714,7 @@ func file_meshfed_v1_federation_proto_init() {
 	file_meshfed_v1_federation_proto_msgTypes[5].OneofWrappers = []any{
 		(*Resource_Service)(nil),
 		(*Resource_Site)(nil),
+		(*Resource_Bundle)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
