@@ -116,4 +116,6 @@ type SiteView struct {
 	LastHubContact time.Time `json:"lastHubContact,omitzero" yaml:"lastHubContact,omitempty"`
 	Sites          []Site    `json:"sites" yaml:"sites"`
 	Services       []Service `json:"services" yaml:"services"`
+	// TrustDomains are the trust domains whose bundles the site holds.
+	TrustDomains []string `json:"trustDomains" yaml:"trustDomains"`
 }

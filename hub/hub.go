@@ -48,6 +48,10 @@ type Options struct {
 	// goes into admin.conf and the serving certificate. Default: the listen
 	// address, with 127.0.0.1 for an unspecified host.
 	Advertise string
+	// BundleListen serves the SPIFFE bundle endpoint (https_spiffe profile,
+	// authenticated as spiffe://<federation>/meshfed/hub) at
+	// https://ADDR/<trust-domain>. "" disables it.
+	BundleListen string
 	// SpokeCertTTL is how long a spoke certificate lives; spokes renew at
 	// half-life. Default 30 days.
 	SpokeCertTTL time.Duration
@@ -68,12 +72,16 @@ type Hub struct {
 	table *federation.Table
 	m     *metrics
 
-	grpcLn  net.Listener
-	tele    *telemetry.Server
+	grpcLn   net.Listener
+	bundleLn net.Listener
+	tele     *telemetry.Server
 	serving tls.Certificate
 
 	mu    sync.Mutex
 	sites map[string]*siteState
+	// watching cancels the refresh of each imported trust domain.
+	watching map[string]context.CancelFunc
+	runCtx   context.Context
 }
 
 // siteState is the hub's live view of one site.
@@ -125,7 +133,7 @@ func New(ctx context.Context, o Options) (*Hub, error) {
 	if err := os.MkdirAll(o.DataDir, 0o700); err != nil {
 		return nil, fmt.Errorf("hub: create data dir: %w", err)
 	}
-	h := &Hub{o: o, log: o.Logger.With("component", "hub"), td: td, table: federation.NewTable(), sites: map[string]*siteState{}}
+	h := &Hub{o: o, log: o.Logger.With("component", "hub"), td: td, table: federation.NewTable(), sites: map[string]*siteState{}, watching: map[string]context.CancelFunc{}, runCtx: context.Background()}
 	if o.Store == nil {
 		s, err := store.OpenBolt(filepath.Join(o.DataDir, "hub.db"), time.Second)
 		if err != nil {
@@ -158,6 +166,11 @@ func New(ctx context.Context, o Options) (*Hub, error) {
 	if err := h.issueServing(); err != nil {
 		return nil, err
 	}
+	if o.BundleListen != "" {
+		if h.bundleLn, err = net.Listen("tcp", o.BundleListen); err != nil {
+			return nil, fmt.Errorf("hub: bundle endpoint: listen %s: %w", o.BundleListen, err)
+		}
+	}
 	if err := h.writeAdminConfig(); err != nil {
 		return nil, err
 	}
@@ -171,6 +184,14 @@ func New(ctx context.Context, o Options) (*Hub, error) {
 	h.refreshGauges()
 	ok = true
 	return h, nil
+}
+
+// BundleAddr is the bound bundle endpoint address ("" when disabled).
+func (h *Hub) BundleAddr() string {
+	if h.bundleLn == nil {
+		return ""
+	}
+	return h.bundleLn.Addr().String()
 }
 
 // Addr is the bound gRPC address.
@@ -209,6 +230,15 @@ func (h *Hub) Run(ctx context.Context) error {
 	meshfedv1.RegisterFederationServer(srv, &federationServer{h: h})
 	meshfedv1.RegisterAdminServer(srv, &adminServer{h: h})
 	g, ctx := errgroup.WithContext(ctx)
+	h.mu.Lock()
+	h.runCtx = ctx
+	h.mu.Unlock()
+	if err := h.watchStored(ctx); err != nil {
+		return err
+	}
+	if h.bundleLn != nil {
+		g.Go(func() error { return h.serveBundles(ctx) })
+	}
 	g.Go(func() error {
 		if err := srv.Serve(h.grpcLn); err != nil && !errors.Is(err, grpc.ErrServerStopped) {
 			return fmt.Errorf("hub: serve: %w", err)
@@ -244,6 +274,9 @@ func (h *Hub) Run(ctx context.Context) error {
 func (h *Hub) close() {
 	if h.grpcLn != nil {
 		h.grpcLn.Close()
+	}
+	if h.bundleLn != nil {
+		h.bundleLn.Close()
 	}
 	if h.store != nil {
 		h.store.Close()
@@ -374,7 +407,12 @@ func (h *Hub) load(ctx context.Context) error {
 		if err := proto.Unmarshal(kv.Value, r); err != nil {
 			return fmt.Errorf("hub: stored resource %s is damaged: %w", kv.Key, err)
 		}
-		st := h.sites[federation.KeySite(r.Key)]
+		owner := federation.KeySite(r.Key)
+		st := h.sites[owner]
+		if owner == "" {
+			h.table.Put(r) // hub-owned: an imported bundle
+			continue
+		}
 		if st == nil {
 			// Left over from a removal that was cut short; the site is gone.
 			continue

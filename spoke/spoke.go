@@ -319,6 +319,13 @@ func (s *Spoke) Snapshot() catalog.SiteView {
 	for _, r := range s.view.table.List("svc/") {
 		v.Services = append(v.Services, federation.ServiceFromWire(r.GetService(), localities[r.GetService().GetSite()]))
 	}
+	v.TrustDomains = []string{s.ca.TrustDomain().Name()}
+	for _, prefix := range []string{"bundle/", "xbundle/"} {
+		for _, r := range s.view.table.List(prefix) {
+			v.TrustDomains = append(v.TrustDomains, r.GetBundle().GetTrustDomain())
+		}
+	}
+	sort.Strings(v.TrustDomains)
 	for _, r := range s.local.table.List("svc/") {
 		v.Services = append(v.Services, federation.ServiceFromWire(r.GetService(), localities[s.o.Site]))
 	}

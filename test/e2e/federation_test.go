@@ -28,6 +28,7 @@ type federation struct {
 	dir       string
 	hubAddr   string
 	hubHTTP   string
+	bundles   string
 	storeArgs []string
 	hub       *harness.Process
 	spokes    map[string]*spokeProc
@@ -39,14 +40,14 @@ type spokeProc struct {
 }
 
 func newFederation(t *testing.T, storeArgs ...string) *federation {
-	f := &federation{t: t, bin: harness.Binary(t), dir: t.TempDir(), hubAddr: harness.FreePort(t), hubHTTP: harness.FreePort(t), storeArgs: storeArgs, spokes: map[string]*spokeProc{}}
+	f := &federation{t: t, bin: harness.Binary(t), dir: t.TempDir(), hubAddr: harness.FreePort(t), hubHTTP: harness.FreePort(t), bundles: harness.FreePort(t), storeArgs: storeArgs, spokes: map[string]*spokeProc{}}
 	f.startHub()
 	return f
 }
 
 func (f *federation) startHub() {
 	f.t.Helper()
-	args := append([]string{"hub", "--data-dir", filepath.Join(f.dir, "hub"), "--listen", f.hubAddr, "--http-listen", f.hubHTTP, "--federation", "test.meshfed"}, f.storeArgs...)
+	args := append([]string{"hub", "--data-dir", filepath.Join(f.dir, "hub"), "--listen", f.hubAddr, "--http-listen", f.hubHTTP, "--bundle-listen", f.bundles, "--federation", "test.meshfed"}, f.storeArgs...)
 	f.hub = harness.Start(f.t, "hub", f.bin, args...)
 	harness.WaitReady(f.t, f.hubHTTP, 30*time.Second)
 }

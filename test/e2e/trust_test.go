@@ -1,0 +1,197 @@
+package e2e
+
+import (
+	"bytes"
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/json"
+	"encoding/pem"
+	"fmt"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/meshfed/meshfed/hubclient"
+	"github.com/meshfed/meshfed/test/harness"
+	"github.com/meshfed/meshfed/trust/ca"
+	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
+	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
+	spiffefed "github.com/spiffe/go-spiffe/v2/federation"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+)
+
+func TestTrust(t *testing.T) {
+	f := newFederation(t)
+	a := f.addSite("a", "z1", siteB)
+	b := f.addSite("b", "z2", siteC)
+	harness.Eventually(t, 20*time.Second, "each site holds the other's bundle", func() error {
+		for _, s := range []*spokeProc{a, b} {
+			v, err := harness.View(s.http)
+			if err != nil {
+				return err
+			}
+			if want := []string{"a.test.meshfed", "b.test.meshfed"}; !slices.Equal(v.TrustDomains, want) {
+				return fmt.Errorf("site %s holds %v, want %v", s.site, v.TrustDomains, want)
+			}
+		}
+		return nil
+	})
+
+	conf, err := hubclient.Load(filepath.Join(f.dir, "hub", "admin.conf"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	fedCA, err := ca.ParseCertsPEM([]byte(conf.CA))
+	if err != nil {
+		t.Fatal(err)
+	}
+	fedTD := spiffeid.RequireTrustDomainFromString("test.meshfed")
+	hubAuth := x509bundle.FromX509Authorities(fedTD, fedCA)
+	hubID := spiffeid.RequireFromString("spiffe://test.meshfed/meshfed/hub")
+
+	t.Run("go-spiffe fetches each site's bundle from the hub's bundle endpoint", func(t *testing.T) {
+		for _, s := range []*spokeProc{a, b} {
+			want, err := os.ReadFile(filepath.Join(s.dir, "ca", "ca.crt"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			td := spiffeid.RequireTrustDomainFromString(s.site + ".test.meshfed")
+			got, err := spiffefed.FetchBundle(context.Background(), td, "https://"+f.bundles+"/"+td.Name(), spiffefed.WithSPIFFEAuth(hubAuth, hubID))
+			if err != nil {
+				t.Fatalf("FetchBundle(%s): %v", td, err)
+			}
+			if pemOf(got.X509Authorities()) != string(want) {
+				t.Errorf("bundle of %s from the hub differs from the site's CA", td)
+			}
+			if seq, ok := got.SequenceNumber(); !ok || seq != 1 {
+				t.Errorf("bundle of %s: sequence %d (set %v), want 1", td, seq, ok)
+			}
+			if _, ok := got.RefreshHint(); !ok {
+				t.Errorf("bundle of %s has no refresh hint", td)
+			}
+		}
+	})
+	t.Run("the bundle endpoint refuses a client expecting another SPIFFE ID", func(t *testing.T) {
+		td := spiffeid.RequireTrustDomainFromString("a.test.meshfed")
+		wrong := spiffeid.RequireFromString("spiffe://test.meshfed/someone-else")
+		if _, err := spiffefed.FetchBundle(context.Background(), td, "https://"+f.bundles+"/"+td.Name(), spiffefed.WithSPIFFEAuth(hubAuth, wrong)); err == nil {
+			t.Fatal("fetch succeeded against the wrong endpoint ID")
+		}
+	})
+
+	// An outside trust domain, served by go-spiffe's own handler.
+	outside := spiffeid.RequireTrustDomainFromString("example.org")
+	root1, _ := ca.New(outside, "example.org root 1", time.Hour)
+	served := spiffebundle.FromX509Authorities(outside, []*x509.Certificate{root1.Cert})
+	served.SetSequenceNumber(1)
+	served.SetRefreshHint(time.Second)
+	set := spiffebundle.NewSet(served)
+	peer := bundleServer(t, outside, root1, set)
+	bootstrap := filepath.Join(t.TempDir(), "example.org.pem")
+	os.WriteFile(bootstrap, ca.EncodeCertPEM(root1.Cert), 0o600)
+
+	t.Run("the hub imports a bundle served by go-spiffe's federation handler", func(t *testing.T) {
+		f.mustCLI("trust", "federate", "--trust-domain", "example.org", "--bundle-endpoint", peer.URL,
+			"--endpoint-spiffe-id", "spiffe://example.org/bundle-server", "--bootstrap-bundle", bootstrap)
+		harness.Eventually(t, 10*time.Second, "every site holds example.org", func() error {
+			for _, s := range []*spokeProc{a, b} {
+				v, err := harness.View(s.http)
+				if err != nil {
+					return err
+				}
+				if !slices.Contains(v.TrustDomains, "example.org") {
+					return fmt.Errorf("site %s holds %v", s.site, v.TrustDomains)
+				}
+			}
+			return nil
+		})
+	})
+	t.Run("an imported bundle refreshes on its hint", func(t *testing.T) {
+		root2, _ := ca.New(outside, "example.org root 2", time.Hour)
+		next := spiffebundle.FromX509Authorities(outside, []*x509.Certificate{root1.Cert, root2.Cert})
+		next.SetSequenceNumber(2)
+		next.SetRefreshHint(time.Second)
+		set.Add(next)
+		harness.Eventually(t, 15*time.Second, "the hub holds sequence 2", func() error {
+			return trustListHas(f, "example.org", 2, 2)
+		})
+	})
+	t.Run("a hub restart with the peer down keeps the imported bundle", func(t *testing.T) {
+		peer.Close()
+		f.hub.Kill()
+		f.startHub()
+		if err := trustListHas(f, "example.org", 2, 2); err != nil {
+			t.Fatal(err)
+		}
+	})
+	t.Run("no site CA key reaches the hub or a log, and key files are 0600", func(t *testing.T) {
+		hubDB, _ := os.ReadFile(filepath.Join(f.dir, "hub", "hub.db"))
+		logs := f.hub.Log() + a.p.Log() + b.p.Log()
+		for _, s := range []*spokeProc{a, b} {
+			path := filepath.Join(s.dir, "ca", "ca.key")
+			fi, err := os.Stat(path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if fi.Mode().Perm() != 0o600 {
+				t.Errorf("%s has mode %v, want 0600", path, fi.Mode().Perm())
+			}
+			keyPEM, _ := os.ReadFile(path)
+			blk, _ := pem.Decode(keyPEM)
+			if blk == nil {
+				t.Fatalf("%s holds no PEM key", path)
+			}
+			if bytes.Contains(hubDB, blk.Bytes) || bytes.Contains(hubDB, keyPEM[30:90]) || strings.Contains(logs, string(keyPEM[30:90])) {
+				t.Errorf("site %s's CA key appears in the hub's store or a log", s.site)
+			}
+		}
+	})
+}
+
+// bundleServer serves set's bundle of td with go-spiffe's handler over TLS,
+// authenticated with an SVID spiffe://<td>/bundle-server from root.
+func bundleServer(t *testing.T, td spiffeid.TrustDomain, root *ca.CA, set *spiffebundle.Set) *httptest.Server {
+	t.Helper()
+	h, err := spiffefed.NewHandler(td, set)
+	if err != nil {
+		t.Fatal(err)
+	}
+	key, _ := ca.NewKey()
+	leaf, err := root.Sign(ca.Leaf{ID: spiffeid.RequireFromPath(td, "/bundle-server"), Key: key.Public(), TTL: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := httptest.NewUnstartedServer(h)
+	srv.TLS = &tls.Config{Certificates: []tls.Certificate{{Certificate: [][]byte{leaf.Raw}, PrivateKey: key}}}
+	srv.StartTLS()
+	t.Cleanup(srv.Close)
+	return srv
+}
+
+func trustListHas(f *federation, td string, seq uint64, authorities int) error {
+	out, err := f.cli("trust", "list", "-o", "json")
+	if err != nil {
+		return err
+	}
+	var rows []struct {
+		TrustDomain string
+		Sequence    uint64
+		Authorities int
+	}
+	if err := json.Unmarshal([]byte(out), &rows); err != nil {
+		return err
+	}
+	for _, r := range rows {
+		if r.TrustDomain == td && r.Sequence == seq && r.Authorities == authorities {
+			return nil
+		}
+	}
+	return fmt.Errorf("trust list has no %s at sequence %d with %d authorities: %s", td, seq, authorities, out)
+}
+
+func pemOf(certs []*x509.Certificate) string { return string(ca.EncodeCertPEM(certs...)) }
