@@ -26,7 +26,7 @@ export MESHFED_CONFIG="$DEMO/hub/admin.conf"
 HUB=127.0.0.1:17443
 
 step "starting the hub (state in $DEMO/hub)"
-"$BIN" hub --data-dir "$DEMO/hub" --listen "$HUB" --http-listen 127.0.0.1:17080 --federation demo.meshfed >"$DEMO/hub.log" 2>&1 &
+"$BIN" hub --data-dir "$DEMO/hub" --listen "$HUB" --http-listen 127.0.0.1:17080 --bundle-listen 127.0.0.1:17444 --federation demo.meshfed >"$DEMO/hub.log" 2>&1 &
 PIDS+=($!)
 wait_http http://127.0.0.1:17080/readyz hub hub
 
@@ -59,6 +59,8 @@ step "the federated catalog at the hub"
 "$BIN" service list
 step "default/echo: endpoints per site and locality"
 "$BIN" service show default/echo
+step "trust domains: the federation CA and each site's own CA (keys stay at the sites)"
+"$BIN" trust list
 step "the catalog as site east sees it (its spoke's view)"
 "$BIN" service list --spoke 127.0.0.1:17180
 step "the catalog as site west sees it"
@@ -72,6 +74,8 @@ The federation is running. Try, in another shell:
   $BIN service show shop/payments -o yaml
   edit deploy/demo/east.yaml and watch: $BIN service list --spoke 127.0.0.1:17181
   curl -s 127.0.0.1:17080/metrics | grep meshfed_hub_
+  $BIN trust bundle show --trust-domain east.demo.meshfed -o json   # SPIFFE bundle format
+  curl -sk https://127.0.0.1:17444/west.demo.meshfed               # the hub's SPIFFE bundle endpoint
 Logs are in $DEMO/*.log. Press Ctrl-C to stop.
 TXT
 wait
