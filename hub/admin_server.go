@@ -133,14 +133,13 @@ func (s *adminServer) RemoveSite(ctx context.Context, req *meshfedv1.RemoveSiteR
 	for k := range keys {
 		ops = append(ops, store.Op{Key: keyResource + k, Delete: true})
 	}
-	tokens, err := h.store.List(ctx, keyTokens)
+	tokens, err := listJSON[tokenRecord](ctx, h.store, keyTokens)
 	if err != nil {
 		return nil, status.Errorf(codes.Unavailable, "list tokens: %v", err)
 	}
-	for _, kv := range tokens {
-		var t tokenRecord
-		if json.Unmarshal(kv.Value, &t) == nil && t.Site == name {
-			ops = append(ops, store.Op{Key: kv.Key, Delete: true})
+	for key, t := range tokens {
+		if t.Site == name {
+			ops = append(ops, store.Op{Key: key, Delete: true})
 		}
 	}
 	// The site record goes last: a removal cut short is finished by running

@@ -15,6 +15,7 @@ import (
 	meshfedv1 "github.com/meshfed/meshfed/api/meshfed/v1"
 	"github.com/meshfed/meshfed/federation"
 	"github.com/meshfed/meshfed/store"
+	"github.com/meshfed/meshfed/telemetry"
 	"github.com/meshfed/meshfed/trust/ca"
 	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
@@ -229,15 +230,11 @@ func (h *Hub) startWatch(rec federationRecord) {
 
 // watchStored starts refreshing every imported trust domain in the store.
 func (h *Hub) watchStored(ctx context.Context) error {
-	kvs, err := h.store.List(ctx, keyFederations)
+	recs, err := listJSON[federationRecord](ctx, h.store, keyFederations)
 	if err != nil {
-		return fmt.Errorf("hub: load federations: %w", err)
+		return err
 	}
-	for _, kv := range kvs {
-		var rec federationRecord
-		if err := json.Unmarshal(kv.Value, &rec); err != nil {
-			return fmt.Errorf("hub: stored federation %s is damaged: %w", kv.Key, err)
-		}
+	for _, rec := range recs {
 		h.startWatch(rec)
 	}
 	return nil
@@ -262,13 +259,7 @@ func (h *Hub) serveBundles(ctx context.Context) error {
 		ReadHeaderTimeout: 10 * time.Second,
 		TLSConfig:         &tls.Config{MinVersion: tls.VersionTLS12, Certificates: []tls.Certificate{h.serving}},
 	}
-	go func() {
-		<-ctx.Done()
-		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		_ = srv.Shutdown(sctx)
-	}()
-	if err := srv.ServeTLS(h.bundleLn, "", ""); err != nil && !errors.Is(err, http.ErrServerClosed) {
+	if err := telemetry.Serve(ctx, srv, h.bundleLn); err != nil {
 		return fmt.Errorf("hub: bundle endpoint: %w", err)
 	}
 	return nil

@@ -75,7 +75,7 @@ type Hub struct {
 	grpcLn   net.Listener
 	bundleLn net.Listener
 	tele     *telemetry.Server
-	serving tls.Certificate
+	serving  tls.Certificate
 
 	mu    sync.Mutex
 	sites map[string]*siteState
@@ -387,18 +387,14 @@ func advertised(a *net.TCPAddr) string {
 
 // load reads sites and the catalog from the store into memory.
 func (h *Hub) load(ctx context.Context) error {
-	kvs, err := h.store.List(ctx, keySites)
+	sites, err := listJSON[siteRecord](ctx, h.store, keySites)
 	if err != nil {
-		return fmt.Errorf("hub: load sites: %w", err)
+		return err
 	}
-	for _, kv := range kvs {
-		var rec siteRecord
-		if err := json.Unmarshal(kv.Value, &rec); err != nil {
-			return fmt.Errorf("hub: stored site %s is damaged: %w", kv.Key, err)
-		}
+	for _, rec := range sites {
 		h.sites[rec.Site.Name] = &siteState{rec: rec}
 	}
-	kvs, err = h.store.List(ctx, keyResource)
+	kvs, err := h.store.List(ctx, keyResource)
 	if err != nil {
 		return fmt.Errorf("hub: load catalog: %w", err)
 	}

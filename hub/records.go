@@ -1,9 +1,13 @@
 package hub
 
 import (
+	"context"
+	"encoding/json"
+	"fmt"
 	"time"
 
 	"github.com/meshfed/meshfed/catalog"
+	"github.com/meshfed/meshfed/store"
 )
 
 // Store key prefixes.
@@ -13,6 +17,23 @@ const (
 	keyTokens   = "tokens/"
 	keyResource = "catalog/"
 )
+
+// listJSON decodes every JSON record under prefix, keyed by store key.
+func listJSON[T any](ctx context.Context, s store.Store, prefix string) (map[string]T, error) {
+	kvs, err := s.List(ctx, prefix)
+	if err != nil {
+		return nil, fmt.Errorf("hub: list %s: %w", prefix, err)
+	}
+	out := make(map[string]T, len(kvs))
+	for _, kv := range kvs {
+		var v T
+		if err := json.Unmarshal(kv.Value, &v); err != nil {
+			return nil, fmt.Errorf("hub: stored record %s is damaged: %w", kv.Key, err)
+		}
+		out[kv.Key] = v
+	}
+	return out, nil
+}
 
 // siteRecord is a site as stored.
 type siteRecord struct {

@@ -21,8 +21,8 @@ import (
 	"github.com/meshfed/meshfed/hubclient"
 	"github.com/meshfed/meshfed/telemetry"
 	"github.com/meshfed/meshfed/trust/siteca"
-	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"golang.org/x/sync/errgroup"
 	"google.golang.org/grpc"
 )

@@ -73,15 +73,26 @@ func (s *Server) Run(ctx context.Context) error {
 	for p, h := range s.o.Handlers {
 		mux.Handle(p, h)
 	}
-	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	return Serve(ctx, &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}, s.ln)
+}
+
+// Serve runs srv on ln (with TLS when srv.TLSConfig is set) until ctx
+// ends, then shuts it down, letting requests in flight finish for up to 5s.
+func Serve(ctx context.Context, srv *http.Server, ln net.Listener) error {
 	go func() {
 		<-ctx.Done()
 		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
 		_ = srv.Shutdown(sctx)
 	}()
-	if err := srv.Serve(s.ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
-		return fmt.Errorf("telemetry: serve: %w", err)
+	var err error
+	if srv.TLSConfig != nil {
+		err = srv.ServeTLS(ln, "", "")
+	} else {
+		err = srv.Serve(ln)
+	}
+	if err != nil && !errors.Is(err, http.ErrServerClosed) {
+		return fmt.Errorf("serve %s: %w", ln.Addr(), err)
 	}
 	return nil
 }
