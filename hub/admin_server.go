@@ -184,9 +184,20 @@ func (s *adminServer) CreateToken(ctx context.Context, req *meshfedv1.CreateToke
 	if ttl > h.o.MaxTokenTTL {
 		return nil, status.Errorf(codes.InvalidArgument, "--ttl %s is longer than the hub allows (%s): join tokens are meant to be used soon", ttl, h.o.MaxTokenTTL)
 	}
-	tok := hubclient.Token{ID: randomString(6), Secret: randomString(16), CAPin: ca.Pin(h.ca.Cert)}
+	pin := ca.Pin(h.ca.Cert)
+	if req.GetNode() != "" {
+		// A node token pins the site's CA: the host talks to its spoke.
+		if err := catalog.ValidateName("node name", req.GetNode()); err != nil {
+			return nil, status.Error(codes.InvalidArgument, err.Error())
+		}
+		var err error
+		if pin, err = h.siteCAPin(req.GetSite()); err != nil {
+			return nil, err
+		}
+	}
+	tok := hubclient.Token{ID: randomString(6), Secret: randomString(16), CAPin: pin}
 	sum := sha256.Sum256([]byte(tok.Secret))
-	rec := tokenRecord{Site: req.GetSite(), SecretHash: hex.EncodeToString(sum[:]), Expires: time.Now().Add(ttl).UTC()}
+	rec := tokenRecord{Site: req.GetSite(), SecretHash: hex.EncodeToString(sum[:]), Expires: time.Now().Add(ttl).UTC(), Node: req.GetNode()}
 	b, err := json.Marshal(rec)
 	if err != nil {
 		return nil, err
@@ -196,6 +207,20 @@ func (s *adminServer) CreateToken(ctx context.Context, req *meshfedv1.CreateToke
 	}
 	h.log.Info("join token created", "site", rec.Site, "token_id", tok.ID, "expires", rec.Expires)
 	return &meshfedv1.CreateTokenResponse{Token: tok.String(), Expires: timestamppb.New(rec.Expires)}, nil
+}
+
+// siteCAPin is the pin of the newest CA in site's published bundle.
+func (h *Hub) siteCAPin(site string) (string, error) {
+	r, ok := h.table.Get(federation.BundleKey(site))
+	if !ok {
+		return "", status.Errorf(codes.FailedPrecondition, "site %s has not published its CA yet: start its spoke first", site)
+	}
+	b, err := federation.BundleFromWire(r.GetBundle())
+	if err != nil {
+		return "", status.Errorf(codes.Internal, "bundle of site %s: %v", site, err)
+	}
+	auth := b.X509Authorities()
+	return ca.Pin(auth[len(auth)-1]), nil
 }
 
 func randomString(n int) string {

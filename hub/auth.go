@@ -47,7 +47,7 @@ func (h *Hub) authorize(ctx context.Context, method string) (context.Context, er
 		return nil, status.Error(codes.Unauthenticated, "no client certificate: spokes join with a token first, the CLI uses the admin.conf from the hub's data dir")
 	}
 	switch method {
-	case meshfedv1.Federation_Renew_FullMethodName, meshfedv1.Federation_Sync_FullMethodName:
+	case meshfedv1.Federation_Renew_FullMethodName, meshfedv1.Federation_Sync_FullMethodName, meshfedv1.Federation_RedeemNodeToken_FullMethodName:
 		site, err := ca.SiteOfSpoke(h.td, id)
 		if err != nil {
 			return nil, status.Error(codes.PermissionDenied, err.Error())

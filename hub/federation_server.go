@@ -34,40 +34,9 @@ func (s *federationServer) Join(ctx context.Context, req *meshfedv1.JoinRequest)
 	if err := catalog.ValidateName("site name", req.GetSite()); err != nil {
 		return nil, status.Error(codes.InvalidArgument, err.Error())
 	}
-	tok, err := hubclient.ParseToken(req.GetToken())
+	tok, err := h.redeem(ctx, req.GetToken(), req.GetSite(), false)
 	if err != nil {
-		h.m.joins.WithLabelValues("malformed").Inc()
-		return nil, status.Error(codes.InvalidArgument, err.Error())
-	}
-	now := time.Now()
-	result := "ok"
-	err = h.store.Update(ctx, keyTokens+tok.ID, func(cur []byte) ([]byte, error) {
-		var rec tokenRecord
-		if cur == nil || json.Unmarshal(cur, &rec) != nil || !secretMatches(rec.SecretHash, tok.Secret) {
-			result = "unknown"
-			return nil, errors.New("join token is not known to this hub: create one with `meshfed site token create --site " + req.GetSite() + "`")
-		}
-		switch {
-		case !rec.Used.IsZero():
-			result = "replayed"
-			return nil, fmt.Errorf("join token was already used at %s: tokens are single-use, create a new one with `meshfed site token create --site %s`", rec.Used.Format(time.RFC3339), rec.Site)
-		case now.After(rec.Expires):
-			result = "expired"
-			return nil, fmt.Errorf("join token expired at %s: create a new one with `meshfed site token create --site %s`", rec.Expires.Format(time.RFC3339), rec.Site)
-		case rec.Site != req.GetSite():
-			result = "wrong_site"
-			return nil, fmt.Errorf("join token is for site %q, not %q: start the spoke with --site %s or create a token for %s", rec.Site, req.GetSite(), rec.Site, req.GetSite())
-		}
-		rec.Used = now
-		return json.Marshal(rec)
-	})
-	h.m.joins.WithLabelValues(result).Inc()
-	if err != nil {
-		if result == "ok" {
-			return nil, status.Errorf(codes.Unavailable, "redeem token: %v", err)
-		}
-		h.log.Warn("refused a join", "site", req.GetSite(), "token_id", tok.ID, "reason", result)
-		return nil, status.Error(codes.Unauthenticated, err.Error())
+		return nil, err
 	}
 	if !h.siteExists(req.GetSite()) {
 		return nil, status.Errorf(codes.NotFound, "site %s was removed after its token was made: add it again with `meshfed site add`", req.GetSite())
@@ -102,6 +71,85 @@ func (s *federationServer) issue(site string, csr []byte) (*meshfedv1.JoinRespon
 		SpiffeId:       id.String(),
 		TrustDomain:    h.siteTrustDomain(site),
 	}, nil
+}
+
+// RedeemNodeToken burns a node token for the calling spoke's site.
+func (s *federationServer) RedeemNodeToken(ctx context.Context, req *meshfedv1.RedeemNodeTokenRequest) (*meshfedv1.RedeemNodeTokenResponse, error) {
+	site := spokeSite(ctx)
+	if _, err := s.h.redeem(ctx, req.GetToken(), site, true); err != nil {
+		return nil, err
+	}
+	rec, err := s.h.tokenRecord(ctx, req.GetToken())
+	if err != nil {
+		return nil, status.Errorf(codes.Unavailable, "read token: %v", err)
+	}
+	s.h.log.Info("node attested", "site", site, "node", rec.Node)
+	return &meshfedv1.RedeemNodeTokenResponse{Node: rec.Node}, nil
+}
+
+// redeem checks and burns a token in one atomic update: it must exist,
+// match its secret, be unexpired, unused, of the right kind and for site.
+// A refusal for the wrong site or kind does not burn it.
+func (h *Hub) redeem(ctx context.Context, token, site string, node bool) (hubclient.Token, error) {
+	kind, create := "join", "meshfed site token create --site "+site
+	if node {
+		kind, create = "node", "meshfed vm token create --site "+site
+	}
+	tok, err := hubclient.ParseToken(token)
+	if err != nil {
+		h.m.joins.WithLabelValues("malformed").Inc()
+		return tok, status.Error(codes.InvalidArgument, err.Error())
+	}
+	now := time.Now()
+	result := "ok"
+	err = h.store.Update(ctx, keyTokens+tok.ID, func(cur []byte) ([]byte, error) {
+		var rec tokenRecord
+		if cur == nil || json.Unmarshal(cur, &rec) != nil || !secretMatches(rec.SecretHash, tok.Secret) {
+			result = "unknown"
+			return nil, fmt.Errorf("%s token is not known to this hub: create one with `%s`", kind, create)
+		}
+		switch {
+		case (rec.Node != "") != node:
+			result = "wrong_kind"
+			if node {
+				return nil, errors.New("this is a spoke join token, not a node token: create one with `" + create + "`")
+			}
+			return nil, errors.New("this is a node token: give it to the host's vmagent, not to a spoke")
+		case !rec.Used.IsZero():
+			result = "replayed"
+			return nil, fmt.Errorf("%s token was already used at %s: tokens are single-use, create a new one with `%s`", kind, rec.Used.Format(time.RFC3339), create)
+		case now.After(rec.Expires):
+			result = "expired"
+			return nil, fmt.Errorf("%s token expired at %s: create a new one with `%s`", kind, rec.Expires.Format(time.RFC3339), create)
+		case rec.Site != site:
+			result = "wrong_site"
+			return nil, fmt.Errorf("%s token is for site %q, not %q: use it at site %s or create a token for %s", kind, rec.Site, site, rec.Site, site)
+		}
+		rec.Used = now
+		return json.Marshal(rec)
+	})
+	h.m.joins.WithLabelValues(result).Inc()
+	if err != nil {
+		if result == "ok" {
+			return tok, status.Errorf(codes.Unavailable, "redeem token: %v", err)
+		}
+		h.log.Warn("refused a token", "kind", kind, "site", site, "token_id", tok.ID, "reason", result)
+		return tok, status.Error(codes.Unauthenticated, err.Error())
+	}
+	return tok, nil
+}
+
+func (h *Hub) tokenRecord(ctx context.Context, token string) (tokenRecord, error) {
+	var rec tokenRecord
+	tok, err := hubclient.ParseToken(token)
+	if err != nil {
+		return rec, err
+	}
+	b, err := h.store.Get(ctx, keyTokens+tok.ID)
+	if err != nil {
+		return rec, err
+	}
+	return rec, json.Unmarshal(b, &rec)
 }
 
 func secretMatches(hash, secret string) bool {

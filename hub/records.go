@@ -48,6 +48,8 @@ type tokenRecord struct {
 	SecretHash string    `json:"secretHash"`
 	Expires    time.Time `json:"expires"`
 	Used       time.Time `json:"used,omitzero"`
+	// Node is set on node tokens (host attestation at the site's spoke).
+	Node string `json:"node,omitempty"`
 }
 
 // caRecord is the federation CA as stored.

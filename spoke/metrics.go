@@ -14,6 +14,7 @@ type metrics struct {
 	sourceErrors       prometheus.Counter
 	lastContact        prometheus.GaugeFunc
 	expired            prometheus.Counter
+	svids              *prometheus.CounterVec
 }
 
 func newMetrics(r prometheus.Registerer, s *Spoke) *metrics {
@@ -34,6 +35,8 @@ func newMetrics(r prometheus.Registerer, s *Spoke) *metrics {
 			func() float64 { return float64(s.view.LastContact().UnixNano()) / 1e9 }),
 		expired: prometheus.NewCounter(prometheus.CounterOpts{Name: "meshfed_spoke_view_expired_services_total", Help: "Remote services dropped because the hub was unreachable past --max-stale."}),
 	}
+	m.svids = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "meshfed_spoke_svids_total", Help: "SVID requests by how (attest, renew) and result (issued, refused)."}, []string{"how", "result"})
+	r.MustRegister(m.svids)
 	r.MustRegister(m.hubConnected, m.syncs, m.federatedServices, m.federatedEndpoints, m.localServices, m.resourcesReceived, m.resourcesSent, m.nacks, m.sourceErrors, m.lastContact, m.expired)
 	return m
 }

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
+	"net"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -50,6 +51,9 @@ type Options struct {
 	// CA configures the site CA (its Dir and TrustDomain are set by the
 	// spoke: <data dir>/ca and the site's trust domain from the hub).
 	CA siteca.Options
+	// IdentityListen serves the SVID API (Identity) to the site's hosts and
+	// workloads. Default "127.0.0.1:7181"; "-" disables.
+	IdentityListen string
 	// MaxBackoff caps the wait between reconnects. Default 5s.
 	MaxBackoff time.Duration
 	Logger     *slog.Logger
@@ -66,6 +70,7 @@ type Spoke struct {
 	ca        *siteca.SiteCA
 	m         *metrics
 	tele      *telemetry.Server
+	idLn      net.Listener
 	connected atomic.Bool
 }
 
@@ -80,6 +85,9 @@ func New(ctx context.Context, o Options) (*Spoke, error) {
 	}
 	if o.HTTPListen == "" {
 		o.HTTPListen = "127.0.0.1:7180"
+	}
+	if o.IdentityListen == "" {
+		o.IdentityListen = "127.0.0.1:7181"
 	}
 	if o.MaxStale == 0 {
 		o.MaxStale = 24 * time.Hour
@@ -114,6 +122,12 @@ func New(ctx context.Context, o Options) (*Spoke, error) {
 	// The site's bundle is published like its services.
 	s.local.table.Put(federation.BundleResource(federation.BundleToWire(o.Site, s.ca.Bundle())))
 	s.m = newMetrics(o.Registry, s)
+	if o.IdentityListen != "-" {
+		if s.idLn, err = net.Listen("tcp", o.IdentityListen); err != nil {
+			s.view.Close()
+			return nil, fmt.Errorf("spoke: identity endpoint: listen %s: %w", o.IdentityListen, err)
+		}
+	}
 	if o.HTTPListen != "-" {
 		s.tele, err = telemetry.Listen(telemetry.Options{
 			Listen: o.HTTPListen, Registry: o.Registry, Logger: s.log, Ready: s.ready,
@@ -144,6 +158,14 @@ func (s *Spoke) Local() *Local { return s.local }
 
 // View is the federated view.
 func (s *Spoke) View() *View { return s.view }
+
+// IdentityAddr is the bound identity endpoint ("" when disabled).
+func (s *Spoke) IdentityAddr() string {
+	if s.idLn == nil {
+		return ""
+	}
+	return s.idLn.Addr().String()
+}
 
 // HTTPAddr is the bound HTTP address ("" when disabled).
 func (s *Spoke) HTTPAddr() string {
@@ -185,7 +207,11 @@ func (s *Spoke) Run(ctx context.Context) error {
 	if s.tele != nil {
 		g.Go(func() error { return s.tele.Run(ctx) })
 	}
-	s.log.Info("spoke running", "hub", s.creds.conf.Hub, "http", s.HTTPAddr(), "view", s.view.table.Len())
+	if s.idLn != nil {
+		is := &identityServer{s: s, hub: meshfedv1.NewFederationClient(conn)}
+		g.Go(func() error { return is.serve(ctx, s.idLn) })
+	}
+	s.log.Info("spoke running", "hub", s.creds.conf.Hub, "http", s.HTTPAddr(), "identity", s.IdentityAddr(), "view", s.view.table.Len())
 	return g.Wait()
 }
 

@@ -53,7 +53,7 @@ func TestBadInput(t *testing.T) {
 	t.Run("a replayed join token is refused", func(t *testing.T) {
 		token := strings.TrimSpace(f.mustCLI("site", "token", "create", "--site", "c"))
 		dir := t.TempDir()
-		spoke := []string{"spoke", "--site", "c", "--hub", f.hubAddr, "--token", token, "--http-listen", "-", "--data-dir"}
+		spoke := []string{"spoke", "--site", "c", "--hub", f.hubAddr, "--token", token, "--http-listen", "-", "--identity-listen", "-", "--data-dir"}
 		p := harness.Start(t, "spoke-c2", f.bin, append(spoke, dir)...)
 		harness.Eventually(t, 10*time.Second, "the token is redeemed", func() error {
 			_, err := os.Stat(filepath.Join(dir, "spoke.conf"))
@@ -64,11 +64,11 @@ func TestBadInput(t *testing.T) {
 	})
 	t.Run("an expired join token is refused", func(t *testing.T) {
 		token := strings.TrimSpace(f.mustCLI("site", "token", "create", "--site", "c", "--ttl", "1ms"))
-		refused(t, "expired", "spoke", "--site", "c", "--hub", f.hubAddr, "--token", token, "--http-listen", "-", "--data-dir", t.TempDir())
+		refused(t, "expired", "spoke", "--site", "c", "--hub", f.hubAddr, "--token", token, "--http-listen", "-", "--identity-listen", "-", "--data-dir", t.TempDir())
 	})
 	t.Run("a token for another site is refused", func(t *testing.T) {
 		token := strings.TrimSpace(f.mustCLI("site", "token", "create", "--site", "c"))
-		refused(t, `is for site "c"`, "spoke", "--site", "b", "--hub", f.hubAddr, "--token", token, "--http-listen", "-", "--data-dir", t.TempDir())
+		refused(t, `is for site "c"`, "spoke", "--site", "b", "--hub", f.hubAddr, "--token", token, "--http-listen", "-", "--identity-listen", "-", "--data-dir", t.TempDir())
 	})
 	t.Run("a spoke cannot claim another site with its credential", func(t *testing.T) {
 		dir := t.TempDir()
@@ -77,7 +77,7 @@ func TestBadInput(t *testing.T) {
 			t.Fatal(err)
 		}
 		os.WriteFile(filepath.Join(dir, "spoke.conf"), conf, 0o600)
-		refused(t, "not site c", "spoke", "--site", "c", "--http-listen", "-", "--data-dir", dir)
+		refused(t, "not site c", "spoke", "--site", "c", "--http-listen", "-", "--identity-listen", "-", "--data-dir", dir)
 	})
 	t.Run("credential files are private", func(t *testing.T) {
 		for _, p := range []string{filepath.Join(f.dir, "hub", "admin.conf"), filepath.Join(f.dir, "hub", "hub.db"), filepath.Join(b.dir, "spoke.conf"), filepath.Join(b.dir, "view.db")} {

@@ -35,7 +35,7 @@ type federation struct {
 }
 
 type spokeProc struct {
-	site, dir, file, http string
+	site, dir, file, http, identity string
 	p                     *harness.Process
 }
 
@@ -65,15 +65,17 @@ func (f *federation) mustCLI(args ...string) string {
 	return out
 }
 
-// addSite registers site, writes its services file and starts its spoke.
-func (f *federation) addSite(site, zone string, services string) *spokeProc {
+// addSite registers site, writes its services file and starts its spoke
+// (with extra spoke flags).
+func (f *federation) addSite(site, zone string, services string, extra ...string) *spokeProc {
 	f.t.Helper()
 	f.mustCLI("site", "add", site, "--kind", "docker", "--region", "test", "--zone", zone)
 	token := strings.TrimSpace(f.mustCLI("site", "token", "create", "--site", site, "--ttl", "10m"))
-	s := &spokeProc{site: site, dir: filepath.Join(f.dir, site), file: filepath.Join(f.dir, site+".yaml"), http: harness.FreePort(f.t)}
+	s := &spokeProc{site: site, dir: filepath.Join(f.dir, site), file: filepath.Join(f.dir, site+".yaml"), http: harness.FreePort(f.t), identity: harness.FreePort(f.t)}
 	writeFile(f.t, s.file, services)
-	s.p = harness.Start(f.t, "spoke-"+site, f.bin, "spoke", "--site", site, "--hub", f.hubAddr, "--token", token,
-		"--data-dir", s.dir, "--services", s.file, "--services-poll", "50ms", "--http-listen", s.http)
+	args := append([]string{"spoke", "--site", site, "--hub", f.hubAddr, "--token", token,
+		"--data-dir", s.dir, "--services", s.file, "--services-poll", "50ms", "--http-listen", s.http, "--identity-listen", s.identity}, extra...)
+	s.p = harness.Start(f.t, "spoke-"+site, f.bin, args...)
 	f.spokes[site] = s
 	return s
 }

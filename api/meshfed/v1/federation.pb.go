@@ -21,6 +21,94 @@ const (
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
 
+type RedeemNodeTokenRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Token         string                 `protobuf:"bytes,1,opt,name=token,proto3" json:"token,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RedeemNodeTokenRequest) Reset() {
+	*x = RedeemNodeTokenRequest{}
+	mi := &file_meshfed_v1_federation_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RedeemNodeTokenRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RedeemNodeTokenRequest) ProtoMessage() {}
+
+func (x *RedeemNodeTokenRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_meshfed_v1_federation_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RedeemNodeTokenRequest.ProtoReflect.Descriptor instead.
+func (*RedeemNodeTokenRequest) Descriptor() ([]byte, []int) {
+	return file_meshfed_v1_federation_proto_rawDescGZIP(), []int{0}
+}
+
+func (x *RedeemNodeTokenRequest) GetToken() string {
+	if x != nil {
+		return x.Token
+	}
+	return ""
+}
+
+type RedeemNodeTokenResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Node          string                 `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RedeemNodeTokenResponse) Reset() {
+	*x = RedeemNodeTokenResponse{}
+	mi := &file_meshfed_v1_federation_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RedeemNodeTokenResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RedeemNodeTokenResponse) ProtoMessage() {}
+
+func (x *RedeemNodeTokenResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_meshfed_v1_federation_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RedeemNodeTokenResponse.ProtoReflect.Descriptor instead.
+func (*RedeemNodeTokenResponse) Descriptor() ([]byte, []int) {
+	return file_meshfed_v1_federation_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *RedeemNodeTokenResponse) GetNode() string {
+	if x != nil {
+		return x.Node
+	}
+	return ""
+}
+
 type JoinRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	Token string                 `protobuf:"bytes,1,opt,name=token,proto3" json:"token,omitempty"`
@@ -33,7 +121,7 @@ type JoinRequest struct {
 
 func (x *JoinRequest) Reset() {
 	*x = JoinRequest{}
-	mi := &file_meshfed_v1_federation_proto_msgTypes[0]
+	mi := &file_meshfed_v1_federation_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -45,7 +133,7 @@ func (x *JoinRequest) String() string {
 func (*JoinRequest) ProtoMessage() {}
 
 func (x *JoinRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meshfed_v1_federation_proto_msgTypes[0]
+	mi := &file_meshfed_v1_federation_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -58,7 +146,7 @@ func (x *JoinRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JoinRequest.ProtoReflect.Descriptor instead.
 func (*JoinRequest) Descriptor() ([]byte, []int) {
-	return file_meshfed_v1_federation_proto_rawDescGZIP(), []int{0}
+	return file_meshfed_v1_federation_proto_rawDescGZIP(), []int{2}
 }
 
 func (x *JoinRequest) GetToken() string {
@@ -91,7 +179,7 @@ type RenewRequest struct {
 
 func (x *RenewRequest) Reset() {
 	*x = RenewRequest{}
-	mi := &file_meshfed_v1_federation_proto_msgTypes[1]
+	mi := &file_meshfed_v1_federation_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -103,7 +191,7 @@ func (x *RenewRequest) String() string {
 func (*RenewRequest) ProtoMessage() {}
 
 func (x *RenewRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meshfed_v1_federation_proto_msgTypes[1]
+	mi := &file_meshfed_v1_federation_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -116,7 +204,7 @@ func (x *RenewRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RenewRequest.ProtoReflect.Descriptor instead.
 func (*RenewRequest) Descriptor() ([]byte, []int) {
-	return file_meshfed_v1_federation_proto_rawDescGZIP(), []int{1}
+	return file_meshfed_v1_federation_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *RenewRequest) GetCsr() []byte {
@@ -140,7 +228,7 @@ type JoinResponse struct {
 
 func (x *JoinResponse) Reset() {
 	*x = JoinResponse{}
-	mi := &file_meshfed_v1_federation_proto_msgTypes[2]
+	mi := &file_meshfed_v1_federation_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -152,7 +240,7 @@ func (x *JoinResponse) String() string {
 func (*JoinResponse) ProtoMessage() {}
 
 func (x *JoinResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meshfed_v1_federation_proto_msgTypes[2]
+	mi := &file_meshfed_v1_federation_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -165,7 +253,7 @@ func (x *JoinResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JoinResponse.ProtoReflect.Descriptor instead.
 func (*JoinResponse) Descriptor() ([]byte, []int) {
-	return file_meshfed_v1_federation_proto_rawDescGZIP(), []int{2}
+	return file_meshfed_v1_federation_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *JoinResponse) GetCertificatePem() []byte {
@@ -218,7 +306,7 @@ type SyncMessage struct {
 
 func (x *SyncMessage) Reset() {
 	*x = SyncMessage{}
-	mi := &file_meshfed_v1_federation_proto_msgTypes[3]
+	mi := &file_meshfed_v1_federation_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -230,7 +318,7 @@ func (x *SyncMessage) String() string {
 func (*SyncMessage) ProtoMessage() {}
 
 func (x *SyncMessage) ProtoReflect() protoreflect.Message {
-	mi := &file_meshfed_v1_federation_proto_msgTypes[3]
+	mi := &file_meshfed_v1_federation_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -243,7 +331,7 @@ func (x *SyncMessage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SyncMessage.ProtoReflect.Descriptor instead.
 func (*SyncMessage) Descriptor() ([]byte, []int) {
-	return file_meshfed_v1_federation_proto_rawDescGZIP(), []int{3}
+	return file_meshfed_v1_federation_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *SyncMessage) GetKind() isSyncMessage_Kind {
@@ -315,7 +403,7 @@ type Hello struct {
 
 func (x *Hello) Reset() {
 	*x = Hello{}
-	mi := &file_meshfed_v1_federation_proto_msgTypes[4]
+	mi := &file_meshfed_v1_federation_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -327,7 +415,7 @@ func (x *Hello) String() string {
 func (*Hello) ProtoMessage() {}
 
 func (x *Hello) ProtoReflect() protoreflect.Message {
-	mi := &file_meshfed_v1_federation_proto_msgTypes[4]
+	mi := &file_meshfed_v1_federation_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -340,7 +428,7 @@ func (x *Hello) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Hello.ProtoReflect.Descriptor instead.
 func (*Hello) Descriptor() ([]byte, []int) {
-	return file_meshfed_v1_federation_proto_rawDescGZIP(), []int{4}
+	return file_meshfed_v1_federation_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *Hello) GetSite() string {
@@ -375,7 +463,7 @@ type Resource struct {
 
 func (x *Resource) Reset() {
 	*x = Resource{}
-	mi := &file_meshfed_v1_federation_proto_msgTypes[5]
+	mi := &file_meshfed_v1_federation_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -387,7 +475,7 @@ func (x *Resource) String() string {
 func (*Resource) ProtoMessage() {}
 
 func (x *Resource) ProtoReflect() protoreflect.Message {
-	mi := &file_meshfed_v1_federation_proto_msgTypes[5]
+	mi := &file_meshfed_v1_federation_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -400,7 +488,7 @@ func (x *Resource) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Resource.ProtoReflect.Descriptor instead.
 func (*Resource) Descriptor() ([]byte, []int) {
-	return file_meshfed_v1_federation_proto_rawDescGZIP(), []int{5}
+	return file_meshfed_v1_federation_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *Resource) GetKey() string {
@@ -489,7 +577,7 @@ type Delta struct {
 
 func (x *Delta) Reset() {
 	*x = Delta{}
-	mi := &file_meshfed_v1_federation_proto_msgTypes[6]
+	mi := &file_meshfed_v1_federation_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -501,7 +589,7 @@ func (x *Delta) String() string {
 func (*Delta) ProtoMessage() {}
 
 func (x *Delta) ProtoReflect() protoreflect.Message {
-	mi := &file_meshfed_v1_federation_proto_msgTypes[6]
+	mi := &file_meshfed_v1_federation_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -514,7 +602,7 @@ func (x *Delta) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Delta.ProtoReflect.Descriptor instead.
 func (*Delta) Descriptor() ([]byte, []int) {
-	return file_meshfed_v1_federation_proto_rawDescGZIP(), []int{6}
+	return file_meshfed_v1_federation_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *Delta) GetNonce() string {
@@ -557,7 +645,7 @@ type Ack struct {
 
 func (x *Ack) Reset() {
 	*x = Ack{}
-	mi := &file_meshfed_v1_federation_proto_msgTypes[7]
+	mi := &file_meshfed_v1_federation_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -569,7 +657,7 @@ func (x *Ack) String() string {
 func (*Ack) ProtoMessage() {}
 
 func (x *Ack) ProtoReflect() protoreflect.Message {
-	mi := &file_meshfed_v1_federation_proto_msgTypes[7]
+	mi := &file_meshfed_v1_federation_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -582,7 +670,7 @@ func (x *Ack) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Ack.ProtoReflect.Descriptor instead.
 func (*Ack) Descriptor() ([]byte, []int) {
-	return file_meshfed_v1_federation_proto_rawDescGZIP(), []int{7}
+	return file_meshfed_v1_federation_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *Ack) GetNonce() string {
@@ -604,7 +692,11 @@ var File_meshfed_v1_federation_proto protoreflect.FileDescriptor
 const file_meshfed_v1_federation_proto_rawDesc = "" +
 	"\n" +
 	"\x1bmeshfed/v1/federation.proto\x12\n" +
-	"meshfed.v1\x1a\x18meshfed/v1/catalog.proto\"I\n" +
+	"meshfed.v1\x1a\x18meshfed/v1/catalog.proto\".\n" +
+	"\x16RedeemNodeTokenRequest\x12\x14\n" +
+	"\x05token\x18\x01 \x01(\tR\x05token\"-\n" +
+	"\x17RedeemNodeTokenResponse\x12\x12\n" +
+	"\x04node\x18\x01 \x01(\tR\x04node\"I\n" +
 	"\vJoinRequest\x12\x14\n" +
 	"\x05token\x18\x01 \x01(\tR\x05token\x12\x12\n" +
 	"\x04site\x18\x02 \x01(\tR\x04site\x12\x10\n" +
@@ -644,12 +736,13 @@ const file_meshfed_v1_federation_proto_rawDesc = "" +
 	"\x06synced\x18\x04 \x01(\bR\x06synced\"1\n" +
 	"\x03Ack\x12\x14\n" +
 	"\x05nonce\x18\x01 \x01(\tR\x05nonce\x12\x14\n" +
-	"\x05error\x18\x02 \x01(\tR\x05error2\xc2\x01\n" +
+	"\x05error\x18\x02 \x01(\tR\x05error2\x9e\x02\n" +
 	"\n" +
 	"Federation\x129\n" +
 	"\x04Join\x12\x17.meshfed.v1.JoinRequest\x1a\x18.meshfed.v1.JoinResponse\x12;\n" +
 	"\x05Renew\x12\x18.meshfed.v1.RenewRequest\x1a\x18.meshfed.v1.JoinResponse\x12<\n" +
-	"\x04Sync\x12\x17.meshfed.v1.SyncMessage\x1a\x17.meshfed.v1.SyncMessage(\x010\x01B5Z3github.com/meshfed/meshfed/api/meshfed/v1;meshfedv1b\x06proto3"
+	"\x04Sync\x12\x17.meshfed.v1.SyncMessage\x1a\x17.meshfed.v1.SyncMessage(\x010\x01\x12Z\n" +
+	"\x0fRedeemNodeToken\x12\".meshfed.v1.RedeemNodeTokenRequest\x1a#.meshfed.v1.RedeemNodeTokenResponseB5Z3github.com/meshfed/meshfed/api/meshfed/v1;meshfedv1b\x06proto3"
 
 var (
 	file_meshfed_v1_federation_proto_rawDescOnce sync.Once
@@ -663,38 +756,42 @@ func file_meshfed_v1_federation_proto_rawDescGZIP() []byte {
 	return file_meshfed_v1_federation_proto_rawDescData
 }
 
-var file_meshfed_v1_federation_proto_msgTypes = make([]protoimpl.MessageInfo, 9)
+var file_meshfed_v1_federation_proto_msgTypes = make([]protoimpl.MessageInfo, 11)
 var file_meshfed_v1_federation_proto_goTypes = []any{
-	(*JoinRequest)(nil),  // 0: meshfed.v1.JoinRequest
-	(*RenewRequest)(nil), // 1: meshfed.v1.RenewRequest
-	(*JoinResponse)(nil), // 2: meshfed.v1.JoinResponse
-	(*SyncMessage)(nil),  // 3: meshfed.v1.SyncMessage
-	(*Hello)(nil),        // 4: meshfed.v1.Hello
-	(*Resource)(nil),     // 5: meshfed.v1.Resource
-	(*Delta)(nil),        // 6: meshfed.v1.Delta
-	(*Ack)(nil),          // 7: meshfed.v1.Ack
-	nil,                  // 8: meshfed.v1.Hello.KnownVersionsEntry
-	(*Service)(nil),      // 9: meshfed.v1.Service
-	(*Site)(nil),         // 10: meshfed.v1.Site
-	(*Bundle)(nil),       // 11: meshfed.v1.Bundle
+	(*RedeemNodeTokenRequest)(nil),  // 0: meshfed.v1.RedeemNodeTokenRequest
+	(*RedeemNodeTokenResponse)(nil), // 1: meshfed.v1.RedeemNodeTokenResponse
+	(*JoinRequest)(nil),             // 2: meshfed.v1.JoinRequest
+	(*RenewRequest)(nil),            // 3: meshfed.v1.RenewRequest
+	(*JoinResponse)(nil),            // 4: meshfed.v1.JoinResponse
+	(*SyncMessage)(nil),             // 5: meshfed.v1.SyncMessage
+	(*Hello)(nil),                   // 6: meshfed.v1.Hello
+	(*Resource)(nil),                // 7: meshfed.v1.Resource
+	(*Delta)(nil),                   // 8: meshfed.v1.Delta
+	(*Ack)(nil),                     // 9: meshfed.v1.Ack
+	nil,                             // 10: meshfed.v1.Hello.KnownVersionsEntry
+	(*Service)(nil),                 // 11: meshfed.v1.Service
+	(*Site)(nil),                    // 12: meshfed.v1.Site
+	(*Bundle)(nil),                  // 13: meshfed.v1.Bundle
 }
 var file_meshfed_v1_federation_proto_depIdxs = []int32{
-	4,  // 0: meshfed.v1.SyncMessage.hello:type_name -> meshfed.v1.Hello
-	6,  // 1: meshfed.v1.SyncMessage.delta:type_name -> meshfed.v1.Delta
-	7,  // 2: meshfed.v1.SyncMessage.ack:type_name -> meshfed.v1.Ack
-	8,  // 3: meshfed.v1.Hello.known_versions:type_name -> meshfed.v1.Hello.KnownVersionsEntry
-	9,  // 4: meshfed.v1.Resource.service:type_name -> meshfed.v1.Service
-	10, // 5: meshfed.v1.Resource.site:type_name -> meshfed.v1.Site
-	11, // 6: meshfed.v1.Resource.bundle:type_name -> meshfed.v1.Bundle
-	5,  // 7: meshfed.v1.Delta.updated:type_name -> meshfed.v1.Resource
-	0,  // 8: meshfed.v1.Federation.Join:input_type -> meshfed.v1.JoinRequest
-	1,  // 9: meshfed.v1.Federation.Renew:input_type -> meshfed.v1.RenewRequest
-	3,  // 10: meshfed.v1.Federation.Sync:input_type -> meshfed.v1.SyncMessage
-	2,  // 11: meshfed.v1.Federation.Join:output_type -> meshfed.v1.JoinResponse
-	2,  // 12: meshfed.v1.Federation.Renew:output_type -> meshfed.v1.JoinResponse
-	3,  // 13: meshfed.v1.Federation.Sync:output_type -> meshfed.v1.SyncMessage
-	11, // [11:14] is the sub-list for method output_type
-	8,  // [8:11] is the sub-list for method input_type
+	6,  // 0: meshfed.v1.SyncMessage.hello:type_name -> meshfed.v1.Hello
+	8,  // 1: meshfed.v1.SyncMessage.delta:type_name -> meshfed.v1.Delta
+	9,  // 2: meshfed.v1.SyncMessage.ack:type_name -> meshfed.v1.Ack
+	10, // 3: meshfed.v1.Hello.known_versions:type_name -> meshfed.v1.Hello.KnownVersionsEntry
+	11, // 4: meshfed.v1.Resource.service:type_name -> meshfed.v1.Service
+	12, // 5: meshfed.v1.Resource.site:type_name -> meshfed.v1.Site
+	13, // 6: meshfed.v1.Resource.bundle:type_name -> meshfed.v1.Bundle
+	7,  // 7: meshfed.v1.Delta.updated:type_name -> meshfed.v1.Resource
+	2,  // 8: meshfed.v1.Federation.Join:input_type -> meshfed.v1.JoinRequest
+	3,  // 9: meshfed.v1.Federation.Renew:input_type -> meshfed.v1.RenewRequest
+	5,  // 10: meshfed.v1.Federation.Sync:input_type -> meshfed.v1.SyncMessage
+	0,  // 11: meshfed.v1.Federation.RedeemNodeToken:input_type -> meshfed.v1.RedeemNodeTokenRequest
+	4,  // 12: meshfed.v1.Federation.Join:output_type -> meshfed.v1.JoinResponse
+	4,  // 13: meshfed.v1.Federation.Renew:output_type -> meshfed.v1.JoinResponse
+	5,  // 14: meshfed.v1.Federation.Sync:output_type -> meshfed.v1.SyncMessage
+	1,  // 15: meshfed.v1.Federation.RedeemNodeToken:output_type -> meshfed.v1.RedeemNodeTokenResponse
+	12, // [12:16] is the sub-list for method output_type
+	8,  // [8:12] is the sub-list for method input_type
 	8,  // [8:8] is the sub-list for extension type_name
 	8,  // [8:8] is the sub-list for extension extendee
 	0,  // [0:8] is the sub-list for field type_name
@@ -706,12 +803,12 @@ func file_meshfed_v1_federation_proto_init() {
 		return
 	}
 	file_meshfed_v1_catalog_proto_init()
-	file_meshfed_v1_federation_proto_msgTypes[3].OneofWrappers = []any{
+	file_meshfed_v1_federation_proto_msgTypes[5].OneofWrappers = []any{
 		(*SyncMessage_Hello)(nil),
 		(*SyncMessage_Delta)(nil),
 		(*SyncMessage_Ack)(nil),
 	}
-	file_meshfed_v1_federation_proto_msgTypes[5].OneofWrappers = []any{
+	file_meshfed_v1_federation_proto_msgTypes[7].OneofWrappers = []any{
 		(*Resource_Service)(nil),
 		(*Resource_Site)(nil),
 		(*Resource_Bundle)(nil),
@@ -722,7 +819,7 @@ func file_meshfed_v1_federation_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_meshfed_v1_federation_proto_rawDesc), len(file_meshfed_v1_federation_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   9,
+			NumMessages:   11,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -19,9 +19,10 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	Federation_Join_FullMethodName  = "/meshfed.v1.Federation/Join"
-	Federation_Renew_FullMethodName = "/meshfed.v1.Federation/Renew"
-	Federation_Sync_FullMethodName  = "/meshfed.v1.Federation/Sync"
+	Federation_Join_FullMethodName            = "/meshfed.v1.Federation/Join"
+	Federation_Renew_FullMethodName           = "/meshfed.v1.Federation/Renew"
+	Federation_Sync_FullMethodName            = "/meshfed.v1.Federation/Sync"
+	Federation_RedeemNodeToken_FullMethodName = "/meshfed.v1.Federation/RedeemNodeToken"
 )
 
 // FederationClient is the client API for Federation service.
@@ -39,6 +40,9 @@ type FederationClient interface {
 	// versioned deltas, the hub sends every other site's, both sides ACK or
 	// NACK each delta. See docs/protocol.md.
 	Sync(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[SyncMessage, SyncMessage], error)
+	// RedeemNodeToken burns a node token of the calling spoke's site and
+	// returns the node it names.
+	RedeemNodeToken(ctx context.Context, in *RedeemNodeTokenRequest, opts ...grpc.CallOption) (*RedeemNodeTokenResponse, error)
 }
 
 type federationClient struct {
@@ -82,6 +86,16 @@ func (c *federationClient) Sync(ctx context.Context, opts ...grpc.CallOption) (g
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type Federation_SyncClient = grpc.BidiStreamingClient[SyncMessage, SyncMessage]
 
+func (c *federationClient) RedeemNodeToken(ctx context.Context, in *RedeemNodeTokenRequest, opts ...grpc.CallOption) (*RedeemNodeTokenResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(RedeemNodeTokenResponse)
+	err := c.cc.Invoke(ctx, Federation_RedeemNodeToken_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // FederationServer is the server API for Federation service.
 // All implementations must embed UnimplementedFederationServer
 // for forward compatibility.
@@ -97,6 +111,9 @@ type FederationServer interface {
 	// versioned deltas, the hub sends every other site's, both sides ACK or
 	// NACK each delta. See docs/protocol.md.
 	Sync(grpc.BidiStreamingServer[SyncMessage, SyncMessage]) error
+	// RedeemNodeToken burns a node token of the calling spoke's site and
+	// returns the node it names.
+	RedeemNodeToken(context.Context, *RedeemNodeTokenRequest) (*RedeemNodeTokenResponse, error)
 	mustEmbedUnimplementedFederationServer()
 }
 
@@ -115,6 +132,9 @@ func (UnimplementedFederationServer) Renew(context.Context, *RenewRequest) (*Joi
 }
 func (UnimplementedFederationServer) Sync(grpc.BidiStreamingServer[SyncMessage, SyncMessage]) error {
 	return status.Error(codes.Unimplemented, "method Sync not implemented")
+}
+func (UnimplementedFederationServer) RedeemNodeToken(context.Context, *RedeemNodeTokenRequest) (*RedeemNodeTokenResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method RedeemNodeToken not implemented")
 }
 func (UnimplementedFederationServer) mustEmbedUnimplementedFederationServer() {}
 func (UnimplementedFederationServer) testEmbeddedByValue()                    {}
@@ -180,6 +200,24 @@ func _Federation_Sync_Handler(srv interface{}, stream grpc.ServerStream) error {
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type Federation_SyncServer = grpc.BidiStreamingServer[SyncMessage, SyncMessage]
 
+func _Federation_RedeemNodeToken_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RedeemNodeTokenRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(FederationServer).RedeemNodeToken(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Federation_RedeemNodeToken_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(FederationServer).RedeemNodeToken(ctx, req.(*RedeemNodeTokenRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Federation_ServiceDesc is the grpc.ServiceDesc for Federation service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -194,6 +232,10 @@ var Federation_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "Renew",
 			Handler:    _Federation_Renew_Handler,
+		},
+		{
+			MethodName: "RedeemNodeToken",
+			Handler:    _Federation_RedeemNodeToken_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

@@ -1,0 +1,162 @@
+package spoke
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"net"
+	"strings"
+	"sync"
+	"time"
+
+	meshfedv1 "github.com/meshfed/meshfed/api/meshfed/v1"
+	"github.com/meshfed/meshfed/catalog"
+	"github.com/meshfed/meshfed/federation"
+	"github.com/meshfed/meshfed/trust/ca"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	grpccreds "google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/peer"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/timestamppb"
+)
+
+// identityServer issues X.509 SVIDs of the site's trust domain to callers
+// that prove who they are.
+type identityServer struct {
+	meshfedv1.UnimplementedIdentityServer
+	s   *Spoke
+	hub meshfedv1.FederationClient
+
+	mu      sync.Mutex
+	serving *tls.Certificate
+}
+
+// NodeID is the SPIFFE ID of a host attested with a node token.
+func NodeID(td spiffeid.TrustDomain, node string) (spiffeid.ID, error) {
+	return spiffeid.FromPath(td, "/meshfed/node/"+node)
+}
+
+// servingCert is the spoke's own SVID for the identity endpoint, reissued
+// at half-life; its chain carries the site CA, which node tokens pin.
+func (is *identityServer) servingCert(*tls.ClientHelloInfo) (*tls.Certificate, error) {
+	is.mu.Lock()
+	defer is.mu.Unlock()
+	if c := is.serving; c != nil && time.Until(c.Leaf.NotAfter) > c.Leaf.NotAfter.Sub(c.Leaf.NotBefore)/2 {
+		return c, nil
+	}
+	key, err := ca.NewKey()
+	if err != nil {
+		return nil, err
+	}
+	id := spiffeid.RequireFromPath(is.s.ca.TrustDomain(), "/meshfed/spoke")
+	leaf, err := is.s.ca.SignSVID(key.Public(), id, 24*time.Hour)
+	if err != nil {
+		return nil, err
+	}
+	is.serving = &tls.Certificate{Certificate: [][]byte{leaf.Raw, is.s.ca.Cert().Raw}, PrivateKey: key, Leaf: leaf}
+	return is.serving, nil
+}
+
+// serve runs the identity endpoint on ln until ctx ends.
+func (is *identityServer) serve(ctx context.Context, ln net.Listener) error {
+	roots := x509.NewCertPool()
+	roots.AddCert(is.s.ca.Cert())
+	srv := grpc.NewServer(grpc.Creds(grpccreds.NewTLS(&tls.Config{
+		MinVersion:     tls.VersionTLS13,
+		GetCertificate: is.servingCert,
+		// Attest is called before the caller has an SVID; Renew checks one.
+		ClientAuth: tls.VerifyClientCertIfGiven,
+		ClientCAs:  roots,
+	})))
+	meshfedv1.RegisterIdentityServer(srv, is)
+	go func() {
+		<-ctx.Done()
+		srv.GracefulStop()
+	}()
+	if err := srv.Serve(ln); err != nil && !errors.Is(err, grpc.ErrServerStopped) {
+		return fmt.Errorf("spoke: identity endpoint: %w", err)
+	}
+	return nil
+}
+
+// Attest exchanges a one-time node token, checked and burnt by the hub,
+// for the node's SVID.
+func (is *identityServer) Attest(ctx context.Context, req *meshfedv1.AttestRequest) (*meshfedv1.SVIDResponse, error) {
+	tok := req.GetNodeToken()
+	if tok == "" {
+		return nil, status.Error(codes.InvalidArgument, "no credential: pass a node token from `meshfed vm token create`")
+	}
+	resp, err := is.hub.RedeemNodeToken(ctx, &meshfedv1.RedeemNodeTokenRequest{Token: tok})
+	if err != nil {
+		is.s.m.svids.WithLabelValues("attest", "refused").Inc()
+		if status.Code(err) == codes.Unavailable {
+			return nil, status.Errorf(codes.Unavailable, "the hub, which checks node tokens, is unreachable: %v", status.Convert(err).Message())
+		}
+		return nil, err
+	}
+	if err := catalog.ValidateName("node name", resp.GetNode()); err != nil {
+		return nil, status.Error(codes.Internal, err.Error())
+	}
+	id, err := NodeID(is.s.ca.TrustDomain(), resp.GetNode())
+	if err != nil {
+		return nil, status.Error(codes.Internal, err.Error())
+	}
+	return is.issue(id, req.GetCsr(), "attest")
+}
+
+// Renew gives the holder of a valid SVID of this site a fresh one with the
+// same ID. A caller that let its SVID expire attests again.
+func (is *identityServer) Renew(ctx context.Context, req *meshfedv1.RenewSVIDRequest) (*meshfedv1.SVIDResponse, error) {
+	p, _ := peer.FromContext(ctx)
+	ti, ok := p.AuthInfo.(grpccreds.TLSInfo)
+	if !ok || len(ti.State.VerifiedChains) == 0 {
+		return nil, status.Error(codes.Unauthenticated, "renewal needs the current SVID as client certificate; an expired SVID must attest again")
+	}
+	id, err := ca.SPIFFEID(ti.State.VerifiedChains[0][0])
+	if err != nil || id.TrustDomain() != is.s.ca.TrustDomain() {
+		return nil, status.Errorf(codes.PermissionDenied, "not an SVID of %s", is.s.ca.TrustDomain())
+	}
+	return is.issue(id, req.GetCsr(), "renew")
+}
+
+func (is *identityServer) issue(id spiffeid.ID, csrDER []byte, how string) (*meshfedv1.SVIDResponse, error) {
+	csr, err := x509.ParseCertificateRequest(csrDER)
+	if err == nil {
+		err = csr.CheckSignature()
+	}
+	if err != nil {
+		return nil, status.Errorf(codes.InvalidArgument, "csr: %v", err)
+	}
+	cert, err := is.s.ca.SignSVID(csr.PublicKey, id, 0)
+	if err != nil {
+		return nil, status.Error(codes.Internal, err.Error())
+	}
+	is.s.m.svids.WithLabelValues(how, "issued").Inc()
+	return &meshfedv1.SVIDResponse{
+		SpiffeId:       id.String(),
+		CertificatePem: ca.EncodeCertPEM(cert),
+		Expires:        timestamppb.New(cert.NotAfter),
+		Bundles:        is.s.Bundles(),
+	}, nil
+}
+
+// Bundles are the PEM CA certificates of every trust domain this site
+// trusts: its own and every federated one it holds.
+func (s *Spoke) Bundles() map[string][]byte {
+	out := map[string][]byte{s.ca.TrustDomain().Name(): ca.EncodeCertPEM(s.ca.Cert())}
+	for _, r := range s.view.table.List("") {
+		if !strings.HasPrefix(r.GetKey(), "bundle/") && !strings.HasPrefix(r.GetKey(), "xbundle/") {
+			continue
+		}
+		b, err := federation.BundleFromWire(r.GetBundle())
+		if err != nil {
+			continue // refused by CheckResource's peer long before; never trusted
+		}
+		out[b.TrustDomain().Name()] = ca.EncodeCertPEM(b.X509Authorities()...)
+	}
+	return out
+}
