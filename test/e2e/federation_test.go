@@ -36,7 +36,7 @@ type federation struct {
 
 type spokeProc struct {
 	site, dir, file, http, identity string
-	p                     *harness.Process
+	p                               *harness.Process
 }
 
 func newFederation(t *testing.T, storeArgs ...string) *federation {
