@@ -16,7 +16,7 @@ import (
 
 func newTrustCmd(g *globals) *cobra.Command {
 	cmd := &cobra.Command{Use: "trust", Short: "Trust domains and their bundles: list, show, import outside ones"}
-	cmd.AddCommand(newTrustListCmd(g), newTrustBundleCmd(g), newTrustFederateCmd(g))
+	cmd.AddCommand(newTrustListCmd(g), newTrustBundleCmd(g), newTrustFederateCmd(g), newTrustRotateCmd(g))
 	return cmd
 }
 
@@ -139,6 +139,37 @@ func newTrustBundleCmd(g *globals) *cobra.Command {
 	show.Flags().StringVar(&td, "trust-domain", "", "the trust domain (default: all)")
 	cmd := &cobra.Command{Use: "bundle", Short: "Trust bundles"}
 	cmd.AddCommand(show)
+	return cmd
+}
+
+func newTrustRotateCmd(g *globals) *cobra.Command {
+	var site string
+	cmd := &cobra.Command{
+		Use:   "rotate",
+		Short: "Rotate a site's CA without breaking live connections",
+		Long: `The site's spoke creates a new CA and publishes it next to the old one;
+after --ca-activation-delay it signs new SVIDs, and the old CA leaves the
+bundle once the last SVID it signed has expired. Watch it with
+` + "`meshfed trust list`" + ` (sequence and authorities).`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			ctx, c, done, err := g.admin(cmd)
+			if err != nil {
+				return err
+			}
+			defer done()
+			resp, err := c.RotateCA(ctx, &meshfedv1.RotateCARequest{Site: site})
+			if err != nil {
+				return err
+			}
+			out := map[string]any{"site": site, "generation": resp.GetGeneration()}
+			return g.render(out, func(w io.Writer) {
+				fmt.Fprintf(w, "CA rotation %d of site %s requested; its spoke carries it out\n", resp.GetGeneration(), site)
+			})
+		},
+	}
+	cmd.Flags().StringVar(&site, "site", "", "the site (required)")
+	_ = cmd.MarkFlagRequired("site")
 	return cmd
 }
 

@@ -58,6 +58,15 @@ func BundleResource(b *meshfedv1.Bundle) *meshfedv1.Resource {
 	return &meshfedv1.Resource{Key: key, Version: Version(b), Body: &meshfedv1.Resource_Bundle{Bundle: b}}
 }
 
+// RotationKey is the resource key of a site's CA rotation request
+// (hub-owned: the hub asks, the site's spoke acts).
+func RotationKey(site string) string { return "rotate/" + site }
+
+// RotationResource wraps a rotation request as a versioned resource.
+func RotationResource(r *meshfedv1.CARotation) *meshfedv1.Resource {
+	return &meshfedv1.Resource{Key: RotationKey(r.GetSite()), Version: Version(r), Body: &meshfedv1.Resource_Rotation{Rotation: r}}
+}
+
 // SiteResource wraps a site as a versioned resource.
 func SiteResource(s *meshfedv1.Site) *meshfedv1.Resource {
 	return &meshfedv1.Resource{
@@ -79,6 +88,8 @@ func CheckResource(r *meshfedv1.Resource) error {
 		want = SiteResource(b.Site)
 	case *meshfedv1.Resource_Bundle:
 		want = BundleResource(b.Bundle)
+	case *meshfedv1.Resource_Rotation:
+		want = RotationResource(b.Rotation)
 	default:
 		return fmt.Errorf("resource %q has no body", r.GetKey())
 	}

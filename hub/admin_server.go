@@ -129,6 +129,9 @@ func (s *adminServer) RemoveSite(ctx context.Context, req *meshfedv1.RemoveSiteR
 	st.mu.Lock()
 	defer st.mu.Unlock()
 	keys := h.ownedVersions(name)
+	if r, ok := h.table.Get(federation.RotationKey(name)); ok {
+		keys[r.Key] = r.Version
+	}
 	var ops []store.Op
 	for k := range keys {
 		ops = append(ops, store.Op{Key: keyResource + k, Delete: true})

@@ -240,6 +240,34 @@ func (h *Hub) watchStored(ctx context.Context) error {
 	return nil
 }
 
+// RotateCA asks a site's spoke to rotate its CA: the request is a
+// hub-owned resource the spoke sees in its view.
+func (s *adminServer) RotateCA(ctx context.Context, req *meshfedv1.RotateCARequest) (*meshfedv1.RotateCAResponse, error) {
+	h := s.h
+	site := req.GetSite()
+	if !h.siteExists(site) {
+		return nil, notFoundSite(site)
+	}
+	if _, ok := h.table.Get(federation.BundleKey(site)); !ok {
+		return nil, status.Errorf(codes.FailedPrecondition, "site %s has not published a CA yet: start its spoke first", site)
+	}
+	gen := uint64(1)
+	if r, ok := h.table.Get(federation.RotationKey(site)); ok {
+		gen = r.GetRotation().GetGeneration() + 1
+	}
+	r := federation.RotationResource(&meshfedv1.CARotation{Site: site, Generation: gen})
+	raw, err := proto.Marshal(r)
+	if err != nil {
+		return nil, err
+	}
+	if err := h.store.Apply(ctx, store.Op{Key: keyResource + r.Key, Value: raw}); err != nil {
+		return nil, status.Errorf(codes.Unavailable, "store: %v", err)
+	}
+	h.table.Put(r)
+	h.log.Info("CA rotation requested", "site", site, "generation", gen)
+	return &meshfedv1.RotateCAResponse{Generation: gen}, nil
+}
+
 func (s *adminServer) ListBundles(context.Context, *meshfedv1.ListBundlesRequest) (*meshfedv1.ListBundlesResponse, error) {
 	h := s.h
 	out := &meshfedv1.ListBundlesResponse{FederationBundle: federation.BundleToWire("", h.federationBundle())}

@@ -1,6 +1,7 @@
 package spoke
 
 import (
+	"bytes"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
@@ -45,7 +46,10 @@ func NodeID(td spiffeid.TrustDomain, node string) (spiffeid.ID, error) {
 func (is *identityServer) servingCert(*tls.ClientHelloInfo) (*tls.Certificate, error) {
 	is.mu.Lock()
 	defer is.mu.Unlock()
-	if c := is.serving; c != nil && time.Until(c.Leaf.NotAfter) > c.Leaf.NotAfter.Sub(c.Leaf.NotBefore)/2 {
+	signer := is.s.ca.Cert()
+	// Reissued at half-life, and at once after a CA rotation: node tokens
+	// pin the CA that signs now.
+	if c := is.serving; c != nil && bytes.Equal(c.Certificate[1], signer.Raw) && time.Until(c.Leaf.NotAfter) > c.Leaf.NotAfter.Sub(c.Leaf.NotBefore)/2 {
 		return c, nil
 	}
 	key, err := ca.NewKey()
@@ -53,25 +57,33 @@ func (is *identityServer) servingCert(*tls.ClientHelloInfo) (*tls.Certificate, e
 		return nil, err
 	}
 	id := spiffeid.RequireFromPath(is.s.ca.TrustDomain(), "/meshfed/spoke")
-	leaf, err := is.s.ca.SignSVID(key.Public(), id, 24*time.Hour)
+	leaf, err := is.s.ca.SignSVID(key.Public(), id, 0)
 	if err != nil {
 		return nil, err
 	}
-	is.serving = &tls.Certificate{Certificate: [][]byte{leaf.Raw, is.s.ca.Cert().Raw}, PrivateKey: key, Leaf: leaf}
+	is.serving = &tls.Certificate{Certificate: [][]byte{leaf.Raw, signer.Raw}, PrivateKey: key, Leaf: leaf}
 	return is.serving, nil
 }
 
 // serve runs the identity endpoint on ln until ctx ends.
 func (is *identityServer) serve(ctx context.Context, ln net.Listener) error {
-	roots := x509.NewCertPool()
-	roots.AddCert(is.s.ca.Cert())
-	srv := grpc.NewServer(grpc.Creds(grpccreds.NewTLS(&tls.Config{
+	base := &tls.Config{
 		MinVersion:     tls.VersionTLS13,
 		GetCertificate: is.servingCert,
 		// Attest is called before the caller has an SVID; Renew checks one.
 		ClientAuth: tls.VerifyClientCertIfGiven,
-		ClientCAs:  roots,
-	})))
+	}
+	// Client CAs follow rotations: every CA whose SVIDs are still live.
+	base.GetConfigForClient = func(*tls.ClientHelloInfo) (*tls.Config, error) {
+		c := base.Clone()
+		c.GetConfigForClient = nil
+		c.ClientCAs = x509.NewCertPool()
+		for _, a := range is.s.ca.Authorities() {
+			c.ClientCAs.AddCert(a)
+		}
+		return c, nil
+	}
+	srv := grpc.NewServer(grpc.Creds(grpccreds.NewTLS(base)))
 	meshfedv1.RegisterIdentityServer(srv, is)
 	go func() {
 		<-ctx.Done()
@@ -147,7 +159,9 @@ func (is *identityServer) issue(id spiffeid.ID, csrDER []byte, how string) (*mes
 // Bundles are the PEM CA certificates of every trust domain this site
 // trusts: its own and every federated one it holds.
 func (s *Spoke) Bundles() map[string][]byte {
-	out := map[string][]byte{s.ca.TrustDomain().Name(): ca.EncodeCertPEM(s.ca.Cert())}
+	// All of the site's authorities, not only the signing one: during a
+	// rotation, peers must trust the prepared CA before it signs.
+	out := map[string][]byte{s.ca.TrustDomain().Name(): ca.EncodeCertPEM(s.ca.Authorities()...)}
 	for _, r := range s.view.table.List("") {
 		if !strings.HasPrefix(r.GetKey(), "bundle/") && !strings.HasPrefix(r.GetKey(), "xbundle/") {
 			continue

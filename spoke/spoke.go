@@ -204,6 +204,7 @@ func (s *Spoke) Run(ctx context.Context) error {
 	g.Go(func() error { return s.syncLoop(ctx, conn) })
 	g.Go(func() error { return s.renewLoop(ctx, conn) })
 	g.Go(func() error { return s.expireLoop(ctx) })
+	g.Go(func() error { return s.caLoop(ctx) })
 	if s.tele != nil {
 		g.Go(func() error { return s.tele.Run(ctx) })
 	}
@@ -304,6 +305,41 @@ func (s *Spoke) renewLoop(ctx context.Context, conn *grpc.ClientConn) error {
 			continue
 		}
 		s.log.Info("renewed the spoke certificate", "expires", s.creds.cert.Leaf.NotAfter)
+	}
+}
+
+// caLoop carries out CA rotations the hub asks for and moves them on:
+// the bundle is republished whenever its authorities change.
+func (s *Spoke) caLoop(ctx context.Context) error {
+	t := time.NewTicker(time.Second)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+		}
+		now := time.Now()
+		changed := false
+		if r, ok := s.view.table.Get(federation.RotationKey(s.o.Site)); ok && r.GetRotation().GetGeneration() > s.ca.Generation() {
+			if err := s.ca.Rotate(r.GetRotation().GetGeneration(), now); err != nil {
+				s.log.Error("could not rotate the site CA", "err", err)
+				continue
+			}
+			s.log.Info("CA rotation started: the new CA is published now and signs after the activation delay", "generation", r.GetRotation().GetGeneration())
+			changed = true
+		}
+		ticked, err := s.ca.Tick(now)
+		if err != nil {
+			s.log.Error("could not move the CA rotation on", "err", err)
+			continue
+		}
+		if ticked {
+			s.log.Info("site CA bundle changed", "authorities", len(s.ca.Authorities()))
+		}
+		if changed || ticked {
+			s.local.table.Put(federation.BundleResource(federation.BundleToWire(s.o.Site, s.ca.Bundle())))
+		}
 	}
 }
 

@@ -169,20 +169,29 @@ func forged(t *testing.T, id spiffeid.ID, ttl time.Duration, trusts *x509bundle.
 	return workload{svid: &x509svid.SVID{ID: id, Certificates: []*x509.Certificate{leaf}, PrivateKey: key}, bundles: bundles}
 }
 
+// waitBundles waits until every site holds every site's bundle.
+func (f *federation) waitBundles(t *testing.T) {
+	t.Helper()
+	harness.Eventually(t, 20*time.Second, "the sites hold each other's bundles", func() error {
+		for _, s := range f.spokes {
+			v, err := harness.View(s.http)
+			if err != nil {
+				return err
+			}
+			if len(v.TrustDomains) != len(f.spokes) {
+				return fmt.Errorf("site %s holds %v", s.site, v.TrustDomains)
+			}
+		}
+		return nil
+	})
+}
+
 func TestSVIDs(t *testing.T) {
 	f := newFederation(t)
 	a := f.addSite("a", "z1", siteB)
 	b := f.addSite("b", "z2", siteC)
 	c := f.addSite("c", "z3", "services: []\n", "--svid-ttl", "3s")
-	harness.Eventually(t, 20*time.Second, "the sites hold each other's bundles", func() error {
-		for _, s := range []*spokeProc{a, b, c} {
-			v, err := harness.View(s.http)
-			if err != nil || len(v.TrustDomains) != 3 {
-				return fmt.Errorf("site %s holds %v (%v)", s.site, v, err)
-			}
-		}
-		return nil
-	})
+	f.waitBundles(t)
 	wa, tokenA := f.attest(t, a, "host-a")
 	wb, _ := f.attest(t, b, "host-b")
 

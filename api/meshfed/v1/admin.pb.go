@@ -23,6 +23,94 @@ const (
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
 
+type RotateCARequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Site          string                 `protobuf:"bytes,1,opt,name=site,proto3" json:"site,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RotateCARequest) Reset() {
+	*x = RotateCARequest{}
+	mi := &file_meshfed_v1_admin_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RotateCARequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RotateCARequest) ProtoMessage() {}
+
+func (x *RotateCARequest) ProtoReflect() protoreflect.Message {
+	mi := &file_meshfed_v1_admin_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RotateCARequest.ProtoReflect.Descriptor instead.
+func (*RotateCARequest) Descriptor() ([]byte, []int) {
+	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{0}
+}
+
+func (x *RotateCARequest) GetSite() string {
+	if x != nil {
+		return x.Site
+	}
+	return ""
+}
+
+type RotateCAResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Generation    uint64                 `protobuf:"varint,1,opt,name=generation,proto3" json:"generation,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RotateCAResponse) Reset() {
+	*x = RotateCAResponse{}
+	mi := &file_meshfed_v1_admin_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RotateCAResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RotateCAResponse) ProtoMessage() {}
+
+func (x *RotateCAResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_meshfed_v1_admin_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RotateCAResponse.ProtoReflect.Descriptor instead.
+func (*RotateCAResponse) Descriptor() ([]byte, []int) {
+	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *RotateCAResponse) GetGeneration() uint64 {
+	if x != nil {
+		return x.Generation
+	}
+	return 0
+}
+
 type AddSiteRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Site          *Site                  `protobuf:"bytes,1,opt,name=site,proto3" json:"site,omitempty"`
@@ -32,7 +120,7 @@ type AddSiteRequest struct {
 
 func (x *AddSiteRequest) Reset() {
 	*x = AddSiteRequest{}
-	mi := &file_meshfed_v1_admin_proto_msgTypes[0]
+	mi := &file_meshfed_v1_admin_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -44,7 +132,7 @@ func (x *AddSiteRequest) String() string {
 func (*AddSiteRequest) ProtoMessage() {}
 
 func (x *AddSiteRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meshfed_v1_admin_proto_msgTypes[0]
+	mi := &file_meshfed_v1_admin_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -57,7 +145,7 @@ func (x *AddSiteRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddSiteRequest.ProtoReflect.Descriptor instead.
 func (*AddSiteRequest) Descriptor() ([]byte, []int) {
-	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{0}
+	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{2}
 }
 
 func (x *AddSiteRequest) GetSite() *Site {
@@ -75,7 +163,7 @@ type ListSitesRequest struct {
 
 func (x *ListSitesRequest) Reset() {
 	*x = ListSitesRequest{}
-	mi := &file_meshfed_v1_admin_proto_msgTypes[1]
+	mi := &file_meshfed_v1_admin_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -87,7 +175,7 @@ func (x *ListSitesRequest) String() string {
 func (*ListSitesRequest) ProtoMessage() {}
 
 func (x *ListSitesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meshfed_v1_admin_proto_msgTypes[1]
+	mi := &file_meshfed_v1_admin_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -100,7 +188,7 @@ func (x *ListSitesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListSitesRequest.ProtoReflect.Descriptor instead.
 func (*ListSitesRequest) Descriptor() ([]byte, []int) {
-	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{1}
+	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{3}
 }
 
 type ListSitesResponse struct {
@@ -112,7 +200,7 @@ type ListSitesResponse struct {
 
 func (x *ListSitesResponse) Reset() {
 	*x = ListSitesResponse{}
-	mi := &file_meshfed_v1_admin_proto_msgTypes[2]
+	mi := &file_meshfed_v1_admin_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -124,7 +212,7 @@ func (x *ListSitesResponse) String() string {
 func (*ListSitesResponse) ProtoMessage() {}
 
 func (x *ListSitesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meshfed_v1_admin_proto_msgTypes[2]
+	mi := &file_meshfed_v1_admin_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -137,7 +225,7 @@ func (x *ListSitesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListSitesResponse.ProtoReflect.Descriptor instead.
 func (*ListSitesResponse) Descriptor() ([]byte, []int) {
-	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{2}
+	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *ListSitesResponse) GetSites() []*SiteStatus {
@@ -156,7 +244,7 @@ type GetSiteRequest struct {
 
 func (x *GetSiteRequest) Reset() {
 	*x = GetSiteRequest{}
-	mi := &file_meshfed_v1_admin_proto_msgTypes[3]
+	mi := &file_meshfed_v1_admin_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -168,7 +256,7 @@ func (x *GetSiteRequest) String() string {
 func (*GetSiteRequest) ProtoMessage() {}
 
 func (x *GetSiteRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meshfed_v1_admin_proto_msgTypes[3]
+	mi := &file_meshfed_v1_admin_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -181,7 +269,7 @@ func (x *GetSiteRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetSiteRequest.ProtoReflect.Descriptor instead.
 func (*GetSiteRequest) Descriptor() ([]byte, []int) {
-	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{3}
+	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *GetSiteRequest) GetName() string {
@@ -200,7 +288,7 @@ type RemoveSiteRequest struct {
 
 func (x *RemoveSiteRequest) Reset() {
 	*x = RemoveSiteRequest{}
-	mi := &file_meshfed_v1_admin_proto_msgTypes[4]
+	mi := &file_meshfed_v1_admin_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -212,7 +300,7 @@ func (x *RemoveSiteRequest) String() string {
 func (*RemoveSiteRequest) ProtoMessage() {}
 
 func (x *RemoveSiteRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meshfed_v1_admin_proto_msgTypes[4]
+	mi := &file_meshfed_v1_admin_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -225,7 +313,7 @@ func (x *RemoveSiteRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveSiteRequest.ProtoReflect.Descriptor instead.
 func (*RemoveSiteRequest) Descriptor() ([]byte, []int) {
-	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{4}
+	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *RemoveSiteRequest) GetName() string {
@@ -244,7 +332,7 @@ type RemoveSiteResponse struct {
 
 func (x *RemoveSiteResponse) Reset() {
 	*x = RemoveSiteResponse{}
-	mi := &file_meshfed_v1_admin_proto_msgTypes[5]
+	mi := &file_meshfed_v1_admin_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -256,7 +344,7 @@ func (x *RemoveSiteResponse) String() string {
 func (*RemoveSiteResponse) ProtoMessage() {}
 
 func (x *RemoveSiteResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meshfed_v1_admin_proto_msgTypes[5]
+	mi := &file_meshfed_v1_admin_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -269,7 +357,7 @@ func (x *RemoveSiteResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveSiteResponse.ProtoReflect.Descriptor instead.
 func (*RemoveSiteResponse) Descriptor() ([]byte, []int) {
-	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{5}
+	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *RemoveSiteResponse) GetServicesRemoved() uint32 {
@@ -292,7 +380,7 @@ type CreateTokenRequest struct {
 
 func (x *CreateTokenRequest) Reset() {
 	*x = CreateTokenRequest{}
-	mi := &file_meshfed_v1_admin_proto_msgTypes[6]
+	mi := &file_meshfed_v1_admin_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -304,7 +392,7 @@ func (x *CreateTokenRequest) String() string {
 func (*CreateTokenRequest) ProtoMessage() {}
 
 func (x *CreateTokenRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meshfed_v1_admin_proto_msgTypes[6]
+	mi := &file_meshfed_v1_admin_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -317,7 +405,7 @@ func (x *CreateTokenRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateTokenRequest.ProtoReflect.Descriptor instead.
 func (*CreateTokenRequest) Descriptor() ([]byte, []int) {
-	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{6}
+	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *CreateTokenRequest) GetSite() string {
@@ -351,7 +439,7 @@ type CreateTokenResponse struct {
 
 func (x *CreateTokenResponse) Reset() {
 	*x = CreateTokenResponse{}
-	mi := &file_meshfed_v1_admin_proto_msgTypes[7]
+	mi := &file_meshfed_v1_admin_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -363,7 +451,7 @@ func (x *CreateTokenResponse) String() string {
 func (*CreateTokenResponse) ProtoMessage() {}
 
 func (x *CreateTokenResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meshfed_v1_admin_proto_msgTypes[7]
+	mi := &file_meshfed_v1_admin_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -376,7 +464,7 @@ func (x *CreateTokenResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateTokenResponse.ProtoReflect.Descriptor instead.
 func (*CreateTokenResponse) Descriptor() ([]byte, []int) {
-	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{7}
+	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *CreateTokenResponse) GetToken() string {
@@ -401,7 +489,7 @@ type ListServicesRequest struct {
 
 func (x *ListServicesRequest) Reset() {
 	*x = ListServicesRequest{}
-	mi := &file_meshfed_v1_admin_proto_msgTypes[8]
+	mi := &file_meshfed_v1_admin_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -413,7 +501,7 @@ func (x *ListServicesRequest) String() string {
 func (*ListServicesRequest) ProtoMessage() {}
 
 func (x *ListServicesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meshfed_v1_admin_proto_msgTypes[8]
+	mi := &file_meshfed_v1_admin_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -426,7 +514,7 @@ func (x *ListServicesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListServicesRequest.ProtoReflect.Descriptor instead.
 func (*ListServicesRequest) Descriptor() ([]byte, []int) {
-	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{8}
+	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{10}
 }
 
 type ListServicesResponse struct {
@@ -438,7 +526,7 @@ type ListServicesResponse struct {
 
 func (x *ListServicesResponse) Reset() {
 	*x = ListServicesResponse{}
-	mi := &file_meshfed_v1_admin_proto_msgTypes[9]
+	mi := &file_meshfed_v1_admin_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -450,7 +538,7 @@ func (x *ListServicesResponse) String() string {
 func (*ListServicesResponse) ProtoMessage() {}
 
 func (x *ListServicesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meshfed_v1_admin_proto_msgTypes[9]
+	mi := &file_meshfed_v1_admin_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -463,7 +551,7 @@ func (x *ListServicesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListServicesResponse.ProtoReflect.Descriptor instead.
 func (*ListServicesResponse) Descriptor() ([]byte, []int) {
-	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{9}
+	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *ListServicesResponse) GetServices() []*Service {
@@ -483,7 +571,7 @@ type GetServiceRequest struct {
 
 func (x *GetServiceRequest) Reset() {
 	*x = GetServiceRequest{}
-	mi := &file_meshfed_v1_admin_proto_msgTypes[10]
+	mi := &file_meshfed_v1_admin_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -495,7 +583,7 @@ func (x *GetServiceRequest) String() string {
 func (*GetServiceRequest) ProtoMessage() {}
 
 func (x *GetServiceRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meshfed_v1_admin_proto_msgTypes[10]
+	mi := &file_meshfed_v1_admin_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -508,7 +596,7 @@ func (x *GetServiceRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetServiceRequest.ProtoReflect.Descriptor instead.
 func (*GetServiceRequest) Descriptor() ([]byte, []int) {
-	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{10}
+	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *GetServiceRequest) GetNamespace() string {
@@ -536,7 +624,7 @@ type GetServiceResponse struct {
 
 func (x *GetServiceResponse) Reset() {
 	*x = GetServiceResponse{}
-	mi := &file_meshfed_v1_admin_proto_msgTypes[11]
+	mi := &file_meshfed_v1_admin_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -548,7 +636,7 @@ func (x *GetServiceResponse) String() string {
 func (*GetServiceResponse) ProtoMessage() {}
 
 func (x *GetServiceResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meshfed_v1_admin_proto_msgTypes[11]
+	mi := &file_meshfed_v1_admin_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -561,7 +649,7 @@ func (x *GetServiceResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetServiceResponse.ProtoReflect.Descriptor instead.
 func (*GetServiceResponse) Descriptor() ([]byte, []int) {
-	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{11}
+	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *GetServiceResponse) GetServices() []*Service {
@@ -586,7 +674,7 @@ type ListBundlesRequest struct {
 
 func (x *ListBundlesRequest) Reset() {
 	*x = ListBundlesRequest{}
-	mi := &file_meshfed_v1_admin_proto_msgTypes[12]
+	mi := &file_meshfed_v1_admin_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -598,7 +686,7 @@ func (x *ListBundlesRequest) String() string {
 func (*ListBundlesRequest) ProtoMessage() {}
 
 func (x *ListBundlesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meshfed_v1_admin_proto_msgTypes[12]
+	mi := &file_meshfed_v1_admin_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -611,7 +699,7 @@ func (x *ListBundlesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListBundlesRequest.ProtoReflect.Descriptor instead.
 func (*ListBundlesRequest) Descriptor() ([]byte, []int) {
-	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{12}
+	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{14}
 }
 
 type ListBundlesResponse struct {
@@ -626,7 +714,7 @@ type ListBundlesResponse struct {
 
 func (x *ListBundlesResponse) Reset() {
 	*x = ListBundlesResponse{}
-	mi := &file_meshfed_v1_admin_proto_msgTypes[13]
+	mi := &file_meshfed_v1_admin_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -638,7 +726,7 @@ func (x *ListBundlesResponse) String() string {
 func (*ListBundlesResponse) ProtoMessage() {}
 
 func (x *ListBundlesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meshfed_v1_admin_proto_msgTypes[13]
+	mi := &file_meshfed_v1_admin_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -651,7 +739,7 @@ func (x *ListBundlesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListBundlesResponse.ProtoReflect.Descriptor instead.
 func (*ListBundlesResponse) Descriptor() ([]byte, []int) {
-	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{13}
+	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *ListBundlesResponse) GetBundles() []*Bundle {
@@ -684,7 +772,7 @@ type FederateRequest struct {
 
 func (x *FederateRequest) Reset() {
 	*x = FederateRequest{}
-	mi := &file_meshfed_v1_admin_proto_msgTypes[14]
+	mi := &file_meshfed_v1_admin_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -696,7 +784,7 @@ func (x *FederateRequest) String() string {
 func (*FederateRequest) ProtoMessage() {}
 
 func (x *FederateRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meshfed_v1_admin_proto_msgTypes[14]
+	mi := &file_meshfed_v1_admin_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -709,7 +797,7 @@ func (x *FederateRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FederateRequest.ProtoReflect.Descriptor instead.
 func (*FederateRequest) Descriptor() ([]byte, []int) {
-	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{14}
+	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *FederateRequest) GetTrustDomain() string {
@@ -749,7 +837,7 @@ type FederateResponse struct {
 
 func (x *FederateResponse) Reset() {
 	*x = FederateResponse{}
-	mi := &file_meshfed_v1_admin_proto_msgTypes[15]
+	mi := &file_meshfed_v1_admin_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -761,7 +849,7 @@ func (x *FederateResponse) String() string {
 func (*FederateResponse) ProtoMessage() {}
 
 func (x *FederateResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meshfed_v1_admin_proto_msgTypes[15]
+	mi := &file_meshfed_v1_admin_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -774,7 +862,7 @@ func (x *FederateResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FederateResponse.ProtoReflect.Descriptor instead.
 func (*FederateResponse) Descriptor() ([]byte, []int) {
-	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{15}
+	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *FederateResponse) GetBundle() *Bundle {
@@ -789,7 +877,13 @@ var File_meshfed_v1_admin_proto protoreflect.FileDescriptor
 const file_meshfed_v1_admin_proto_rawDesc = "" +
 	"\n" +
 	"\x16meshfed/v1/admin.proto\x12\n" +
-	"meshfed.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18meshfed/v1/catalog.proto\"6\n" +
+	"meshfed.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18meshfed/v1/catalog.proto\"%\n" +
+	"\x0fRotateCARequest\x12\x12\n" +
+	"\x04site\x18\x01 \x01(\tR\x04site\"2\n" +
+	"\x10RotateCAResponse\x12\x1e\n" +
+	"\n" +
+	"generation\x18\x01 \x01(\x04R\n" +
+	"generation\"6\n" +
 	"\x0eAddSiteRequest\x12$\n" +
 	"\x04site\x18\x01 \x01(\v2\x10.meshfed.v1.SiteR\x04site\"\x12\n" +
 	"\x10ListSitesRequest\"A\n" +
@@ -827,7 +921,7 @@ const file_meshfed_v1_admin_proto_rawDesc = "" +
 	"\x12endpoint_spiffe_id\x18\x03 \x01(\tR\x10endpointSpiffeId\x12#\n" +
 	"\rbootstrap_pem\x18\x04 \x01(\fR\fbootstrapPem\">\n" +
 	"\x10FederateResponse\x12*\n" +
-	"\x06bundle\x18\x01 \x01(\v2\x12.meshfed.v1.BundleR\x06bundle2\xa3\x05\n" +
+	"\x06bundle\x18\x01 \x01(\v2\x12.meshfed.v1.BundleR\x06bundle2\xea\x05\n" +
 	"\x05Admin\x12=\n" +
 	"\aAddSite\x12\x1a.meshfed.v1.AddSiteRequest\x1a\x16.meshfed.v1.SiteStatus\x12H\n" +
 	"\tListSites\x12\x1c.meshfed.v1.ListSitesRequest\x1a\x1d.meshfed.v1.ListSitesResponse\x12=\n" +
@@ -839,7 +933,8 @@ const file_meshfed_v1_admin_proto_rawDesc = "" +
 	"\n" +
 	"GetService\x12\x1d.meshfed.v1.GetServiceRequest\x1a\x1e.meshfed.v1.GetServiceResponse\x12N\n" +
 	"\vListBundles\x12\x1e.meshfed.v1.ListBundlesRequest\x1a\x1f.meshfed.v1.ListBundlesResponse\x12E\n" +
-	"\bFederate\x12\x1b.meshfed.v1.FederateRequest\x1a\x1c.meshfed.v1.FederateResponseB5Z3github.com/meshfed/meshfed/api/meshfed/v1;meshfedv1b\x06proto3"
+	"\bFederate\x12\x1b.meshfed.v1.FederateRequest\x1a\x1c.meshfed.v1.FederateResponse\x12E\n" +
+	"\bRotateCA\x12\x1b.meshfed.v1.RotateCARequest\x1a\x1c.meshfed.v1.RotateCAResponseB5Z3github.com/meshfed/meshfed/api/meshfed/v1;meshfedv1b\x06proto3"
 
 var (
 	file_meshfed_v1_admin_proto_rawDescOnce sync.Once
@@ -853,62 +948,66 @@ func file_meshfed_v1_admin_proto_rawDescGZIP() []byte {
 	return file_meshfed_v1_admin_proto_rawDescData
 }
 
-var file_meshfed_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 16)
+var file_meshfed_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 18)
 var file_meshfed_v1_admin_proto_goTypes = []any{
-	(*AddSiteRequest)(nil),        // 0: meshfed.v1.AddSiteRequest
-	(*ListSitesRequest)(nil),      // 1: meshfed.v1.ListSitesRequest
-	(*ListSitesResponse)(nil),     // 2: meshfed.v1.ListSitesResponse
-	(*GetSiteRequest)(nil),        // 3: meshfed.v1.GetSiteRequest
-	(*RemoveSiteRequest)(nil),     // 4: meshfed.v1.RemoveSiteRequest
-	(*RemoveSiteResponse)(nil),    // 5: meshfed.v1.RemoveSiteResponse
-	(*CreateTokenRequest)(nil),    // 6: meshfed.v1.CreateTokenRequest
-	(*CreateTokenResponse)(nil),   // 7: meshfed.v1.CreateTokenResponse
-	(*ListServicesRequest)(nil),   // 8: meshfed.v1.ListServicesRequest
-	(*ListServicesResponse)(nil),  // 9: meshfed.v1.ListServicesResponse
-	(*GetServiceRequest)(nil),     // 10: meshfed.v1.GetServiceRequest
-	(*GetServiceResponse)(nil),    // 11: meshfed.v1.GetServiceResponse
-	(*ListBundlesRequest)(nil),    // 12: meshfed.v1.ListBundlesRequest
-	(*ListBundlesResponse)(nil),   // 13: meshfed.v1.ListBundlesResponse
-	(*FederateRequest)(nil),       // 14: meshfed.v1.FederateRequest
-	(*FederateResponse)(nil),      // 15: meshfed.v1.FederateResponse
-	(*Site)(nil),                  // 16: meshfed.v1.Site
-	(*SiteStatus)(nil),            // 17: meshfed.v1.SiteStatus
-	(*durationpb.Duration)(nil),   // 18: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil), // 19: google.protobuf.Timestamp
-	(*Service)(nil),               // 20: meshfed.v1.Service
-	(*Bundle)(nil),                // 21: meshfed.v1.Bundle
+	(*RotateCARequest)(nil),       // 0: meshfed.v1.RotateCARequest
+	(*RotateCAResponse)(nil),      // 1: meshfed.v1.RotateCAResponse
+	(*AddSiteRequest)(nil),        // 2: meshfed.v1.AddSiteRequest
+	(*ListSitesRequest)(nil),      // 3: meshfed.v1.ListSitesRequest
+	(*ListSitesResponse)(nil),     // 4: meshfed.v1.ListSitesResponse
+	(*GetSiteRequest)(nil),        // 5: meshfed.v1.GetSiteRequest
+	(*RemoveSiteRequest)(nil),     // 6: meshfed.v1.RemoveSiteRequest
+	(*RemoveSiteResponse)(nil),    // 7: meshfed.v1.RemoveSiteResponse
+	(*CreateTokenRequest)(nil),    // 8: meshfed.v1.CreateTokenRequest
+	(*CreateTokenResponse)(nil),   // 9: meshfed.v1.CreateTokenResponse
+	(*ListServicesRequest)(nil),   // 10: meshfed.v1.ListServicesRequest
+	(*ListServicesResponse)(nil),  // 11: meshfed.v1.ListServicesResponse
+	(*GetServiceRequest)(nil),     // 12: meshfed.v1.GetServiceRequest
+	(*GetServiceResponse)(nil),    // 13: meshfed.v1.GetServiceResponse
+	(*ListBundlesRequest)(nil),    // 14: meshfed.v1.ListBundlesRequest
+	(*ListBundlesResponse)(nil),   // 15: meshfed.v1.ListBundlesResponse
+	(*FederateRequest)(nil),       // 16: meshfed.v1.FederateRequest
+	(*FederateResponse)(nil),      // 17: meshfed.v1.FederateResponse
+	(*Site)(nil),                  // 18: meshfed.v1.Site
+	(*SiteStatus)(nil),            // 19: meshfed.v1.SiteStatus
+	(*durationpb.Duration)(nil),   // 20: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil), // 21: google.protobuf.Timestamp
+	(*Service)(nil),               // 22: meshfed.v1.Service
+	(*Bundle)(nil),                // 23: meshfed.v1.Bundle
 }
 var file_meshfed_v1_admin_proto_depIdxs = []int32{
-	16, // 0: meshfed.v1.AddSiteRequest.site:type_name -> meshfed.v1.Site
-	17, // 1: meshfed.v1.ListSitesResponse.sites:type_name -> meshfed.v1.SiteStatus
-	18, // 2: meshfed.v1.CreateTokenRequest.ttl:type_name -> google.protobuf.Duration
-	19, // 3: meshfed.v1.CreateTokenResponse.expires:type_name -> google.protobuf.Timestamp
-	20, // 4: meshfed.v1.ListServicesResponse.services:type_name -> meshfed.v1.Service
-	20, // 5: meshfed.v1.GetServiceResponse.services:type_name -> meshfed.v1.Service
-	16, // 6: meshfed.v1.GetServiceResponse.sites:type_name -> meshfed.v1.Site
-	21, // 7: meshfed.v1.ListBundlesResponse.bundles:type_name -> meshfed.v1.Bundle
-	21, // 8: meshfed.v1.ListBundlesResponse.federation_bundle:type_name -> meshfed.v1.Bundle
-	21, // 9: meshfed.v1.FederateResponse.bundle:type_name -> meshfed.v1.Bundle
-	0,  // 10: meshfed.v1.Admin.AddSite:input_type -> meshfed.v1.AddSiteRequest
-	1,  // 11: meshfed.v1.Admin.ListSites:input_type -> meshfed.v1.ListSitesRequest
-	3,  // 12: meshfed.v1.Admin.GetSite:input_type -> meshfed.v1.GetSiteRequest
-	4,  // 13: meshfed.v1.Admin.RemoveSite:input_type -> meshfed.v1.RemoveSiteRequest
-	6,  // 14: meshfed.v1.Admin.CreateToken:input_type -> meshfed.v1.CreateTokenRequest
-	8,  // 15: meshfed.v1.Admin.ListServices:input_type -> meshfed.v1.ListServicesRequest
-	10, // 16: meshfed.v1.Admin.GetService:input_type -> meshfed.v1.GetServiceRequest
-	12, // 17: meshfed.v1.Admin.ListBundles:input_type -> meshfed.v1.ListBundlesRequest
-	14, // 18: meshfed.v1.Admin.Federate:input_type -> meshfed.v1.FederateRequest
-	17, // 19: meshfed.v1.Admin.AddSite:output_type -> meshfed.v1.SiteStatus
-	2,  // 20: meshfed.v1.Admin.ListSites:output_type -> meshfed.v1.ListSitesResponse
-	17, // 21: meshfed.v1.Admin.GetSite:output_type -> meshfed.v1.SiteStatus
-	5,  // 22: meshfed.v1.Admin.RemoveSite:output_type -> meshfed.v1.RemoveSiteResponse
-	7,  // 23: meshfed.v1.Admin.CreateToken:output_type -> meshfed.v1.CreateTokenResponse
-	9,  // 24: meshfed.v1.Admin.ListServices:output_type -> meshfed.v1.ListServicesResponse
-	11, // 25: meshfed.v1.Admin.GetService:output_type -> meshfed.v1.GetServiceResponse
-	13, // 26: meshfed.v1.Admin.ListBundles:output_type -> meshfed.v1.ListBundlesResponse
-	15, // 27: meshfed.v1.Admin.Federate:output_type -> meshfed.v1.FederateResponse
-	19, // [19:28] is the sub-list for method output_type
-	10, // [10:19] is the sub-list for method input_type
+	18, // 0: meshfed.v1.AddSiteRequest.site:type_name -> meshfed.v1.Site
+	19, // 1: meshfed.v1.ListSitesResponse.sites:type_name -> meshfed.v1.SiteStatus
+	20, // 2: meshfed.v1.CreateTokenRequest.ttl:type_name -> google.protobuf.Duration
+	21, // 3: meshfed.v1.CreateTokenResponse.expires:type_name -> google.protobuf.Timestamp
+	22, // 4: meshfed.v1.ListServicesResponse.services:type_name -> meshfed.v1.Service
+	22, // 5: meshfed.v1.GetServiceResponse.services:type_name -> meshfed.v1.Service
+	18, // 6: meshfed.v1.GetServiceResponse.sites:type_name -> meshfed.v1.Site
+	23, // 7: meshfed.v1.ListBundlesResponse.bundles:type_name -> meshfed.v1.Bundle
+	23, // 8: meshfed.v1.ListBundlesResponse.federation_bundle:type_name -> meshfed.v1.Bundle
+	23, // 9: meshfed.v1.FederateResponse.bundle:type_name -> meshfed.v1.Bundle
+	2,  // 10: meshfed.v1.Admin.AddSite:input_type -> meshfed.v1.AddSiteRequest
+	3,  // 11: meshfed.v1.Admin.ListSites:input_type -> meshfed.v1.ListSitesRequest
+	5,  // 12: meshfed.v1.Admin.GetSite:input_type -> meshfed.v1.GetSiteRequest
+	6,  // 13: meshfed.v1.Admin.RemoveSite:input_type -> meshfed.v1.RemoveSiteRequest
+	8,  // 14: meshfed.v1.Admin.CreateToken:input_type -> meshfed.v1.CreateTokenRequest
+	10, // 15: meshfed.v1.Admin.ListServices:input_type -> meshfed.v1.ListServicesRequest
+	12, // 16: meshfed.v1.Admin.GetService:input_type -> meshfed.v1.GetServiceRequest
+	14, // 17: meshfed.v1.Admin.ListBundles:input_type -> meshfed.v1.ListBundlesRequest
+	16, // 18: meshfed.v1.Admin.Federate:input_type -> meshfed.v1.FederateRequest
+	0,  // 19: meshfed.v1.Admin.RotateCA:input_type -> meshfed.v1.RotateCARequest
+	19, // 20: meshfed.v1.Admin.AddSite:output_type -> meshfed.v1.SiteStatus
+	4,  // 21: meshfed.v1.Admin.ListSites:output_type -> meshfed.v1.ListSitesResponse
+	19, // 22: meshfed.v1.Admin.GetSite:output_type -> meshfed.v1.SiteStatus
+	7,  // 23: meshfed.v1.Admin.RemoveSite:output_type -> meshfed.v1.RemoveSiteResponse
+	9,  // 24: meshfed.v1.Admin.CreateToken:output_type -> meshfed.v1.CreateTokenResponse
+	11, // 25: meshfed.v1.Admin.ListServices:output_type -> meshfed.v1.ListServicesResponse
+	13, // 26: meshfed.v1.Admin.GetService:output_type -> meshfed.v1.GetServiceResponse
+	15, // 27: meshfed.v1.Admin.ListBundles:output_type -> meshfed.v1.ListBundlesResponse
+	17, // 28: meshfed.v1.Admin.Federate:output_type -> meshfed.v1.FederateResponse
+	1,  // 29: meshfed.v1.Admin.RotateCA:output_type -> meshfed.v1.RotateCAResponse
+	20, // [20:30] is the sub-list for method output_type
+	10, // [10:20] is the sub-list for method input_type
 	10, // [10:10] is the sub-list for extension type_name
 	10, // [10:10] is the sub-list for extension extendee
 	0,  // [0:10] is the sub-list for field type_name
@@ -926,7 +1025,7 @@ func file_meshfed_v1_admin_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_meshfed_v1_admin_proto_rawDesc), len(file_meshfed_v1_admin_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   16,
+			NumMessages:   18,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

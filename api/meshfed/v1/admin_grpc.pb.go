@@ -28,6 +28,7 @@ const (
 	Admin_GetService_FullMethodName   = "/meshfed.v1.Admin/GetService"
 	Admin_ListBundles_FullMethodName  = "/meshfed.v1.Admin/ListBundles"
 	Admin_Federate_FullMethodName     = "/meshfed.v1.Admin/Federate"
+	Admin_RotateCA_FullMethodName     = "/meshfed.v1.Admin/RotateCA"
 )
 
 // AdminClient is the client API for Admin service.
@@ -46,6 +47,7 @@ type AdminClient interface {
 	GetService(ctx context.Context, in *GetServiceRequest, opts ...grpc.CallOption) (*GetServiceResponse, error)
 	ListBundles(ctx context.Context, in *ListBundlesRequest, opts ...grpc.CallOption) (*ListBundlesResponse, error)
 	Federate(ctx context.Context, in *FederateRequest, opts ...grpc.CallOption) (*FederateResponse, error)
+	RotateCA(ctx context.Context, in *RotateCARequest, opts ...grpc.CallOption) (*RotateCAResponse, error)
 }
 
 type adminClient struct {
@@ -146,6 +148,16 @@ func (c *adminClient) Federate(ctx context.Context, in *FederateRequest, opts ..
 	return out, nil
 }
 
+func (c *adminClient) RotateCA(ctx context.Context, in *RotateCARequest, opts ...grpc.CallOption) (*RotateCAResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(RotateCAResponse)
+	err := c.cc.Invoke(ctx, Admin_RotateCA_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // AdminServer is the server API for Admin service.
 // All implementations must embed UnimplementedAdminServer
 // for forward compatibility.
@@ -162,6 +174,7 @@ type AdminServer interface {
 	GetService(context.Context, *GetServiceRequest) (*GetServiceResponse, error)
 	ListBundles(context.Context, *ListBundlesRequest) (*ListBundlesResponse, error)
 	Federate(context.Context, *FederateRequest) (*FederateResponse, error)
+	RotateCA(context.Context, *RotateCARequest) (*RotateCAResponse, error)
 	mustEmbedUnimplementedAdminServer()
 }
 
@@ -198,6 +211,9 @@ func (UnimplementedAdminServer) ListBundles(context.Context, *ListBundlesRequest
 }
 func (UnimplementedAdminServer) Federate(context.Context, *FederateRequest) (*FederateResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method Federate not implemented")
+}
+func (UnimplementedAdminServer) RotateCA(context.Context, *RotateCARequest) (*RotateCAResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method RotateCA not implemented")
 }
 func (UnimplementedAdminServer) mustEmbedUnimplementedAdminServer() {}
 func (UnimplementedAdminServer) testEmbeddedByValue()               {}
@@ -382,6 +398,24 @@ func _Admin_Federate_Handler(srv interface{}, ctx context.Context, dec func(inte
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Admin_RotateCA_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RotateCARequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).RotateCA(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_RotateCA_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).RotateCA(ctx, req.(*RotateCARequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Admin_ServiceDesc is the grpc.ServiceDesc for Admin service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -424,6 +458,10 @@ var Admin_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "Federate",
 			Handler:    _Admin_Federate_Handler,
+		},
+		{
+			MethodName: "RotateCA",
+			Handler:    _Admin_RotateCA_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

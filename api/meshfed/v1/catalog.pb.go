@@ -607,6 +607,60 @@ func (x *SiteStatus) GetEndpoints() uint32 {
 	return 0
 }
 
+// CARotation asks a site's spoke to rotate its CA; the spoke acts when
+// generation exceeds the last one it carried out.
+type CARotation struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Site          string                 `protobuf:"bytes,1,opt,name=site,proto3" json:"site,omitempty"`
+	Generation    uint64                 `protobuf:"varint,2,opt,name=generation,proto3" json:"generation,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CARotation) Reset() {
+	*x = CARotation{}
+	mi := &file_meshfed_v1_catalog_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CARotation) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CARotation) ProtoMessage() {}
+
+func (x *CARotation) ProtoReflect() protoreflect.Message {
+	mi := &file_meshfed_v1_catalog_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CARotation.ProtoReflect.Descriptor instead.
+func (*CARotation) Descriptor() ([]byte, []int) {
+	return file_meshfed_v1_catalog_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *CARotation) GetSite() string {
+	if x != nil {
+		return x.Site
+	}
+	return ""
+}
+
+func (x *CARotation) GetGeneration() uint64 {
+	if x != nil {
+		return x.Generation
+	}
+	return 0
+}
+
 // Bundle is the X.509 trust bundle of one SPIFFE trust domain: a site's own
 // (published by its spoke) or an outside one the hub imports.
 type Bundle struct {
@@ -626,7 +680,7 @@ type Bundle struct {
 
 func (x *Bundle) Reset() {
 	*x = Bundle{}
-	mi := &file_meshfed_v1_catalog_proto_msgTypes[6]
+	mi := &file_meshfed_v1_catalog_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -638,7 +692,7 @@ func (x *Bundle) String() string {
 func (*Bundle) ProtoMessage() {}
 
 func (x *Bundle) ProtoReflect() protoreflect.Message {
-	mi := &file_meshfed_v1_catalog_proto_msgTypes[6]
+	mi := &file_meshfed_v1_catalog_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -651,7 +705,7 @@ func (x *Bundle) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Bundle.ProtoReflect.Descriptor instead.
 func (*Bundle) Descriptor() ([]byte, []int) {
-	return file_meshfed_v1_catalog_proto_rawDescGZIP(), []int{6}
+	return file_meshfed_v1_catalog_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *Bundle) GetTrustDomain() string {
@@ -742,7 +796,13 @@ const file_meshfed_v1_catalog_proto_rawDesc = "" +
 	"\tlast_sync\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\blastSync\x12C\n" +
 	"\x0fconnected_since\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\x0econnectedSince\x12\x1a\n" +
 	"\bservices\x18\x05 \x01(\rR\bservices\x12\x1c\n" +
-	"\tendpoints\x18\x06 \x01(\rR\tendpoints\"\xd4\x01\n" +
+	"\tendpoints\x18\x06 \x01(\rR\tendpoints\"@\n" +
+	"\n" +
+	"CARotation\x12\x12\n" +
+	"\x04site\x18\x01 \x01(\tR\x04site\x12\x1e\n" +
+	"\n" +
+	"generation\x18\x02 \x01(\x04R\n" +
+	"generation\"\xd4\x01\n" +
 	"\x06Bundle\x12!\n" +
 	"\ftrust_domain\x18\x01 \x01(\tR\vtrustDomain\x12)\n" +
 	"\x10x509_authorities\x18\x02 \x03(\fR\x0fx509Authorities\x12\x1a\n" +
@@ -774,7 +834,7 @@ func file_meshfed_v1_catalog_proto_rawDescGZIP() []byte {
 }
 
 var file_meshfed_v1_catalog_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_meshfed_v1_catalog_proto_msgTypes = make([]protoimpl.MessageInfo, 8)
+var file_meshfed_v1_catalog_proto_msgTypes = make([]protoimpl.MessageInfo, 9)
 var file_meshfed_v1_catalog_proto_goTypes = []any{
 	(Health)(0),                   // 0: meshfed.v1.Health
 	(SiteState)(0),                // 1: meshfed.v1.SiteState
@@ -784,22 +844,23 @@ var file_meshfed_v1_catalog_proto_goTypes = []any{
 	(*Service)(nil),               // 5: meshfed.v1.Service
 	(*Site)(nil),                  // 6: meshfed.v1.Site
 	(*SiteStatus)(nil),            // 7: meshfed.v1.SiteStatus
-	(*Bundle)(nil),                // 8: meshfed.v1.Bundle
-	nil,                           // 9: meshfed.v1.Endpoint.LabelsEntry
-	(*timestamppb.Timestamp)(nil), // 10: google.protobuf.Timestamp
+	(*CARotation)(nil),            // 8: meshfed.v1.CARotation
+	(*Bundle)(nil),                // 9: meshfed.v1.Bundle
+	nil,                           // 10: meshfed.v1.Endpoint.LabelsEntry
+	(*timestamppb.Timestamp)(nil), // 11: google.protobuf.Timestamp
 }
 var file_meshfed_v1_catalog_proto_depIdxs = []int32{
 	2,  // 0: meshfed.v1.Endpoint.locality:type_name -> meshfed.v1.Locality
 	0,  // 1: meshfed.v1.Endpoint.health:type_name -> meshfed.v1.Health
-	9,  // 2: meshfed.v1.Endpoint.labels:type_name -> meshfed.v1.Endpoint.LabelsEntry
+	10, // 2: meshfed.v1.Endpoint.labels:type_name -> meshfed.v1.Endpoint.LabelsEntry
 	3,  // 3: meshfed.v1.Service.ports:type_name -> meshfed.v1.Port
 	4,  // 4: meshfed.v1.Service.endpoints:type_name -> meshfed.v1.Endpoint
 	2,  // 5: meshfed.v1.Site.locality:type_name -> meshfed.v1.Locality
 	1,  // 6: meshfed.v1.Site.state:type_name -> meshfed.v1.SiteState
 	6,  // 7: meshfed.v1.SiteStatus.site:type_name -> meshfed.v1.Site
-	10, // 8: meshfed.v1.SiteStatus.created:type_name -> google.protobuf.Timestamp
-	10, // 9: meshfed.v1.SiteStatus.last_sync:type_name -> google.protobuf.Timestamp
-	10, // 10: meshfed.v1.SiteStatus.connected_since:type_name -> google.protobuf.Timestamp
+	11, // 8: meshfed.v1.SiteStatus.created:type_name -> google.protobuf.Timestamp
+	11, // 9: meshfed.v1.SiteStatus.last_sync:type_name -> google.protobuf.Timestamp
+	11, // 10: meshfed.v1.SiteStatus.connected_since:type_name -> google.protobuf.Timestamp
 	11, // [11:11] is the sub-list for method output_type
 	11, // [11:11] is the sub-list for method input_type
 	11, // [11:11] is the sub-list for extension type_name
@@ -818,7 +879,7 @@ func file_meshfed_v1_catalog_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_meshfed_v1_catalog_proto_rawDesc), len(file_meshfed_v1_catalog_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   8,
+			NumMessages:   9,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
