@@ -2,11 +2,13 @@ package cli
 
 import (
 	"fmt"
+	"os"
 	"time"
 
 	"github.com/meshfed/meshfed/hub"
 	"github.com/meshfed/meshfed/spoke"
 	"github.com/meshfed/meshfed/spoke/filesource"
+	"github.com/meshfed/meshfed/spoke/kube"
 	"github.com/meshfed/meshfed/store"
 	"github.com/spf13/cobra"
 )
@@ -62,7 +64,7 @@ func newHubCmd(g *globals) *cobra.Command {
 
 func newSpokeCmd(g *globals) *cobra.Command {
 	var o spoke.Options
-	var services string
+	var services, kubeconfig, kubeContext string
 	var poll time.Duration
 	cmd := &cobra.Command{
 		Use:   "spoke",
@@ -77,6 +79,7 @@ func newSpokeCmd(g *globals) *cobra.Command {
 			o.Logger = g.logger()
 			// sp is set before the source first runs (in sp.Run).
 			var sp *spoke.Spoke
+			var err error
 			if services != "" {
 				src := filesource.New(filesource.Options{
 					Path: services, Interval: poll, Logger: o.Logger.With("component", "filesource"),
@@ -87,7 +90,12 @@ func newSpokeCmd(g *globals) *cobra.Command {
 				}
 				o.Source = src
 			}
-			sp, err := spoke.New(ctx, o)
+			if kubeconfig != "" || os.Getenv("KUBERNETES_SERVICE_HOST") != "" {
+				if o.Kube, err = kube.NewClient(kubeconfig, kubeContext); err != nil {
+					return err
+				}
+			}
+			sp, err = spoke.New(ctx, o)
 			if err != nil {
 				return err
 			}
@@ -100,6 +108,8 @@ func newSpokeCmd(g *globals) *cobra.Command {
 	f.StringVar(&o.Token, "token", "", "one-time join token from `meshfed site token create` (first start only)")
 	f.StringVar(&o.DataDir, "data-dir", "", "directory for the spoke's credential and federated view (required)")
 	f.StringVar(&services, "services", "", "YAML file listing this site's services (watched for changes)")
+	f.StringVar(&kubeconfig, "kubeconfig", "", "kubeconfig of the site's cluster, when the spoke runs outside it (inside, the in-cluster config is used)")
+	f.StringVar(&kubeContext, "context", "", "kubeconfig context")
 	f.DurationVar(&poll, "services-poll", time.Second, "how often to check the services file for changes")
 	f.StringVar(&o.HTTPListen, "http-listen", "127.0.0.1:7180", "address for /healthz, /readyz, /metrics and /v1/catalog (- disables)")
 	f.StringVar(&o.IdentityListen, "identity-listen", "127.0.0.1:7181", "address of the SVID API for the site's hosts and workloads (- disables)")

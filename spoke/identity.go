@@ -15,6 +15,7 @@ import (
 	meshfedv1 "github.com/meshfed/meshfed/api/meshfed/v1"
 	"github.com/meshfed/meshfed/catalog"
 	"github.com/meshfed/meshfed/federation"
+	"github.com/meshfed/meshfed/spoke/kube"
 	"github.com/meshfed/meshfed/trust/ca"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/grpc"
@@ -98,9 +99,12 @@ func (is *identityServer) serve(ctx context.Context, ln net.Listener) error {
 // Attest exchanges a one-time node token, checked and burnt by the hub,
 // for the node's SVID.
 func (is *identityServer) Attest(ctx context.Context, req *meshfedv1.AttestRequest) (*meshfedv1.SVIDResponse, error) {
+	if kt := req.GetKubernetesToken(); kt != "" {
+		return is.attestKubernetes(ctx, kt, req.GetCsr())
+	}
 	tok := req.GetNodeToken()
 	if tok == "" {
-		return nil, status.Error(codes.InvalidArgument, "no credential: pass a node token from `meshfed vm token create`")
+		return nil, status.Error(codes.InvalidArgument, "no credential: pass a node token from `meshfed vm token create` or a Kubernetes ServiceAccount token")
 	}
 	resp, err := is.hub.RedeemNodeToken(ctx, &meshfedv1.RedeemNodeTokenRequest{Token: tok})
 	if err != nil {
@@ -118,6 +122,27 @@ func (is *identityServer) Attest(ctx context.Context, req *meshfedv1.AttestReque
 		return nil, status.Error(codes.Internal, err.Error())
 	}
 	return is.issue(id, req.GetCsr(), "attest")
+}
+
+// attestKubernetes checks a ServiceAccount token with the cluster's
+// TokenReview and issues spiffe://<td>/ns/<namespace>/sa/<name>.
+func (is *identityServer) attestKubernetes(ctx context.Context, token string, csr []byte) (*meshfedv1.SVIDResponse, error) {
+	if is.s.o.Kube == nil {
+		return nil, status.Error(codes.FailedPrecondition, "this spoke has no Kubernetes cluster to check the token with (start it with --kubeconfig, or in the cluster)")
+	}
+	sa, err := kube.ReviewToken(ctx, is.s.o.Kube, token, kube.Audience)
+	if errors.Is(err, kube.ErrNotAuthenticated) {
+		is.s.m.svids.WithLabelValues("attest", "refused").Inc()
+		return nil, status.Error(codes.Unauthenticated, err.Error())
+	}
+	if err != nil {
+		return nil, status.Error(codes.Unavailable, err.Error())
+	}
+	id, err := spiffeid.FromSegments(is.s.ca.TrustDomain(), "ns", sa.Namespace, "sa", sa.Name)
+	if err != nil {
+		return nil, status.Error(codes.Internal, err.Error())
+	}
+	return is.issue(id, csr, "attest")
 }
 
 // Renew gives the holder of a valid SVID of this site a fresh one with the

@@ -26,6 +26,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"golang.org/x/sync/errgroup"
 	"google.golang.org/grpc"
+	"k8s.io/client-go/kubernetes"
 )
 
 // Options configures a Spoke. Zero values take the documented defaults.
@@ -51,6 +52,9 @@ type Options struct {
 	// CA configures the site CA (its Dir and TrustDomain are set by the
 	// spoke: <data dir>/ca and the site's trust domain from the hub).
 	CA siteca.Options
+	// Kube is the site's cluster, for Kubernetes attestation (and, later,
+	// its catalog source). Nil: not a Kubernetes site.
+	Kube kubernetes.Interface
 	// IdentityListen serves the SVID API (Identity) to the site's hosts and
 	// workloads. Default "127.0.0.1:7181"; "-" disables.
 	IdentityListen string

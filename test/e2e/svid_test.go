@@ -79,6 +79,13 @@ func (f *federation) attest(t *testing.T, s *spokeProc, node string) (workload, 
 // attestWith redeems token at s's spoke, trusting the spoke by pin.
 func attestWith(t *testing.T, s *spokeProc, token, pin string) (workload, error) {
 	t.Helper()
+	return attestRequest(t, s, pin, &meshfedv1.AttestRequest{Credential: &meshfedv1.AttestRequest_NodeToken{NodeToken: token}})
+}
+
+// attestRequest sends req (its CSR is filled in) to s's spoke, trusting the
+// spoke by the pin of its site CA.
+func attestRequest(t *testing.T, s *spokeProc, pin string, req *meshfedv1.AttestRequest) (workload, error) {
+	t.Helper()
 	conn, err := hubclient.DialPinned(s.identity, pin)
 	if err != nil {
 		t.Fatal(err)
@@ -87,7 +94,8 @@ func attestWith(t *testing.T, s *spokeProc, token, pin string) (workload, error)
 	csr, keyPEM := newCSR(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	resp, err := meshfedv1.NewIdentityClient(conn).Attest(ctx, &meshfedv1.AttestRequest{Credential: &meshfedv1.AttestRequest_NodeToken{NodeToken: token}, Csr: csr})
+	req.Csr = csr
+	resp, err := meshfedv1.NewIdentityClient(conn).Attest(ctx, req)
 	if err != nil {
 		return workload{}, err
 	}

@@ -27,6 +27,7 @@ type AttestRequest struct {
 	// Types that are valid to be assigned to Credential:
 	//
 	//	*AttestRequest_NodeToken
+	//	*AttestRequest_KubernetesToken
 	Credential isAttestRequest_Credential `protobuf_oneof:"credential"`
 	// csr is a DER PKCS#10 request; the key never leaves the caller.
 	Csr           []byte `protobuf:"bytes,2,opt,name=csr,proto3" json:"csr,omitempty"`
@@ -80,6 +81,15 @@ func (x *AttestRequest) GetNodeToken() string {
 	return ""
 }
 
+func (x *AttestRequest) GetKubernetesToken() string {
+	if x != nil {
+		if x, ok := x.Credential.(*AttestRequest_KubernetesToken); ok {
+			return x.KubernetesToken
+		}
+	}
+	return ""
+}
+
 func (x *AttestRequest) GetCsr() []byte {
 	if x != nil {
 		return x.Csr
@@ -96,7 +106,15 @@ type AttestRequest_NodeToken struct {
 	NodeToken string `protobuf:"bytes,1,opt,name=node_token,json=nodeToken,proto3,oneof"`
 }
 
+type AttestRequest_KubernetesToken struct {
+	// kubernetes_token is a projected ServiceAccount token with audience
+	// "meshfed", checked with the cluster's TokenReview API.
+	KubernetesToken string `protobuf:"bytes,3,opt,name=kubernetes_token,json=kubernetesToken,proto3,oneof"`
+}
+
 func (*AttestRequest_NodeToken) isAttestRequest_Credential() {}
+
+func (*AttestRequest_KubernetesToken) isAttestRequest_Credential() {}
 
 type RenewSVIDRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -217,10 +235,11 @@ var File_meshfed_v1_identity_proto protoreflect.FileDescriptor
 const file_meshfed_v1_identity_proto_rawDesc = "" +
 	"\n" +
 	"\x19meshfed/v1/identity.proto\x12\n" +
-	"meshfed.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"P\n" +
+	"meshfed.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"}\n" +
 	"\rAttestRequest\x12\x1f\n" +
 	"\n" +
-	"node_token\x18\x01 \x01(\tH\x00R\tnodeToken\x12\x10\n" +
+	"node_token\x18\x01 \x01(\tH\x00R\tnodeToken\x12+\n" +
+	"\x10kubernetes_token\x18\x03 \x01(\tH\x00R\x0fkubernetesToken\x12\x10\n" +
 	"\x03csr\x18\x02 \x01(\fR\x03csrB\f\n" +
 	"\n" +
 	"credential\"$\n" +
@@ -279,6 +298,7 @@ func file_meshfed_v1_identity_proto_init() {
 	}
 	file_meshfed_v1_identity_proto_msgTypes[0].OneofWrappers = []any{
 		(*AttestRequest_NodeToken)(nil),
+		(*AttestRequest_KubernetesToken)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{

@@ -1,0 +1,78 @@
+// Package kube is the spoke's link to its Kubernetes cluster: building a
+// client from a kubeconfig (or the in-cluster config) and checking workload
+// ServiceAccount tokens with the TokenReview API for attestation.
+package kube
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"strings"
+
+	authnv1 "k8s.io/api/authentication/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/clientcmd"
+)
+
+// Audience is what a workload's projected ServiceAccount token must be
+// issued for to attest to a meshfed spoke.
+const Audience = "meshfed"
+
+// NewClient connects with kubeconfig (and context, optional), or with the
+// in-cluster config when kubeconfig is empty.
+func NewClient(kubeconfig, kubeContext string) (kubernetes.Interface, error) {
+	var cfg *rest.Config
+	var err error
+	if kubeconfig == "" {
+		cfg, err = rest.InClusterConfig()
+		if err != nil {
+			return nil, fmt.Errorf("kube: not running in a cluster and no --kubeconfig given: %w", err)
+		}
+	} else {
+		rules := &clientcmd.ClientConfigLoadingRules{ExplicitPath: kubeconfig}
+		cfg, err = clientcmd.NewNonInteractiveDeferredLoadingClientConfig(rules, &clientcmd.ConfigOverrides{CurrentContext: kubeContext}).ClientConfig()
+		if err != nil {
+			return nil, fmt.Errorf("kube: kubeconfig %s: %w", kubeconfig, err)
+		}
+	}
+	cfg.UserAgent = "meshfed-spoke"
+	return kubernetes.NewForConfig(cfg)
+}
+
+// ErrNotAuthenticated is returned for a token the cluster does not accept.
+var ErrNotAuthenticated = errors.New("kube: the cluster does not accept the token")
+
+// ServiceAccount is a reviewed token's workload identity.
+type ServiceAccount struct {
+	Namespace, Name string
+}
+
+// ReviewToken asks the cluster whether token is a valid ServiceAccount
+// token for audience, and whose. The cluster checks signature, expiry,
+// audience and that the ServiceAccount (and a bound pod) still exist.
+func ReviewToken(ctx context.Context, c kubernetes.Interface, token, audience string) (ServiceAccount, error) {
+	r, err := c.AuthenticationV1().TokenReviews().Create(ctx, &authnv1.TokenReview{
+		Spec: authnv1.TokenReviewSpec{Token: token, Audiences: []string{audience}},
+	}, metav1.CreateOptions{})
+	if err != nil {
+		return ServiceAccount{}, fmt.Errorf("kube: TokenReview: %w (the spoke needs the system:auth-delegator role)", err)
+	}
+	if !r.Status.Authenticated {
+		reason := r.Status.Error
+		if reason == "" {
+			reason = "not authenticated"
+		}
+		return ServiceAccount{}, fmt.Errorf("%w: %s", ErrNotAuthenticated, reason)
+	}
+	if !slices.Contains(r.Status.Audiences, audience) {
+		return ServiceAccount{}, fmt.Errorf("%w: the token is not for audience %q", ErrNotAuthenticated, audience)
+	}
+	parts := strings.Split(r.Status.User.Username, ":")
+	if len(parts) != 4 || parts[0] != "system" || parts[1] != "serviceaccount" {
+		return ServiceAccount{}, fmt.Errorf("%w: %s is not a ServiceAccount", ErrNotAuthenticated, r.Status.User.Username)
+	}
+	return ServiceAccount{Namespace: parts[2], Name: parts[3]}, nil
+}

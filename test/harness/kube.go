@@ -1,0 +1,145 @@
+package harness
+
+import (
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/pem"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/meshfed/meshfed/trust/ca"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/tools/clientcmd"
+)
+
+// Kube is one real kube-apiserver.
+type Kube struct {
+	Name string
+	URL  string
+	// Kubeconfig is a file with cluster-admin rights (a static token).
+	Kubeconfig string
+	Client     kubernetes.Interface
+}
+
+// KubeAPIServerBinary returns the pinned kube-apiserver, building it into
+// the tools cache the first time (test/kube.sh).
+func KubeAPIServerBinary(t testing.TB) string {
+	t.Helper()
+	root, err := moduleRoot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := exec.Command(filepath.Join(root, "test", "kube.sh")).Output()
+	if err != nil {
+		t.Fatalf("build kube-apiserver (test/kube.sh): %v", err)
+	}
+	return strings.TrimSpace(string(out))
+}
+
+// KubeAPIServer starts a kube-apiserver named name on the etcd at etcdURL,
+// under its own --etcd-prefix, so several clusters share one etcd.
+func KubeAPIServer(t testing.TB, etcdURL, name string) *Kube {
+	t.Helper()
+	bin := KubeAPIServerBinary(t)
+	dir := t.TempDir()
+	addr := FreePort(t)
+	_, port, _ := net.SplitHostPort(addr)
+
+	// Serving certificate from a throwaway CA, so clients verify the server.
+	root, err := ca.New(spiffeid.RequireTrustDomainFromString(name+".kube.test"), name+" kube CA", 24*time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	key, _ := ca.NewKey()
+	leaf, err := root.Sign(ca.Leaf{ID: spiffeid.RequireFromString("spiffe://" + name + ".kube.test/apiserver"), Key: key.Public(), TTL: 24 * time.Hour, DNSNames: []string{"localhost"}, IPs: []net.IP{net.IPv4(127, 0, 0, 1)}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	keyPEM, _ := ca.EncodeKeyPEM(key)
+	saKey, _ := ca.NewKey()
+	saKeyPEM, _ := ca.EncodeKeyPEM(saKey)
+	saPubDER, _ := x509.MarshalPKIXPublicKey(saKey.Public())
+	token := "admin-" + name
+	files := map[string][]byte{
+		"tls.crt":    ca.EncodeCertPEM(leaf),
+		"tls.key":    keyPEM,
+		"ca.crt":     ca.EncodeCertPEM(root.Cert),
+		"sa.key":     saKeyPEM,
+		"sa.pub":     pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: saPubDER}),
+		"tokens.csv": []byte(token + ",admin,admin-uid,\"system:masters\"\n"),
+	}
+	for f, b := range files {
+		if err := os.WriteFile(filepath.Join(dir, f), b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	Start(t, "kube-apiserver-"+name, bin,
+		"--etcd-servers", etcdURL,
+		"--etcd-prefix", "/registry-"+name,
+		"--bind-address", "127.0.0.1",
+		"--advertise-address", "127.0.0.1",
+		"--secure-port", port,
+		"--tls-cert-file", filepath.Join(dir, "tls.crt"),
+		"--tls-private-key-file", filepath.Join(dir, "tls.key"),
+		"--token-auth-file", filepath.Join(dir, "tokens.csv"),
+		"--service-account-issuer", "https://kubernetes.default.svc.cluster.local",
+		"--service-account-key-file", filepath.Join(dir, "sa.pub"),
+		"--service-account-signing-key-file", filepath.Join(dir, "sa.key"),
+		"--service-cluster-ip-range", "10.96.0.0/24",
+		"--authorization-mode", "RBAC",
+		"--enable-priority-and-fairness=false",
+		"--profiling=false",
+		"--cert-dir", dir,
+	)
+	url := "https://" + addr
+	kubeconfig := filepath.Join(dir, "kubeconfig")
+	cfg := fmt.Sprintf(`apiVersion: v1
+kind: Config
+clusters:
+- name: %[1]s
+  cluster: {server: %[2]q, certificate-authority: %[3]q}
+users:
+- name: admin
+  user: {token: %[4]q}
+contexts:
+- name: %[1]s
+  context: {cluster: %[1]s, user: admin}
+current-context: %[1]s
+`, name, url, filepath.Join(dir, "ca.crt"), token)
+	if err := os.WriteFile(kubeconfig, []byte(cfg), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	pool := x509.NewCertPool()
+	pool.AddCert(root.Cert)
+	hc := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}}
+	Eventually(t, 90*time.Second, "kube-apiserver "+name+" is ready", func() error {
+		req, _ := http.NewRequest("GET", url+"/readyz", nil)
+		req.Header.Set("Authorization", "Bearer "+token)
+		resp, err := hc.Do(req)
+		if err != nil {
+			return err
+		}
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusOK {
+			return fmt.Errorf("readyz: %s", resp.Status)
+		}
+		return nil
+	})
+	rc, err := clientcmd.BuildConfigFromFlags("", kubeconfig)
+	if err != nil {
+		t.Fatal(err)
+	}
+	client, err := kubernetes.NewForConfig(rc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &Kube{Name: name, URL: url, Kubeconfig: kubeconfig, Client: client}
+}
