@@ -20,6 +20,10 @@ const (
 	HealthDraining  = "draining"
 )
 
+// LabelNode names the host an endpoint runs on (set by the vmagent, or in
+// a services file); a host may get SVIDs only for its own endpoints.
+const LabelNode = "meshfed.io/node"
+
 // Site states as the hub sees them.
 const (
 	StatePending   = "pending"

@@ -148,16 +148,51 @@ func (is *identityServer) attestKubernetes(ctx context.Context, token string, cs
 // Renew gives the holder of a valid SVID of this site a fresh one with the
 // same ID. A caller that let its SVID expire attests again.
 func (is *identityServer) Renew(ctx context.Context, req *meshfedv1.RenewSVIDRequest) (*meshfedv1.SVIDResponse, error) {
+	id, err := is.caller(ctx, "renewal")
+	if err != nil {
+		return nil, err
+	}
+	return is.issue(id, req.GetCsr(), "renew")
+}
+
+// caller is the SPIFFE ID of the caller's verified SVID of this site.
+func (is *identityServer) caller(ctx context.Context, what string) (spiffeid.ID, error) {
 	p, _ := peer.FromContext(ctx)
 	ti, ok := p.AuthInfo.(grpccreds.TLSInfo)
 	if !ok || len(ti.State.VerifiedChains) == 0 {
-		return nil, status.Error(codes.Unauthenticated, "renewal needs the current SVID as client certificate; an expired SVID must attest again")
+		return spiffeid.ID{}, status.Errorf(codes.Unauthenticated, "%s needs a valid SVID of this site as client certificate; an expired SVID must attest again", what)
 	}
 	id, err := ca.SPIFFEID(ti.State.VerifiedChains[0][0])
 	if err != nil || id.TrustDomain() != is.s.ca.TrustDomain() {
-		return nil, status.Errorf(codes.PermissionDenied, "not an SVID of %s", is.s.ca.TrustDomain())
+		return spiffeid.ID{}, status.Errorf(codes.PermissionDenied, "not an SVID of %s", is.s.ca.TrustDomain())
 	}
-	return is.issue(id, req.GetCsr(), "renew")
+	return id, nil
+}
+
+// IssueWorkload gives a host the SVID of a workload it runs, and only of
+// one it runs: the site's catalog must have an endpoint with that identity
+// labelled with the host's node name.
+func (is *identityServer) IssueWorkload(ctx context.Context, req *meshfedv1.IssueWorkloadRequest) (*meshfedv1.SVIDResponse, error) {
+	caller, err := is.caller(ctx, "a workload SVID")
+	if err != nil {
+		return nil, err
+	}
+	node, ok := strings.CutPrefix(caller.Path(), "/meshfed/node/")
+	if !ok {
+		return nil, status.Errorf(codes.PermissionDenied, "%s is not a host: only hosts (node SVIDs) ask for their workloads' SVIDs", caller)
+	}
+	id, err := spiffeid.FromString(req.GetSpiffeId())
+	if err != nil {
+		return nil, status.Errorf(codes.InvalidArgument, "spiffe_id: %v", err)
+	}
+	if id.TrustDomain() != is.s.ca.TrustDomain() {
+		return nil, status.Errorf(codes.PermissionDenied, "%s is not in this site's trust domain %s", id, is.s.ca.TrustDomain())
+	}
+	if !is.s.local.RunsOn(id.String(), node) {
+		is.s.m.svids.WithLabelValues("workload", "refused").Inc()
+		return nil, status.Errorf(codes.PermissionDenied, "node %s runs no workload %s: the site's catalog has no endpoint with that identity and label %s=%s", node, id, catalog.LabelNode, node)
+	}
+	return is.issue(id, req.GetCsr(), "workload")
 }
 
 func (is *identityServer) issue(id spiffeid.ID, csrDER []byte, how string) (*meshfedv1.SVIDResponse, error) {

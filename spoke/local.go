@@ -58,6 +58,18 @@ func (l *Local) Services() []catalog.Service {
 	return out
 }
 
+// RunsOn reports whether an endpoint with identity id runs on node.
+func (l *Local) RunsOn(id, node string) bool {
+	for _, r := range l.table.List("svc/") {
+		for _, e := range r.GetService().GetEndpoints() {
+			if e.GetIdentity() == id && e.GetLabels()[catalog.LabelNode] == node {
+				return true
+			}
+		}
+	}
+	return false
+}
+
 // Source fills a site's local catalog until ctx ends.
 type Source interface {
 	Run(ctx context.Context, local *Local) error

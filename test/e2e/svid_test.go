@@ -102,8 +102,9 @@ func attestRequest(t *testing.T, s *spokeProc, pin string, req *meshfedv1.Attest
 	return toWorkload(t, resp, keyPEM), nil
 }
 
-// renew asks s's spoke for a fresh SVID, authenticating with w's.
-func renew(t *testing.T, s *spokeProc, w workload) (workload, error) {
+// callAs calls s's identity endpoint with w's SVID as client certificate,
+// verifying the spoke as spiffe://<site td>/meshfed/spoke.
+func callAs(t *testing.T, s *spokeProc, w workload, call func(ctx context.Context, c meshfedv1.IdentityClient, csr []byte) (*meshfedv1.SVIDResponse, error)) (workload, error) {
 	t.Helper()
 	spokeID := spiffeid.RequireFromPath(spiffeid.RequireTrustDomainFromString(s.site+".test.meshfed"), "/meshfed/spoke")
 	tc := tlsconfig.MTLSClientConfig(w.svid, w.bundles, tlsconfig.AuthorizeID(spokeID))
@@ -115,12 +116,35 @@ func renew(t *testing.T, s *spokeProc, w workload) (workload, error) {
 	csr, keyPEM := newCSR(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	resp, err := meshfedv1.NewIdentityClient(conn).Renew(ctx, &meshfedv1.RenewSVIDRequest{Csr: csr})
+	resp, err := call(ctx, meshfedv1.NewIdentityClient(conn), csr)
 	if err != nil {
 		return workload{}, err
 	}
 	return toWorkload(t, resp, keyPEM), nil
 }
+
+// renew asks s's spoke for a fresh SVID, authenticating with w's.
+func renew(t *testing.T, s *spokeProc, w workload) (workload, error) {
+	return callAs(t, s, w, func(ctx context.Context, c meshfedv1.IdentityClient, csr []byte) (*meshfedv1.SVIDResponse, error) {
+		return c.Renew(ctx, &meshfedv1.RenewSVIDRequest{Csr: csr})
+	})
+}
+
+// issueWorkload asks s's spoke, as host w, for the SVID of workload id.
+func issueWorkload(t *testing.T, s *spokeProc, w workload, id string) (workload, error) {
+	return callAs(t, s, w, func(ctx context.Context, c meshfedv1.IdentityClient, csr []byte) (*meshfedv1.SVIDResponse, error) {
+		return c.IssueWorkload(ctx, &meshfedv1.IssueWorkloadRequest{SpiffeId: id, Csr: csr})
+	})
+}
+
+// hostServices has one workload on host-a and one on host-z.
+const hostServices = `services:
+- namespace: shop
+  name: cart
+  endpoints:
+  - {address: 127.0.0.41, port: 9000, identity: "spiffe://a.test.meshfed/ns/shop/sa/cart", labels: {meshfed.io/node: host-a}}
+  - {address: 127.0.0.42, port: 9000, identity: "spiffe://a.test.meshfed/ns/shop/sa/db", labels: {meshfed.io/node: host-z}}
+`
 
 // handshake runs an mTLS exchange, server and client each verifying the
 // other with go-spiffe against its own bundles, and returns the first
@@ -196,7 +220,7 @@ func (f *federation) waitBundles(t *testing.T) {
 
 func TestSVIDs(t *testing.T) {
 	f := newFederation(t)
-	a := f.addSite("a", "z1", siteB)
+	a := f.addSite("a", "z1", hostServices)
 	b := f.addSite("b", "z2", siteC)
 	c := f.addSite("c", "z3", "services: []\n", "--svid-ttl", "3s")
 	f.waitBundles(t)
@@ -234,6 +258,21 @@ func TestSVIDs(t *testing.T) {
 		err := handshake(wa, fake)
 		if err == nil || !strings.Contains(err.Error(), "server:") || !strings.Contains(err.Error(), "unknown authority") {
 			t.Fatalf("handshake = %v, want unknown authority", err)
+		}
+	})
+	t.Run("a host gets SVIDs for its own workloads only", func(t *testing.T) {
+		cart, err := issueWorkload(t, a, wa, "spiffe://a.test.meshfed/ns/shop/sa/cart")
+		if err != nil {
+			t.Fatalf("host-a asking for its workload cart: %v", err)
+		}
+		if err := handshake(wb, cart); err != nil {
+			t.Fatalf("b refused a's workload cart: %v", err)
+		}
+		if _, err := issueWorkload(t, a, wa, "spiffe://a.test.meshfed/ns/shop/sa/db"); err == nil || !strings.Contains(err.Error(), "runs no workload") {
+			t.Fatalf("host-a asking for host-z's workload db = %v, want a refusal", err)
+		}
+		if _, err := issueWorkload(t, a, cart, "spiffe://a.test.meshfed/ns/shop/sa/cart"); err == nil || !strings.Contains(err.Error(), "not a host") {
+			t.Fatalf("a workload asking for workload SVIDs = %v, want a refusal", err)
 		}
 	})
 	t.Run("a replayed node token is refused", func(t *testing.T) {

@@ -22,6 +22,58 @@ const (
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
 
+type IssueWorkloadRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	SpiffeId      string                 `protobuf:"bytes,1,opt,name=spiffe_id,json=spiffeId,proto3" json:"spiffe_id,omitempty"`
+	Csr           []byte                 `protobuf:"bytes,2,opt,name=csr,proto3" json:"csr,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *IssueWorkloadRequest) Reset() {
+	*x = IssueWorkloadRequest{}
+	mi := &file_meshfed_v1_identity_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *IssueWorkloadRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*IssueWorkloadRequest) ProtoMessage() {}
+
+func (x *IssueWorkloadRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_meshfed_v1_identity_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use IssueWorkloadRequest.ProtoReflect.Descriptor instead.
+func (*IssueWorkloadRequest) Descriptor() ([]byte, []int) {
+	return file_meshfed_v1_identity_proto_rawDescGZIP(), []int{0}
+}
+
+func (x *IssueWorkloadRequest) GetSpiffeId() string {
+	if x != nil {
+		return x.SpiffeId
+	}
+	return ""
+}
+
+func (x *IssueWorkloadRequest) GetCsr() []byte {
+	if x != nil {
+		return x.Csr
+	}
+	return nil
+}
+
 type AttestRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Types that are valid to be assigned to Credential:
@@ -37,7 +89,7 @@ type AttestRequest struct {
 
 func (x *AttestRequest) Reset() {
 	*x = AttestRequest{}
-	mi := &file_meshfed_v1_identity_proto_msgTypes[0]
+	mi := &file_meshfed_v1_identity_proto_msgTypes[1]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -49,7 +101,7 @@ func (x *AttestRequest) String() string {
 func (*AttestRequest) ProtoMessage() {}
 
 func (x *AttestRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meshfed_v1_identity_proto_msgTypes[0]
+	mi := &file_meshfed_v1_identity_proto_msgTypes[1]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -62,7 +114,7 @@ func (x *AttestRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AttestRequest.ProtoReflect.Descriptor instead.
 func (*AttestRequest) Descriptor() ([]byte, []int) {
-	return file_meshfed_v1_identity_proto_rawDescGZIP(), []int{0}
+	return file_meshfed_v1_identity_proto_rawDescGZIP(), []int{1}
 }
 
 func (x *AttestRequest) GetCredential() isAttestRequest_Credential {
@@ -125,7 +177,7 @@ type RenewSVIDRequest struct {
 
 func (x *RenewSVIDRequest) Reset() {
 	*x = RenewSVIDRequest{}
-	mi := &file_meshfed_v1_identity_proto_msgTypes[1]
+	mi := &file_meshfed_v1_identity_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -137,7 +189,7 @@ func (x *RenewSVIDRequest) String() string {
 func (*RenewSVIDRequest) ProtoMessage() {}
 
 func (x *RenewSVIDRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meshfed_v1_identity_proto_msgTypes[1]
+	mi := &file_meshfed_v1_identity_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -150,7 +202,7 @@ func (x *RenewSVIDRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RenewSVIDRequest.ProtoReflect.Descriptor instead.
 func (*RenewSVIDRequest) Descriptor() ([]byte, []int) {
-	return file_meshfed_v1_identity_proto_rawDescGZIP(), []int{1}
+	return file_meshfed_v1_identity_proto_rawDescGZIP(), []int{2}
 }
 
 func (x *RenewSVIDRequest) GetCsr() []byte {
@@ -174,7 +226,7 @@ type SVIDResponse struct {
 
 func (x *SVIDResponse) Reset() {
 	*x = SVIDResponse{}
-	mi := &file_meshfed_v1_identity_proto_msgTypes[2]
+	mi := &file_meshfed_v1_identity_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -186,7 +238,7 @@ func (x *SVIDResponse) String() string {
 func (*SVIDResponse) ProtoMessage() {}
 
 func (x *SVIDResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meshfed_v1_identity_proto_msgTypes[2]
+	mi := &file_meshfed_v1_identity_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -199,7 +251,7 @@ func (x *SVIDResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SVIDResponse.ProtoReflect.Descriptor instead.
 func (*SVIDResponse) Descriptor() ([]byte, []int) {
-	return file_meshfed_v1_identity_proto_rawDescGZIP(), []int{2}
+	return file_meshfed_v1_identity_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *SVIDResponse) GetSpiffeId() string {
@@ -235,7 +287,10 @@ var File_meshfed_v1_identity_proto protoreflect.FileDescriptor
 const file_meshfed_v1_identity_proto_rawDesc = "" +
 	"\n" +
 	"\x19meshfed/v1/identity.proto\x12\n" +
-	"meshfed.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"}\n" +
+	"meshfed.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"E\n" +
+	"\x14IssueWorkloadRequest\x12\x1b\n" +
+	"\tspiffe_id\x18\x01 \x01(\tR\bspiffeId\x12\x10\n" +
+	"\x03csr\x18\x02 \x01(\fR\x03csr\"}\n" +
 	"\rAttestRequest\x12\x1f\n" +
 	"\n" +
 	"node_token\x18\x01 \x01(\tH\x00R\tnodeToken\x12+\n" +
@@ -252,10 +307,11 @@ const file_meshfed_v1_identity_proto_rawDesc = "" +
 	"\abundles\x18\x04 \x03(\v2%.meshfed.v1.SVIDResponse.BundlesEntryR\abundles\x1a:\n" +
 	"\fBundlesEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\fR\x05value:\x028\x012\x8a\x01\n" +
+	"\x05value\x18\x02 \x01(\fR\x05value:\x028\x012\xd7\x01\n" +
 	"\bIdentity\x12=\n" +
 	"\x06Attest\x12\x19.meshfed.v1.AttestRequest\x1a\x18.meshfed.v1.SVIDResponse\x12?\n" +
-	"\x05Renew\x12\x1c.meshfed.v1.RenewSVIDRequest\x1a\x18.meshfed.v1.SVIDResponseB5Z3github.com/meshfed/meshfed/api/meshfed/v1;meshfedv1b\x06proto3"
+	"\x05Renew\x12\x1c.meshfed.v1.RenewSVIDRequest\x1a\x18.meshfed.v1.SVIDResponse\x12K\n" +
+	"\rIssueWorkload\x12 .meshfed.v1.IssueWorkloadRequest\x1a\x18.meshfed.v1.SVIDResponseB5Z3github.com/meshfed/meshfed/api/meshfed/v1;meshfedv1b\x06proto3"
 
 var (
 	file_meshfed_v1_identity_proto_rawDescOnce sync.Once
@@ -269,23 +325,26 @@ func file_meshfed_v1_identity_proto_rawDescGZIP() []byte {
 	return file_meshfed_v1_identity_proto_rawDescData
 }
 
-var file_meshfed_v1_identity_proto_msgTypes = make([]protoimpl.MessageInfo, 4)
+var file_meshfed_v1_identity_proto_msgTypes = make([]protoimpl.MessageInfo, 5)
 var file_meshfed_v1_identity_proto_goTypes = []any{
-	(*AttestRequest)(nil),         // 0: meshfed.v1.AttestRequest
-	(*RenewSVIDRequest)(nil),      // 1: meshfed.v1.RenewSVIDRequest
-	(*SVIDResponse)(nil),          // 2: meshfed.v1.SVIDResponse
-	nil,                           // 3: meshfed.v1.SVIDResponse.BundlesEntry
-	(*timestamppb.Timestamp)(nil), // 4: google.protobuf.Timestamp
+	(*IssueWorkloadRequest)(nil),  // 0: meshfed.v1.IssueWorkloadRequest
+	(*AttestRequest)(nil),         // 1: meshfed.v1.AttestRequest
+	(*RenewSVIDRequest)(nil),      // 2: meshfed.v1.RenewSVIDRequest
+	(*SVIDResponse)(nil),          // 3: meshfed.v1.SVIDResponse
+	nil,                           // 4: meshfed.v1.SVIDResponse.BundlesEntry
+	(*timestamppb.Timestamp)(nil), // 5: google.protobuf.Timestamp
 }
 var file_meshfed_v1_identity_proto_depIdxs = []int32{
-	4, // 0: meshfed.v1.SVIDResponse.expires:type_name -> google.protobuf.Timestamp
-	3, // 1: meshfed.v1.SVIDResponse.bundles:type_name -> meshfed.v1.SVIDResponse.BundlesEntry
-	0, // 2: meshfed.v1.Identity.Attest:input_type -> meshfed.v1.AttestRequest
-	1, // 3: meshfed.v1.Identity.Renew:input_type -> meshfed.v1.RenewSVIDRequest
-	2, // 4: meshfed.v1.Identity.Attest:output_type -> meshfed.v1.SVIDResponse
-	2, // 5: meshfed.v1.Identity.Renew:output_type -> meshfed.v1.SVIDResponse
-	4, // [4:6] is the sub-list for method output_type
-	2, // [2:4] is the sub-list for method input_type
+	5, // 0: meshfed.v1.SVIDResponse.expires:type_name -> google.protobuf.Timestamp
+	4, // 1: meshfed.v1.SVIDResponse.bundles:type_name -> meshfed.v1.SVIDResponse.BundlesEntry
+	1, // 2: meshfed.v1.Identity.Attest:input_type -> meshfed.v1.AttestRequest
+	2, // 3: meshfed.v1.Identity.Renew:input_type -> meshfed.v1.RenewSVIDRequest
+	0, // 4: meshfed.v1.Identity.IssueWorkload:input_type -> meshfed.v1.IssueWorkloadRequest
+	3, // 5: meshfed.v1.Identity.Attest:output_type -> meshfed.v1.SVIDResponse
+	3, // 6: meshfed.v1.Identity.Renew:output_type -> meshfed.v1.SVIDResponse
+	3, // 7: meshfed.v1.Identity.IssueWorkload:output_type -> meshfed.v1.SVIDResponse
+	5, // [5:8] is the sub-list for method output_type
+	2, // [2:5] is the sub-list for method input_type
 	2, // [2:2] is the sub-list for extension type_name
 	2, // [2:2] is the sub-list for extension extendee
 	0, // [0:2] is the sub-list for field type_name
@@ -296,7 +355,7 @@ func file_meshfed_v1_identity_proto_init() {
 	if File_meshfed_v1_identity_proto != nil {
 		return
 	}
-	file_meshfed_v1_identity_proto_msgTypes[0].OneofWrappers = []any{
+	file_meshfed_v1_identity_proto_msgTypes[1].OneofWrappers = []any{
 		(*AttestRequest_NodeToken)(nil),
 		(*AttestRequest_KubernetesToken)(nil),
 	}
@@ -306,7 +365,7 @@ func file_meshfed_v1_identity_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_meshfed_v1_identity_proto_rawDesc), len(file_meshfed_v1_identity_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   4,
+			NumMessages:   5,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

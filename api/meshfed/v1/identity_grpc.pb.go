@@ -19,8 +19,9 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	Identity_Attest_FullMethodName = "/meshfed.v1.Identity/Attest"
-	Identity_Renew_FullMethodName  = "/meshfed.v1.Identity/Renew"
+	Identity_Attest_FullMethodName        = "/meshfed.v1.Identity/Attest"
+	Identity_Renew_FullMethodName         = "/meshfed.v1.Identity/Renew"
+	Identity_IssueWorkload_FullMethodName = "/meshfed.v1.Identity/IssueWorkload"
 )
 
 // IdentityClient is the client API for Identity service.
@@ -33,6 +34,10 @@ const (
 type IdentityClient interface {
 	Attest(ctx context.Context, in *AttestRequest, opts ...grpc.CallOption) (*SVIDResponse, error)
 	Renew(ctx context.Context, in *RenewSVIDRequest, opts ...grpc.CallOption) (*SVIDResponse, error)
+	// IssueWorkload gives a host (calling with its node SVID) the SVID of a
+	// workload it runs: an endpoint of the site's catalog with that identity
+	// and the label meshfed.io/node=<node>.
+	IssueWorkload(ctx context.Context, in *IssueWorkloadRequest, opts ...grpc.CallOption) (*SVIDResponse, error)
 }
 
 type identityClient struct {
@@ -63,6 +68,16 @@ func (c *identityClient) Renew(ctx context.Context, in *RenewSVIDRequest, opts .
 	return out, nil
 }
 
+func (c *identityClient) IssueWorkload(ctx context.Context, in *IssueWorkloadRequest, opts ...grpc.CallOption) (*SVIDResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(SVIDResponse)
+	err := c.cc.Invoke(ctx, Identity_IssueWorkload_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // IdentityServer is the server API for Identity service.
 // All implementations must embed UnimplementedIdentityServer
 // for forward compatibility.
@@ -73,6 +88,10 @@ func (c *identityClient) Renew(ctx context.Context, in *RenewSVIDRequest, opts .
 type IdentityServer interface {
 	Attest(context.Context, *AttestRequest) (*SVIDResponse, error)
 	Renew(context.Context, *RenewSVIDRequest) (*SVIDResponse, error)
+	// IssueWorkload gives a host (calling with its node SVID) the SVID of a
+	// workload it runs: an endpoint of the site's catalog with that identity
+	// and the label meshfed.io/node=<node>.
+	IssueWorkload(context.Context, *IssueWorkloadRequest) (*SVIDResponse, error)
 	mustEmbedUnimplementedIdentityServer()
 }
 
@@ -88,6 +107,9 @@ func (UnimplementedIdentityServer) Attest(context.Context, *AttestRequest) (*SVI
 }
 func (UnimplementedIdentityServer) Renew(context.Context, *RenewSVIDRequest) (*SVIDResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method Renew not implemented")
+}
+func (UnimplementedIdentityServer) IssueWorkload(context.Context, *IssueWorkloadRequest) (*SVIDResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method IssueWorkload not implemented")
 }
 func (UnimplementedIdentityServer) mustEmbedUnimplementedIdentityServer() {}
 func (UnimplementedIdentityServer) testEmbeddedByValue()                  {}
@@ -146,6 +168,24 @@ func _Identity_Renew_Handler(srv interface{}, ctx context.Context, dec func(inte
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Identity_IssueWorkload_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(IssueWorkloadRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(IdentityServer).IssueWorkload(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Identity_IssueWorkload_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(IdentityServer).IssueWorkload(ctx, req.(*IssueWorkloadRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Identity_ServiceDesc is the grpc.ServiceDesc for Identity service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -160,6 +200,10 @@ var Identity_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "Renew",
 			Handler:    _Identity_Renew_Handler,
+		},
+		{
+			MethodName: "IssueWorkload",
+			Handler:    _Identity_IssueWorkload_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},
