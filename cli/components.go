@@ -64,7 +64,7 @@ func newHubCmd(g *globals) *cobra.Command {
 
 func newSpokeCmd(g *globals) *cobra.Command {
 	var o spoke.Options
-	var services, kubeconfig, kubeContext string
+	var services, kubeconfig, kubeContext, caSecret string
 	var poll time.Duration
 	cmd := &cobra.Command{
 		Use:   "spoke",
@@ -90,10 +90,24 @@ func newSpokeCmd(g *globals) *cobra.Command {
 				}
 				o.Source = src
 			}
-			if kubeconfig != "" || os.Getenv("KUBERNETES_SERVICE_HOST") != "" {
+			inCluster := os.Getenv("KUBERNETES_SERVICE_HOST") != ""
+			if kubeconfig != "" || inCluster {
 				if o.Kube, err = kube.NewClient(kubeconfig, kubeContext); err != nil {
 					return err
 				}
+			}
+			if caSecret == "" && inCluster {
+				caSecret = "meshfed-system/meshfed-site-ca"
+			}
+			if caSecret != "" {
+				if o.Kube == nil {
+					return fmt.Errorf("--ca-secret needs a cluster: pass --kubeconfig or run the spoke in the cluster")
+				}
+				ns, name, err := kube.ParseSecretRef(caSecret)
+				if err != nil {
+					return err
+				}
+				o.CA.Storage = kube.SecretStorage{Client: o.Kube, Namespace: ns, Name: name}
 			}
 			sp, err = spoke.New(ctx, o)
 			if err != nil {
@@ -110,6 +124,7 @@ func newSpokeCmd(g *globals) *cobra.Command {
 	f.StringVar(&services, "services", "", "YAML file listing this site's services (watched for changes)")
 	f.StringVar(&kubeconfig, "kubeconfig", "", "kubeconfig of the site's cluster, when the spoke runs outside it (inside, the in-cluster config is used)")
 	f.StringVar(&kubeContext, "context", "", "kubeconfig context")
+	f.StringVar(&caSecret, "ca-secret", "", "keep the site CA in this Kubernetes Secret, namespace/name (default in a cluster: meshfed-system/meshfed-site-ca; outside: files under --data-dir)")
 	f.DurationVar(&poll, "services-poll", time.Second, "how often to check the services file for changes")
 	f.StringVar(&o.HTTPListen, "http-listen", "127.0.0.1:7180", "address for /healthz, /readyz, /metrics and /v1/catalog (- disables)")
 	f.StringVar(&o.IdentityListen, "identity-listen", "127.0.0.1:7181", "address of the SVID API for the site's hosts and workloads (- disables)")

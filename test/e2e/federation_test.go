@@ -36,6 +36,7 @@ type federation struct {
 
 type spokeProc struct {
 	site, dir, file, http, identity string
+	args                            []string
 	p                               *harness.Process
 }
 
@@ -75,9 +76,18 @@ func (f *federation) addSite(site, zone string, services string, extra ...string
 	writeFile(f.t, s.file, services)
 	args := append([]string{"spoke", "--site", site, "--hub", f.hubAddr, "--token", token,
 		"--data-dir", s.dir, "--services", s.file, "--services-poll", "50ms", "--http-listen", s.http, "--identity-listen", s.identity}, extra...)
+	s.args = args
 	s.p = harness.Start(f.t, "spoke-"+site, f.bin, args...)
 	f.spokes[site] = s
 	return s
+}
+
+// restartSpoke kills s's spoke and starts it again with its data dir.
+func (f *federation) restartSpoke(s *spokeProc) {
+	f.t.Helper()
+	s.p.Kill()
+	s.p = harness.Start(f.t, "spoke-"+s.site, f.bin, s.args...)
+	harness.WaitReady(f.t, s.http, 20*time.Second)
 }
 
 func writeFile(t *testing.T, path, content string) {

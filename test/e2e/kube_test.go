@@ -2,6 +2,8 @@ package e2e
 
 import (
 	"context"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -30,8 +32,10 @@ func saToken(t *testing.T, k *harness.Kube, ns, sa, audience string) string {
 func TestKubernetesAttestation(t *testing.T) {
 	k := harness.KubeAPIServer(t, harness.Etcd(t), "east")
 	ctx := context.Background()
-	if _, err := k.Client.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "shop"}}, metav1.CreateOptions{}); err != nil {
-		t.Fatal(err)
+	for _, ns := range []string{"shop", "meshfed-system"} {
+		if _, err := k.Client.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
 	}
 	for _, sa := range []string{"cart", "gone"} {
 		if _, err := k.Client.CoreV1().ServiceAccounts("shop").Create(ctx, &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: sa}}, metav1.CreateOptions{}); err != nil {
@@ -40,7 +44,7 @@ func TestKubernetesAttestation(t *testing.T) {
 	}
 
 	f := newFederation(t)
-	east := f.addSite("east", "z1", "services: []\n", "--kubeconfig", k.Kubeconfig)
+	east := f.addSite("east", "z1", "services: []\n", "--kubeconfig", k.Kubeconfig, "--ca-secret", "meshfed-system/east-ca")
 	west := f.addSite("west", "z2", "services: []\n")
 	f.waitBundles(t)
 	// A pod trusts its spoke through the site's bundle, as published.
@@ -86,6 +90,31 @@ func TestKubernetesAttestation(t *testing.T) {
 			}
 			return nil
 		})
+	})
+	t.Run("the spoke keeps its CA in the Secret, not on disk, across restarts", func(t *testing.T) {
+		sec, err := k.Client.CoreV1().Secrets("meshfed-system").Get(ctx, "east-ca", metav1.GetOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, key := range []string{"ca.key", "ca.crt", "state.json"} {
+			if len(sec.Data[key]) == 0 {
+				t.Errorf("Secret east-ca has no %s", key)
+			}
+		}
+		if _, err := os.Stat(filepath.Join(east.dir, "ca")); !os.IsNotExist(err) {
+			t.Errorf("the spoke wrote a CA under its data dir too (%v)", err)
+		}
+		published := f.mustCLI("trust", "bundle", "show", "--trust-domain", "east.test.meshfed", "-o", "pem")
+		if published != string(sec.Data["ca.crt"]) {
+			t.Fatal("the bundle the hub has for east is not the CA in the Secret")
+		}
+		f.restartSpoke(east)
+		if _, err := attest(east, saToken(t, k, "shop", "cart", "meshfed")); err != nil {
+			t.Fatalf("attest after restart: %v", err)
+		}
+		if again := f.mustCLI("trust", "bundle", "show", "--trust-domain", "east.test.meshfed", "-o", "pem"); again != published {
+			t.Fatal("the restarted spoke made a new CA instead of loading the Secret's")
+		}
 	})
 	t.Run("a spoke without a cluster says so", func(t *testing.T) {
 		_, err := attest(west, saToken(t, k, "shop", "cart", "meshfed"))

@@ -1,6 +1,6 @@
 // Package siteca is a site's own certificate authority: the root of the
-// site's SPIFFE trust domain, kept in a directory of the spoke's data dir
-// (key 0600) so the key never leaves the site. It signs the site's SVIDs and
+// site's SPIFFE trust domain, kept in the spoke's data dir (key 0600) or, for
+// an in-cluster spoke, a Kubernetes Secret, so the key never leaves the site. It signs the site's SVIDs and
 // gives the trust bundle the spoke publishes to the hub.
 package siteca
 
@@ -10,12 +10,9 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"os"
-	"path/filepath"
 	"sync"
 	"time"
 
-	"github.com/meshfed/meshfed/atomicfile"
 	"github.com/meshfed/meshfed/trust/ca"
 	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -23,8 +20,10 @@ import (
 
 // Options configures a site CA. Zero values take the documented defaults.
 type Options struct {
-	// Dir holds ca.key, ca.crt and state.json. Required.
-	Dir         string
+	// Dir holds ca.key, ca.crt and state.json when Storage is nil.
+	Dir string
+	// Storage keeps the CA; default Dir.
+	Storage     Storage
 	TrustDomain spiffeid.TrustDomain
 	// KeyType is ec-p256 (default), ec-p384 or rsa-2048.
 	KeyType string
@@ -67,11 +66,14 @@ type retired struct {
 	DropAfter time.Time `json:"dropAfter"`
 }
 
-// Open loads the CA from o.Dir, or creates it there on first use. A CA of
-// another trust domain in the directory is an error.
+// Open loads the CA from its storage, or creates it there on first use. A
+// CA of another trust domain there is an error.
 func Open(o Options) (*SiteCA, error) {
-	if o.Dir == "" || o.TrustDomain.IsZero() {
-		return nil, errors.New("siteca: a directory and a trust domain are required")
+	if o.Storage == nil && o.Dir != "" {
+		o.Storage = Dir(o.Dir)
+	}
+	if o.Storage == nil || o.TrustDomain.IsZero() {
+		return nil, errors.New("siteca: a storage and a trust domain are required")
 	}
 	if o.CATTL == 0 {
 		o.CATTL = 365 * 24 * time.Hour
@@ -86,53 +88,28 @@ func Open(o Options) (*SiteCA, error) {
 		o.ActivationDelay = 5 * time.Minute
 	}
 	s := &SiteCA{o: o}
-	certPath, keyPath, statePath := s.paths()
-	certPEM, err := os.ReadFile(certPath)
-	if errors.Is(err, os.ErrNotExist) {
+	files, err := o.Storage.Load()
+	if err != nil {
+		return nil, err
+	}
+	if files["ca.crt"] == nil {
 		return s, s.create()
 	}
-	if err != nil {
+	if s.ca, err = ca.Load(files["ca.crt"], files["ca.key"]); err != nil {
 		return nil, fmt.Errorf("siteca: %w", err)
 	}
-	keyPEM, err := os.ReadFile(keyPath)
-	if err != nil {
-		return nil, fmt.Errorf("siteca: %w", err)
-	}
-	if s.ca, err = ca.Load(certPEM, keyPEM); err != nil {
-		return nil, fmt.Errorf("siteca: %s: %w", o.Dir, err)
-	}
-	b, err := os.ReadFile(statePath)
-	if err != nil {
-		return nil, fmt.Errorf("siteca: %w", err)
-	}
-	if err := json.Unmarshal(b, &s.state); err != nil {
-		return nil, fmt.Errorf("siteca: %s: %w", statePath, err)
+	if err := json.Unmarshal(files["state.json"], &s.state); err != nil {
+		return nil, fmt.Errorf("siteca: state: %w", err)
 	}
 	if s.state.TrustDomain != o.TrustDomain.Name() {
-		return nil, fmt.Errorf("siteca: %s holds the CA of trust domain %s, not %s: use that trust domain or another data dir", o.Dir, s.state.TrustDomain, o.TrustDomain)
+		return nil, fmt.Errorf("siteca: the stored CA is of trust domain %s, not %s: use that trust domain or another data dir", s.state.TrustDomain, o.TrustDomain)
 	}
 	if !s.state.ActivateAt.IsZero() {
-		if s.next, err = s.loadPair("next"); err != nil {
-			return nil, err
+		if s.next, err = ca.Load(files["next.crt"], files["next.key"]); err != nil {
+			return nil, fmt.Errorf("siteca: prepared CA: %w", err)
 		}
 	}
 	return s, nil
-}
-
-func (s *SiteCA) loadPair(name string) (*ca.CA, error) {
-	certPEM, err := os.ReadFile(filepath.Join(s.o.Dir, name+".crt"))
-	if err != nil {
-		return nil, fmt.Errorf("siteca: %w", err)
-	}
-	keyPEM, err := os.ReadFile(filepath.Join(s.o.Dir, name+".key"))
-	if err != nil {
-		return nil, fmt.Errorf("siteca: %w", err)
-	}
-	return ca.Load(certPEM, keyPEM)
-}
-
-func (s *SiteCA) paths() (cert, key, state string) {
-	return filepath.Join(s.o.Dir, "ca.crt"), filepath.Join(s.o.Dir, "ca.key"), filepath.Join(s.o.Dir, "state.json")
 }
 
 func (s *SiteCA) create() error {
@@ -140,40 +117,28 @@ func (s *SiteCA) create() error {
 	if err != nil {
 		return fmt.Errorf("siteca: %w", err)
 	}
-	keyPEM, err := ca.EncodeKeyPEM(c.Key)
-	if err != nil {
-		return err
-	}
-	certPath, keyPath, _ := s.paths()
-	// Key and state first: the certificate is what Open looks for, so a
-	// crash before it is written leaves a directory that is created anew.
 	s.ca, s.state = c, state{TrustDomain: s.o.TrustDomain.Name(), Sequence: 1}
-	if err := writeFiles(keyPath, keyPEM); err != nil {
-		return err
-	}
-	if err := s.saveState(); err != nil {
-		return err
-	}
-	return writeFiles(certPath, ca.EncodeCertPEM(c.Cert))
+	return s.save()
 }
 
-// writeFiles writes path/data pairs in order, each 0600 and atomically.
-func writeFiles(pairs ...any) error {
-	for i := 0; i < len(pairs); i += 2 {
-		if err := atomicfile.Write(pairs[i].(string), pairs[i+1].([]byte), 0o600); err != nil {
-			return fmt.Errorf("siteca: %w", err)
-		}
-	}
-	return nil
-}
-
-func (s *SiteCA) saveState() error {
-	_, _, statePath := s.paths()
-	b, err := json.Marshal(s.state)
+// save stores the CA, a prepared one and the state, as one set.
+func (s *SiteCA) save() error {
+	st, err := json.Marshal(s.state)
 	if err != nil {
 		return err
 	}
-	return writeFiles(statePath, b)
+	files := map[string][]byte{"state.json": st}
+	for prefix, c := range map[string]*ca.CA{"ca": s.ca, "next": s.next} {
+		if c == nil {
+			continue
+		}
+		key, err := ca.EncodeKeyPEM(c.Key)
+		if err != nil {
+			return err
+		}
+		files[prefix+".key"], files[prefix+".crt"] = key, ca.EncodeCertPEM(c.Cert)
+	}
+	return s.o.Storage.Save(files)
 }
 
 // Generation is the last rotation request the CA carried out.
@@ -194,23 +159,16 @@ func (s *SiteCA) Rotate(generation uint64, now time.Time) error {
 	}
 	s.state.Generation = generation
 	if s.next != nil {
-		return s.saveState()
+		return s.save()
 	}
 	c, err := ca.NewWithKeyType(s.o.TrustDomain, "meshfed site CA "+s.o.TrustDomain.Name(), s.o.CATTL, s.o.KeyType)
 	if err != nil {
 		return fmt.Errorf("siteca: %w", err)
 	}
-	keyPEM, err := ca.EncodeKeyPEM(c.Key)
-	if err != nil {
-		return err
-	}
-	if err := writeFiles(filepath.Join(s.o.Dir, "next.key"), keyPEM, filepath.Join(s.o.Dir, "next.crt"), ca.EncodeCertPEM(c.Cert)); err != nil {
-		return err
-	}
 	s.next = c
 	s.state.ActivateAt = now.Add(s.o.ActivationDelay)
 	s.state.Sequence++
-	return s.saveState()
+	return s.save()
 }
 
 // Tick moves a rotation on at now: it activates the prepared CA when due,
@@ -221,16 +179,8 @@ func (s *SiteCA) Tick(now time.Time) (bool, error) {
 	defer s.mu.Unlock()
 	changed := false
 	if s.next != nil && !now.Before(s.state.ActivateAt) {
-		certPath, keyPath, _ := s.paths()
-		keyPEM, err := ca.EncodeKeyPEM(s.next.Key)
-		if err != nil {
-			return false, err
-		}
 		// Every SVID the old CA signed ends by now + SVIDTTL.
 		s.state.Retired = append(s.state.Retired, retired{CertPEM: string(ca.EncodeCertPEM(s.ca.Cert)), DropAfter: now.Add(s.o.SVIDTTL + time.Second)})
-		if err := writeFiles(keyPath, keyPEM, certPath, ca.EncodeCertPEM(s.next.Cert)); err != nil {
-			return false, err
-		}
 		s.ca, s.next, s.state.ActivateAt = s.next, nil, time.Time{}
 		changed = true
 	}
@@ -247,7 +197,7 @@ func (s *SiteCA) Tick(now time.Time) (bool, error) {
 		return false, nil
 	}
 	s.state.Sequence++
-	return true, s.saveState()
+	return true, s.save()
 }
 
 // TrustDomain is the CA's trust domain.
