@@ -9,8 +9,11 @@ import (
 	"github.com/meshfed/meshfed/spoke"
 	"github.com/meshfed/meshfed/spoke/filesource"
 	"github.com/meshfed/meshfed/spoke/kube"
+	"github.com/meshfed/meshfed/spoke/kubesource"
 	"github.com/meshfed/meshfed/store"
 	"github.com/spf13/cobra"
+	"k8s.io/client-go/kubernetes"
+	mcsclient "sigs.k8s.io/mcs-api/pkg/client/clientset/versioned"
 )
 
 func newHubCmd(g *globals) *cobra.Command {
@@ -92,8 +95,20 @@ func newSpokeCmd(g *globals) *cobra.Command {
 			}
 			inCluster := os.Getenv("KUBERNETES_SERVICE_HOST") != ""
 			if kubeconfig != "" || inCluster {
-				if o.Kube, err = kube.NewClient(kubeconfig, kubeContext); err != nil {
+				rc, err := kube.RESTConfig(kubeconfig, kubeContext)
+				if err != nil {
 					return err
+				}
+				if o.Kube, err = kubernetes.NewForConfig(rc); err != nil {
+					return err
+				}
+				if o.Source == nil {
+					// No services file: the cluster's exported services.
+					mcs, err := mcsclient.NewForConfig(rc)
+					if err != nil {
+						return err
+					}
+					o.Source = kubesource.New(kubesource.Options{Client: o.Kube, MCS: mcs, Logger: o.Logger.With("component", "kubesource")})
 				}
 			}
 			if caSecret == "" && inCluster {

@@ -6,6 +6,7 @@ import (
 
 	"github.com/meshfed/meshfed/catalog"
 	"github.com/meshfed/meshfed/federation"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
 
 // Local is the site's own catalog, which a Source writes and the spoke
@@ -13,8 +14,12 @@ import (
 // versions are content hashes, so the table ignores them.
 type Local struct {
 	site  string
+	td    spiffeid.TrustDomain
 	table *federation.Table
 }
+
+// TrustDomain is the site's trust domain, which names its workloads.
+func (l *Local) TrustDomain() spiffeid.TrustDomain { return l.td }
 
 // NewLocal returns an empty local catalog for site.
 func NewLocal(site string) *Local {

@@ -123,6 +123,7 @@ func New(ctx context.Context, o Options) (*Spoke, error) {
 		s.view.Close()
 		return nil, err
 	}
+	s.local.td = s.ca.TrustDomain()
 	// The site's bundle is published like its services.
 	s.local.table.Put(federation.BundleResource(federation.BundleToWire(o.Site, s.ca.Bundle())))
 	s.m = newMetrics(o.Registry, s)

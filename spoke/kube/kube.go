@@ -24,6 +24,16 @@ const Audience = "meshfed"
 // NewClient connects with kubeconfig (and context, optional), or with the
 // in-cluster config when kubeconfig is empty.
 func NewClient(kubeconfig, kubeContext string) (kubernetes.Interface, error) {
+	cfg, err := RESTConfig(kubeconfig, kubeContext)
+	if err != nil {
+		return nil, err
+	}
+	return kubernetes.NewForConfig(cfg)
+}
+
+// RESTConfig loads kubeconfig (and context), or the in-cluster config when
+// kubeconfig is empty.
+func RESTConfig(kubeconfig, kubeContext string) (*rest.Config, error) {
 	var cfg *rest.Config
 	var err error
 	if kubeconfig == "" {
@@ -39,7 +49,7 @@ func NewClient(kubeconfig, kubeContext string) (kubernetes.Interface, error) {
 		}
 	}
 	cfg.UserAgent = "meshfed-spoke"
-	return kubernetes.NewForConfig(cfg)
+	return cfg, nil
 }
 
 // ErrNotAuthenticated is returned for a token the cluster does not accept.

@@ -73,9 +73,13 @@ func (f *federation) addSite(site, zone string, services string, extra ...string
 	f.mustCLI("site", "add", site, "--kind", "docker", "--region", "test", "--zone", zone)
 	token := strings.TrimSpace(f.mustCLI("site", "token", "create", "--site", site, "--ttl", "10m"))
 	s := &spokeProc{site: site, dir: filepath.Join(f.dir, site), file: filepath.Join(f.dir, site+".yaml"), http: harness.FreePort(f.t), identity: harness.FreePort(f.t)}
-	writeFile(f.t, s.file, services)
-	args := append([]string{"spoke", "--site", site, "--hub", f.hubAddr, "--token", token,
-		"--data-dir", s.dir, "--services", s.file, "--services-poll", "50ms", "--http-listen", s.http, "--identity-listen", s.identity}, extra...)
+	args := []string{"spoke", "--site", site, "--hub", f.hubAddr, "--token", token,
+		"--data-dir", s.dir, "--http-listen", s.http, "--identity-listen", s.identity}
+	if services != "" { // "" is a site whose services come from elsewhere (its cluster)
+		writeFile(f.t, s.file, services)
+		args = append(args, "--services", s.file, "--services-poll", "50ms")
+	}
+	args = append(args, extra...)
 	s.args = args
 	s.p = harness.Start(f.t, "spoke-"+site, f.bin, args...)
 	f.spokes[site] = s
