@@ -9,6 +9,7 @@ import (
 	"github.com/meshfed/meshfed/spoke"
 	"github.com/meshfed/meshfed/spoke/filesource"
 	"github.com/meshfed/meshfed/spoke/kube"
+	"github.com/meshfed/meshfed/spoke/kubeimport"
 	"github.com/meshfed/meshfed/spoke/kubesource"
 	"github.com/meshfed/meshfed/store"
 	"github.com/spf13/cobra"
@@ -102,13 +103,14 @@ func newSpokeCmd(g *globals) *cobra.Command {
 				if o.Kube, err = kubernetes.NewForConfig(rc); err != nil {
 					return err
 				}
+				mcs, err := mcsclient.NewForConfig(rc)
+				if err != nil {
+					return err
+				}
 				if o.Source == nil {
 					// No services file: the cluster's exported services.
-					mcs, err := mcsclient.NewForConfig(rc)
-					if err != nil {
-						return err
-					}
 					o.Source = kubesource.New(kubesource.Options{Client: o.Kube, MCS: mcs, Logger: o.Logger.With("component", "kubesource")})
+					o.Importer = kubeimport.New(kubeimport.Options{Client: o.Kube, MCS: mcs, Logger: o.Logger.With("component", "kubeimport")})
 				}
 			}
 			if caSecret == "" && inCluster {

@@ -75,6 +75,12 @@ func (l *Local) RunsOn(id, node string) bool {
 	return false
 }
 
+// Importer writes the federated view into the site (for Kubernetes: MCS
+// ServiceImports and EndpointSlices) until ctx ends.
+type Importer interface {
+	Run(ctx context.Context, site string, view *View, local *Local) error
+}
+
 // Source fills a site's local catalog until ctx ends.
 type Source interface {
 	Run(ctx context.Context, local *Local) error

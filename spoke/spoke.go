@@ -43,6 +43,8 @@ type Options struct {
 	DataDir string
 	// Source fills the local catalog. Nil: the site exports nothing.
 	Source Source
+	// Importer writes the federated view into the site. Nil: none.
+	Importer Importer
 	// HTTPListen serves /healthz, /readyz, /metrics and /v1/catalog.
 	// Default "127.0.0.1:7180"; "-" disables.
 	HTTPListen string
@@ -205,6 +207,9 @@ func (s *Spoke) Run(ctx context.Context) error {
 	g, ctx := errgroup.WithContext(ctx)
 	if s.o.Source != nil {
 		g.Go(func() error { return s.o.Source.Run(ctx, s.local) })
+	}
+	if s.o.Importer != nil {
+		g.Go(func() error { return s.o.Importer.Run(ctx, s.o.Site, s.view, s.local) })
 	}
 	g.Go(func() error { return s.syncLoop(ctx, conn) })
 	g.Go(func() error { return s.renewLoop(ctx, conn) })

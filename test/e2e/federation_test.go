@@ -70,7 +70,9 @@ func (f *federation) mustCLI(args ...string) string {
 // (with extra spoke flags).
 func (f *federation) addSite(site, zone string, services string, extra ...string) *spokeProc {
 	f.t.Helper()
-	f.mustCLI("site", "add", site, "--kind", "docker", "--region", "test", "--zone", zone)
+	// A gateway address is site data here: a name under the reserved .test
+	// domain, never resolved or dialed by these tests.
+	f.mustCLI("site", "add", site, "--kind", "docker", "--region", "test", "--zone", zone, "--gateway-address", "gw-"+site+".meshfed.test:15443")
 	token := strings.TrimSpace(f.mustCLI("site", "token", "create", "--site", site, "--ttl", "10m"))
 	s := &spokeProc{site: site, dir: filepath.Join(f.dir, site), file: filepath.Join(f.dir, site+".yaml"), http: harness.FreePort(f.t), identity: harness.FreePort(f.t)}
 	args := []string{"spoke", "--site", site, "--hub", f.hubAddr, "--token", token,
