@@ -81,6 +81,13 @@ func newSpokeCmd(g *globals) *cobra.Command {
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx := cmd.Context()
 			o.Logger = g.logger()
+			// In a cluster the join secret arrives through the environment.
+			if o.Hub == "" {
+				o.Hub = os.Getenv("MESHFED_HUB")
+			}
+			if o.Token == "" {
+				o.Token = os.Getenv("MESHFED_TOKEN")
+			}
 			// sp is set before the source first runs (in sp.Run).
 			var sp *spoke.Spoke
 			var err error

@@ -27,6 +27,9 @@ func (g *globals) render(v any, table func(w io.Writer)) error {
 		_, err = g.out.Write(b)
 		return err
 	case "table", "":
+		if table == nil {
+			return fmt.Errorf("-o table is not available here: use -o yaml or json")
+		}
 		tw := tabwriter.NewWriter(g.out, 0, 4, 3, ' ', 0)
 		table(tw)
 		return tw.Flush()

@@ -15,17 +15,12 @@ import (
 	"testing"
 	"time"
 
+	"github.com/meshfed/meshfed/kubeapply"
 	"github.com/meshfed/meshfed/trust/ca"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
-	"k8s.io/apimachinery/pkg/api/meta"
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
-	"k8s.io/client-go/discovery/cached/memory"
-	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
-	"k8s.io/client-go/restmapper"
+	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
-	sigsyaml "sigs.k8s.io/yaml"
 )
 
 // Kube is one real kube-apiserver.
@@ -34,6 +29,7 @@ type Kube struct {
 	URL  string
 	// Kubeconfig is a file with cluster-admin rights (a static token).
 	Kubeconfig string
+	Config     *rest.Config
 	Client     kubernetes.Interface
 }
 
@@ -149,61 +145,29 @@ current-context: %[1]s
 	if err != nil {
 		t.Fatal(err)
 	}
-	return &Kube{Name: name, URL: url, Kubeconfig: kubeconfig, Client: client}
+	return &Kube{Name: name, URL: url, Kubeconfig: kubeconfig, Config: rc, Client: client}
 }
 
-// ApplyFile creates every object of a multi-document YAML file in the
-// cluster (cluster-scoped or with their own namespace), like
-// `kubectl create -f`, and waits for CRDs among them to be established.
+// ApplyFile applies every object of a multi-document YAML file to the
+// cluster with server-side apply, like `kubectl apply --server-side -f`,
+// waiting for CRDs among them to be established.
 func (k *Kube) ApplyFile(t testing.TB, path string) {
 	t.Helper()
 	b, err := os.ReadFile(path)
 	if err != nil {
 		t.Fatal(err)
 	}
-	rc, err := clientcmd.BuildConfigFromFlags("", k.Kubeconfig)
+	objs, err := kubeapply.Objects(b)
 	if err != nil {
 		t.Fatal(err)
 	}
-	dyn, err := dynamic.NewForConfig(rc)
+	a, err := kubeapply.New(k.Config)
 	if err != nil {
 		t.Fatal(err)
 	}
-	mapper := restmapper.NewDeferredDiscoveryRESTMapper(memory.NewMemCacheClient(k.Client.Discovery()))
-	for _, doc := range strings.Split(string(b), "\n---") {
-		obj := &unstructured.Unstructured{}
-		if err := sigsyaml.Unmarshal([]byte(doc), &obj.Object); err != nil {
-			t.Fatalf("%s: %v", path, err)
-		}
-		if len(obj.Object) == 0 {
-			continue
-		}
-		gvk := obj.GroupVersionKind()
-		m, err := mapper.RESTMapping(gvk.GroupKind(), gvk.Version)
-		if err != nil {
-			t.Fatalf("%s: %v", path, err)
-		}
-		var ri dynamic.ResourceInterface = dyn.Resource(m.Resource)
-		if m.Scope.Name() == meta.RESTScopeNameNamespace {
-			ri = dyn.Resource(m.Resource).Namespace(obj.GetNamespace())
-		}
-		if _, err := ri.Create(context.Background(), obj, metav1.CreateOptions{}); err != nil {
-			t.Fatalf("create %s %s: %v", gvk.Kind, obj.GetName(), err)
-		}
-		if gvk.Kind == "CustomResourceDefinition" {
-			Eventually(t, 30*time.Second, "CRD "+obj.GetName()+" is established", func() error {
-				got, err := ri.Get(context.Background(), obj.GetName(), metav1.GetOptions{})
-				if err != nil {
-					return err
-				}
-				conds, _, _ := unstructured.NestedSlice(got.Object, "status", "conditions")
-				for _, c := range conds {
-					if m, ok := c.(map[string]any); ok && m["type"] == "Established" && m["status"] == "True" {
-						return nil
-					}
-				}
-				return fmt.Errorf("not established yet")
-			})
+	for _, o := range objs {
+		if err := a.Apply(context.Background(), o); err != nil {
+			t.Fatal(err)
 		}
 	}
 }
