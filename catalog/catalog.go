@@ -59,6 +59,9 @@ type Site struct {
 	ConnectedSince   time.Time `json:"connectedSince,omitzero" yaml:"connectedSince,omitempty"`
 	Services         int       `json:"services" yaml:"services"`
 	Endpoints        int       `json:"endpoints" yaml:"endpoints"`
+	// Source is how the site's local source is doing, as its spoke says:
+	// "ok", or what is wrong (the spoke then serves its last good state).
+	Source string `json:"source,omitempty" yaml:"source,omitempty"`
 }
 
 // Port is one port of a service.

@@ -96,9 +96,9 @@ func newSiteListCmd(g *globals) *cobra.Command {
 
 func (g *globals) printSites(sites []catalog.Site) error {
 	return g.render(sites, func(w io.Writer) {
-		row(w, "NAME", "KIND", "LOCALITY", "STATE", "LAST SYNC", "SERVICES", "ENDPOINTS", "TRUST DOMAIN", "GATEWAYS")
+		row(w, "NAME", "KIND", "LOCALITY", "STATE", "LAST SYNC", "SERVICES", "ENDPOINTS", "SOURCE", "TRUST DOMAIN", "GATEWAYS")
 		for _, s := range sites {
-			row(w, s.Name, s.Kind, s.Locality, s.State, age(s.LastSync), s.Services, s.Endpoints, s.TrustDomain, strings.Join(s.GatewayAddresses, ","))
+			row(w, s.Name, s.Kind, s.Locality, s.State, age(s.LastSync), s.Services, s.Endpoints, s.Source, s.TrustDomain, strings.Join(s.GatewayAddresses, ","))
 		}
 	})
 }
@@ -131,6 +131,7 @@ func newSiteShowCmd(g *globals) *cobra.Command {
 				row(w, "Last sync:", age(s.LastSync))
 				row(w, "Services:", s.Services)
 				row(w, "Endpoints:", s.Endpoints)
+				row(w, "Source:", s.Source)
 				row(w, "Created:", timeOrDash(s.Created))
 			})
 		},

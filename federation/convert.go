@@ -120,6 +120,12 @@ func SiteStatusFromWire(s *meshfedv1.SiteStatus) catalog.Site {
 	out.ConnectedSince = timeOf(s.GetConnectedSince())
 	out.Services = int(s.GetServices())
 	out.Endpoints = int(s.GetEndpoints())
+	if src := s.GetSource(); src != nil {
+		out.Source = "ok"
+		if !src.GetHealthy() {
+			out.Source = src.GetMessage() + " (since " + timeOf(src.GetSince()).UTC().Format(time.RFC3339) + ")"
+		}
+	}
 	return out
 }
 

@@ -58,6 +58,15 @@ func BundleResource(b *meshfedv1.Bundle) *meshfedv1.Resource {
 	return &meshfedv1.Resource{Key: key, Version: Version(b), Body: &meshfedv1.Resource_Bundle{Bundle: b}}
 }
 
+// SourceStatusKey is the resource key of a site's source status (owned by
+// the site's spoke).
+func SourceStatusKey(site string) string { return "status/" + site }
+
+// SourceStatusResource wraps a source status as a versioned resource.
+func SourceStatusResource(s *meshfedv1.SourceStatus) *meshfedv1.Resource {
+	return &meshfedv1.Resource{Key: SourceStatusKey(s.GetSite()), Version: Version(s), Body: &meshfedv1.Resource_SourceStatus{SourceStatus: s}}
+}
+
 // RotationKey is the resource key of a site's CA rotation request
 // (hub-owned: the hub asks, the site's spoke acts).
 func RotationKey(site string) string { return "rotate/" + site }
@@ -90,6 +99,8 @@ func CheckResource(r *meshfedv1.Resource) error {
 		want = BundleResource(b.Bundle)
 	case *meshfedv1.Resource_Rotation:
 		want = RotationResource(b.Rotation)
+	case *meshfedv1.Resource_SourceStatus:
+		want = SourceStatusResource(b.SourceStatus)
 	default:
 		return fmt.Errorf("resource %q has no body", r.GetKey())
 	}
@@ -106,8 +117,10 @@ func CheckResource(r *meshfedv1.Resource) error {
 // site bundle; "" for hub-owned keys (site records, imported bundles).
 // Only the owner's spoke may write a key.
 func KeySite(key string) string {
-	if site, ok := strings.CutPrefix(key, "bundle/"); ok {
-		return site
+	for _, prefix := range []string{"bundle/", "status/"} {
+		if site, ok := strings.CutPrefix(key, prefix); ok {
+			return site
+		}
 	}
 	rest, ok := strings.CutPrefix(key, "svc/")
 	if !ok {

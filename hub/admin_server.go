@@ -85,6 +85,9 @@ func (h *Hub) statusLocked(st *siteState) *meshfedv1.SiteStatus {
 	if st.conn != nil {
 		out.ConnectedSince = timestamppb.New(st.conn.since)
 	}
+	if r, ok := h.table.Get(federation.SourceStatusKey(st.rec.Site.Name)); ok {
+		out.Source = r.GetSourceStatus()
+	}
 	return out
 }
 

@@ -366,6 +366,11 @@ func (k *spokeSink) validate(r *meshfedv1.Resource) error {
 	switch b := r.GetBody().(type) {
 	case *meshfedv1.Resource_Service:
 		return catalog.ValidateService(federation.ServiceFromWire(b.Service, catalog.Locality{}))
+	case *meshfedv1.Resource_SourceStatus:
+		if b.SourceStatus.GetSite() != k.site {
+			return fmt.Errorf("site %s may report only its own source status", k.site)
+		}
+		return nil
 	case *meshfedv1.Resource_Bundle:
 		if want := k.h.siteTrustDomain(k.site); b.Bundle.GetTrustDomain() != want {
 			return fmt.Errorf("site %s may publish the bundle of its trust domain %s only, not %s", k.site, want, b.Bundle.GetTrustDomain())

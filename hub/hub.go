@@ -436,8 +436,10 @@ func (h *Hub) publishSiteLocked(st *siteState) {
 // services and its bundle.
 func (h *Hub) ownedVersions(site string) map[string]string {
 	out := h.table.Versions(federation.SiteServicesPrefix(site))
-	if r, ok := h.table.Get(federation.BundleKey(site)); ok {
-		out[r.Key] = r.Version
+	for _, key := range []string{federation.BundleKey(site), federation.SourceStatusKey(site)} {
+		if r, ok := h.table.Get(key); ok {
+			out[r.Key] = r.Version
+		}
 	}
 	return out
 }

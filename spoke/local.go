@@ -4,9 +4,11 @@ import (
 	"context"
 	"sort"
 
+	meshfedv1 "github.com/meshfed/meshfed/api/meshfed/v1"
 	"github.com/meshfed/meshfed/catalog"
 	"github.com/meshfed/meshfed/federation"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"google.golang.org/protobuf/types/known/timestamppb"
 )
 
 // Local is the site's own catalog, which a Source writes and the spoke
@@ -61,6 +63,17 @@ func (l *Local) Services() []catalog.Service {
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].ID() < out[j].ID() })
 	return out
+}
+
+// SetSourceStatus publishes how the site's source is doing; the time of
+// the last change of health is kept, so repeating a status costs nothing.
+func (l *Local) SetSourceStatus(healthy bool, message string) {
+	key := federation.SourceStatusKey(l.site)
+	since := timestamppb.Now()
+	if r, ok := l.table.Get(key); ok && r.GetSourceStatus().GetHealthy() == healthy {
+		since = r.GetSourceStatus().GetSince()
+	}
+	l.table.Put(federation.SourceStatusResource(&meshfedv1.SourceStatus{Site: l.site, Healthy: healthy, Message: message, Since: since}))
 }
 
 // RunsOn reports whether an endpoint with identity id runs on node.

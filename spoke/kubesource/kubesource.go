@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"log/slog"
 	"sort"
+	"time"
 
 	"github.com/meshfed/meshfed/catalog"
 	"github.com/meshfed/meshfed/spoke"
@@ -40,6 +41,8 @@ type Options struct {
 	Client kubernetes.Interface
 	MCS    mcsclient.Interface
 	Logger *slog.Logger
+	// HealthEvery is how often the API server is probed. Default 2s.
+	HealthEvery time.Duration
 }
 
 // Source is a cluster's exported services.
@@ -60,6 +63,9 @@ func New(o Options) *Source {
 	if o.Logger == nil {
 		o.Logger = slog.Default()
 	}
+	if o.HealthEvery == 0 {
+		o.HealthEvery = 2 * time.Second
+	}
 	return &Source{o: o, published: map[string]bool{}}
 }
 
@@ -68,6 +74,9 @@ func New(o Options) *Source {
 func (s *Source) Run(ctx context.Context, local *spoke.Local) error {
 	// Workload identities: spiffe://<site td>/ns/<namespace>/sa/<name>.
 	s.td = local.TrustDomain()
+	// Health first: a cluster that is down or refuses the credential never
+	// syncs, and the hub should hear why.
+	go s.probe(ctx, local)
 	core := informers.NewSharedInformerFactory(s.o.Client, 0)
 	mcs := mcsinformers.NewSharedInformerFactory(s.o.MCS, 0)
 	s.services = core.Core().V1().Services().Lister()
@@ -121,6 +130,42 @@ func (s *Source) Run(ctx context.Context, local *spoke.Local) error {
 			s.queue.Forget(key)
 		}
 		s.queue.Done(key)
+	}
+}
+
+// probe reports the API server's health to the hub through local. While
+// it is unhealthy the informers keep their last state and retry by
+// themselves, so the site goes on exporting what it had.
+func (s *Source) probe(ctx context.Context, local *spoke.Local) {
+	last := ""
+	for {
+		cctx, cancel := context.WithTimeout(ctx, s.o.HealthEvery)
+		_, err := s.o.Client.Discovery().RESTClient().Get().AbsPath("/readyz").DoRaw(cctx)
+		cancel()
+		if ctx.Err() != nil {
+			return
+		}
+		healthy, msg := true, "ok"
+		switch {
+		case apierrors.IsUnauthorized(err) || apierrors.IsForbidden(err):
+			healthy, msg = false, "the cluster refuses the spoke's credential ("+err.Error()+"): register the cluster again or restore the spoke's ServiceAccount"
+		case err != nil:
+			healthy, msg = false, "the Kubernetes API is unreachable ("+err.Error()+"); exporting the last known state"
+		}
+		if msg != last {
+			if healthy {
+				s.o.Logger.Info("the Kubernetes API is reachable")
+			} else {
+				s.o.Logger.Warn("the Kubernetes API is unhealthy", "err", msg)
+			}
+			last = msg
+		}
+		local.SetSourceStatus(healthy, msg)
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(s.o.HealthEvery):
+		}
 	}
 }
 

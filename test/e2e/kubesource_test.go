@@ -4,7 +4,9 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -138,6 +140,70 @@ func TestKubernetesSource(t *testing.T) {
 			return nil
 		})
 	})
+	t.Run("with the API server down the spoke keeps its services and the hub says why", func(t *testing.T) {
+		if _, err := mcs.MulticlusterV1alpha1().ServiceExports("shop").Create(ctx, &mcsv1a1.ServiceExport{ObjectMeta: metav1.ObjectMeta{Name: "cart"}}, metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		harness.Eventually(t, 15*time.Second, "shop/cart is back at the hub", func() error {
+			_, err := f.hubService("shop/cart")
+			return err
+		})
+		k.Stop()
+		harness.Eventually(t, 20*time.Second, "the hub reports east's API as unreachable", func() error {
+			return siteSourceSays(f, "east", "unreachable")
+		})
+		if _, err := f.hubService("shop/cart"); err != nil {
+			t.Fatalf("east's services left the hub while its API server was down: %v", err)
+		}
+	})
+	t.Run("the spoke recovers by itself", func(t *testing.T) {
+		k.Start()
+		harness.Eventually(t, 30*time.Second, "the hub reports east's source ok", func() error {
+			return siteSourceSays(f, "east", "ok")
+		})
+		slice.Endpoints = append(slice.Endpoints, discoveryv1.Endpoint{Addresses: []string{"10.1.0.7"}, Conditions: discoveryv1.EndpointConditions{Ready: ptr.To(true)}})
+		if _, err := c.DiscoveryV1().EndpointSlices("shop").Update(ctx, slice, metav1.UpdateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		harness.Eventually(t, 30*time.Second, "a change after the outage reaches the hub", func() error {
+			svcs, err := f.hubService("shop/cart")
+			if err != nil {
+				return err
+			}
+			if n := len(svcs[0].Endpoints); n != 3 {
+				return fmt.Errorf("%d endpoints", n)
+			}
+			return nil
+		})
+	})
+	t.Run("a refused credential gives a clear error", func(t *testing.T) {
+		cfg, err := os.ReadFile(k.Kubeconfig)
+		if err != nil {
+			t.Fatal(err)
+		}
+		revoked := filepath.Join(t.TempDir(), "revoked.kubeconfig")
+		os.WriteFile(revoked, []byte(strings.Replace(string(cfg), "admin-east", "revoked-token", 1)), 0o600)
+		f.addSite("north", "us-east-1c", "", "--kubeconfig", revoked)
+		harness.Eventually(t, 20*time.Second, "the hub reports north's refused credential", func() error {
+			return siteSourceSays(f, "north", "refuses the spoke's credential")
+		})
+	})
+}
+
+// siteSourceSays checks what the hub shows as site's source status.
+func siteSourceSays(f *federation, site, want string) error {
+	out, err := f.cli("site", "show", site, "-o", "json")
+	if err != nil {
+		return err
+	}
+	var s catalog.Site
+	if err := json.Unmarshal([]byte(out), &s); err != nil {
+		return err
+	}
+	if !strings.Contains(s.Source, want) {
+		return fmt.Errorf("source of %s is %q", site, s.Source)
+	}
+	return nil
 }
 
 func endpointsAre(f *federation, id string, want []catalog.Endpoint) error {

@@ -2,12 +2,10 @@ package harness
 
 import (
 	"context"
-	"crypto/tls"
 	"crypto/x509"
 	"encoding/pem"
 	"fmt"
 	"net"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -31,6 +29,21 @@ type Kube struct {
 	Kubeconfig string
 	Config     *rest.Config
 	Client     kubernetes.Interface
+
+	t    testing.TB
+	bin  string
+	args []string
+	proc *Process
+}
+
+// Stop kills the apiserver; its data stays in etcd.
+func (k *Kube) Stop() { k.proc.Kill() }
+
+// Start starts the apiserver again after Stop, on the same address and
+// state, and waits until it is ready.
+func (k *Kube) Start() {
+	k.proc = Start(k.t, "kube-apiserver-"+k.Name, k.bin, k.args...)
+	k.waitReady()
 }
 
 // KubeAPIServerBinary returns the pinned kube-apiserver, building it into
@@ -85,9 +98,9 @@ func KubeAPIServer(t testing.TB, etcdURL, name string) *Kube {
 			t.Fatal(err)
 		}
 	}
-	Start(t, "kube-apiserver-"+name, bin,
+	args := []string{
 		"--etcd-servers", etcdURL,
-		"--etcd-prefix", "/registry-"+name,
+		"--etcd-prefix", "/registry-" + name,
 		"--bind-address", "127.0.0.1",
 		"--advertise-address", "127.0.0.1",
 		"--secure-port", port,
@@ -102,7 +115,7 @@ func KubeAPIServer(t testing.TB, etcdURL, name string) *Kube {
 		"--enable-priority-and-fairness=false",
 		"--profiling=false",
 		"--cert-dir", dir,
-	)
+	}
 	url := "https://" + addr
 	kubeconfig := filepath.Join(dir, "kubeconfig")
 	cfg := fmt.Sprintf(`apiVersion: v1
@@ -121,22 +134,6 @@ current-context: %[1]s
 	if err := os.WriteFile(kubeconfig, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	pool := x509.NewCertPool()
-	pool.AddCert(root.Cert)
-	hc := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}}
-	Eventually(t, 90*time.Second, "kube-apiserver "+name+" is ready", func() error {
-		req, _ := http.NewRequest("GET", url+"/readyz", nil)
-		req.Header.Set("Authorization", "Bearer "+token)
-		resp, err := hc.Do(req)
-		if err != nil {
-			return err
-		}
-		resp.Body.Close()
-		if resp.StatusCode != http.StatusOK {
-			return fmt.Errorf("readyz: %s", resp.Status)
-		}
-		return nil
-	})
 	rc, err := clientcmd.BuildConfigFromFlags("", kubeconfig)
 	if err != nil {
 		t.Fatal(err)
@@ -145,7 +142,20 @@ current-context: %[1]s
 	if err != nil {
 		t.Fatal(err)
 	}
-	return &Kube{Name: name, URL: url, Kubeconfig: kubeconfig, Config: rc, Client: client}
+	k := &Kube{Name: name, URL: url, Kubeconfig: kubeconfig, Config: rc, Client: client, t: t, bin: bin, args: args}
+	k.Start()
+	return k
+}
+
+func (k *Kube) waitReady() {
+	k.t.Helper()
+	Eventually(k.t, 90*time.Second, "kube-apiserver "+k.Name+" is ready", func() error {
+		body, err := k.Client.Discovery().RESTClient().Get().AbsPath("/readyz").DoRaw(context.Background())
+		if err != nil {
+			return fmt.Errorf("readyz: %v %s", err, body)
+		}
+		return nil
+	})
 }
 
 // ApplyFile applies every object of a multi-document YAML file to the

@@ -531,6 +531,7 @@ type SiteStatus struct {
 	ConnectedSince *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=connected_since,json=connectedSince,proto3" json:"connected_since,omitempty"`
 	Services       uint32                 `protobuf:"varint,5,opt,name=services,proto3" json:"services,omitempty"`
 	Endpoints      uint32                 `protobuf:"varint,6,opt,name=endpoints,proto3" json:"endpoints,omitempty"`
+	Source         *SourceStatus          `protobuf:"bytes,7,opt,name=source,proto3" json:"source,omitempty"`
 	unknownFields  protoimpl.UnknownFields
 	sizeCache      protoimpl.SizeCache
 }
@@ -607,6 +608,84 @@ func (x *SiteStatus) GetEndpoints() uint32 {
 	return 0
 }
 
+func (x *SiteStatus) GetSource() *SourceStatus {
+	if x != nil {
+		return x.Source
+	}
+	return nil
+}
+
+// SourceStatus is how a spoke's local source (its Kubernetes API, Consul
+// agent, vmagents) is doing; the spoke keeps publishing its last good
+// state while the source is unhealthy.
+type SourceStatus struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Site          string                 `protobuf:"bytes,1,opt,name=site,proto3" json:"site,omitempty"`
+	Healthy       bool                   `protobuf:"varint,2,opt,name=healthy,proto3" json:"healthy,omitempty"`
+	Message       string                 `protobuf:"bytes,3,opt,name=message,proto3" json:"message,omitempty"`
+	Since         *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=since,proto3" json:"since,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SourceStatus) Reset() {
+	*x = SourceStatus{}
+	mi := &file_meshfed_v1_catalog_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SourceStatus) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SourceStatus) ProtoMessage() {}
+
+func (x *SourceStatus) ProtoReflect() protoreflect.Message {
+	mi := &file_meshfed_v1_catalog_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SourceStatus.ProtoReflect.Descriptor instead.
+func (*SourceStatus) Descriptor() ([]byte, []int) {
+	return file_meshfed_v1_catalog_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *SourceStatus) GetSite() string {
+	if x != nil {
+		return x.Site
+	}
+	return ""
+}
+
+func (x *SourceStatus) GetHealthy() bool {
+	if x != nil {
+		return x.Healthy
+	}
+	return false
+}
+
+func (x *SourceStatus) GetMessage() string {
+	if x != nil {
+		return x.Message
+	}
+	return ""
+}
+
+func (x *SourceStatus) GetSince() *timestamppb.Timestamp {
+	if x != nil {
+		return x.Since
+	}
+	return nil
+}
+
 // CARotation asks a site's spoke to rotate its CA; the spoke acts when
 // generation exceeds the last one it carried out.
 type CARotation struct {
@@ -619,7 +698,7 @@ type CARotation struct {
 
 func (x *CARotation) Reset() {
 	*x = CARotation{}
-	mi := &file_meshfed_v1_catalog_proto_msgTypes[6]
+	mi := &file_meshfed_v1_catalog_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -631,7 +710,7 @@ func (x *CARotation) String() string {
 func (*CARotation) ProtoMessage() {}
 
 func (x *CARotation) ProtoReflect() protoreflect.Message {
-	mi := &file_meshfed_v1_catalog_proto_msgTypes[6]
+	mi := &file_meshfed_v1_catalog_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -644,7 +723,7 @@ func (x *CARotation) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CARotation.ProtoReflect.Descriptor instead.
 func (*CARotation) Descriptor() ([]byte, []int) {
-	return file_meshfed_v1_catalog_proto_rawDescGZIP(), []int{6}
+	return file_meshfed_v1_catalog_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *CARotation) GetSite() string {
@@ -680,7 +759,7 @@ type Bundle struct {
 
 func (x *Bundle) Reset() {
 	*x = Bundle{}
-	mi := &file_meshfed_v1_catalog_proto_msgTypes[7]
+	mi := &file_meshfed_v1_catalog_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -692,7 +771,7 @@ func (x *Bundle) String() string {
 func (*Bundle) ProtoMessage() {}
 
 func (x *Bundle) ProtoReflect() protoreflect.Message {
-	mi := &file_meshfed_v1_catalog_proto_msgTypes[7]
+	mi := &file_meshfed_v1_catalog_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -705,7 +784,7 @@ func (x *Bundle) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Bundle.ProtoReflect.Descriptor instead.
 func (*Bundle) Descriptor() ([]byte, []int) {
-	return file_meshfed_v1_catalog_proto_rawDescGZIP(), []int{7}
+	return file_meshfed_v1_catalog_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *Bundle) GetTrustDomain() string {
@@ -788,7 +867,7 @@ const file_meshfed_v1_catalog_proto_rawDesc = "" +
 	"\anetwork\x18\x04 \x01(\tR\anetwork\x12!\n" +
 	"\ftrust_domain\x18\x05 \x01(\tR\vtrustDomain\x12+\n" +
 	"\x11gateway_addresses\x18\x06 \x03(\tR\x10gatewayAddresses\x12+\n" +
-	"\x05state\x18\a \x01(\x0e2\x15.meshfed.v1.SiteStateR\x05state\"\xa0\x02\n" +
+	"\x05state\x18\a \x01(\x0e2\x15.meshfed.v1.SiteStateR\x05state\"\xd2\x02\n" +
 	"\n" +
 	"SiteStatus\x12$\n" +
 	"\x04site\x18\x01 \x01(\v2\x10.meshfed.v1.SiteR\x04site\x124\n" +
@@ -796,7 +875,13 @@ const file_meshfed_v1_catalog_proto_rawDesc = "" +
 	"\tlast_sync\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\blastSync\x12C\n" +
 	"\x0fconnected_since\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\x0econnectedSince\x12\x1a\n" +
 	"\bservices\x18\x05 \x01(\rR\bservices\x12\x1c\n" +
-	"\tendpoints\x18\x06 \x01(\rR\tendpoints\"@\n" +
+	"\tendpoints\x18\x06 \x01(\rR\tendpoints\x120\n" +
+	"\x06source\x18\a \x01(\v2\x18.meshfed.v1.SourceStatusR\x06source\"\x88\x01\n" +
+	"\fSourceStatus\x12\x12\n" +
+	"\x04site\x18\x01 \x01(\tR\x04site\x12\x18\n" +
+	"\ahealthy\x18\x02 \x01(\bR\ahealthy\x12\x18\n" +
+	"\amessage\x18\x03 \x01(\tR\amessage\x120\n" +
+	"\x05since\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\x05since\"@\n" +
 	"\n" +
 	"CARotation\x12\x12\n" +
 	"\x04site\x18\x01 \x01(\tR\x04site\x12\x1e\n" +
@@ -834,7 +919,7 @@ func file_meshfed_v1_catalog_proto_rawDescGZIP() []byte {
 }
 
 var file_meshfed_v1_catalog_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_meshfed_v1_catalog_proto_msgTypes = make([]protoimpl.MessageInfo, 9)
+var file_meshfed_v1_catalog_proto_msgTypes = make([]protoimpl.MessageInfo, 10)
 var file_meshfed_v1_catalog_proto_goTypes = []any{
 	(Health)(0),                   // 0: meshfed.v1.Health
 	(SiteState)(0),                // 1: meshfed.v1.SiteState
@@ -844,28 +929,31 @@ var file_meshfed_v1_catalog_proto_goTypes = []any{
 	(*Service)(nil),               // 5: meshfed.v1.Service
 	(*Site)(nil),                  // 6: meshfed.v1.Site
 	(*SiteStatus)(nil),            // 7: meshfed.v1.SiteStatus
-	(*CARotation)(nil),            // 8: meshfed.v1.CARotation
-	(*Bundle)(nil),                // 9: meshfed.v1.Bundle
-	nil,                           // 10: meshfed.v1.Endpoint.LabelsEntry
-	(*timestamppb.Timestamp)(nil), // 11: google.protobuf.Timestamp
+	(*SourceStatus)(nil),          // 8: meshfed.v1.SourceStatus
+	(*CARotation)(nil),            // 9: meshfed.v1.CARotation
+	(*Bundle)(nil),                // 10: meshfed.v1.Bundle
+	nil,                           // 11: meshfed.v1.Endpoint.LabelsEntry
+	(*timestamppb.Timestamp)(nil), // 12: google.protobuf.Timestamp
 }
 var file_meshfed_v1_catalog_proto_depIdxs = []int32{
 	2,  // 0: meshfed.v1.Endpoint.locality:type_name -> meshfed.v1.Locality
 	0,  // 1: meshfed.v1.Endpoint.health:type_name -> meshfed.v1.Health
-	10, // 2: meshfed.v1.Endpoint.labels:type_name -> meshfed.v1.Endpoint.LabelsEntry
+	11, // 2: meshfed.v1.Endpoint.labels:type_name -> meshfed.v1.Endpoint.LabelsEntry
 	3,  // 3: meshfed.v1.Service.ports:type_name -> meshfed.v1.Port
 	4,  // 4: meshfed.v1.Service.endpoints:type_name -> meshfed.v1.Endpoint
 	2,  // 5: meshfed.v1.Site.locality:type_name -> meshfed.v1.Locality
 	1,  // 6: meshfed.v1.Site.state:type_name -> meshfed.v1.SiteState
 	6,  // 7: meshfed.v1.SiteStatus.site:type_name -> meshfed.v1.Site
-	11, // 8: meshfed.v1.SiteStatus.created:type_name -> google.protobuf.Timestamp
-	11, // 9: meshfed.v1.SiteStatus.last_sync:type_name -> google.protobuf.Timestamp
-	11, // 10: meshfed.v1.SiteStatus.connected_since:type_name -> google.protobuf.Timestamp
-	11, // [11:11] is the sub-list for method output_type
-	11, // [11:11] is the sub-list for method input_type
-	11, // [11:11] is the sub-list for extension type_name
-	11, // [11:11] is the sub-list for extension extendee
-	0,  // [0:11] is the sub-list for field type_name
+	12, // 8: meshfed.v1.SiteStatus.created:type_name -> google.protobuf.Timestamp
+	12, // 9: meshfed.v1.SiteStatus.last_sync:type_name -> google.protobuf.Timestamp
+	12, // 10: meshfed.v1.SiteStatus.connected_since:type_name -> google.protobuf.Timestamp
+	8,  // 11: meshfed.v1.SiteStatus.source:type_name -> meshfed.v1.SourceStatus
+	12, // 12: meshfed.v1.SourceStatus.since:type_name -> google.protobuf.Timestamp
+	13, // [13:13] is the sub-list for method output_type
+	13, // [13:13] is the sub-list for method input_type
+	13, // [13:13] is the sub-list for extension type_name
+	13, // [13:13] is the sub-list for extension extendee
+	0,  // [0:13] is the sub-list for field type_name
 }
 
 func init() { file_meshfed_v1_catalog_proto_init() }
@@ -879,7 +967,7 @@ func file_meshfed_v1_catalog_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_meshfed_v1_catalog_proto_rawDesc), len(file_meshfed_v1_catalog_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   9,
+			NumMessages:   10,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
