@@ -26,6 +26,7 @@ demo: build
 
 bench: build tools
 	$(GO) run ./bench/hub -meshfed $(BIN)
+	$(GO) test -run '^$$' -bench . -benchtime 1x -timeout 40m ./bench/kube
 
 # generate rebuilds the committed protobuf code; protoc comes from Debian
 # (protobuf-compiler 3.21.12), the plugins from go.mod's tool lines, so the

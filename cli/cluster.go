@@ -28,7 +28,8 @@ import (
 
 func newClusterCmd(g *globals) *cobra.Command {
 	cmd := &cobra.Command{Use: "cluster", Short: "Register, list and remove Kubernetes clusters as sites"}
-	cmd.AddCommand(newClusterRegisterCmd(g), newClusterRemoveCmd(g), newClusterListCmd(g))
+	cmd.AddCommand(newClusterRegisterCmd(g), newClusterRemoveCmd(g),
+		newSiteListCmd(g, catalog.KindKubernetes, "List the Kubernetes sites with their state, last sync, counts and API health"))
 	return cmd
 }
 
@@ -256,30 +257,4 @@ func newClusterRemoveCmd(g *globals) *cobra.Command {
 	}
 	cf.add(cmd)
 	return cmd
-}
-
-func newClusterListCmd(g *globals) *cobra.Command {
-	return &cobra.Command{
-		Use:   "list",
-		Short: "List the Kubernetes sites with their state, last sync and counts",
-		Args:  cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			ctx, c, done, err := g.admin(cmd)
-			if err != nil {
-				return err
-			}
-			defer done()
-			resp, err := c.ListSites(ctx, &meshfedv1.ListSitesRequest{})
-			if err != nil {
-				return err
-			}
-			sites := []catalog.Site{}
-			for _, s := range resp.GetSites() {
-				if s.GetSite().GetKind() == catalog.KindKubernetes {
-					sites = append(sites, federation.SiteStatusFromWire(s))
-				}
-			}
-			return g.printSites(sites)
-		},
-	}
 }

@@ -32,7 +32,7 @@ func (g *globals) admin(cmd *cobra.Command) (ctx context.Context, c meshfedv1.Ad
 
 func newSiteCmd(g *globals) *cobra.Command {
 	cmd := &cobra.Command{Use: "site", Short: "Register, list, inspect and remove sites"}
-	cmd.AddCommand(newSiteAddCmd(g), newSiteListCmd(g), newSiteShowCmd(g), newSiteRemoveCmd(g), newSiteTokenCmd(g))
+	cmd.AddCommand(newSiteAddCmd(g), newSiteListCmd(g, "", "List sites with their state, last sync, counts and source health"), newSiteShowCmd(g), newSiteRemoveCmd(g), newSiteTokenCmd(g))
 	return cmd
 }
 
@@ -70,10 +70,11 @@ func newSiteAddCmd(g *globals) *cobra.Command {
 	return cmd
 }
 
-func newSiteListCmd(g *globals) *cobra.Command {
+// newSiteListCmd lists the sites of kind ("": every kind).
+func newSiteListCmd(g *globals, kind, short string) *cobra.Command {
 	return &cobra.Command{
 		Use:   "list",
-		Short: "List sites with their state, last sync and counts",
+		Short: short,
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx, c, done, err := g.admin(cmd)
@@ -87,7 +88,9 @@ func newSiteListCmd(g *globals) *cobra.Command {
 			}
 			sites := []catalog.Site{}
 			for _, s := range resp.GetSites() {
-				sites = append(sites, federation.SiteStatusFromWire(s))
+				if kind == "" || s.GetSite().GetKind() == kind {
+					sites = append(sites, federation.SiteStatusFromWire(s))
+				}
 			}
 			return g.printSites(sites)
 		},

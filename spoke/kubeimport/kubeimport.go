@@ -25,7 +25,10 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
+	corelisters "k8s.io/client-go/listers/core/v1"
+	"k8s.io/client-go/tools/cache"
 	"k8s.io/client-go/util/workqueue"
 	"k8s.io/utils/ptr"
 	mcsv1a1 "sigs.k8s.io/mcs-api/pkg/apis/v1alpha1"
@@ -46,8 +49,9 @@ type Options struct {
 
 // Importer keeps ServiceImports and EndpointSlices in step with the view.
 type Importer struct {
-	o     Options
-	queue workqueue.TypedRateLimitingInterface[string]
+	o          Options
+	queue      workqueue.TypedRateLimitingInterface[string]
+	namespaces corelisters.NamespaceLister
 }
 
 var _ spoke.Importer = (*Importer)(nil)
@@ -66,6 +70,17 @@ func New(o Options) *Importer {
 func (im *Importer) Run(ctx context.Context, site string, view *spoke.View, local *spoke.Local) error {
 	im.queue = workqueue.NewTypedRateLimitingQueue(workqueue.DefaultTypedControllerRateLimiter[string]())
 	defer im.queue.ShutDown()
+	// Namespaces come from an informer: a new namespace imports what the
+	// federation has for it.
+	nsf := informers.NewSharedInformerFactoryWithOptions(im.o.Client, 0)
+	nsInf := nsf.Core().V1().Namespaces()
+	im.namespaces = nsInf.Lister()
+	if _, err := nsInf.Informer().AddEventHandler(cache.ResourceEventHandlerFuncs{AddFunc: func(any) { im.enqueueAll(view) }}); err != nil {
+		return err
+	}
+	nsf.Start(ctx.Done())
+	defer nsf.Shutdown()
+	nsf.WaitForCacheSync(ctx.Done())
 	watch := func(t *federation.Table) {
 		sub := t.Subscribe(func(k string) bool { return strings.HasPrefix(k, "svc/") || strings.HasPrefix(k, "site/") })
 		go func() {
@@ -119,16 +134,24 @@ func (im *Importer) enqueueAll(view *spoke.View) {
 
 // reconcile makes the cluster's import of ns/name match the view.
 func (im *Importer) reconcile(ctx context.Context, site string, view *spoke.View, local *spoke.Local, ns, name string) error {
+	// Each site's copy by key: the view may hold thousands of services.
 	var remote []*meshfedv1.Service
-	for _, r := range view.Table().List("svc/") {
-		if s := r.GetService(); s.GetNamespace() == ns && s.GetName() == name && s.GetSite() != site {
-			remote = append(remote, s)
+	for key := range view.Table().Versions("site/") {
+		other := strings.TrimPrefix(key, "site/")
+		if other == site {
+			continue
+		}
+		if r, ok := view.Table().Get(federation.ServiceKey(other, ns, name)); ok {
+			remote = append(remote, r.GetService())
 		}
 	}
-	if err := im.exportConditions(ctx, site, local, remote, ns, name); err != nil {
-		return err
+	sort.Slice(remote, func(i, j int) bool { return remote[i].GetSite() < remote[j].GetSite() })
+	if _, exported := local.Table().Get(federation.ServiceKey(site, ns, name)); exported {
+		if err := im.exportConditions(ctx, site, local, remote, ns, name); err != nil {
+			return err
+		}
 	}
-	if _, err := im.o.Client.CoreV1().Namespaces().Get(ctx, ns, metav1.GetOptions{}); apierrors.IsNotFound(err) {
+	if _, err := im.namespaces.Get(ns); apierrors.IsNotFound(err) {
 		return nil // namespace sameness: only namespaces this cluster has
 	} else if err != nil {
 		return err
