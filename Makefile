@@ -2,17 +2,23 @@
 # runs every test against the real parts (installing what it needs first).
 GO        ?= go
 BIN       := bin/meshfed
+VERSION   ?= dev
 PROTOS    := $(wildcard api/meshfed/v1/*.proto)
 GEN_OUT   ?= api
 export GOTOOLCHAIN := local
 export CGO_ENABLED := 0
 
-.PHONY: all build test demo bench generate check-generate lint tools clean
+.PHONY: all build image test demo bench generate check-generate lint tools clean
 
 all: build
 
 build:
-	$(GO) build -trimpath -o $(BIN) ./cmd/meshfed
+	$(GO) build -trimpath -ldflags "-X github.com/meshfed/meshfed/cli.Version=$(VERSION)" -o $(BIN) ./cmd/meshfed
+
+# image builds meshfed:$(VERSION) FROM scratch around the static binary.
+image: build
+	@tmp=$$(mktemp -d) && trap 'rm -rf $$tmp' EXIT && cp $(BIN) deploy/docker/Dockerfile $$tmp/ && \
+		docker build -q -t meshfed:$(VERSION) $$tmp
 
 # tools installs the real parts the tests run against (etcd from Debian).
 tools:

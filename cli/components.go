@@ -68,7 +68,7 @@ func newHubCmd(g *globals) *cobra.Command {
 
 func newSpokeCmd(g *globals) *cobra.Command {
 	var o spoke.Options
-	var services, kubeconfig, kubeContext, caSecret string
+	var services, kubeconfig, kubeContext, caSecret, credSecret string
 	var poll time.Duration
 	cmd := &cobra.Command{
 		Use:   "spoke",
@@ -123,6 +123,19 @@ func newSpokeCmd(g *globals) *cobra.Command {
 			if caSecret == "" && inCluster {
 				caSecret = "meshfed-system/meshfed-site-ca"
 			}
+			if credSecret == "" && inCluster {
+				credSecret = "meshfed-system/meshfed-spoke-credential"
+			}
+			if credSecret != "" {
+				if o.Kube == nil {
+					return fmt.Errorf("--credential-secret needs a cluster: pass --kubeconfig or run the spoke in the cluster")
+				}
+				ns, name, err := kube.ParseSecretRef(credSecret)
+				if err != nil {
+					return err
+				}
+				o.Credentials = kube.SecretStorage{Client: o.Kube, Namespace: ns, Name: name}
+			}
 			if caSecret != "" {
 				if o.Kube == nil {
 					return fmt.Errorf("--ca-secret needs a cluster: pass --kubeconfig or run the spoke in the cluster")
@@ -148,6 +161,7 @@ func newSpokeCmd(g *globals) *cobra.Command {
 	f.StringVar(&services, "services", "", "YAML file listing this site's services (watched for changes)")
 	f.StringVar(&kubeconfig, "kubeconfig", "", "kubeconfig of the site's cluster, when the spoke runs outside it (inside, the in-cluster config is used)")
 	f.StringVar(&kubeContext, "context", "", "kubeconfig context")
+	f.StringVar(&credSecret, "credential-secret", "", "keep the spoke's hub credential in this Kubernetes Secret, namespace/name (default in a cluster: meshfed-system/meshfed-spoke-credential; outside: spoke.conf under --data-dir)")
 	f.StringVar(&caSecret, "ca-secret", "", "keep the site CA in this Kubernetes Secret, namespace/name (default in a cluster: meshfed-system/meshfed-site-ca; outside: files under --data-dir)")
 	f.DurationVar(&poll, "services-poll", time.Second, "how often to check the services file for changes")
 	f.StringVar(&o.HTTPListen, "http-listen", "127.0.0.1:7180", "address for /healthz, /readyz, /metrics and /v1/catalog (- disables)")

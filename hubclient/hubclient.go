@@ -38,11 +38,16 @@ type Config struct {
 func Load(path string) (*Config, error) {
 	b, err := os.ReadFile(path)
 	if errors.Is(err, os.ErrNotExist) {
-		return nil, fmt.Errorf("hub credential %s does not exist: point --config or MESHFED_CONFIG at the admin.conf in the hub's data dir", path)
+		return nil, fmt.Errorf("hub credential %s does not exist: point --config or MESHFED_CONFIG at the admin.conf in the hub's data dir: %w", path, err)
 	}
 	if err != nil {
 		return nil, fmt.Errorf("read hub credential: %w", err)
 	}
+	return Parse(b, path)
+}
+
+// Parse decodes a credential; path names it in errors.
+func Parse(b []byte, path string) (*Config, error) {
 	var c Config
 	dec := yaml.NewDecoder(strings.NewReader(string(b)))
 	dec.KnownFields(true)
@@ -55,9 +60,12 @@ func Load(path string) (*Config, error) {
 	return &c, nil
 }
 
+// Marshal encodes the credential.
+func (c *Config) Marshal() ([]byte, error) { return yaml.Marshal(c) }
+
 // Write stores the credential at path, 0600, atomically.
 func (c *Config) Write(path string) error {
-	b, err := yaml.Marshal(c)
+	b, err := c.Marshal()
 	if err != nil {
 		return err
 	}

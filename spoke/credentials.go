@@ -12,44 +12,73 @@ import (
 	"time"
 
 	meshfedv1 "github.com/meshfed/meshfed/api/meshfed/v1"
+	"github.com/meshfed/meshfed/atomicfile"
 	"github.com/meshfed/meshfed/hubclient"
 	"github.com/meshfed/meshfed/trust/ca"
+	"github.com/meshfed/meshfed/trust/siteca"
 	"google.golang.org/grpc"
 )
 
-// credentials is the spoke's identity at the hub, kept in the data dir as
-// spoke.conf (0600) so a restart needs no new token.
+// credentials is the spoke's identity at the hub, kept as spoke.conf
+// (0600) in the data dir, or in a Kubernetes Secret for an in-cluster spoke
+// whose data dir does not outlive its pod, so a restart needs no new token.
 type credentials struct {
-	path string
-	mu   sync.Mutex
-	conf *hubclient.Config
-	cert *tls.Certificate
+	store siteca.Storage
+	path  string
+	mu    sync.Mutex
+	conf  *hubclient.Config
+	cert  *tls.Certificate
 }
 
-func credentialsPath(dataDir string) string { return filepath.Join(dataDir, "spoke.conf") }
+const credentialFile = "spoke.conf"
+
+func (c *credentials) save(conf *hubclient.Config) error {
+	b, err := conf.Marshal()
+	if err != nil {
+		return err
+	}
+	if c.store != nil {
+		return c.store.Save(map[string][]byte{credentialFile: b})
+	}
+	return atomicfile.Write(c.path, b, 0o600)
+}
+
+func (c *credentials) load() (*hubclient.Config, error) {
+	if c.store == nil {
+		return hubclient.Load(c.path)
+	}
+	files, err := c.store.Load()
+	if err != nil {
+		return nil, err
+	}
+	if files[credentialFile] == nil {
+		return nil, os.ErrNotExist
+	}
+	return hubclient.Parse(files[credentialFile], c.path)
+}
 
 // loadOrJoin loads the stored credential, or redeems token for one.
-func loadOrJoin(ctx context.Context, dataDir, site, hub, token string) (*credentials, error) {
-	path := credentialsPath(dataDir)
-	conf, err := hubclient.Load(path)
+func loadOrJoin(ctx context.Context, dataDir string, store siteca.Storage, site, hub, token string) (*credentials, error) {
+	c := &credentials{store: store, path: filepath.Join(dataDir, credentialFile)}
+	conf, err := c.load()
 	switch {
 	case err == nil:
-		c := &credentials{path: path, conf: conf}
+		c.conf = conf
 		if err := c.parse(site); err != nil {
 			return nil, err
 		}
 		if hub != "" && hub != conf.Hub {
 			conf.Hub = hub
-			if err := conf.Write(path); err != nil {
+			if err := c.save(conf); err != nil {
 				return nil, err
 			}
 		}
 		return c, nil
-	case !errors.Is(err, os.ErrNotExist) && fileExists(path):
-		return nil, fmt.Errorf("spoke: %w (move it away and join again with a new token)", err)
+	case !errors.Is(err, os.ErrNotExist):
+		return nil, fmt.Errorf("spoke: credential: %w (move it away and join again with a new token)", err)
 	}
 	if token == "" {
-		return nil, fmt.Errorf("spoke: %s has no credential yet: pass --token (from `meshfed site token create --site %s`)", dataDir, site)
+		return nil, fmt.Errorf("spoke: no credential stored yet: pass --token (from `meshfed site token create --site %s`)", site)
 	}
 	if hub == "" {
 		return nil, errors.New("spoke: pass --hub HOST:PORT to join")
@@ -82,16 +111,11 @@ func loadOrJoin(ctx context.Context, dataDir, site, hub, token string) (*credent
 		return nil, err
 	}
 	conf = &hubclient.Config{Hub: hub, Federation: resp.GetFederation(), TrustDomain: resp.GetTrustDomain(), CA: string(resp.GetCaPem()), Cert: string(resp.GetCertificatePem()), Key: string(keyPEM)}
-	if err := conf.Write(path); err != nil {
+	if err := c.save(conf); err != nil {
 		return nil, fmt.Errorf("spoke: keep credential: %w", err)
 	}
-	c := &credentials{path: path, conf: conf}
+	c.conf = conf
 	return c, c.parse(site)
-}
-
-func fileExists(p string) bool {
-	_, err := os.Stat(p)
-	return err == nil
 }
 
 // parse loads the key pair and checks it is this site's.
@@ -162,7 +186,7 @@ func (c *credentials) renew(ctx context.Context, conn *grpc.ClientConn, site str
 	}
 	next := *c.conf
 	next.Cert, next.Key = string(resp.GetCertificatePem()), string(keyPEM)
-	if err := next.Write(c.path); err != nil {
+	if err := c.save(&next); err != nil {
 		return err
 	}
 	c.conf = &next

@@ -51,6 +51,9 @@ type Options struct {
 	// MaxStale is how long the spoke keeps serving other sites' services
 	// after it last heard from the hub. Default 24h; negative: forever.
 	MaxStale time.Duration
+	// Credentials keep the spoke's hub credential; default spoke.conf in
+	// DataDir. An in-cluster spoke uses a Secret (spoke/kube).
+	Credentials siteca.Storage
 	// CA configures the site CA (its Dir and TrustDomain are set by the
 	// spoke: <data dir>/ca and the site's trust domain from the hub).
 	CA siteca.Options
@@ -117,7 +120,7 @@ func New(ctx context.Context, o Options) (*Spoke, error) {
 	if s.view, err = OpenView(ctx, o.DataDir, o.Site); err != nil {
 		return nil, err
 	}
-	if s.creds, err = loadOrJoin(ctx, o.DataDir, o.Site, o.Hub, o.Token); err != nil {
+	if s.creds, err = loadOrJoin(ctx, o.DataDir, o.Credentials, o.Site, o.Hub, o.Token); err != nil {
 		s.view.Close()
 		return nil, err
 	}

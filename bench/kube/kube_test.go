@@ -19,9 +19,10 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/watch"
+	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/cache"
 	"k8s.io/utils/ptr"
 	mcsv1a1 "sigs.k8s.io/mcs-api/pkg/apis/v1alpha1"
 	mcsclient "sigs.k8s.io/mcs-api/pkg/client/clientset/versioned"
@@ -158,35 +159,36 @@ func run(b *testing.B) {
 	fmt.Printf("cluster b imported all %d services %.0fs after a's spoke started; importing spoke RSS %.1f MiB\n", services, time.Since(start).Seconds(), float64(rssOf(b, importer.Pid()))/(1<<20))
 
 	// Propagation: one service at a time turns all its endpoints not ready
-	// in a; its imported slice in b turns not ready.
-	w, err := cb.DiscoveryV1().EndpointSlices("bench").Watch(ctx, metav1.ListOptions{LabelSelector: discoveryv1.LabelManagedBy + "=meshfed"})
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer w.Stop()
+	// in a; its imported slice in b turns not ready. An informer watches b
+	// (it re-watches by itself if the server closes the watch).
 	var mu sync.Mutex
 	sent := map[string]time.Time{}
 	var lat []time.Duration
 	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		for ev := range w.ResultChan() {
-			es, ok := ev.Object.(*discoveryv1.EndpointSlice)
-			if !ok || ev.Type != watch.Modified || len(es.Endpoints) == 0 || *es.Endpoints[0].Conditions.Ready {
-				continue
-			}
-			mu.Lock()
-			if at, ok := sent[es.Labels[discoveryv1.LabelServiceName]]; ok {
-				lat = append(lat, time.Since(at))
-				delete(sent, es.Labels[discoveryv1.LabelServiceName])
-			}
-			n := len(lat)
-			mu.Unlock()
-			if n == changes {
-				return
+	inf := informers.NewSharedInformerFactoryWithOptions(cb, 0, informers.WithNamespace("bench"),
+		informers.WithTweakListOptions(func(o *metav1.ListOptions) { o.LabelSelector = discoveryv1.LabelManagedBy + "=meshfed" }))
+	_, err = inf.Discovery().V1().EndpointSlices().Informer().AddEventHandler(cache.ResourceEventHandlerFuncs{UpdateFunc: func(_, obj any) {
+		es, ok := obj.(*discoveryv1.EndpointSlice)
+		if !ok || len(es.Endpoints) == 0 || *es.Endpoints[0].Conditions.Ready {
+			return
+		}
+		mu.Lock()
+		defer mu.Unlock()
+		if at, ok := sent[es.Labels[discoveryv1.LabelServiceName]]; ok {
+			lat = append(lat, time.Since(at))
+			delete(sent, es.Labels[discoveryv1.LabelServiceName])
+			if len(lat) == changes {
+				close(done)
 			}
 		}
-	}()
+	}})
+	if err != nil {
+		b.Fatal(err)
+	}
+	stop := make(chan struct{})
+	defer close(stop)
+	inf.Start(stop)
+	inf.WaitForCacheSync(stop)
 	tick := time.NewTicker(time.Second / changesPerS)
 	for i := range changes {
 		<-tick.C
@@ -208,8 +210,12 @@ func run(b *testing.B) {
 	select {
 	case <-done:
 	case <-time.After(2 * time.Minute):
+		mu.Lock()
+		defer mu.Unlock()
 		b.Fatalf("only %d of %d changes reached cluster b", len(lat), changes)
 	}
+	mu.Lock()
+	defer mu.Unlock()
 	slices.Sort(lat)
 	p := func(q int) float64 { return float64(lat[min(len(lat)-1, len(lat)*q/100)].Microseconds()) / 1000 }
 	fmt.Printf("propagation EndpointSlice in a -> imported EndpointSlice in b at %d changes/s (%d samples): p50 %.1f ms, p99 %.1f ms\n", changesPerS, len(lat), p(50), p(99))

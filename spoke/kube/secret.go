@@ -28,7 +28,7 @@ var _ siteca.Storage = SecretStorage{}
 func ParseSecretRef(ref string) (namespace, name string, err error) {
 	ns, n, ok := strings.Cut(ref, "/")
 	if !ok || ns == "" || n == "" {
-		return "", "", fmt.Errorf("--ca-secret %q: want namespace/name", ref)
+		return "", "", fmt.Errorf("secret %q: want namespace/name", ref)
 	}
 	return ns, n, nil
 }

@@ -44,7 +44,7 @@ func TestKubernetesAttestation(t *testing.T) {
 	}
 
 	f := newFederation(t)
-	east := f.addSite("east", "z1", "services: []\n", "--kubeconfig", k.Kubeconfig, "--ca-secret", "meshfed-system/east-ca")
+	east := f.addSite("east", "z1", "services: []\n", "--kubeconfig", k.Kubeconfig, "--ca-secret", "meshfed-system/east-ca", "--credential-secret", "meshfed-system/east-cred")
 	west := f.addSite("west", "z2", "services: []\n")
 	f.waitBundles(t)
 	// A pod trusts its spoke through the site's bundle, as published.
@@ -91,7 +91,7 @@ func TestKubernetesAttestation(t *testing.T) {
 			return nil
 		})
 	})
-	t.Run("the spoke keeps its CA in the Secret, not on disk, across restarts", func(t *testing.T) {
+	t.Run("the spoke keeps CA and credential in Secrets: a new pod with an empty data dir is the same spoke", func(t *testing.T) {
 		sec, err := k.Client.CoreV1().Secrets("meshfed-system").Get(ctx, "east-ca", metav1.GetOptions{})
 		if err != nil {
 			t.Fatal(err)
@@ -101,12 +101,24 @@ func TestKubernetesAttestation(t *testing.T) {
 				t.Errorf("Secret east-ca has no %s", key)
 			}
 		}
-		if _, err := os.Stat(filepath.Join(east.dir, "ca")); !os.IsNotExist(err) {
-			t.Errorf("the spoke wrote a CA under its data dir too (%v)", err)
+		for _, f := range []string{"ca", "spoke.conf"} {
+			if _, err := os.Stat(filepath.Join(east.dir, f)); !os.IsNotExist(err) {
+				t.Errorf("the spoke wrote %s under its data dir too (%v)", f, err)
+			}
+		}
+		cred, err := k.Client.CoreV1().Secrets("meshfed-system").Get(ctx, "east-cred", metav1.GetOptions{})
+		if err != nil || len(cred.Data["spoke.conf"]) == 0 {
+			t.Fatalf("credential Secret: %v", err)
 		}
 		published := f.mustCLI("trust", "bundle", "show", "--trust-domain", "east.test.meshfed", "-o", "pem")
 		if published != string(sec.Data["ca.crt"]) {
 			t.Fatal("the bundle the hub has for east is not the CA in the Secret")
+		}
+		// A new pod: empty data dir, and the join token in its args is spent.
+		for i, a := range east.args {
+			if a == "--data-dir" {
+				east.args[i+1] = t.TempDir()
+			}
 		}
 		f.restartSpoke(east)
 		if _, err := attest(east, saToken(t, k, "shop", "cart", "meshfed")); err != nil {
