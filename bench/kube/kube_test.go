@@ -174,9 +174,9 @@ func run(b *testing.B) {
 		}
 		mu.Lock()
 		defer mu.Unlock()
-		if at, ok := sent[es.Labels[discoveryv1.LabelServiceName]]; ok {
+		if at, ok := sent[es.Labels[mcsv1a1.LabelServiceName]]; ok {
 			lat = append(lat, time.Since(at))
-			delete(sent, es.Labels[discoveryv1.LabelServiceName])
+			delete(sent, es.Labels[mcsv1a1.LabelServiceName])
 			if len(lat) == changes {
 				close(done)
 			}
