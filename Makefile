@@ -13,7 +13,7 @@ export CGO_ENABLED := 0
 all: build
 
 build:
-	$(GO) build -trimpath -ldflags "-X github.com/meshfed/meshfed/cli.Version=$(VERSION)" -o $(BIN) ./cmd/meshfed
+	$(GO) build -trimpath -ldflags "-s -w -X github.com/meshfed/meshfed/cli.Version=$(VERSION)" -o $(BIN) ./cmd/meshfed
 
 # image builds meshfed:$(VERSION) FROM scratch around the static binary.
 image: build
