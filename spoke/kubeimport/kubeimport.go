@@ -15,6 +15,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"sync"
 
 	meshfedv1 "github.com/meshfed/meshfed/api/meshfed/v1"
 	"github.com/meshfed/meshfed/federation"
@@ -22,6 +23,7 @@ import (
 	"github.com/meshfed/meshfed/spoke/kubesource"
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
+	"k8s.io/apimachinery/pkg/api/equality"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
@@ -109,21 +111,35 @@ func (im *Importer) Run(ctx context.Context, site string, view *spoke.View, loca
 		<-ctx.Done()
 		im.queue.ShutDown()
 	}()
-	for {
-		key, quit := im.queue.Get()
-		if quit {
-			return nil
-		}
-		ns, name, _ := strings.Cut(key, "/")
-		if err := im.reconcile(ctx, site, view, local, ns, name); err != nil {
-			im.o.Logger.Warn("could not import a federated service; retrying", "service", key, "err", err)
-			im.queue.AddRateLimited(key)
-		} else {
-			im.queue.Forget(key)
-		}
-		im.queue.Done(key)
+	// Each reconcile waits on a few API round trips; several workers keep
+	// up with a busy federation. The queue never gives one key to two.
+	var wg sync.WaitGroup
+	for range workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				key, quit := im.queue.Get()
+				if quit {
+					return
+				}
+				ns, name, _ := strings.Cut(key, "/")
+				if err := im.reconcile(ctx, site, view, local, ns, name); err != nil {
+					im.o.Logger.Warn("could not import a federated service; retrying", "service", key, "err", err)
+					im.queue.AddRateLimited(key)
+				} else {
+					im.queue.Forget(key)
+				}
+				im.queue.Done(key)
+			}
+		}()
 	}
+	wg.Wait()
+	return nil
 }
+
+// workers is how many services are reconciled at once.
+const workers = 4
 
 func (im *Importer) enqueueAll(view *spoke.View) {
 	for k := range view.Table().Versions("svc/") {
@@ -186,8 +202,13 @@ func (im *Importer) applyImport(ctx context.Context, ns, name string, remote []*
 		if cur.Labels[discoveryv1.LabelManagedBy] != kubesource.ManagedBy {
 			return fmt.Errorf("ServiceImport %s/%s exists and is not meshfed's: leaving it alone", ns, name)
 		}
-		cur.Spec = spec
-		cur, err = imports.Update(ctx, cur, metav1.UpdateOptions{})
+		if equality.Semantic.DeepEqual(cur.Spec, spec) && equality.Semantic.DeepEqual(cur.Status.Clusters, clusters) {
+			return nil // unchanged: no write
+		}
+		if !equality.Semantic.DeepEqual(cur.Spec, spec) {
+			cur.Spec = spec
+			cur, err = imports.Update(ctx, cur, metav1.UpdateOptions{})
+		}
 	}
 	if err != nil {
 		return err
@@ -222,6 +243,10 @@ func (im *Importer) applySlices(ctx context.Context, view *spoke.View, ns, name 
 			continue
 		}
 		delete(want, cur.Name)
+		if equality.Semantic.DeepEqual(cur.Labels, w.Labels) && cur.AddressType == w.AddressType &&
+			equality.Semantic.DeepEqual(cur.Endpoints, w.Endpoints) && equality.Semantic.DeepEqual(cur.Ports, w.Ports) {
+			continue
+		}
 		cur.Labels, cur.AddressType, cur.Endpoints, cur.Ports = w.Labels, w.AddressType, w.Endpoints, w.Ports
 		if _, err := slices.Update(ctx, cur, metav1.UpdateOptions{}); err != nil {
 			return err
