@@ -23,6 +23,7 @@ import (
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/client-go/dynamic"
+	"k8s.io/client-go/rest"
 	sigsyaml "sigs.k8s.io/yaml"
 )
 
@@ -35,6 +36,16 @@ func newClusterCmd(g *globals) *cobra.Command {
 
 type clusterFlags struct {
 	kubeconfig, context, image string
+}
+
+// applier connects to the cluster of the flags.
+func (f *clusterFlags) applier() (*kubeapply.Applier, *rest.Config, error) {
+	rc, err := kube.RESTConfig(f.kubeconfig, f.context)
+	if err != nil {
+		return nil, nil, err
+	}
+	a, err := kubeapply.New(rc)
+	return a, rc, err
 }
 
 func (f *clusterFlags) add(cmd *cobra.Command) {
@@ -96,11 +107,7 @@ token. --dry-run prints everything and creates nothing.`,
 			if err := catalog.ValidateSite(site); err != nil {
 				return err
 			}
-			rc, err := kube.RESTConfig(cf.kubeconfig, cf.context)
-			if err != nil {
-				return err
-			}
-			a, err := kubeapply.New(rc)
+			a, _, err := cf.applier()
 			if err != nil {
 				return err
 			}
@@ -204,11 +211,7 @@ func newClusterRemoveCmd(g *globals) *cobra.Command {
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			ctx := cmd.Context()
-			rc, err := kube.RESTConfig(cf.kubeconfig, cf.context)
-			if err != nil {
-				return err
-			}
-			a, err := kubeapply.New(rc)
+			a, rc, err := cf.applier()
 			if err != nil {
 				return err
 			}

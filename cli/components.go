@@ -12,6 +12,7 @@ import (
 	"github.com/meshfed/meshfed/spoke/kubeimport"
 	"github.com/meshfed/meshfed/spoke/kubesource"
 	"github.com/meshfed/meshfed/store"
+	"github.com/meshfed/meshfed/trust/siteca"
 	"github.com/spf13/cobra"
 	"k8s.io/client-go/kubernetes"
 	mcsclient "sigs.k8s.io/mcs-api/pkg/client/clientset/versioned"
@@ -120,31 +121,11 @@ func newSpokeCmd(g *globals) *cobra.Command {
 					o.Importer = kubeimport.New(kubeimport.Options{Client: o.Kube, MCS: mcs, Logger: o.Logger.With("component", "kubeimport")})
 				}
 			}
-			if caSecret == "" && inCluster {
-				caSecret = "meshfed-system/meshfed-site-ca"
+			if o.Credentials, err = secretStorage(o, "credential-secret", credSecret, inCluster, "meshfed-system/meshfed-spoke-credential"); err != nil {
+				return err
 			}
-			if credSecret == "" && inCluster {
-				credSecret = "meshfed-system/meshfed-spoke-credential"
-			}
-			if credSecret != "" {
-				if o.Kube == nil {
-					return fmt.Errorf("--credential-secret needs a cluster: pass --kubeconfig or run the spoke in the cluster")
-				}
-				ns, name, err := kube.ParseSecretRef(credSecret)
-				if err != nil {
-					return err
-				}
-				o.Credentials = kube.SecretStorage{Client: o.Kube, Namespace: ns, Name: name}
-			}
-			if caSecret != "" {
-				if o.Kube == nil {
-					return fmt.Errorf("--ca-secret needs a cluster: pass --kubeconfig or run the spoke in the cluster")
-				}
-				ns, name, err := kube.ParseSecretRef(caSecret)
-				if err != nil {
-					return err
-				}
-				o.CA.Storage = kube.SecretStorage{Client: o.Kube, Namespace: ns, Name: name}
+			if o.CA.Storage, err = secretStorage(o, "ca-secret", caSecret, inCluster, "meshfed-system/meshfed-site-ca"); err != nil {
+				return err
 			}
 			sp, err = spoke.New(ctx, o)
 			if err != nil {
@@ -174,4 +155,23 @@ func newSpokeCmd(g *globals) *cobra.Command {
 	_ = cmd.MarkFlagRequired("site")
 	_ = cmd.MarkFlagRequired("data-dir")
 	return cmd
+}
+
+// secretStorage is the Secret named by --flag (ref, or def in a cluster),
+// or nil when there is none: the spoke then uses files in its data dir.
+func secretStorage(o spoke.Options, flag, ref string, inCluster bool, def string) (siteca.Storage, error) {
+	if ref == "" && inCluster {
+		ref = def
+	}
+	if ref == "" {
+		return nil, nil
+	}
+	if o.Kube == nil {
+		return nil, fmt.Errorf("--%s needs a cluster: pass --kubeconfig or run the spoke in the cluster", flag)
+	}
+	ns, name, err := kube.ParseSecretRef(ref)
+	if err != nil {
+		return nil, fmt.Errorf("--%s: %w", flag, err)
+	}
+	return kube.SecretStorage{Client: o.Kube, Namespace: ns, Name: name}, nil
 }

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/meshfed/meshfed/catalog"
 	"github.com/meshfed/meshfed/test/harness"
@@ -73,9 +74,11 @@ func TestClusterRegister(t *testing.T) {
 		cfg := rest.CopyConfig(k.Config)
 		cfg.Impersonate = rest.ImpersonationConfig{UserName: "system:serviceaccount:meshfed-system:meshfed-spoke", Groups: []string{"system:serviceaccounts", "system:serviceaccounts:meshfed-system", "system:authenticated"}}
 		sa := kubernetes.NewForConfigOrDie(cfg)
-		if _, err := sa.CoreV1().Services("").List(ctx, metav1.ListOptions{}); err != nil {
-			t.Errorf("the spoke cannot list services: %v", err)
-		}
+		// RBAC bindings, too, take effect within moments.
+		harness.Eventually(t, 15*time.Second, "the spoke can list services", func() error {
+			_, err := sa.CoreV1().Services("").List(ctx, metav1.ListOptions{})
+			return err
+		})
 		if _, err := sa.CoreV1().Secrets("kube-system").List(ctx, metav1.ListOptions{}); !apierrors.IsForbidden(err) {
 			t.Errorf("listing secrets = %v, want forbidden", err)
 		}
@@ -83,13 +86,22 @@ func TestClusterRegister(t *testing.T) {
 			return &discoveryv1.EndpointSlice{ObjectMeta: metav1.ObjectMeta{GenerateName: "probe-", Labels: labels}, AddressType: discoveryv1.AddressTypeFQDN,
 				Endpoints: []discoveryv1.Endpoint{{Addresses: []string{"gw.meshfed.test"}, Conditions: discoveryv1.EndpointConditions{Ready: ptr.To(true)}}}}
 		}
-		_, err := sa.DiscoveryV1().EndpointSlices("default").Create(ctx, slice(map[string]string{discoveryv1.LabelServiceName: "kubernetes"}), metav1.CreateOptions{})
-		if err == nil || !strings.Contains(err.Error(), "managed by meshfed") {
-			t.Errorf("writing a slice that is not meshfed's = %v, want the admission policy's refusal", err)
-		}
-		if _, err := sa.DiscoveryV1().EndpointSlices("default").Create(ctx, slice(map[string]string{discoveryv1.LabelManagedBy: "meshfed"}), metav1.CreateOptions{}); err != nil {
-			t.Errorf("writing meshfed's own slice: %v", err)
-		}
+		// The API server loads a new admission policy within moments.
+		harness.Eventually(t, 15*time.Second, "the admission policy refuses a slice that is not meshfed's", func() error {
+			es, err := sa.DiscoveryV1().EndpointSlices("default").Create(ctx, slice(map[string]string{discoveryv1.LabelServiceName: "kubernetes"}), metav1.CreateOptions{})
+			if err == nil {
+				_ = k.Client.DiscoveryV1().EndpointSlices("default").Delete(ctx, es.Name, metav1.DeleteOptions{})
+				return fmt.Errorf("accepted")
+			}
+			if !strings.Contains(err.Error(), "managed by meshfed") {
+				return err
+			}
+			return nil
+		})
+		harness.Eventually(t, 15*time.Second, "the spoke writes meshfed's own slice", func() error {
+			_, err := sa.DiscoveryV1().EndpointSlices("default").Create(ctx, slice(map[string]string{discoveryv1.LabelManagedBy: "meshfed"}), metav1.CreateOptions{})
+			return err
+		})
 	})
 	t.Run("remove leaves no meshfed object behind", func(t *testing.T) {
 		f.mustCLI("cluster", "remove", "east", "--kubeconfig", k.Kubeconfig)
