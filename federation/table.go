@@ -46,6 +46,13 @@ func NewTable() *Table {
 // Put stores r (its Version must be set) and reports whether anything
 // changed; an equal version is a no-op, so no subscriber hears of it.
 func (t *Table) Put(r *meshfedv1.Resource) bool {
+	// Sources re-put unchanged resources often: skip the encoding then.
+	t.mu.RLock()
+	old, ok := t.items[r.Key]
+	t.mu.RUnlock()
+	if ok && old.version == r.Version {
+		return false
+	}
 	raw, err := proto.Marshal(r)
 	if err != nil {
 		panic(fmt.Sprintf("federation: marshal %s: %v", r.Key, err))

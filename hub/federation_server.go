@@ -34,7 +34,7 @@ func (s *federationServer) Join(ctx context.Context, req *meshfedv1.JoinRequest)
 	if err := catalog.ValidateName("site name", req.GetSite()); err != nil {
 		return nil, status.Error(codes.InvalidArgument, err.Error())
 	}
-	tok, err := h.redeem(ctx, req.GetToken(), req.GetSite(), false)
+	_, tok, err := h.redeem(ctx, req.GetToken(), req.GetSite(), false)
 	if err != nil {
 		return nil, err
 	}
@@ -76,12 +76,9 @@ func (s *federationServer) issue(site string, csr []byte) (*meshfedv1.JoinRespon
 // RedeemNodeToken burns a node token for the calling spoke's site.
 func (s *federationServer) RedeemNodeToken(ctx context.Context, req *meshfedv1.RedeemNodeTokenRequest) (*meshfedv1.RedeemNodeTokenResponse, error) {
 	site := spokeSite(ctx)
-	if _, err := s.h.redeem(ctx, req.GetToken(), site, true); err != nil {
-		return nil, err
-	}
-	rec, err := s.h.tokenRecord(ctx, req.GetToken())
+	rec, _, err := s.h.redeem(ctx, req.GetToken(), site, true)
 	if err != nil {
-		return nil, status.Errorf(codes.Unavailable, "read token: %v", err)
+		return nil, err
 	}
 	s.h.log.Info("node attested", "site", site, "node", rec.Node)
 	return &meshfedv1.RedeemNodeTokenResponse{Node: rec.Node}, nil
@@ -89,21 +86,23 @@ func (s *federationServer) RedeemNodeToken(ctx context.Context, req *meshfedv1.R
 
 // redeem checks and burns a token in one atomic update: it must exist,
 // match its secret, be unexpired, unused, of the right kind and for site.
-// A refusal for the wrong site or kind does not burn it.
-func (h *Hub) redeem(ctx context.Context, token, site string, node bool) (hubclient.Token, error) {
+// A refusal for the wrong site or kind does not burn it. It returns the
+// token's record as redeemed.
+func (h *Hub) redeem(ctx context.Context, token, site string, node bool) (tokenRecord, hubclient.Token, error) {
 	kind, create := "join", "meshfed site token create --site "+site
 	if node {
 		kind, create = "node", "meshfed vm token create --site "+site
 	}
+	var rec tokenRecord
 	tok, err := hubclient.ParseToken(token)
 	if err != nil {
 		h.m.joins.WithLabelValues("malformed").Inc()
-		return tok, status.Error(codes.InvalidArgument, err.Error())
+		return rec, tok, status.Error(codes.InvalidArgument, err.Error())
 	}
 	now := time.Now()
 	result := "ok"
 	err = h.store.Update(ctx, keyTokens+tok.ID, func(cur []byte) ([]byte, error) {
-		var rec tokenRecord
+		rec = tokenRecord{}
 		if cur == nil || json.Unmarshal(cur, &rec) != nil || !secretMatches(rec.SecretHash, tok.Secret) {
 			result = "unknown"
 			return nil, fmt.Errorf("%s token is not known to this hub: create one with `%s`", kind, create)
@@ -131,25 +130,12 @@ func (h *Hub) redeem(ctx context.Context, token, site string, node bool) (hubcli
 	h.m.joins.WithLabelValues(result).Inc()
 	if err != nil {
 		if result == "ok" {
-			return tok, status.Errorf(codes.Unavailable, "redeem token: %v", err)
+			return rec, tok, status.Errorf(codes.Unavailable, "redeem token: %v", err)
 		}
 		h.log.Warn("refused a token", "kind", kind, "site", site, "token_id", tok.ID, "reason", result)
-		return tok, status.Error(codes.Unauthenticated, err.Error())
+		return rec, tok, status.Error(codes.Unauthenticated, err.Error())
 	}
-	return tok, nil
-}
-
-func (h *Hub) tokenRecord(ctx context.Context, token string) (tokenRecord, error) {
-	var rec tokenRecord
-	tok, err := hubclient.ParseToken(token)
-	if err != nil {
-		return rec, err
-	}
-	b, err := h.store.Get(ctx, keyTokens+tok.ID)
-	if err != nil {
-		return rec, err
-	}
-	return rec, json.Unmarshal(b, &rec)
+	return rec, tok, nil
 }
 
 func secretMatches(hash, secret string) bool {

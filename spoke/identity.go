@@ -222,10 +222,7 @@ func (s *Spoke) Bundles() map[string][]byte {
 	// All of the site's authorities, not only the signing one: during a
 	// rotation, peers must trust the prepared CA before it signs.
 	out := map[string][]byte{s.ca.TrustDomain().Name(): ca.EncodeCertPEM(s.ca.Authorities()...)}
-	for _, r := range s.view.table.List("") {
-		if !strings.HasPrefix(r.GetKey(), "bundle/") && !strings.HasPrefix(r.GetKey(), "xbundle/") {
-			continue
-		}
+	for _, r := range append(s.view.table.List("bundle/"), s.view.table.List("xbundle/")...) {
 		b, err := federation.BundleFromWire(r.GetBundle())
 		if err != nil {
 			continue // refused by CheckResource's peer long before; never trusted

@@ -21,16 +21,6 @@ import (
 // issued for to attest to a meshfed spoke.
 const Audience = "meshfed"
 
-// NewClient connects with kubeconfig (and context, optional), or with the
-// in-cluster config when kubeconfig is empty.
-func NewClient(kubeconfig, kubeContext string) (kubernetes.Interface, error) {
-	cfg, err := RESTConfig(kubeconfig, kubeContext)
-	if err != nil {
-		return nil, err
-	}
-	return kubernetes.NewForConfig(cfg)
-}
-
 // RESTConfig loads kubeconfig (and context), or the in-cluster config when
 // kubeconfig is empty.
 func RESTConfig(kubeconfig, kubeContext string) (*rest.Config, error) {

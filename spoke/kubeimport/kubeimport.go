@@ -99,8 +99,7 @@ func (im *Importer) Run(ctx context.Context, site string, view *spoke.View, loca
 						im.enqueueAll(view) // gateway addresses or state changed
 						continue
 					}
-					parts := strings.SplitN(k, "/", 4)
-					im.queue.Add(parts[2] + "/" + parts[3])
+					im.queue.Add(serviceID(k))
 				}
 			}
 		}()
@@ -143,9 +142,14 @@ const workers = 4
 
 func (im *Importer) enqueueAll(view *spoke.View) {
 	for k := range view.Table().Versions("svc/") {
-		parts := strings.SplitN(k, "/", 4)
-		im.queue.Add(parts[2] + "/" + parts[3])
+		im.queue.Add(serviceID(k))
 	}
+}
+
+// serviceID is the namespace/name of a service key svc/<site>/<ns>/<name>.
+func serviceID(key string) string {
+	parts := strings.SplitN(key, "/", 4)
+	return parts[2] + "/" + parts[3]
 }
 
 // reconcile makes the cluster's import of ns/name match the view.

@@ -83,28 +83,6 @@ func (p *Process) Signal(sig syscall.Signal) {
 	}
 }
 
-// Wait waits up to d for the process to exit and returns its error.
-func (p *Process) Wait(d time.Duration) (exited bool, err error) {
-	select {
-	case <-p.done:
-		p.mu.Lock()
-		defer p.mu.Unlock()
-		return true, p.err
-	case <-time.After(d):
-		return false, nil
-	}
-}
-
-// Exited reports whether the process has ended.
-func (p *Process) Exited() bool {
-	select {
-	case <-p.done:
-		return true
-	default:
-		return false
-	}
-}
-
 // FreePort returns a loopback TCP address nothing listens on right now.
 func FreePort(t testing.TB) string {
 	t.Helper()
