@@ -28,6 +28,14 @@ func BundleKey(site string) string { return "bundle/" + site }
 // bundle (hub-owned).
 func ExternalBundleKey(trustDomain string) string { return "xbundle/" + trustDomain }
 
+// PolicyKey is the resource key of a service's traffic policy (hub-owned).
+func PolicyKey(namespace, name string) string { return "policy/" + namespace + "/" + name }
+
+// PolicyResource wraps a traffic policy as a versioned resource.
+func PolicyResource(p *meshfedv1.TrafficPolicy) *meshfedv1.Resource {
+	return &meshfedv1.Resource{Key: PolicyKey(p.GetNamespace(), p.GetName()), Version: Version(p), Body: &meshfedv1.Resource_Policy{Policy: p}}
+}
+
 // Version is the content hash of a resource body: equal bodies have equal
 // versions, across restarts and on both sides of a stream.
 func Version(body proto.Message) string {
@@ -101,6 +109,8 @@ func CheckResource(r *meshfedv1.Resource) error {
 		want = RotationResource(b.Rotation)
 	case *meshfedv1.Resource_SourceStatus:
 		want = SourceStatusResource(b.SourceStatus)
+	case *meshfedv1.Resource_Policy:
+		want = PolicyResource(b.Policy)
 	default:
 		return fmt.Errorf("resource %q has no body", r.GetKey())
 	}

@@ -183,15 +183,20 @@ func (h *Hub) keepBundle(ctx context.Context, rec federationRecord, b *spiffebun
 	if old, ok := h.table.Get(r.Key); ok && old.Version == r.Version {
 		return w, nil
 	}
+	return w, h.publish(ctx, r)
+}
+
+// publish stores a hub-owned resource durably, then sends it to every site.
+func (h *Hub) publish(ctx context.Context, r *meshfedv1.Resource) error {
 	raw, err := proto.Marshal(r)
 	if err != nil {
-		return nil, err
+		return err
 	}
 	if err := h.store.Apply(ctx, store.Op{Key: keyResource + r.Key, Value: raw}); err != nil {
-		return nil, err
+		return err
 	}
 	h.table.Put(r)
-	return w, nil
+	return nil
 }
 
 // startWatch refreshes rec's bundle until the hub stops, keeping the last
@@ -256,14 +261,9 @@ func (s *adminServer) RotateCA(ctx context.Context, req *meshfedv1.RotateCAReque
 		gen = r.GetRotation().GetGeneration() + 1
 	}
 	r := federation.RotationResource(&meshfedv1.CARotation{Site: site, Generation: gen})
-	raw, err := proto.Marshal(r)
-	if err != nil {
-		return nil, err
-	}
-	if err := h.store.Apply(ctx, store.Op{Key: keyResource + r.Key, Value: raw}); err != nil {
+	if err := h.publish(ctx, r); err != nil {
 		return nil, status.Errorf(codes.Unavailable, "store: %v", err)
 	}
-	h.table.Put(r)
 	h.log.Info("CA rotation requested", "site", site, "generation", gen)
 	return &meshfedv1.RotateCAResponse{Generation: gen}, nil
 }

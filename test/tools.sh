@@ -2,12 +2,14 @@
 # Installs the real parts meshfed's tests and `make generate` run against,
 # when they are missing: etcd (Debian's etcd-server), curl, protoc (Debian's
 # protobuf-compiler 3.21.12, which the committed code was made with), and
-# the pinned kube-apiserver, built once into a cache dir (test/kube.sh).
+# the well-known .proto files (libprotobuf-dev), and the pinned kube-apiserver, built once into a cache dir (test/kube.sh).
 set -euo pipefail
 need=()
 command -v etcd >/dev/null || need+=(etcd-server)
 command -v curl >/dev/null || need+=(curl)
 command -v protoc >/dev/null || need+=(protobuf-compiler)
+# The well-known types (timestamp.proto, duration.proto) protoc imports.
+[ -f /usr/include/google/protobuf/duration.proto ] || need+=(libprotobuf-dev)
 if [ ${#need[@]} -gt 0 ]; then
   echo "test/tools.sh: installing ${need[*]} from Debian"
   SUDO=

@@ -872,6 +872,235 @@ func (x *FederateResponse) GetBundle() *Bundle {
 	return nil
 }
 
+type ApplyPolicyRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Policy        *TrafficPolicy         `protobuf:"bytes,1,opt,name=policy,proto3" json:"policy,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ApplyPolicyRequest) Reset() {
+	*x = ApplyPolicyRequest{}
+	mi := &file_meshfed_v1_admin_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ApplyPolicyRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ApplyPolicyRequest) ProtoMessage() {}
+
+func (x *ApplyPolicyRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_meshfed_v1_admin_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ApplyPolicyRequest.ProtoReflect.Descriptor instead.
+func (*ApplyPolicyRequest) Descriptor() ([]byte, []int) {
+	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *ApplyPolicyRequest) GetPolicy() *TrafficPolicy {
+	if x != nil {
+		return x.Policy
+	}
+	return nil
+}
+
+// ListPoliciesRequest lists every policy, or the one of namespace/name.
+type ListPoliciesRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Namespace     string                 `protobuf:"bytes,1,opt,name=namespace,proto3" json:"namespace,omitempty"`
+	Name          string                 `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListPoliciesRequest) Reset() {
+	*x = ListPoliciesRequest{}
+	mi := &file_meshfed_v1_admin_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListPoliciesRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListPoliciesRequest) ProtoMessage() {}
+
+func (x *ListPoliciesRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_meshfed_v1_admin_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListPoliciesRequest.ProtoReflect.Descriptor instead.
+func (*ListPoliciesRequest) Descriptor() ([]byte, []int) {
+	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{19}
+}
+
+func (x *ListPoliciesRequest) GetNamespace() string {
+	if x != nil {
+		return x.Namespace
+	}
+	return ""
+}
+
+func (x *ListPoliciesRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+type ListPoliciesResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Policies      []*TrafficPolicy       `protobuf:"bytes,1,rep,name=policies,proto3" json:"policies,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListPoliciesResponse) Reset() {
+	*x = ListPoliciesResponse{}
+	mi := &file_meshfed_v1_admin_proto_msgTypes[20]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListPoliciesResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListPoliciesResponse) ProtoMessage() {}
+
+func (x *ListPoliciesResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_meshfed_v1_admin_proto_msgTypes[20]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListPoliciesResponse.ProtoReflect.Descriptor instead.
+func (*ListPoliciesResponse) Descriptor() ([]byte, []int) {
+	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{20}
+}
+
+func (x *ListPoliciesResponse) GetPolicies() []*TrafficPolicy {
+	if x != nil {
+		return x.Policies
+	}
+	return nil
+}
+
+type DeletePolicyRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Namespace     string                 `protobuf:"bytes,1,opt,name=namespace,proto3" json:"namespace,omitempty"`
+	Name          string                 `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeletePolicyRequest) Reset() {
+	*x = DeletePolicyRequest{}
+	mi := &file_meshfed_v1_admin_proto_msgTypes[21]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeletePolicyRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeletePolicyRequest) ProtoMessage() {}
+
+func (x *DeletePolicyRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_meshfed_v1_admin_proto_msgTypes[21]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeletePolicyRequest.ProtoReflect.Descriptor instead.
+func (*DeletePolicyRequest) Descriptor() ([]byte, []int) {
+	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{21}
+}
+
+func (x *DeletePolicyRequest) GetNamespace() string {
+	if x != nil {
+		return x.Namespace
+	}
+	return ""
+}
+
+func (x *DeletePolicyRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+type DeletePolicyResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeletePolicyResponse) Reset() {
+	*x = DeletePolicyResponse{}
+	mi := &file_meshfed_v1_admin_proto_msgTypes[22]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeletePolicyResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeletePolicyResponse) ProtoMessage() {}
+
+func (x *DeletePolicyResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_meshfed_v1_admin_proto_msgTypes[22]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeletePolicyResponse.ProtoReflect.Descriptor instead.
+func (*DeletePolicyResponse) Descriptor() ([]byte, []int) {
+	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{22}
+}
+
 var File_meshfed_v1_admin_proto protoreflect.FileDescriptor
 
 const file_meshfed_v1_admin_proto_rawDesc = "" +
@@ -921,7 +1150,18 @@ const file_meshfed_v1_admin_proto_rawDesc = "" +
 	"\x12endpoint_spiffe_id\x18\x03 \x01(\tR\x10endpointSpiffeId\x12#\n" +
 	"\rbootstrap_pem\x18\x04 \x01(\fR\fbootstrapPem\">\n" +
 	"\x10FederateResponse\x12*\n" +
-	"\x06bundle\x18\x01 \x01(\v2\x12.meshfed.v1.BundleR\x06bundle2\xea\x05\n" +
+	"\x06bundle\x18\x01 \x01(\v2\x12.meshfed.v1.BundleR\x06bundle\"G\n" +
+	"\x12ApplyPolicyRequest\x121\n" +
+	"\x06policy\x18\x01 \x01(\v2\x19.meshfed.v1.TrafficPolicyR\x06policy\"G\n" +
+	"\x13ListPoliciesRequest\x12\x1c\n" +
+	"\tnamespace\x18\x01 \x01(\tR\tnamespace\x12\x12\n" +
+	"\x04name\x18\x02 \x01(\tR\x04name\"M\n" +
+	"\x14ListPoliciesResponse\x125\n" +
+	"\bpolicies\x18\x01 \x03(\v2\x19.meshfed.v1.TrafficPolicyR\bpolicies\"G\n" +
+	"\x13DeletePolicyRequest\x12\x1c\n" +
+	"\tnamespace\x18\x01 \x01(\tR\tnamespace\x12\x12\n" +
+	"\x04name\x18\x02 \x01(\tR\x04name\"\x16\n" +
+	"\x14DeletePolicyResponse2\xda\a\n" +
 	"\x05Admin\x12=\n" +
 	"\aAddSite\x12\x1a.meshfed.v1.AddSiteRequest\x1a\x16.meshfed.v1.SiteStatus\x12H\n" +
 	"\tListSites\x12\x1c.meshfed.v1.ListSitesRequest\x1a\x1d.meshfed.v1.ListSitesResponse\x12=\n" +
@@ -934,7 +1174,10 @@ const file_meshfed_v1_admin_proto_rawDesc = "" +
 	"GetService\x12\x1d.meshfed.v1.GetServiceRequest\x1a\x1e.meshfed.v1.GetServiceResponse\x12N\n" +
 	"\vListBundles\x12\x1e.meshfed.v1.ListBundlesRequest\x1a\x1f.meshfed.v1.ListBundlesResponse\x12E\n" +
 	"\bFederate\x12\x1b.meshfed.v1.FederateRequest\x1a\x1c.meshfed.v1.FederateResponse\x12E\n" +
-	"\bRotateCA\x12\x1b.meshfed.v1.RotateCARequest\x1a\x1c.meshfed.v1.RotateCAResponseB5Z3github.com/meshfed/meshfed/api/meshfed/v1;meshfedv1b\x06proto3"
+	"\bRotateCA\x12\x1b.meshfed.v1.RotateCARequest\x1a\x1c.meshfed.v1.RotateCAResponse\x12H\n" +
+	"\vApplyPolicy\x12\x1e.meshfed.v1.ApplyPolicyRequest\x1a\x19.meshfed.v1.TrafficPolicy\x12Q\n" +
+	"\fListPolicies\x12\x1f.meshfed.v1.ListPoliciesRequest\x1a .meshfed.v1.ListPoliciesResponse\x12Q\n" +
+	"\fDeletePolicy\x12\x1f.meshfed.v1.DeletePolicyRequest\x1a .meshfed.v1.DeletePolicyResponseB5Z3github.com/meshfed/meshfed/api/meshfed/v1;meshfedv1b\x06proto3"
 
 var (
 	file_meshfed_v1_admin_proto_rawDescOnce sync.Once
@@ -948,7 +1191,7 @@ func file_meshfed_v1_admin_proto_rawDescGZIP() []byte {
 	return file_meshfed_v1_admin_proto_rawDescData
 }
 
-var file_meshfed_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 18)
+var file_meshfed_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 23)
 var file_meshfed_v1_admin_proto_goTypes = []any{
 	(*RotateCARequest)(nil),       // 0: meshfed.v1.RotateCARequest
 	(*RotateCAResponse)(nil),      // 1: meshfed.v1.RotateCAResponse
@@ -968,49 +1211,63 @@ var file_meshfed_v1_admin_proto_goTypes = []any{
 	(*ListBundlesResponse)(nil),   // 15: meshfed.v1.ListBundlesResponse
 	(*FederateRequest)(nil),       // 16: meshfed.v1.FederateRequest
 	(*FederateResponse)(nil),      // 17: meshfed.v1.FederateResponse
-	(*Site)(nil),                  // 18: meshfed.v1.Site
-	(*SiteStatus)(nil),            // 19: meshfed.v1.SiteStatus
-	(*durationpb.Duration)(nil),   // 20: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil), // 21: google.protobuf.Timestamp
-	(*Service)(nil),               // 22: meshfed.v1.Service
-	(*Bundle)(nil),                // 23: meshfed.v1.Bundle
+	(*ApplyPolicyRequest)(nil),    // 18: meshfed.v1.ApplyPolicyRequest
+	(*ListPoliciesRequest)(nil),   // 19: meshfed.v1.ListPoliciesRequest
+	(*ListPoliciesResponse)(nil),  // 20: meshfed.v1.ListPoliciesResponse
+	(*DeletePolicyRequest)(nil),   // 21: meshfed.v1.DeletePolicyRequest
+	(*DeletePolicyResponse)(nil),  // 22: meshfed.v1.DeletePolicyResponse
+	(*Site)(nil),                  // 23: meshfed.v1.Site
+	(*SiteStatus)(nil),            // 24: meshfed.v1.SiteStatus
+	(*durationpb.Duration)(nil),   // 25: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil), // 26: google.protobuf.Timestamp
+	(*Service)(nil),               // 27: meshfed.v1.Service
+	(*Bundle)(nil),                // 28: meshfed.v1.Bundle
+	(*TrafficPolicy)(nil),         // 29: meshfed.v1.TrafficPolicy
 }
 var file_meshfed_v1_admin_proto_depIdxs = []int32{
-	18, // 0: meshfed.v1.AddSiteRequest.site:type_name -> meshfed.v1.Site
-	19, // 1: meshfed.v1.ListSitesResponse.sites:type_name -> meshfed.v1.SiteStatus
-	20, // 2: meshfed.v1.CreateTokenRequest.ttl:type_name -> google.protobuf.Duration
-	21, // 3: meshfed.v1.CreateTokenResponse.expires:type_name -> google.protobuf.Timestamp
-	22, // 4: meshfed.v1.ListServicesResponse.services:type_name -> meshfed.v1.Service
-	22, // 5: meshfed.v1.GetServiceResponse.services:type_name -> meshfed.v1.Service
-	18, // 6: meshfed.v1.GetServiceResponse.sites:type_name -> meshfed.v1.Site
-	23, // 7: meshfed.v1.ListBundlesResponse.bundles:type_name -> meshfed.v1.Bundle
-	23, // 8: meshfed.v1.ListBundlesResponse.federation_bundle:type_name -> meshfed.v1.Bundle
-	23, // 9: meshfed.v1.FederateResponse.bundle:type_name -> meshfed.v1.Bundle
-	2,  // 10: meshfed.v1.Admin.AddSite:input_type -> meshfed.v1.AddSiteRequest
-	3,  // 11: meshfed.v1.Admin.ListSites:input_type -> meshfed.v1.ListSitesRequest
-	5,  // 12: meshfed.v1.Admin.GetSite:input_type -> meshfed.v1.GetSiteRequest
-	6,  // 13: meshfed.v1.Admin.RemoveSite:input_type -> meshfed.v1.RemoveSiteRequest
-	8,  // 14: meshfed.v1.Admin.CreateToken:input_type -> meshfed.v1.CreateTokenRequest
-	10, // 15: meshfed.v1.Admin.ListServices:input_type -> meshfed.v1.ListServicesRequest
-	12, // 16: meshfed.v1.Admin.GetService:input_type -> meshfed.v1.GetServiceRequest
-	14, // 17: meshfed.v1.Admin.ListBundles:input_type -> meshfed.v1.ListBundlesRequest
-	16, // 18: meshfed.v1.Admin.Federate:input_type -> meshfed.v1.FederateRequest
-	0,  // 19: meshfed.v1.Admin.RotateCA:input_type -> meshfed.v1.RotateCARequest
-	19, // 20: meshfed.v1.Admin.AddSite:output_type -> meshfed.v1.SiteStatus
-	4,  // 21: meshfed.v1.Admin.ListSites:output_type -> meshfed.v1.ListSitesResponse
-	19, // 22: meshfed.v1.Admin.GetSite:output_type -> meshfed.v1.SiteStatus
-	7,  // 23: meshfed.v1.Admin.RemoveSite:output_type -> meshfed.v1.RemoveSiteResponse
-	9,  // 24: meshfed.v1.Admin.CreateToken:output_type -> meshfed.v1.CreateTokenResponse
-	11, // 25: meshfed.v1.Admin.ListServices:output_type -> meshfed.v1.ListServicesResponse
-	13, // 26: meshfed.v1.Admin.GetService:output_type -> meshfed.v1.GetServiceResponse
-	15, // 27: meshfed.v1.Admin.ListBundles:output_type -> meshfed.v1.ListBundlesResponse
-	17, // 28: meshfed.v1.Admin.Federate:output_type -> meshfed.v1.FederateResponse
-	1,  // 29: meshfed.v1.Admin.RotateCA:output_type -> meshfed.v1.RotateCAResponse
-	20, // [20:30] is the sub-list for method output_type
-	10, // [10:20] is the sub-list for method input_type
-	10, // [10:10] is the sub-list for extension type_name
-	10, // [10:10] is the sub-list for extension extendee
-	0,  // [0:10] is the sub-list for field type_name
+	23, // 0: meshfed.v1.AddSiteRequest.site:type_name -> meshfed.v1.Site
+	24, // 1: meshfed.v1.ListSitesResponse.sites:type_name -> meshfed.v1.SiteStatus
+	25, // 2: meshfed.v1.CreateTokenRequest.ttl:type_name -> google.protobuf.Duration
+	26, // 3: meshfed.v1.CreateTokenResponse.expires:type_name -> google.protobuf.Timestamp
+	27, // 4: meshfed.v1.ListServicesResponse.services:type_name -> meshfed.v1.Service
+	27, // 5: meshfed.v1.GetServiceResponse.services:type_name -> meshfed.v1.Service
+	23, // 6: meshfed.v1.GetServiceResponse.sites:type_name -> meshfed.v1.Site
+	28, // 7: meshfed.v1.ListBundlesResponse.bundles:type_name -> meshfed.v1.Bundle
+	28, // 8: meshfed.v1.ListBundlesResponse.federation_bundle:type_name -> meshfed.v1.Bundle
+	28, // 9: meshfed.v1.FederateResponse.bundle:type_name -> meshfed.v1.Bundle
+	29, // 10: meshfed.v1.ApplyPolicyRequest.policy:type_name -> meshfed.v1.TrafficPolicy
+	29, // 11: meshfed.v1.ListPoliciesResponse.policies:type_name -> meshfed.v1.TrafficPolicy
+	2,  // 12: meshfed.v1.Admin.AddSite:input_type -> meshfed.v1.AddSiteRequest
+	3,  // 13: meshfed.v1.Admin.ListSites:input_type -> meshfed.v1.ListSitesRequest
+	5,  // 14: meshfed.v1.Admin.GetSite:input_type -> meshfed.v1.GetSiteRequest
+	6,  // 15: meshfed.v1.Admin.RemoveSite:input_type -> meshfed.v1.RemoveSiteRequest
+	8,  // 16: meshfed.v1.Admin.CreateToken:input_type -> meshfed.v1.CreateTokenRequest
+	10, // 17: meshfed.v1.Admin.ListServices:input_type -> meshfed.v1.ListServicesRequest
+	12, // 18: meshfed.v1.Admin.GetService:input_type -> meshfed.v1.GetServiceRequest
+	14, // 19: meshfed.v1.Admin.ListBundles:input_type -> meshfed.v1.ListBundlesRequest
+	16, // 20: meshfed.v1.Admin.Federate:input_type -> meshfed.v1.FederateRequest
+	0,  // 21: meshfed.v1.Admin.RotateCA:input_type -> meshfed.v1.RotateCARequest
+	18, // 22: meshfed.v1.Admin.ApplyPolicy:input_type -> meshfed.v1.ApplyPolicyRequest
+	19, // 23: meshfed.v1.Admin.ListPolicies:input_type -> meshfed.v1.ListPoliciesRequest
+	21, // 24: meshfed.v1.Admin.DeletePolicy:input_type -> meshfed.v1.DeletePolicyRequest
+	24, // 25: meshfed.v1.Admin.AddSite:output_type -> meshfed.v1.SiteStatus
+	4,  // 26: meshfed.v1.Admin.ListSites:output_type -> meshfed.v1.ListSitesResponse
+	24, // 27: meshfed.v1.Admin.GetSite:output_type -> meshfed.v1.SiteStatus
+	7,  // 28: meshfed.v1.Admin.RemoveSite:output_type -> meshfed.v1.RemoveSiteResponse
+	9,  // 29: meshfed.v1.Admin.CreateToken:output_type -> meshfed.v1.CreateTokenResponse
+	11, // 30: meshfed.v1.Admin.ListServices:output_type -> meshfed.v1.ListServicesResponse
+	13, // 31: meshfed.v1.Admin.GetService:output_type -> meshfed.v1.GetServiceResponse
+	15, // 32: meshfed.v1.Admin.ListBundles:output_type -> meshfed.v1.ListBundlesResponse
+	17, // 33: meshfed.v1.Admin.Federate:output_type -> meshfed.v1.FederateResponse
+	1,  // 34: meshfed.v1.Admin.RotateCA:output_type -> meshfed.v1.RotateCAResponse
+	29, // 35: meshfed.v1.Admin.ApplyPolicy:output_type -> meshfed.v1.TrafficPolicy
+	20, // 36: meshfed.v1.Admin.ListPolicies:output_type -> meshfed.v1.ListPoliciesResponse
+	22, // 37: meshfed.v1.Admin.DeletePolicy:output_type -> meshfed.v1.DeletePolicyResponse
+	25, // [25:38] is the sub-list for method output_type
+	12, // [12:25] is the sub-list for method input_type
+	12, // [12:12] is the sub-list for extension type_name
+	12, // [12:12] is the sub-list for extension extendee
+	0,  // [0:12] is the sub-list for field type_name
 }
 
 func init() { file_meshfed_v1_admin_proto_init() }
@@ -1025,7 +1282,7 @@ func file_meshfed_v1_admin_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_meshfed_v1_admin_proto_rawDesc), len(file_meshfed_v1_admin_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   18,
+			NumMessages:   23,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -12,6 +12,7 @@ package meshfedv1
 import (
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
+	durationpb "google.golang.org/protobuf/types/known/durationpb"
 	timestamppb "google.golang.org/protobuf/types/known/timestamppb"
 	reflect "reflect"
 	sync "sync"
@@ -829,12 +830,272 @@ func (x *Bundle) GetEndpoint() string {
 	return ""
 }
 
+// TrafficPolicy is how every site's proxies route to and admit callers of
+// one service. The hub keeps it and sends it to every spoke.
+type TrafficPolicy struct {
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	Namespace string                 `protobuf:"bytes,1,opt,name=namespace,proto3" json:"namespace,omitempty"`
+	Name      string                 `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
+	// failover lists sites in the order traffic moves to them once no
+	// endpoint in the caller's zone or region is healthy; sites left out
+	// follow by locality distance.
+	Failover []string `protobuf:"bytes,3,rep,name=failover,proto3" json:"failover,omitempty"`
+	// split divides new connections between subsets by weight; each subset
+	// fails over on its own.
+	Split          []*TrafficSplit      `protobuf:"bytes,4,rep,name=split,proto3" json:"split,omitempty"`
+	ConnectTimeout *durationpb.Duration `protobuf:"bytes,5,opt,name=connect_timeout,json=connectTimeout,proto3" json:"connect_timeout,omitempty"`
+	// retries is how many more endpoints a connection that failed to
+	// connect tries, next in priority order.
+	Retries          uint32            `protobuf:"varint,6,opt,name=retries,proto3" json:"retries,omitempty"`
+	OutlierDetection *OutlierDetection `protobuf:"bytes,7,opt,name=outlier_detection,json=outlierDetection,proto3" json:"outlier_detection,omitempty"`
+	// allow lists the SPIFFE IDs that may call the service; an entry ending
+	// in "/*" allows every ID under it. With a policy, everything else is
+	// refused.
+	Allow []string `protobuf:"bytes,8,rep,name=allow,proto3" json:"allow,omitempty"`
+	// overprovisioning_factor is Envoy's, in percent; 0 means 140.
+	OverprovisioningFactor uint32 `protobuf:"varint,9,opt,name=overprovisioning_factor,json=overprovisioningFactor,proto3" json:"overprovisioning_factor,omitempty"`
+	unknownFields          protoimpl.UnknownFields
+	sizeCache              protoimpl.SizeCache
+}
+
+func (x *TrafficPolicy) Reset() {
+	*x = TrafficPolicy{}
+	mi := &file_meshfed_v1_catalog_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TrafficPolicy) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TrafficPolicy) ProtoMessage() {}
+
+func (x *TrafficPolicy) ProtoReflect() protoreflect.Message {
+	mi := &file_meshfed_v1_catalog_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TrafficPolicy.ProtoReflect.Descriptor instead.
+func (*TrafficPolicy) Descriptor() ([]byte, []int) {
+	return file_meshfed_v1_catalog_proto_rawDescGZIP(), []int{9}
+}
+
+func (x *TrafficPolicy) GetNamespace() string {
+	if x != nil {
+		return x.Namespace
+	}
+	return ""
+}
+
+func (x *TrafficPolicy) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *TrafficPolicy) GetFailover() []string {
+	if x != nil {
+		return x.Failover
+	}
+	return nil
+}
+
+func (x *TrafficPolicy) GetSplit() []*TrafficSplit {
+	if x != nil {
+		return x.Split
+	}
+	return nil
+}
+
+func (x *TrafficPolicy) GetConnectTimeout() *durationpb.Duration {
+	if x != nil {
+		return x.ConnectTimeout
+	}
+	return nil
+}
+
+func (x *TrafficPolicy) GetRetries() uint32 {
+	if x != nil {
+		return x.Retries
+	}
+	return 0
+}
+
+func (x *TrafficPolicy) GetOutlierDetection() *OutlierDetection {
+	if x != nil {
+		return x.OutlierDetection
+	}
+	return nil
+}
+
+func (x *TrafficPolicy) GetAllow() []string {
+	if x != nil {
+		return x.Allow
+	}
+	return nil
+}
+
+func (x *TrafficPolicy) GetOverprovisioningFactor() uint32 {
+	if x != nil {
+		return x.OverprovisioningFactor
+	}
+	return 0
+}
+
+// TrafficSplit is one weighted subset of a service's endpoints: those in
+// site (any when empty) whose labels include labels.
+type TrafficSplit struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Weight        uint32                 `protobuf:"varint,2,opt,name=weight,proto3" json:"weight,omitempty"`
+	Site          string                 `protobuf:"bytes,3,opt,name=site,proto3" json:"site,omitempty"`
+	Labels        map[string]string      `protobuf:"bytes,4,rep,name=labels,proto3" json:"labels,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TrafficSplit) Reset() {
+	*x = TrafficSplit{}
+	mi := &file_meshfed_v1_catalog_proto_msgTypes[10]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TrafficSplit) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TrafficSplit) ProtoMessage() {}
+
+func (x *TrafficSplit) ProtoReflect() protoreflect.Message {
+	mi := &file_meshfed_v1_catalog_proto_msgTypes[10]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TrafficSplit.ProtoReflect.Descriptor instead.
+func (*TrafficSplit) Descriptor() ([]byte, []int) {
+	return file_meshfed_v1_catalog_proto_rawDescGZIP(), []int{10}
+}
+
+func (x *TrafficSplit) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *TrafficSplit) GetWeight() uint32 {
+	if x != nil {
+		return x.Weight
+	}
+	return 0
+}
+
+func (x *TrafficSplit) GetSite() string {
+	if x != nil {
+		return x.Site
+	}
+	return ""
+}
+
+func (x *TrafficSplit) GetLabels() map[string]string {
+	if x != nil {
+		return x.Labels
+	}
+	return nil
+}
+
+// OutlierDetection ejects endpoints that fail consecutive connections.
+type OutlierDetection struct {
+	state               protoimpl.MessageState `protogen:"open.v1"`
+	ConsecutiveFailures uint32                 `protobuf:"varint,1,opt,name=consecutive_failures,json=consecutiveFailures,proto3" json:"consecutive_failures,omitempty"`
+	Interval            *durationpb.Duration   `protobuf:"bytes,2,opt,name=interval,proto3" json:"interval,omitempty"`
+	BaseEjectionTime    *durationpb.Duration   `protobuf:"bytes,3,opt,name=base_ejection_time,json=baseEjectionTime,proto3" json:"base_ejection_time,omitempty"`
+	MaxEjectionPercent  uint32                 `protobuf:"varint,4,opt,name=max_ejection_percent,json=maxEjectionPercent,proto3" json:"max_ejection_percent,omitempty"`
+	unknownFields       protoimpl.UnknownFields
+	sizeCache           protoimpl.SizeCache
+}
+
+func (x *OutlierDetection) Reset() {
+	*x = OutlierDetection{}
+	mi := &file_meshfed_v1_catalog_proto_msgTypes[11]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *OutlierDetection) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*OutlierDetection) ProtoMessage() {}
+
+func (x *OutlierDetection) ProtoReflect() protoreflect.Message {
+	mi := &file_meshfed_v1_catalog_proto_msgTypes[11]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use OutlierDetection.ProtoReflect.Descriptor instead.
+func (*OutlierDetection) Descriptor() ([]byte, []int) {
+	return file_meshfed_v1_catalog_proto_rawDescGZIP(), []int{11}
+}
+
+func (x *OutlierDetection) GetConsecutiveFailures() uint32 {
+	if x != nil {
+		return x.ConsecutiveFailures
+	}
+	return 0
+}
+
+func (x *OutlierDetection) GetInterval() *durationpb.Duration {
+	if x != nil {
+		return x.Interval
+	}
+	return nil
+}
+
+func (x *OutlierDetection) GetBaseEjectionTime() *durationpb.Duration {
+	if x != nil {
+		return x.BaseEjectionTime
+	}
+	return nil
+}
+
+func (x *OutlierDetection) GetMaxEjectionPercent() uint32 {
+	if x != nil {
+		return x.MaxEjectionPercent
+	}
+	return 0
+}
+
 var File_meshfed_v1_catalog_proto protoreflect.FileDescriptor
 
 const file_meshfed_v1_catalog_proto_rawDesc = "" +
 	"\n" +
 	"\x18meshfed/v1/catalog.proto\x12\n" +
-	"meshfed.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"6\n" +
+	"meshfed.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"6\n" +
 	"\bLocality\x12\x16\n" +
 	"\x06region\x18\x01 \x01(\tR\x06region\x12\x12\n" +
 	"\x04zone\x18\x02 \x01(\tR\x04zone\"J\n" +
@@ -894,7 +1155,30 @@ const file_meshfed_v1_catalog_proto_rawDesc = "" +
 	"\bsequence\x18\x03 \x01(\x04R\bsequence\x120\n" +
 	"\x14refresh_hint_seconds\x18\x04 \x01(\x03R\x12refreshHintSeconds\x12\x12\n" +
 	"\x04site\x18\x05 \x01(\tR\x04site\x12\x1a\n" +
-	"\bendpoint\x18\x06 \x01(\tR\bendpoint*[\n" +
+	"\bendpoint\x18\x06 \x01(\tR\bendpoint\"\x85\x03\n" +
+	"\rTrafficPolicy\x12\x1c\n" +
+	"\tnamespace\x18\x01 \x01(\tR\tnamespace\x12\x12\n" +
+	"\x04name\x18\x02 \x01(\tR\x04name\x12\x1a\n" +
+	"\bfailover\x18\x03 \x03(\tR\bfailover\x12.\n" +
+	"\x05split\x18\x04 \x03(\v2\x18.meshfed.v1.TrafficSplitR\x05split\x12B\n" +
+	"\x0fconnect_timeout\x18\x05 \x01(\v2\x19.google.protobuf.DurationR\x0econnectTimeout\x12\x18\n" +
+	"\aretries\x18\x06 \x01(\rR\aretries\x12I\n" +
+	"\x11outlier_detection\x18\a \x01(\v2\x1c.meshfed.v1.OutlierDetectionR\x10outlierDetection\x12\x14\n" +
+	"\x05allow\x18\b \x03(\tR\x05allow\x127\n" +
+	"\x17overprovisioning_factor\x18\t \x01(\rR\x16overprovisioningFactor\"\xc7\x01\n" +
+	"\fTrafficSplit\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x16\n" +
+	"\x06weight\x18\x02 \x01(\rR\x06weight\x12\x12\n" +
+	"\x04site\x18\x03 \x01(\tR\x04site\x12<\n" +
+	"\x06labels\x18\x04 \x03(\v2$.meshfed.v1.TrafficSplit.LabelsEntryR\x06labels\x1a9\n" +
+	"\vLabelsEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xf7\x01\n" +
+	"\x10OutlierDetection\x121\n" +
+	"\x14consecutive_failures\x18\x01 \x01(\rR\x13consecutiveFailures\x125\n" +
+	"\binterval\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\binterval\x12G\n" +
+	"\x12base_ejection_time\x18\x03 \x01(\v2\x19.google.protobuf.DurationR\x10baseEjectionTime\x120\n" +
+	"\x14max_ejection_percent\x18\x04 \x01(\rR\x12maxEjectionPercent*[\n" +
 	"\x06Health\x12\x12\n" +
 	"\x0eHEALTH_UNKNOWN\x10\x00\x12\x12\n" +
 	"\x0eHEALTH_HEALTHY\x10\x01\x12\x14\n" +
@@ -919,7 +1203,7 @@ func file_meshfed_v1_catalog_proto_rawDescGZIP() []byte {
 }
 
 var file_meshfed_v1_catalog_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_meshfed_v1_catalog_proto_msgTypes = make([]protoimpl.MessageInfo, 10)
+var file_meshfed_v1_catalog_proto_msgTypes = make([]protoimpl.MessageInfo, 14)
 var file_meshfed_v1_catalog_proto_goTypes = []any{
 	(Health)(0),                   // 0: meshfed.v1.Health
 	(SiteState)(0),                // 1: meshfed.v1.SiteState
@@ -932,28 +1216,39 @@ var file_meshfed_v1_catalog_proto_goTypes = []any{
 	(*SourceStatus)(nil),          // 8: meshfed.v1.SourceStatus
 	(*CARotation)(nil),            // 9: meshfed.v1.CARotation
 	(*Bundle)(nil),                // 10: meshfed.v1.Bundle
-	nil,                           // 11: meshfed.v1.Endpoint.LabelsEntry
-	(*timestamppb.Timestamp)(nil), // 12: google.protobuf.Timestamp
+	(*TrafficPolicy)(nil),         // 11: meshfed.v1.TrafficPolicy
+	(*TrafficSplit)(nil),          // 12: meshfed.v1.TrafficSplit
+	(*OutlierDetection)(nil),      // 13: meshfed.v1.OutlierDetection
+	nil,                           // 14: meshfed.v1.Endpoint.LabelsEntry
+	nil,                           // 15: meshfed.v1.TrafficSplit.LabelsEntry
+	(*timestamppb.Timestamp)(nil), // 16: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),   // 17: google.protobuf.Duration
 }
 var file_meshfed_v1_catalog_proto_depIdxs = []int32{
 	2,  // 0: meshfed.v1.Endpoint.locality:type_name -> meshfed.v1.Locality
 	0,  // 1: meshfed.v1.Endpoint.health:type_name -> meshfed.v1.Health
-	11, // 2: meshfed.v1.Endpoint.labels:type_name -> meshfed.v1.Endpoint.LabelsEntry
+	14, // 2: meshfed.v1.Endpoint.labels:type_name -> meshfed.v1.Endpoint.LabelsEntry
 	3,  // 3: meshfed.v1.Service.ports:type_name -> meshfed.v1.Port
 	4,  // 4: meshfed.v1.Service.endpoints:type_name -> meshfed.v1.Endpoint
 	2,  // 5: meshfed.v1.Site.locality:type_name -> meshfed.v1.Locality
 	1,  // 6: meshfed.v1.Site.state:type_name -> meshfed.v1.SiteState
 	6,  // 7: meshfed.v1.SiteStatus.site:type_name -> meshfed.v1.Site
-	12, // 8: meshfed.v1.SiteStatus.created:type_name -> google.protobuf.Timestamp
-	12, // 9: meshfed.v1.SiteStatus.last_sync:type_name -> google.protobuf.Timestamp
-	12, // 10: meshfed.v1.SiteStatus.connected_since:type_name -> google.protobuf.Timestamp
+	16, // 8: meshfed.v1.SiteStatus.created:type_name -> google.protobuf.Timestamp
+	16, // 9: meshfed.v1.SiteStatus.last_sync:type_name -> google.protobuf.Timestamp
+	16, // 10: meshfed.v1.SiteStatus.connected_since:type_name -> google.protobuf.Timestamp
 	8,  // 11: meshfed.v1.SiteStatus.source:type_name -> meshfed.v1.SourceStatus
-	12, // 12: meshfed.v1.SourceStatus.since:type_name -> google.protobuf.Timestamp
-	13, // [13:13] is the sub-list for method output_type
-	13, // [13:13] is the sub-list for method input_type
-	13, // [13:13] is the sub-list for extension type_name
-	13, // [13:13] is the sub-list for extension extendee
-	0,  // [0:13] is the sub-list for field type_name
+	16, // 12: meshfed.v1.SourceStatus.since:type_name -> google.protobuf.Timestamp
+	12, // 13: meshfed.v1.TrafficPolicy.split:type_name -> meshfed.v1.TrafficSplit
+	17, // 14: meshfed.v1.TrafficPolicy.connect_timeout:type_name -> google.protobuf.Duration
+	13, // 15: meshfed.v1.TrafficPolicy.outlier_detection:type_name -> meshfed.v1.OutlierDetection
+	15, // 16: meshfed.v1.TrafficSplit.labels:type_name -> meshfed.v1.TrafficSplit.LabelsEntry
+	17, // 17: meshfed.v1.OutlierDetection.interval:type_name -> google.protobuf.Duration
+	17, // 18: meshfed.v1.OutlierDetection.base_ejection_time:type_name -> google.protobuf.Duration
+	19, // [19:19] is the sub-list for method output_type
+	19, // [19:19] is the sub-list for method input_type
+	19, // [19:19] is the sub-list for extension type_name
+	19, // [19:19] is the sub-list for extension extendee
+	0,  // [0:19] is the sub-list for field type_name
 }
 
 func init() { file_meshfed_v1_catalog_proto_init() }
@@ -967,7 +1262,7 @@ func file_meshfed_v1_catalog_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_meshfed_v1_catalog_proto_rawDesc), len(file_meshfed_v1_catalog_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   10,
+			NumMessages:   14,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
