@@ -147,6 +147,7 @@ func newSpokeCmd(g *globals) *cobra.Command {
 	f.DurationVar(&poll, "services-poll", time.Second, "how often to check the services file for changes")
 	f.StringVar(&o.HTTPListen, "http-listen", "127.0.0.1:7180", "address for /healthz, /readyz, /metrics and /v1/catalog (- disables)")
 	f.StringVar(&o.IdentityListen, "identity-listen", "127.0.0.1:7181", "address of the SVID API for the site's hosts and workloads (- disables)")
+	f.StringVar(&o.XDSListen, "xds-listen", "127.0.0.1:7182", "address of the xDS server (ADS) for the site's proxies, Envoys and proxyless gRPC clients (- disables)")
 	f.StringVar(&o.CA.KeyType, "ca-key-type", "ec-p256", "key type of the site CA when it is first created: ec-p256, ec-p384 or rsa-2048")
 	f.DurationVar(&o.CA.CATTL, "ca-ttl", 365*24*time.Hour, "lifetime of the site CA when it is first created")
 	f.DurationVar(&o.CA.SVIDTTL, "svid-ttl", time.Hour, "lifetime of SVIDs the site CA issues (at most)")

@@ -20,6 +20,7 @@ import (
 	"github.com/meshfed/meshfed/catalog"
 	"github.com/meshfed/meshfed/federation"
 	"github.com/meshfed/meshfed/hubclient"
+	"github.com/meshfed/meshfed/spoke/xds"
 	"github.com/meshfed/meshfed/telemetry"
 	"github.com/meshfed/meshfed/trust/siteca"
 	"github.com/prometheus/client_golang/prometheus"
@@ -63,6 +64,9 @@ type Options struct {
 	// IdentityListen serves the SVID API (Identity) to the site's hosts and
 	// workloads. Default "127.0.0.1:7181"; "-" disables.
 	IdentityListen string
+	// XDSListen serves xDS (ADS) to the site's proxies, Envoys and
+	// proxyless gRPC clients. Default "127.0.0.1:7182"; "-" disables.
+	XDSListen string
 	// MaxBackoff caps the wait between reconnects. Default 5s.
 	MaxBackoff time.Duration
 	Logger     *slog.Logger
@@ -80,6 +84,7 @@ type Spoke struct {
 	m         *metrics
 	tele      *telemetry.Server
 	idLn      net.Listener
+	xds       *xds.Server
 	connected atomic.Bool
 }
 
@@ -97,6 +102,9 @@ func New(ctx context.Context, o Options) (*Spoke, error) {
 	}
 	if o.IdentityListen == "" {
 		o.IdentityListen = "127.0.0.1:7181"
+	}
+	if o.XDSListen == "" {
+		o.XDSListen = "127.0.0.1:7182"
 	}
 	if o.MaxStale == 0 {
 		o.MaxStale = 24 * time.Hour
@@ -138,6 +146,15 @@ func New(ctx context.Context, o Options) (*Spoke, error) {
 			return nil, fmt.Errorf("spoke: identity endpoint: listen %s: %w", o.IdentityListen, err)
 		}
 	}
+	if o.XDSListen != "-" {
+		s.xds, err = xds.New(xds.Options{
+			Listen: o.XDSListen, CA: s.ca, Catalog: s.xdsCatalog, Logger: s.log, Registry: o.Registry,
+		})
+		if err != nil {
+			s.view.Close()
+			return nil, fmt.Errorf("spoke: %w", err)
+		}
+	}
 	if o.HTTPListen != "-" {
 		s.tele, err = telemetry.Listen(telemetry.Options{
 			Listen: o.HTTPListen, Registry: o.Registry, Logger: s.log, Ready: s.ready,
@@ -175,6 +192,14 @@ func (s *Spoke) IdentityAddr() string {
 		return ""
 	}
 	return s.idLn.Addr().String()
+}
+
+// XDSAddr is the bound xDS address ("" when disabled).
+func (s *Spoke) XDSAddr() string {
+	if s.xds == nil {
+		return ""
+	}
+	return s.xds.Addr()
 }
 
 // HTTPAddr is the bound HTTP address ("" when disabled).
@@ -221,11 +246,15 @@ func (s *Spoke) Run(ctx context.Context) error {
 	if s.tele != nil {
 		g.Go(func() error { return s.tele.Run(ctx) })
 	}
+	if s.xds != nil {
+		g.Go(func() error { return s.xds.Run(ctx) })
+		g.Go(func() error { return s.watchCatalog(ctx) })
+	}
 	if s.idLn != nil {
 		is := &identityServer{s: s, hub: meshfedv1.NewFederationClient(conn)}
 		g.Go(func() error { return is.serve(ctx, s.idLn) })
 	}
-	s.log.Info("spoke running", "hub", s.creds.conf.Hub, "http", s.HTTPAddr(), "identity", s.IdentityAddr(), "view", s.view.table.Len())
+	s.log.Info("spoke running", "hub", s.creds.conf.Hub, "http", s.HTTPAddr(), "identity", s.IdentityAddr(), "xds", s.XDSAddr(), "view", s.view.table.Len())
 	return g.Wait()
 }
 

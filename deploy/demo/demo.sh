@@ -42,7 +42,7 @@ for site in east west; do
   token=$("$BIN" site token create --site "$site" --ttl 10m)
   echo "token: ${token:0:12}… (single-use, pins the hub's CA)"
   "$BIN" spoke --site "$site" --hub "$HUB" --token "$token" --data-dir "$DEMO/$site" \
-    --services "deploy/demo/$site.yaml" --services-poll 200ms --http-listen "127.0.0.1:$port" --identity-listen "127.0.0.1:$idport" >"$DEMO/$site.log" 2>&1 &
+    --services "deploy/demo/$site.yaml" --services-poll 200ms --http-listen "127.0.0.1:$port" --identity-listen "127.0.0.1:$idport" --xds-listen "127.0.0.1:$((idport + 10))" >"$DEMO/$site.log" 2>&1 &
   PIDS+=($!)
   wait_http "http://127.0.0.1:$port/readyz" "spoke $site" "$site"
   port=$((port + 1)); idport=$((idport + 1))

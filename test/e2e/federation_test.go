@@ -35,7 +35,7 @@ type federation struct {
 }
 
 type spokeProc struct {
-	site, dir, file, http, identity string
+	site, dir, file, http, identity, xds string
 	args                            []string
 	p                               *harness.Process
 }
@@ -74,9 +74,9 @@ func (f *federation) addSite(site, zone string, services string, extra ...string
 	// domain, never resolved or dialed by these tests.
 	f.mustCLI("site", "add", site, "--kind", "docker", "--region", "test", "--zone", zone, "--gateway-address", "gw-"+site+".meshfed.test:15443")
 	token := strings.TrimSpace(f.mustCLI("site", "token", "create", "--site", site, "--ttl", "10m"))
-	s := &spokeProc{site: site, dir: filepath.Join(f.dir, site), file: filepath.Join(f.dir, site+".yaml"), http: harness.FreePort(f.t), identity: harness.FreePort(f.t)}
+	s := &spokeProc{site: site, dir: filepath.Join(f.dir, site), file: filepath.Join(f.dir, site+".yaml"), http: harness.FreePort(f.t), identity: harness.FreePort(f.t), xds: harness.FreePort(f.t)}
 	args := []string{"spoke", "--site", site, "--hub", f.hubAddr, "--token", token,
-		"--data-dir", s.dir, "--http-listen", s.http, "--identity-listen", s.identity}
+		"--data-dir", s.dir, "--http-listen", s.http, "--identity-listen", s.identity, "--xds-listen", s.xds}
 	if services != "" { // "" is a site whose services come from elsewhere (its cluster)
 		writeFile(f.t, s.file, services)
 		args = append(args, "--services", s.file, "--services-poll", "50ms")

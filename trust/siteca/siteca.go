@@ -241,15 +241,21 @@ func (s *SiteCA) Bundle() *spiffebundle.Bundle {
 // SignSVID issues an X.509 SVID for id (which must be in the CA's trust
 // domain) to the holder of pub; ttl 0 means the default.
 func (s *SiteCA) SignSVID(pub crypto.PublicKey, id spiffeid.ID, ttl time.Duration) (*x509.Certificate, error) {
-	if id.TrustDomain() != s.o.TrustDomain {
-		return nil, fmt.Errorf("siteca: %s is not in trust domain %s", id, s.o.TrustDomain)
+	return s.Sign(ca.Leaf{ID: id, Key: pub, TTL: ttl})
+}
+
+// Sign issues an X.509 SVID for l, which may also name DNS names and IPs
+// (a serving certificate that hostname-checking clients accept).
+func (s *SiteCA) Sign(l ca.Leaf) (*x509.Certificate, error) {
+	if l.ID.TrustDomain() != s.o.TrustDomain {
+		return nil, fmt.Errorf("siteca: %s is not in trust domain %s", l.ID, s.o.TrustDomain)
 	}
-	if ttl == 0 || ttl > s.o.SVIDTTL {
+	if l.TTL == 0 || l.TTL > s.o.SVIDTTL {
 		// Never longer than SVIDTTL: retiring a CA waits that long.
-		ttl = s.o.SVIDTTL
+		l.TTL = s.o.SVIDTTL
 	}
 	s.mu.Lock()
 	signer := s.ca
 	s.mu.Unlock()
-	return signer.Sign(ca.Leaf{ID: id, Key: pub, TTL: ttl})
+	return signer.Sign(l)
 }

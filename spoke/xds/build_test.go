@@ -1,0 +1,130 @@
+package xds
+
+import (
+	"net/netip"
+	"testing"
+
+	endpointv3 "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
+	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
+	"github.com/meshfed/meshfed/catalog"
+)
+
+func testCatalog() *Catalog {
+	ep := func(addr, zone, version string, health string) catalog.Endpoint {
+		return catalog.Endpoint{Address: addr, Port: 8080, Region: "us", Zone: zone, Health: health,
+			Labels: map[string]string{"version": version}, Identity: "spiffe://c.test/ns/default/sa/echo"}
+	}
+	return &Catalog{
+		Federation: "fed.test",
+		Site:       "c",
+		Sites: map[string]catalog.Site{
+			"c":    {Name: "c", Locality: catalog.Locality{Region: "us", Zone: "us-1"}},
+			"east": {Name: "east", Locality: catalog.Locality{Region: "eu", Zone: "eu-1"}, GatewayAddresses: []string{"10.0.0.1:15443", "gw.east.test:15443"}},
+			"west": {Name: "west", Locality: catalog.Locality{Region: "ap", Zone: "ap-1"}, GatewayAddresses: []string{"10.0.1.1:15443"}},
+		},
+		Services: []catalog.Service{
+			{Site: "c", Namespace: "default", Name: "echo", Ports: []catalog.Port{{Name: "http", Port: 8080}}, Endpoints: []catalog.Endpoint{
+				ep("10.1.0.1", "us-1", "v1", ""), ep("10.1.0.2", "us-2", "v2", catalog.HealthUnhealthy),
+			}},
+			{Site: "east", Namespace: "default", Name: "echo", Ports: []catalog.Port{{Name: "http", Port: 8080}}, Endpoints: []catalog.Endpoint{
+				{Address: "10.2.0.1", Port: 8080, Labels: map[string]string{"version": "v1"}},
+			}},
+			{Site: "west", Namespace: "default", Name: "echo", Ports: []catalog.Port{{Name: "http", Port: 8080}}, Endpoints: []catalog.Endpoint{
+				{Address: "10.3.0.1", Port: 8080, Health: catalog.HealthUnhealthy},
+			}},
+		},
+		Policies: map[string]catalog.Policy{"default/echo": {
+			Service: "default/echo", Failover: []string{"west", "east"}, Retries: 1,
+			Split: []catalog.Split{{Name: "stable", Weight: 90, Labels: map[string]string{"version": "v1"}}, {Name: "canary", Weight: 10, Labels: map[string]string{"version": "v2"}}},
+			Allow: []string{"spiffe://c.test/ns/default/sa/client", "spiffe://east.test/*"},
+		}},
+		Bundles: map[string][]byte{"c.test": []byte("-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n")},
+	}
+}
+
+type validator interface{ Validate() error }
+
+func TestBuildIsValidEnvoy(t *testing.T) {
+	c := testCatalog()
+	for _, n := range []Node{
+		{ID: "spiffe://c.test/ns/default/sa/echo", Address: "10.1.0.1", Inbound: map[uint32]string{8080: "127.0.0.1:9080"}, OutboundPrefix: netip.MustParsePrefix("127.128.0.0/9")},
+		{ID: "spiffe://c.test/ns/default/sa/client", GRPC: true},
+	} {
+		res := Build(c, n, SVID{CertPEM: []byte("cert"), KeyPEM: []byte("key")})
+		total := 0
+		for typ, rs := range res {
+			for _, r := range rs {
+				total++
+				if err := r.(validator).Validate(); err != nil {
+					t.Errorf("%s: %v", typ, err)
+				}
+			}
+		}
+		// 3 clusters (all, stable, canary) with their endpoints, a listener.
+		if len(res[resource.ClusterType]) < 3 || len(res[resource.EndpointType]) != 3 || len(res[resource.ListenerType]) < 1 {
+			t.Errorf("node %s: got %d clusters, %d load assignments, %d listeners", n.ID, len(res[resource.ClusterType]), len(res[resource.EndpointType]), len(res[resource.ListenerType]))
+		}
+		if !n.GRPC && len(res[resource.ListenerType]) != 2 {
+			t.Errorf("want an outbound and an inbound listener, got %d", len(res[resource.ListenerType]))
+		}
+	}
+}
+
+func TestPriorities(t *testing.T) {
+	c := testCatalog()
+	res := Build(c, Node{ID: "spiffe://c.test/x"}, SVID{})
+	var all *endpointv3.ClusterLoadAssignment
+	for _, r := range res[resource.EndpointType] {
+		if cla := r.(*endpointv3.ClusterLoadAssignment); cla.ClusterName == ClusterName("default", "echo", 8080, "") {
+			all = cla
+		}
+	}
+	if all == nil {
+		t.Fatal("no load assignment for the whole service")
+	}
+	// The node is in c's zone us-1: its zone first, its region next, then
+	// the failover order (west before east, against name order).
+	want := []struct {
+		site, zone string
+		prio       uint32
+		eps        int
+	}{{"c", "us-1", 0, 1}, {"c", "us-2", 1, 1}, {"west", "ap-1", 2, 1}, {"east", "eu-1", 3, 2}}
+	if len(all.Endpoints) != len(want) {
+		t.Fatalf("got %d localities, want %d: %v", len(all.Endpoints), len(want), all.Endpoints)
+	}
+	for i, w := range want {
+		got := all.Endpoints[i]
+		if got.Locality.SubZone != w.site || got.Locality.Zone != w.zone || got.Priority != w.prio || len(got.LbEndpoints) != w.eps {
+			t.Errorf("locality %d: got %s/%s priority %d with %d endpoints, want %+v", i, got.Locality.SubZone, got.Locality.Zone, got.Priority, len(got.LbEndpoints), w)
+		}
+	}
+	// West's only endpoint is unhealthy: its gateway is marked, not dropped.
+	if h := all.Endpoints[2].LbEndpoints[0].HealthStatus.String(); h != "UNHEALTHY" {
+		t.Errorf("west's gateway endpoint is %s, want UNHEALTHY", h)
+	}
+	c.Down = map[string]bool{"east": true}
+	res = Build(c, Node{ID: "spiffe://c.test/x"}, SVID{})
+	for _, r := range res[resource.EndpointType] {
+		cla := r.(*endpointv3.ClusterLoadAssignment)
+		for _, l := range cla.Endpoints {
+			if l.Locality.SubZone == "east" && l.LbEndpoints[0].HealthStatus.String() != "UNHEALTHY" {
+				t.Errorf("%s: a site marked down still has healthy endpoints", cla.ClusterName)
+			}
+		}
+	}
+}
+
+func TestAssignVIPsIsStableAndDistinct(t *testing.T) {
+	p := netip.MustParsePrefix("127.200.0.0/30") // two usable addresses
+	got := AssignVIPs(p, []string{"b/x", "a/y", "c/z"})
+	if len(got) != 2 {
+		t.Fatalf("got %d addresses from a /30, want 2: %v", len(got), got)
+	}
+	if got["a/y"] == got["b/x"] || !p.Contains(got["a/y"]) {
+		t.Errorf("addresses collide or fall outside %s: %v", p, got)
+	}
+	again := AssignVIPs(p, []string{"a/y", "c/z", "b/x"})
+	if again["a/y"] != got["a/y"] || again["b/x"] != got["b/x"] {
+		t.Errorf("assignment depends on input order: %v vs %v", got, again)
+	}
+}
