@@ -52,9 +52,9 @@ type Options struct {
 	// handed to nodes over SDS, and its authorities check node certificates.
 	CA *siteca.SiteCA
 	// Catalog returns the current catalog to build from.
-	Catalog func() *Catalog
-	Logger          *slog.Logger
-	Registry        prometheus.Registerer
+	Catalog  func() *Catalog
+	Logger   *slog.Logger
+	Registry prometheus.Registerer
 }
 
 // Server serves the site's xDS over ADS, state of the world and delta.
@@ -474,7 +474,14 @@ type logAdapter struct{ l *slog.Logger }
 func (a logAdapter) Debugf(string, ...any) {}
 func (a logAdapter) Infof(string, ...any)  {}
 func (a logAdapter) Warnf(f string, args ...any) {
-	a.l.Warn(fmt.Sprintf(f, args...))
+	msg := fmt.Sprintf(f, args...)
+	if strings.HasPrefix(msg, "ADS mode: not responding") {
+		// A client asking for endpoints before it saw new clusters: it asks
+		// again once it has them. Normal in state-of-the-world ADS.
+		a.l.Debug(msg)
+		return
+	}
+	a.l.Warn(msg)
 }
 func (a logAdapter) Errorf(f string, args ...any) {
 	a.l.Error(fmt.Sprintf(f, args...))

@@ -32,16 +32,18 @@ type federation struct {
 	storeArgs []string
 	hub       *harness.Process
 	spokes    map[string]*spokeProc
+	// gateways are sites' gateway addresses, set before addSite.
+	gateways map[string]string
 }
 
 type spokeProc struct {
 	site, dir, file, http, identity, xds string
-	args                            []string
-	p                               *harness.Process
+	args                                 []string
+	p                                    *harness.Process
 }
 
 func newFederation(t *testing.T, storeArgs ...string) *federation {
-	f := &federation{t: t, bin: harness.Binary(t), dir: t.TempDir(), hubAddr: harness.FreePort(t), hubHTTP: harness.FreePort(t), bundles: harness.FreePort(t), storeArgs: storeArgs, spokes: map[string]*spokeProc{}}
+	f := &federation{t: t, bin: harness.Binary(t), dir: t.TempDir(), hubAddr: harness.FreePort(t), hubHTTP: harness.FreePort(t), bundles: harness.FreePort(t), storeArgs: storeArgs, spokes: map[string]*spokeProc{}, gateways: map[string]string{}}
 	f.startHub()
 	return f
 }
@@ -67,12 +69,21 @@ func (f *federation) mustCLI(args ...string) string {
 }
 
 // addSite registers site, writes its services file and starts its spoke
-// (with extra spoke flags).
+// (with extra spoke flags). zone may be "region/zone" (region "test"
+// otherwise); the gateway address is f.gateways[site] if set.
 func (f *federation) addSite(site, zone string, services string, extra ...string) *spokeProc {
 	f.t.Helper()
 	// A gateway address is site data here: a name under the reserved .test
 	// domain, never resolved or dialed by these tests.
-	f.mustCLI("site", "add", site, "--kind", "docker", "--region", "test", "--zone", zone, "--gateway-address", "gw-"+site+".meshfed.test:15443")
+	region := "test"
+	if r, z, ok := strings.Cut(zone, "/"); ok {
+		region, zone = r, z
+	}
+	gw := f.gateways[site]
+	if gw == "" {
+		gw = "gw-" + site + ".meshfed.test:15443"
+	}
+	f.mustCLI("site", "add", site, "--kind", "docker", "--region", region, "--zone", zone, "--gateway-address", gw)
 	token := strings.TrimSpace(f.mustCLI("site", "token", "create", "--site", site, "--ttl", "10m"))
 	s := &spokeProc{site: site, dir: filepath.Join(f.dir, site), file: filepath.Join(f.dir, site+".yaml"), http: harness.FreePort(f.t), identity: harness.FreePort(f.t), xds: harness.FreePort(f.t)}
 	args := []string{"spoke", "--site", site, "--hub", f.hubAddr, "--token", token,

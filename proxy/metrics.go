@@ -1,0 +1,37 @@
+package proxy
+
+import "github.com/prometheus/client_golang/prometheus"
+
+type metrics struct {
+	upstream       *prometheus.CounterVec
+	downstream     *prometheus.CounterVec
+	inbound        *prometheus.CounterVec
+	active         *prometheus.GaugeVec
+	ejections      *prometheus.CounterVec
+	nacks          *prometheus.CounterVec
+	configs        prometheus.Counter
+	listenerErrors prometheus.Counter
+}
+
+func newMetrics(r prometheus.Registerer) *metrics {
+	m := &metrics{
+		upstream: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "meshfed_proxy_upstream_connections_total",
+			Help: "Connection attempts to upstream endpoints by cluster, site, zone and result (success, connect_failure)."}, []string{"cluster", "site", "zone", "result"}),
+		downstream: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "meshfed_proxy_outbound_connections_total",
+			Help: "App connections to outbound listeners by listener and result (ok, upstream_failure, no_cluster)."}, []string{"listener", "result"}),
+		inbound: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "meshfed_proxy_inbound_connections_total",
+			Help: "Connections to inbound listeners by listener and result (ok, denied, tls_failure, app_unreachable)."}, []string{"listener", "result"}),
+		active: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "meshfed_proxy_upstream_active_connections",
+			Help: "Live outbound connections by cluster."}, []string{"cluster"}),
+		ejections: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "meshfed_proxy_outlier_ejections_total",
+			Help: "Endpoints ejected by outlier detection, by cluster, site and zone."}, []string{"cluster", "site", "zone"}),
+		nacks: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "meshfed_proxy_xds_rejected_total",
+			Help: "xDS responses or configurations the proxy refused, by type."}, []string{"type"}),
+		configs: prometheus.NewCounter(prometheus.CounterOpts{Name: "meshfed_proxy_configs_applied_total",
+			Help: "Configurations from the spoke applied."}),
+		listenerErrors: prometheus.NewCounter(prometheus.CounterOpts{Name: "meshfed_proxy_listener_errors_total",
+			Help: "Listeners that could not be opened."}),
+	}
+	r.MustRegister(m.upstream, m.downstream, m.inbound, m.active, m.ejections, m.nacks, m.configs, m.listenerErrors)
+	return m
+}

@@ -1,0 +1,493 @@
+// Package proxy is meshfed's built-in data plane: an xDS client of its
+// site's spoke that runs outbound listeners per service (mTLS origination
+// with the service's SNI, priority load balancing with Envoy's semantics,
+// outlier detection, retries of connect failures, weighted splits) and
+// inbound listeners (mTLS termination, callers authorized by SPIFFE ID).
+package proxy
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"math/rand/v2"
+	"net"
+	"net/http"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	"github.com/meshfed/meshfed/catalog"
+	"github.com/meshfed/meshfed/identityclient"
+	"github.com/meshfed/meshfed/telemetry"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+	"golang.org/x/sync/errgroup"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/keepalive"
+	"google.golang.org/protobuf/types/known/structpb"
+)
+
+// Options configures a Proxy.
+type Options struct {
+	// XDS is the spoke's xDS address. Required.
+	XDS string
+	// Identity holds the proxy's attested SVID, which authenticates it to
+	// the spoke; its SPIFFE ID is the node ID. Required.
+	Identity *identityclient.Client
+	// Locality is the proxy's; empty: its site's.
+	Locality catalog.Locality
+	// Address is the IP the workload's endpoints are registered at; the
+	// inbound listeners bind there.
+	Address string
+	// Inbound maps endpoint ports to the local app behind them.
+	Inbound map[uint32]string
+	// OutboundPrefix is the range outbound listener addresses come from
+	// (default 127.128.0.0/9); "-": no outbound listeners.
+	OutboundPrefix string
+	// HTTPListen serves /healthz, /readyz and /metrics; "-" disables.
+	HTTPListen string
+	// DrainTimeout bounds how long live connections may finish at shutdown.
+	DrainTimeout time.Duration
+	Logger       *slog.Logger
+	Registry     *prometheus.Registry
+}
+
+// Proxy is a running data plane.
+type Proxy struct {
+	o    Options
+	log  *slog.Logger
+	m    *metrics
+	tele *telemetry.Server
+
+	cfg atomic.Pointer[config]
+
+	mu        sync.Mutex
+	listeners map[string]*runningListener
+	upstreams map[string]*upstream
+	conns     sync.WaitGroup
+	live      map[net.Conn]struct{}
+}
+
+type runningListener struct {
+	ln   net.Listener
+	conf atomic.Pointer[listenerConf]
+}
+
+// New checks the options and binds the HTTP listener.
+func New(o Options) (*Proxy, error) {
+	if o.XDS == "" || o.Identity == nil {
+		return nil, errors.New("proxy: the spoke's xDS address and an identity are required")
+	}
+	if o.OutboundPrefix == "" {
+		o.OutboundPrefix = "127.128.0.0/9"
+	}
+	if o.DrainTimeout == 0 {
+		o.DrainTimeout = 10 * time.Second
+	}
+	if o.Logger == nil {
+		o.Logger = slog.Default()
+	}
+	if o.Registry == nil {
+		o.Registry = telemetry.NewRegistry()
+	}
+	p := &Proxy{
+		o: o, log: o.Logger.With("component", "proxy"), m: newMetrics(o.Registry),
+		listeners: map[string]*runningListener{}, upstreams: map[string]*upstream{}, live: map[net.Conn]struct{}{},
+	}
+	if o.HTTPListen != "-" && o.HTTPListen != "" {
+		var err error
+		p.tele, err = telemetry.Listen(telemetry.Options{
+			Listen: o.HTTPListen, Registry: o.Registry, Logger: p.log, Ready: p.ready,
+			Handlers: map[string]http.Handler{"/v1/listeners": http.HandlerFunc(p.serveListeners)},
+		})
+		if err != nil {
+			return nil, fmt.Errorf("proxy: %w", err)
+		}
+	}
+	return p, nil
+}
+
+// Listeners returns the running listeners' addresses by name: where an app
+// reaches each service (name <service>.<namespace>:<port>).
+func (p *Proxy) Listeners() map[string]string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	out := map[string]string{}
+	for name, rl := range p.listeners {
+		out[name] = rl.ln.Addr().String()
+	}
+	return out
+}
+
+func (p *Proxy) serveListeners(w http.ResponseWriter, _ *http.Request) {
+	w.Header().Set("Content-Type", "application/json")
+	_ = json.NewEncoder(w).Encode(p.Listeners())
+}
+
+func (p *Proxy) ready() error {
+	if p.cfg.Load() == nil {
+		return errors.New("no configuration from the spoke yet")
+	}
+	return nil
+}
+
+// HTTPAddr is the bound HTTP address ("" when disabled).
+func (p *Proxy) HTTPAddr() string {
+	if p.tele == nil {
+		return ""
+	}
+	return p.tele.Addr()
+}
+
+func (p *Proxy) node() *corev3.Node {
+	md := map[string]any{}
+	if p.o.Address != "" {
+		md["meshfed.address"] = p.o.Address
+	}
+	if p.o.OutboundPrefix != "-" {
+		md["meshfed.outbound_prefix"] = p.o.OutboundPrefix
+	}
+	if len(p.o.Inbound) > 0 {
+		in := map[string]any{}
+		for port, app := range p.o.Inbound {
+			in[strconv.Itoa(int(port))] = app
+		}
+		md["meshfed.inbound"] = in
+	}
+	st, err := structpb.NewStruct(md)
+	if err != nil {
+		panic(err) // strings and maps of strings only
+	}
+	n := &corev3.Node{Id: p.o.Identity.SVID().ID.String(), UserAgentName: "meshfed-proxy", Metadata: st}
+	if p.o.Locality != (catalog.Locality{}) {
+		n.Locality = &corev3.Locality{Region: p.o.Locality.Region, Zone: p.o.Locality.Zone}
+	}
+	return n
+}
+
+// Run serves until ctx ends, then drains live connections.
+func (p *Proxy) Run(ctx context.Context) error {
+	conn, err := grpc.NewClient("passthrough:///"+p.o.XDS,
+		grpc.WithTransportCredentials(credentials.NewTLS(p.o.Identity.ClientTLS())),
+		grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: 20 * time.Second, Timeout: 10 * time.Second}),
+	)
+	if err != nil {
+		return fmt.Errorf("proxy: dial spoke xDS %s: %w", p.o.XDS, err)
+	}
+	defer conn.Close()
+	xc := &xdsClient{conn: conn, node: p.node(), log: p.log, update: p.apply, onNack: func(typ string) { p.m.nacks.WithLabelValues(typ).Inc() }}
+	g, gctx := errgroup.WithContext(ctx)
+	g.Go(func() error { return xc.run(gctx) })
+	g.Go(func() error { return p.o.Identity.Run(gctx) })
+	if p.tele != nil {
+		g.Go(func() error { return p.tele.Run(gctx) })
+	}
+	p.log.Info("proxy running", "id", xc.node.GetId(), "xds", p.o.XDS, "http", p.HTTPAddr())
+	err = g.Wait()
+	p.drain()
+	return err
+}
+
+// drain stops accepting and lets live connections finish, up to the
+// drain timeout.
+func (p *Proxy) drain() {
+	p.mu.Lock()
+	for name, rl := range p.listeners {
+		rl.ln.Close()
+		delete(p.listeners, name)
+	}
+	p.mu.Unlock()
+	done := make(chan struct{})
+	go func() { p.conns.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(p.o.DrainTimeout):
+		p.mu.Lock()
+		n := len(p.live)
+		for c := range p.live {
+			c.Close()
+		}
+		p.mu.Unlock()
+		p.log.Warn("drain timeout: closed live connections", "connections", n)
+		<-done
+	}
+}
+
+// apply installs a new configuration: listeners are started, stopped or
+// retargeted in place, so live connections are never cut.
+func (p *Proxy) apply(r *resources) error {
+	cfg, err := translate(r)
+	if err != nil {
+		p.m.nacks.WithLabelValues("config").Inc()
+		return err
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for name, cc := range cfg.clusters {
+		u := p.upstreams[name]
+		if u == nil {
+			u = &upstream{hosts: map[string]*hostState{}, ejected: p.onEject}
+			p.upstreams[name] = u
+		}
+		u.setConf(cc)
+	}
+	for name := range p.upstreams {
+		if cfg.clusters[name] == nil {
+			delete(p.upstreams, name)
+		}
+	}
+	p.cfg.Store(cfg)
+	for name, rl := range p.listeners {
+		if lc := cfg.listeners[name]; lc == nil || lc.addr != rl.conf.Load().addr {
+			rl.ln.Close()
+			delete(p.listeners, name)
+		}
+	}
+	for name, lc := range cfg.listeners {
+		if rl := p.listeners[name]; rl != nil {
+			rl.conf.Store(lc)
+			continue
+		}
+		ln, err := net.Listen("tcp", lc.addr)
+		if err != nil {
+			p.m.listenerErrors.Inc()
+			p.log.Error("could not open a listener; the others run", "listener", name, "err", err)
+			continue
+		}
+		rl := &runningListener{ln: ln}
+		rl.conf.Store(lc)
+		p.listeners[name] = rl
+		go p.serve(rl)
+	}
+	p.m.configs.Inc()
+	p.log.Info("configuration applied", "listeners", len(p.listeners), "clusters", len(cfg.clusters))
+	return nil
+}
+
+func (p *Proxy) onEject(c *clusterConf, e endpointConf) {
+	p.m.ejections.WithLabelValues(c.name, e.site, e.zone).Inc()
+	p.log.Warn("endpoint ejected after consecutive connect failures", "cluster", c.name, "endpoint", e.addr, "site", e.site)
+}
+
+func (p *Proxy) serve(rl *runningListener) {
+	for {
+		c, err := rl.ln.Accept()
+		if err != nil {
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				continue
+			}
+			return
+		}
+		p.track(c, true)
+		go func() {
+			defer p.track(c, false)
+			lc := rl.conf.Load()
+			if lc.inbound {
+				p.inbound(lc, c)
+			} else {
+				p.outbound(lc, c)
+			}
+		}()
+	}
+}
+
+func (p *Proxy) track(c net.Conn, add bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if add {
+		p.conns.Add(1)
+		p.live[c] = struct{}{}
+		return
+	}
+	delete(p.live, c)
+	c.Close()
+	p.conns.Done()
+}
+
+// outbound carries one app connection to the service: it picks a subset by
+// weight, then endpoints by priority, and tries the next endpoint when a
+// connection or handshake fails, up to the listener's attempts.
+func (p *Proxy) outbound(lc *listenerConf, down net.Conn) {
+	cfg := p.cfg.Load()
+	cluster := pickRoute(lc.routes)
+	p.mu.Lock()
+	u := p.upstreams[cluster]
+	p.mu.Unlock()
+	if u == nil {
+		p.m.downstream.WithLabelValues(lc.name, "no_cluster").Inc()
+		return
+	}
+	tried := map[string]bool{}
+	for attempt := 0; attempt < max(lc.attempts, 1); attempt++ {
+		e, ok := u.pick(tried, time.Now())
+		if !ok {
+			break
+		}
+		tried[hostKey(e)] = true
+		up, err := p.dialUpstream(cfg, u.config(), e)
+		u.result(e, err == nil, time.Now())
+		if err != nil {
+			p.m.upstream.WithLabelValues(cluster, e.site, e.zone, "connect_failure").Inc()
+			p.log.Debug("upstream connect failed", "cluster", cluster, "endpoint", e.addr, "err", err)
+			continue
+		}
+		p.m.upstream.WithLabelValues(cluster, e.site, e.zone, "success").Inc()
+		p.m.downstream.WithLabelValues(lc.name, "ok").Inc()
+		p.m.active.WithLabelValues(cluster).Inc()
+		pipe(down, up)
+		p.m.active.WithLabelValues(cluster).Dec()
+		return
+	}
+	p.m.downstream.WithLabelValues(lc.name, "upstream_failure").Inc()
+}
+
+func pickRoute(rs []route) string {
+	if len(rs) == 1 {
+		return rs[0].cluster
+	}
+	total := uint32(0)
+	for _, r := range rs {
+		total += r.weight
+	}
+	if total == 0 {
+		return rs[0].cluster
+	}
+	n := rand.Uint32N(total)
+	for _, r := range rs {
+		if n < r.weight {
+			return r.cluster
+		}
+		n -= r.weight
+	}
+	return rs[len(rs)-1].cluster
+}
+
+// dialUpstream connects to e and completes mTLS: the SNI names the
+// service, the peer must chain to a federated bundle and, when the
+// cluster lists identities, present one of them.
+func (p *Proxy) dialUpstream(cfg *config, c *clusterConf, e endpointConf) (net.Conn, error) {
+	deadline := time.Now().Add(c.connectTimeout)
+	raw, err := (&net.Dialer{Deadline: deadline}).Dial("tcp", e.addr)
+	if err != nil {
+		return nil, err
+	}
+	tc := &tls.Config{
+		MinVersion:         tls.VersionTLS13,
+		ServerName:         e.sni,
+		Certificates:       []tls.Certificate{*cfg.cert},
+		InsecureSkipVerify: true, // verified as SPIFFE below
+		VerifyPeerCertificate: func(rawCerts [][]byte, _ [][]*x509.Certificate) error {
+			id, err := verifySPIFFE(rawCerts, cfg)
+			if err != nil {
+				return err
+			}
+			if len(c.sans) == 0 {
+				return nil
+			}
+			for _, s := range c.sans {
+				if s == id {
+					return nil
+				}
+			}
+			return fmt.Errorf("upstream presented %s, which is not an identity of this service", id)
+		},
+	}
+	tlsConn := tls.Client(raw, tc)
+	_ = raw.SetDeadline(deadline)
+	if err := tlsConn.Handshake(); err != nil {
+		raw.Close()
+		return nil, err
+	}
+	_ = raw.SetDeadline(time.Time{})
+	return tlsConn, nil
+}
+
+func verifySPIFFE(rawCerts [][]byte, cfg *config) (string, error) {
+	certs := make([]*x509.Certificate, 0, len(rawCerts))
+	for _, r := range rawCerts {
+		c, err := x509.ParseCertificate(r)
+		if err != nil {
+			return "", err
+		}
+		certs = append(certs, c)
+	}
+	id, _, err := x509svid.Verify(certs, cfg.bundles)
+	if err != nil {
+		return "", err
+	}
+	return id.String(), nil
+}
+
+// inbound terminates mTLS, authorizes the caller by SPIFFE ID and carries
+// the connection to the app.
+func (p *Proxy) inbound(lc *listenerConf, raw net.Conn) {
+	cfg := p.cfg.Load()
+	var caller string
+	tc := &tls.Config{
+		MinVersion:   tls.VersionTLS13,
+		Certificates: []tls.Certificate{*cfg.cert},
+		ClientAuth:   tls.RequireAnyClientCert,
+		VerifyPeerCertificate: func(rawCerts [][]byte, _ [][]*x509.Certificate) error {
+			id, err := verifySPIFFE(rawCerts, cfg)
+			caller = id
+			return err
+		},
+	}
+	down := tls.Server(raw, tc)
+	_ = raw.SetDeadline(time.Now().Add(10 * time.Second))
+	if err := down.Handshake(); err != nil {
+		p.m.inbound.WithLabelValues(lc.name, "tls_failure").Inc()
+		p.log.Debug("inbound handshake failed", "listener", lc.name, "remote", raw.RemoteAddr(), "err", err)
+		return
+	}
+	_ = raw.SetDeadline(time.Time{})
+	allowed := false
+	for _, pr := range lc.allow {
+		if pr.match(caller) {
+			allowed = true
+			break
+		}
+	}
+	if !allowed {
+		p.m.inbound.WithLabelValues(lc.name, "denied").Inc()
+		p.log.Warn("refused a caller the policy does not allow", "listener", lc.name, "caller", caller)
+		return
+	}
+	up, err := net.DialTimeout("tcp", lc.app, 5*time.Second)
+	if err != nil {
+		p.m.inbound.WithLabelValues(lc.name, "app_unreachable").Inc()
+		p.log.Error("the app does not accept connections", "app", lc.app, "err", err)
+		return
+	}
+	p.m.inbound.WithLabelValues(lc.name, "ok").Inc()
+	pipe(down, up)
+}
+
+// pipe copies both ways until both sides are done, passing half-closes on.
+func pipe(a, b net.Conn) {
+	var wg sync.WaitGroup
+	wg.Add(2)
+	cp := func(dst, src net.Conn) {
+		defer wg.Done()
+		_, _ = io.Copy(dst, src)
+		if cw, ok := dst.(interface{ CloseWrite() error }); ok {
+			_ = cw.CloseWrite()
+		} else {
+			dst.Close()
+		}
+	}
+	go cp(a, b)
+	go cp(b, a)
+	wg.Wait()
+	a.Close()
+	b.Close()
+}
