@@ -225,7 +225,7 @@ func envoyBootstrap(id string, pf proxyFlags, in map[uint32]string, certFile, ke
 				}}}},
 			}}},
 			TypedExtensionProtocolOptions: map[string]*anypb.Any{"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": mustAny(h2)},
-			TransportSocket: &corev3.TransportSocket{Name: "envoy.transport_sockets.tls", ConfigType: &corev3.TransportSocket_TypedConfig{TypedConfig: mustAny(tlsCtx)}},
+			TransportSocket:               &corev3.TransportSocket{Name: "envoy.transport_sockets.tls", ConfigType: &corev3.TransportSocket_TypedConfig{TypedConfig: mustAny(tlsCtx)}},
 		}}},
 	}
 	if pf.region != "" || pf.zone != "" {

@@ -250,6 +250,8 @@ func translateListener(l *listenerv3.Listener, clusters map[string]*clusterConf)
 		}
 		lc.app = eps[0][0].addr
 	}
-	sort.Slice(lc.allow, func(i, j int) bool { return lc.allow[i].exact+lc.allow[i].prefix < lc.allow[j].exact+lc.allow[j].prefix })
+	sort.Slice(lc.allow, func(i, j int) bool {
+		return lc.allow[i].exact+lc.allow[i].prefix < lc.allow[j].exact+lc.allow[j].prefix
+	})
 	return lc, nil
 }

@@ -293,4 +293,3 @@ type bufConn struct {
 	net.Conn
 	r *bufio.Reader
 }
-
