@@ -197,28 +197,31 @@ func (s *Server) servingCert() func(*tls.ClientHelloInfo) (*tls.Certificate, err
 }
 
 func (s *Server) callbacks() serverv3.Callbacks {
-	open := func(ctx context.Context, id int64, _ string) error {
-		pid, err := peerID(ctx, s.o.CA.TrustDomain())
-		if err != nil {
-			s.refused.Inc()
-			return err
+	// State-of-the-world and delta streams are numbered apart, from 1
+	// each: delta streams are kept under their negated number.
+	open := func(sign int64) func(context.Context, int64, string) error {
+		return func(ctx context.Context, id int64, _ string) error {
+			pid, err := peerID(ctx, s.o.CA.TrustDomain())
+			if err != nil {
+				s.refused.Inc()
+				return err
+			}
+			s.mu.Lock()
+			s.streams[sign*id] = pid
+			s.mu.Unlock()
+			return nil
 		}
-		s.mu.Lock()
-		s.streams[id] = pid
-		s.mu.Unlock()
-		return nil
 	}
-	closed := func(id int64, _ *corev3.Node) { s.closeStream(id) }
 	return serverv3.CallbackFuncs{
-		StreamOpenFunc:        open,
-		DeltaStreamOpenFunc:   open,
-		StreamClosedFunc:      closed,
-		DeltaStreamClosedFunc: closed,
+		StreamOpenFunc:        open(1),
+		DeltaStreamOpenFunc:   open(-1),
+		StreamClosedFunc:      func(id int64, _ *corev3.Node) { s.closeStream(id) },
+		DeltaStreamClosedFunc: func(id int64, _ *corev3.Node) { s.closeStream(-id) },
 		StreamRequestFunc: func(id int64, req *discoveryv3.DiscoveryRequest) error {
 			return s.request(id, req.GetNode())
 		},
 		StreamDeltaRequestFunc: func(id int64, req *discoveryv3.DeltaDiscoveryRequest) error {
-			return s.request(id, req.GetNode())
+			return s.request(-id, req.GetNode())
 		},
 	}
 }
