@@ -14,10 +14,11 @@ all: build
 
 build:
 	$(GO) build -trimpath -ldflags "-s -w -X github.com/meshfed/meshfed/cli.Version=$(VERSION)" -o $(BIN) ./cmd/meshfed
+	$(GO) build -trimpath -ldflags "-s -w" -o $(BIN)-proxy ./cmd/meshfed-proxy
 
 # image builds meshfed:$(VERSION) FROM scratch around the static binary.
 image: build
-	@tmp=$$(mktemp -d) && trap 'rm -rf $$tmp' EXIT && cp $(BIN) deploy/docker/Dockerfile $$tmp/ && \
+	@tmp=$$(mktemp -d) && trap 'rm -rf $$tmp' EXIT && cp $(BIN) $(BIN)-proxy deploy/docker/Dockerfile $$tmp/ && \
 		docker build -q -t meshfed:$(VERSION) $$tmp
 
 # tools installs the real parts the tests run against (etcd from Debian).
@@ -32,7 +33,7 @@ demo: build
 
 bench: build tools
 	$(GO) run ./bench/hub -meshfed $(BIN)
-	$(GO) test -run '^$$' -bench . -benchtime 1x -timeout 40m ./bench/kube
+	$(GO) test -run '^$$' -bench . -benchtime 1x -timeout 40m ./bench/kube ./bench/proxy
 
 # generate rebuilds the committed protobuf code; protoc comes from Debian
 # (protobuf-compiler 3.21.12), the plugins from go.mod's tool lines, so the

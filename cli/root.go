@@ -1,17 +1,16 @@
 package cli
 
 import (
-	"context"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"os"
-	"os/signal"
 	"path/filepath"
 	"strings"
-	"syscall"
 
+	"github.com/meshfed/meshfed/cli/proxycmd"
+	"github.com/meshfed/meshfed/shutdown"
 	"github.com/spf13/cobra"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -33,7 +32,7 @@ func Main(args []string) int {
 	g := &globals{out: os.Stdout, errOut: os.Stderr}
 	root := newRoot(g)
 	root.SetArgs(args)
-	ctx, stop := shutdownContext()
+	ctx, stop := shutdown.Context()
 	defer stop()
 	if err := root.ExecuteContext(ctx); err != nil {
 		fmt.Fprintln(g.errOut, "error:", explain(err))
@@ -52,7 +51,7 @@ func newRoot(g *globals) *cobra.Command {
 	root.PersistentFlags().StringVar(&g.config, "config", defaultConfig(), "hub credential file (the admin.conf in the hub's data dir); env MESHFED_CONFIG")
 	root.PersistentFlags().StringVarP(&g.output, "output", "o", "table", "output format: table, json or yaml (pem too for trust bundles)")
 	root.PersistentFlags().StringVar(&g.logLevel, "log-level", "info", "log level of long-running commands: debug, info, warn or error")
-	root.AddCommand(newHubCmd(g), newSpokeCmd(g), newSiteCmd(g), newServiceCmd(g), newTrustCmd(g), newPolicyCmd(g), newProxyCmd(g), newVMCmd(g), newClusterCmd(g), newVersionCmd(g))
+	root.AddCommand(newHubCmd(g), newSpokeCmd(g), newSiteCmd(g), newServiceCmd(g), newTrustCmd(g), newPolicyCmd(g), proxycmd.New(g.logger, func() io.Writer { return g.out }), newVMCmd(g), newClusterCmd(g), newVersionCmd(g))
 	return root
 }
 
@@ -73,26 +72,6 @@ func (g *globals) logger() *slog.Logger {
 		lvl = slog.LevelInfo
 	}
 	return slog.New(slog.NewTextHandler(g.errOut, &slog.HandlerOptions{Level: lvl}))
-}
-
-// shutdownContext ends the context on the first SIGINT/SIGTERM, so
-// components drain; a second signal exits at once.
-func shutdownContext() (context.Context, func()) {
-	ctx, cancel := context.WithCancel(context.Background())
-	ch := make(chan os.Signal, 2)
-	signal.Notify(ch, syscall.SIGINT, syscall.SIGTERM)
-	go func() {
-		select {
-		case <-ch:
-		case <-ctx.Done():
-			return
-		}
-		cancel()
-		<-ch
-		fmt.Fprintln(os.Stderr, "second signal: exiting now")
-		os.Exit(130)
-	}()
-	return ctx, func() { signal.Stop(ch); cancel() }
 }
 
 // explain turns a gRPC error into the hub's own message, adding what to do

@@ -60,7 +60,7 @@ func run(bin string, nSpokes, nEndpoints, perService, rate, nChanges int) error 
 	}
 	defer func() { b.hub.Process.Kill(); b.hub.Wait() }()
 	time.Sleep(500 * time.Millisecond) // let the idle hub settle before its baseline
-	baseRSS, err := rss(b.hub.Process.Pid)
+	baseRSS, err := harness.Memory(b.hub.Process.Pid, "VmRSS")
 	if err != nil {
 		return err
 	}
@@ -107,7 +107,7 @@ func run(bin string, nSpokes, nEndpoints, perService, rate, nChanges int) error 
 	fmt.Printf("initial sync of a new spoke (%d services, %d endpoints): %.2fs\n", total, total*perService, time.Since(start).Seconds())
 
 	time.Sleep(time.Second)
-	loaded, err := rss(b.hub.Process.Pid)
+	loaded, err := harness.Memory(b.hub.Process.Pid, "VmRSS")
 	if err != nil {
 		return err
 	}
@@ -242,19 +242,6 @@ func propagation(all []*spoke.Spoke, services, perService, rate, n int) ([]time.
 	return lat, nil
 }
 
-func rss(pid int) (int64, error) {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-	if err != nil {
-		return 0, err
-	}
-	for _, line := range strings.Split(string(b), "\n") {
-		if f := strings.Fields(line); len(f) >= 2 && f[0] == "VmRSS:" {
-			kb, err := strconv.ParseInt(f[1], 10, 64)
-			return kb * 1024, err
-		}
-	}
-	return 0, fmt.Errorf("no VmRSS for pid %d", pid)
-}
 
 func waitFor(d time.Duration, cond func() bool) error {
 	deadline := time.Now().Add(d)

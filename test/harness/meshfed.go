@@ -19,43 +19,49 @@ import (
 )
 
 var (
-	buildOnce sync.Once
-	buildBin  string
-	buildErr  error
+	buildMu  sync.Mutex
+	buildDir string
+	built    = map[string]string{}
 )
 
 // Binary builds cmd/meshfed once per test process and returns its path.
-func Binary(t testing.TB) string {
+func Binary(t testing.TB) string { return Command(t, "meshfed") }
+
+// Command builds cmd/<name> (CGO_ENABLED=0) once per test process and
+// returns its path.
+func Command(t testing.TB, name string) string {
 	t.Helper()
-	buildOnce.Do(func() {
+	buildMu.Lock()
+	defer buildMu.Unlock()
+	if p, ok := built[name]; ok {
+		return p
+	}
+	if buildDir == "" {
 		dir, err := os.MkdirTemp("", "meshfed-bin-")
 		if err != nil {
-			buildErr = err
-			return
+			t.Fatal(err)
 		}
-		buildBin = filepath.Join(dir, "meshfed")
-		root, err := moduleRoot()
-		if err != nil {
-			buildErr = err
-			return
-		}
-		cmd := exec.Command("go", "build", "-o", buildBin, "./cmd/meshfed")
-		cmd.Dir = root
-		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
-		if out, err := cmd.CombinedOutput(); err != nil {
-			buildErr = fmt.Errorf("build meshfed: %v: %s", err, out)
-		}
-	})
-	if buildErr != nil {
-		t.Fatal(buildErr)
+		buildDir = dir
 	}
-	return buildBin
+	root, err := moduleRoot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	bin := filepath.Join(buildDir, name)
+	cmd := exec.Command("go", "build", "-o", bin, "./cmd/"+name)
+	cmd.Dir = root
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("build %s: %v: %s", name, err, out)
+	}
+	built[name] = bin
+	return bin
 }
 
-// CleanupBinary removes the built binary; call it from TestMain.
+// CleanupBinary removes the built binaries; call it from TestMain.
 func CleanupBinary() {
-	if buildBin != "" {
-		os.RemoveAll(filepath.Dir(buildBin))
+	if buildDir != "" {
+		os.RemoveAll(buildDir)
 	}
 }
 

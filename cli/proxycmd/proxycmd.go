@@ -1,7 +1,11 @@
-package cli
+// Package proxycmd is the `proxy` command: part of the meshfed CLI, and
+// the whole of the small meshfed-proxy binary, which links nothing else.
+package proxycmd
 
 import (
 	"fmt"
+	"io"
+	"log/slog"
 	"net"
 	"os"
 	"strconv"
@@ -62,10 +66,11 @@ func (pf *proxyFlags) parseInbound() (map[uint32]string, error) {
 	return out, nil
 }
 
-func newProxyCmd(g *globals) *cobra.Command {
+// New returns the proxy command; logger and out are the CLI's.
+func New(logger func() *slog.Logger, out func() io.Writer) *cobra.Command {
 	var pf proxyFlags
 	var o proxy.Options
-	var io identityclient.Options
+	var ido identityclient.Options
 	cmd := &cobra.Command{
 		Use:   "proxy",
 		Short: "Run the built-in data plane: outbound listeners per service, inbound mTLS with authorization",
@@ -89,20 +94,20 @@ configuration over xDS and carries its workload's traffic with mTLS:
 			if err != nil {
 				return err
 			}
-			if io.Token == "" {
-				io.Token = os.Getenv("MESHFED_TOKEN")
+			if ido.Token == "" {
+				ido.Token = os.Getenv("MESHFED_TOKEN")
 			}
-			if io.Token == "" {
+			if ido.Token == "" {
 				return fmt.Errorf("--token (or MESHFED_TOKEN) is required: create one with `meshfed vm token create --site SITE --node NODE`")
 			}
-			io.Logger = g.logger()
-			id, err := identityclient.New(ctx, io)
+			ido.Logger = logger()
+			id, err := identityclient.New(ctx, ido)
 			if err != nil {
 				return err
 			}
 			o.XDS, o.Identity, o.Address, o.Inbound, o.OutboundPrefix = pf.xds, id, pf.address, in, pf.outbound
 			o.Locality = catalog.Locality{Region: pf.region, Zone: pf.zone}
-			o.Logger = g.logger()
+			o.Logger = logger()
 			p, err := proxy.New(o)
 			if err != nil {
 				return err
@@ -112,16 +117,16 @@ configuration over xDS and carries its workload's traffic with mTLS:
 	}
 	pf.register(cmd)
 	f := cmd.Flags()
-	f.StringVar(&io.Addr, "identity", "127.0.0.1:7181", "the spoke's identity (SVID) API")
-	f.StringVar(&io.Token, "token", "", "one-time node token from `meshfed vm token create` (or MESHFED_TOKEN)")
-	f.StringVar(&io.Workload, "workload", "", "run as this workload's SPIFFE ID (the host must run one of its endpoints); default: the node's ID")
+	f.StringVar(&ido.Addr, "identity", "127.0.0.1:7181", "the spoke's identity (SVID) API")
+	f.StringVar(&ido.Token, "token", "", "one-time node token from `meshfed vm token create` (or MESHFED_TOKEN)")
+	f.StringVar(&ido.Workload, "workload", "", "run as this workload's SPIFFE ID (the host must run one of its endpoints); default: the node's ID")
 	f.StringVar(&o.HTTPListen, "http-listen", "127.0.0.1:15090", "address for /healthz, /readyz and /metrics (- disables)")
 	f.DurationVar(&o.DrainTimeout, "drain-timeout", 10*time.Second, "how long live connections may finish after SIGTERM")
-	cmd.AddCommand(newProxyBootstrapCmd(g))
+	cmd.AddCommand(newBootstrapCmd(out))
 	return cmd
 }
 
-func newProxyBootstrapCmd(g *globals) *cobra.Command {
+func newBootstrapCmd(out func() io.Writer) *cobra.Command {
 	var pf proxyFlags
 	var id, certFile, keyFile, caFile string
 	var envoy bool
@@ -156,7 +161,7 @@ Envoy's own validation rules.`,
 			if err != nil {
 				return err
 			}
-			_, err = g.out.Write(y)
+			_, err = out().Write(y)
 			return err
 		},
 	}
