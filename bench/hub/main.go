@@ -242,7 +242,6 @@ func propagation(all []*spoke.Spoke, services, perService, rate, n int) ([]time.
 	return lat, nil
 }
 
-
 func waitFor(d time.Duration, cond func() bool) error {
 	deadline := time.Now().Add(d)
 	for !cond() {
