@@ -472,13 +472,22 @@ func (p *Proxy) inbound(lc *listenerConf, raw net.Conn) {
 	pipe(down, up)
 }
 
+// copyBuffers are pipe's buffers: large enough to fill TLS records and
+// save syscalls, pooled so idle connections hold none.
+var copyBuffers = sync.Pool{New: func() any { b := make([]byte, 128<<10); return &b }}
+
+// onlyWriter hides ReadFrom, so io.CopyBuffer uses the pooled buffer.
+type onlyWriter struct{ io.Writer }
+
 // pipe copies both ways until both sides are done, passing half-closes on.
 func pipe(a, b net.Conn) {
 	var wg sync.WaitGroup
 	wg.Add(2)
 	cp := func(dst, src net.Conn) {
 		defer wg.Done()
-		_, _ = io.Copy(dst, src)
+		buf := copyBuffers.Get().(*[]byte)
+		_, _ = io.CopyBuffer(onlyWriter{dst}, src, *buf)
+		copyBuffers.Put(buf)
 		if cw, ok := dst.(interface{ CloseWrite() error }); ok {
 			_ = cw.CloseWrite()
 		} else {
