@@ -40,11 +40,14 @@ type listenerConf struct {
 	// inbound: who may call, and where the app is.
 	allow []principal
 	app   string
+	// passthrough (a gateway): the route of each SNI; nil otherwise.
+	sni map[string]route
 }
 
 type route struct {
-	cluster string
-	weight  uint32
+	cluster  string
+	weight   uint32
+	attempts int
 }
 
 type principal struct {
@@ -64,6 +67,7 @@ type clusterConf struct {
 	outlier        outlierConf
 	opf            uint32
 	sans           []string
+	tls            bool
 	priorities     [][]endpointConf
 }
 
@@ -158,6 +162,7 @@ func translateCluster(cl *clusterv3.Cluster, cla *endpointv3.ClusterLoadAssignme
 		}
 	}
 	if ts := cl.GetTransportSocket(); ts != nil {
+		cc.tls = true
 		up := &tlsv3.UpstreamTlsContext{}
 		if err := ts.GetTypedConfig().UnmarshalTo(up); err != nil {
 			return nil, fmt.Errorf("transport socket: %w", err)
@@ -201,6 +206,9 @@ func translateListener(l *listenerv3.Listener, clusters map[string]*clusterConf)
 		return nil, nil // an API listener, for proxyless gRPC
 	}
 	lc := &listenerConf{name: l.GetName(), addr: net.JoinHostPort(sa.GetAddress(), strconv.Itoa(int(sa.GetPortValue()))), attempts: 1}
+	if len(l.GetListenerFilters()) > 0 {
+		return translatePassthrough(lc, l, clusters)
+	}
 	fc := l.GetFilterChains()[0]
 	lc.inbound = fc.GetTransportSocket() != nil
 	for _, f := range fc.GetFilters() {
@@ -253,5 +261,27 @@ func translateListener(l *listenerv3.Listener, clusters map[string]*clusterConf)
 	sort.Slice(lc.allow, func(i, j int) bool {
 		return lc.allow[i].exact+lc.allow[i].prefix < lc.allow[j].exact+lc.allow[j].prefix
 	})
+	return lc, nil
+}
+
+// translatePassthrough reads a gateway listener: each filter chain routes
+// the server names it matches to one cluster, without terminating TLS.
+func translatePassthrough(lc *listenerConf, l *listenerv3.Listener, clusters map[string]*clusterConf) (*listenerConf, error) {
+	lc.sni = map[string]route{}
+	for _, fc := range l.GetFilterChains() {
+		for _, f := range fc.GetFilters() {
+			tp := &tcpv3.TcpProxy{}
+			if f.GetName() != "envoy.filters.network.tcp_proxy" || f.GetTypedConfig().UnmarshalTo(tp) != nil {
+				return nil, fmt.Errorf("filter chain %s: want one tcp_proxy", fc.GetName())
+			}
+			if clusters[tp.GetCluster()] == nil {
+				return nil, fmt.Errorf("filter chain %s names cluster %s, which the spoke did not send", fc.GetName(), tp.GetCluster())
+			}
+			r := route{cluster: tp.GetCluster(), attempts: max(int(tp.GetMaxConnectAttempts().GetValue()), 1)}
+			for _, name := range fc.GetFilterChainMatch().GetServerNames() {
+				lc.sni[strings.ToLower(name)] = r
+			}
+		}
+	}
 	return lc, nil
 }

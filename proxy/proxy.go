@@ -24,6 +24,7 @@ import (
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	"github.com/meshfed/meshfed/catalog"
+	"github.com/meshfed/meshfed/gateway/clienthello"
 	"github.com/meshfed/meshfed/identityclient"
 	"github.com/meshfed/meshfed/telemetry"
 	"github.com/prometheus/client_golang/prometheus"
@@ -52,6 +53,10 @@ type Options struct {
 	// OutboundPrefix is the range outbound listener addresses come from
 	// (default 127.128.0.0/9); "-": no outbound listeners.
 	OutboundPrefix string
+	// GatewayListen makes this the site's east-west gateway: one listener
+	// there routes TLS connections by SNI, without decrypting, to local
+	// endpoints of exported services. No outbound or inbound listeners.
+	GatewayListen string
 	// HTTPListen serves /healthz, /readyz and /metrics; "-" disables.
 	HTTPListen string
 	// DrainTimeout bounds how long live connections may finish at shutdown.
@@ -88,6 +93,16 @@ func New(o Options) (*Proxy, error) {
 	}
 	if o.OutboundPrefix == "" {
 		o.OutboundPrefix = "127.128.0.0/9"
+	}
+	if o.GatewayListen != "" {
+		host, port, err := net.SplitHostPort(o.GatewayListen)
+		if err != nil {
+			return nil, fmt.Errorf("proxy: gateway listen address %q: %w", o.GatewayListen, err)
+		}
+		if host == "" {
+			host = "0.0.0.0"
+		}
+		o.GatewayListen, o.OutboundPrefix = net.JoinHostPort(host, port), "-"
 	}
 	if o.DrainTimeout == 0 {
 		o.DrainTimeout = 10 * time.Second
@@ -152,6 +167,9 @@ func (p *Proxy) node() *corev3.Node {
 	if p.o.Address != "" {
 		md["meshfed.address"] = p.o.Address
 	}
+	if p.o.GatewayListen != "" {
+		md["meshfed.gateway_listen"] = p.o.GatewayListen
+	}
 	if p.o.OutboundPrefix != "-" {
 		md["meshfed.outbound_prefix"] = p.o.OutboundPrefix
 	}
@@ -166,7 +184,11 @@ func (p *Proxy) node() *corev3.Node {
 	if err != nil {
 		panic(err) // strings and maps of strings only
 	}
-	n := &corev3.Node{Id: p.o.Identity.SVID().ID.String(), UserAgentName: "meshfed-proxy", Metadata: st}
+	agent := "meshfed-proxy"
+	if p.o.GatewayListen != "" {
+		agent = "meshfed-gateway"
+	}
+	n := &corev3.Node{Id: p.o.Identity.SVID().ID.String(), UserAgentName: agent, Metadata: st}
 	if p.o.Locality != (catalog.Locality{}) {
 		n.Locality = &corev3.Locality{Region: p.o.Locality.Region, Zone: p.o.Locality.Zone}
 	}
@@ -291,9 +313,12 @@ func (p *Proxy) serve(rl *runningListener) {
 		go func() {
 			defer p.track(c, false)
 			lc := rl.conf.Load()
-			if lc.inbound {
+			switch {
+			case lc.sni != nil:
+				p.passthrough(lc, c)
+			case lc.inbound:
 				p.inbound(lc, c)
-			} else {
+			default:
 				p.outbound(lc, c)
 			}
 		}()
@@ -314,20 +339,33 @@ func (p *Proxy) track(c net.Conn, add bool) {
 }
 
 // outbound carries one app connection to the service: it picks a subset by
-// weight, then endpoints by priority, and tries the next endpoint when a
-// connection or handshake fails, up to the listener's attempts.
+// weight, then endpoints by priority.
 func (p *Proxy) outbound(lc *listenerConf, down net.Conn) {
-	cfg := p.cfg.Load()
 	cluster := pickRoute(lc.routes)
+	up, result := p.connect(cluster, lc.attempts)
+	if up == nil {
+		p.m.downstream.WithLabelValues(lc.name, result).Inc()
+		return
+	}
+	p.m.downstream.WithLabelValues(lc.name, "ok").Inc()
+	p.m.active.WithLabelValues(cluster).Inc()
+	pipe(down, up)
+	p.m.active.WithLabelValues(cluster).Dec()
+}
+
+// connect opens a connection to one of cluster's endpoints, trying the next
+// endpoint when a connection or handshake fails, up to attempts. Without a
+// connection, it says why.
+func (p *Proxy) connect(cluster string, attempts int) (net.Conn, string) {
+	cfg := p.cfg.Load()
 	p.mu.Lock()
 	u := p.upstreams[cluster]
 	p.mu.Unlock()
 	if u == nil {
-		p.m.downstream.WithLabelValues(lc.name, "no_cluster").Inc()
-		return
+		return nil, "no_cluster"
 	}
 	tried := map[string]bool{}
-	for attempt := 0; attempt < max(lc.attempts, 1); attempt++ {
+	for attempt := 0; attempt < max(attempts, 1); attempt++ {
 		e, ok := u.pick(tried, time.Now())
 		if !ok {
 			break
@@ -341,13 +379,60 @@ func (p *Proxy) outbound(lc *listenerConf, down net.Conn) {
 			continue
 		}
 		p.m.upstream.WithLabelValues(cluster, e.site, e.zone, "success").Inc()
-		p.m.downstream.WithLabelValues(lc.name, "ok").Inc()
-		p.m.active.WithLabelValues(cluster).Inc()
-		pipe(down, up)
-		p.m.active.WithLabelValues(cluster).Dec()
+		return up, ""
+	}
+	if len(tried) == 0 {
+		return nil, "no_endpoint"
+	}
+	return nil, "upstream_failure"
+}
+
+// HelloTimeout bounds how long a gateway waits for a ClientHello.
+const HelloTimeout = 5 * time.Second
+
+// passthrough routes a connection by the SNI of its ClientHello, which it
+// reads without decrypting, to a local endpoint of that service; the hello
+// and everything after pass on unchanged. Anything without a route is
+// closed: the gateway relays nothing else.
+func (p *Proxy) passthrough(lc *listenerConf, down net.Conn) {
+	_ = down.SetReadDeadline(time.Now().Add(HelloTimeout))
+	name, raw, err := clienthello.Read(down)
+	if err != nil {
+		result := "malformed"
+		var ne net.Error
+		switch {
+		case errors.As(err, &ne) && ne.Timeout():
+			result = "hello_timeout"
+		case errors.Is(err, clienthello.ErrTooLarge):
+			result = "oversized"
+		case errors.Is(err, clienthello.ErrNoSNI):
+			result = "no_sni"
+		case errors.Is(err, clienthello.ErrNotTLS):
+			result = "not_tls"
+		}
+		p.m.gateway.WithLabelValues(result).Inc()
+		p.log.Debug("gateway refused a connection", "remote", down.RemoteAddr(), "reason", result, "err", err)
 		return
 	}
-	p.m.downstream.WithLabelValues(lc.name, "upstream_failure").Inc()
+	_ = down.SetReadDeadline(time.Time{})
+	r, ok := lc.sni[name]
+	if !ok {
+		p.m.gateway.WithLabelValues("unknown_sni").Inc()
+		p.log.Info("gateway refused an SNI it has no route for", "sni", name, "remote", down.RemoteAddr())
+		return
+	}
+	up, result := p.connect(r.cluster, r.attempts)
+	if up == nil {
+		p.m.gateway.WithLabelValues(result).Inc()
+		return
+	}
+	if _, err := up.Write(raw); err != nil {
+		up.Close()
+		p.m.gateway.WithLabelValues("upstream_failure").Inc()
+		return
+	}
+	p.m.gateway.WithLabelValues("ok").Inc()
+	pipe(down, up)
 }
 
 func pickRoute(rs []route) string {
@@ -377,8 +462,8 @@ func pickRoute(rs []route) string {
 func (p *Proxy) dialUpstream(cfg *config, c *clusterConf, e endpointConf) (net.Conn, error) {
 	deadline := time.Now().Add(c.connectTimeout)
 	raw, err := (&net.Dialer{Deadline: deadline}).Dial("tcp", e.addr)
-	if err != nil {
-		return nil, err
+	if err != nil || !c.tls {
+		return raw, err
 	}
 	tc := &tls.Config{
 		MinVersion:         tls.VersionTLS13,

@@ -82,6 +82,9 @@ type Node struct {
 	// OutboundPrefix is the range outbound listener addresses are taken
 	// from; invalid: no outbound listeners.
 	OutboundPrefix netip.Prefix
+	// GatewayListen, when set, makes the node the site's east-west
+	// gateway: one SNI-routing listener there, to local endpoints only.
+	GatewayListen string
 }
 
 // SVID is the node's certificate chain and key, PEM.
@@ -95,6 +98,11 @@ func Build(c *Catalog, n Node, svid SVID) map[resource.Type][]types.Resource {
 		n.Locality = c.Sites[c.Site].Locality
 	}
 	b := &builder{c: c, n: n, out: map[resource.Type][]types.Resource{}}
+	if n.GatewayListen != "" {
+		b.gateway()
+		b.secrets(svid)
+		return b.out
+	}
 	b.outbound()
 	b.inbound()
 	if !n.GRPC {

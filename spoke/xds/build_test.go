@@ -2,9 +2,11 @@ package xds
 
 import (
 	"net/netip"
+	"fmt"
 	"testing"
 
 	endpointv3 "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
+	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 	"github.com/meshfed/meshfed/catalog"
 )
@@ -126,5 +128,32 @@ func TestAssignVIPsIsStableAndDistinct(t *testing.T) {
 	again := AssignVIPs(p, []string{"a/y", "c/z", "b/x"})
 	if again["a/y"] != got["a/y"] || again["b/x"] != got["b/x"] {
 		t.Errorf("assignment depends on input order: %v vs %v", got, again)
+	}
+}
+
+func TestGatewayRoutesOnlyLocalServices(t *testing.T) {
+	c := testCatalog()
+	c.Site = "east"
+	res := Build(c, Node{ID: "spiffe://east.test/meshfed/node/gw", GatewayListen: "0.0.0.0:15443"}, SVID{CertPEM: []byte("c"), KeyPEM: []byte("k")})
+	for typ, rs := range res {
+		for _, r := range rs {
+			if err := r.(validator).Validate(); err != nil {
+				t.Errorf("%s: %v", typ, err)
+			}
+		}
+	}
+	ls := res[resource.ListenerType]
+	if len(ls) != 1 {
+		t.Fatalf("want one gateway listener, got %d", len(ls))
+	}
+	var names []string
+	for _, fc := range ls[0].(*listenerv3.Listener).FilterChains {
+		names = append(names, fc.FilterChainMatch.ServerNames...)
+	}
+	// East exports echo; the policy's split has no site, so both subsets
+	// have a route; nothing of c or west does.
+	want := []string{"8080.echo.default.east.fed.test", "canary.8080.echo.default.east.fed.test", "stable.8080.echo.default.east.fed.test"}
+	if fmt.Sprint(names) != fmt.Sprint(want) {
+		t.Errorf("routes %v, want %v", names, want)
 	}
 }

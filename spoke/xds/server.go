@@ -42,6 +42,7 @@ const (
 	MetaAddress        = "meshfed.address"
 	MetaInbound        = "meshfed.inbound"
 	MetaOutboundPrefix = "meshfed.outbound_prefix"
+	MetaGatewayListen  = "meshfed.gateway_listen"
 )
 
 // Options configures a Server.
@@ -306,6 +307,12 @@ func parseNode(n *corev3.Node) (Node, error) {
 	}
 	f := n.GetMetadata().GetFields()
 	out.Address = f[MetaAddress].GetStringValue()
+	if gl := f[MetaGatewayListen].GetStringValue(); gl != "" {
+		if err := catalog.ValidateHostPort("node metadata "+MetaGatewayListen, gl); err != nil {
+			return out, err
+		}
+		out.GatewayListen = gl
+	}
 	if p := f[MetaOutboundPrefix].GetStringValue(); p != "" {
 		pfx, err := parsePrefix(p)
 		if err != nil {
