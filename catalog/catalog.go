@@ -62,6 +62,9 @@ type Site struct {
 	// Source is how the site's local source is doing, as its spoke says:
 	// "ok", or what is wrong (the spoke then serves its last good state).
 	Source string `json:"source,omitempty" yaml:"source,omitempty"`
+	// Gossip is the site's state in the WAN gossip pool as the hub sees it
+	// (alive, suspect, dead), next to State, the hub's own view.
+	Gossip string `json:"gossip,omitempty" yaml:"gossip,omitempty"`
 }
 
 // Port is one port of a service.

@@ -99,9 +99,9 @@ func newSiteListCmd(g *globals, kind, short string) *cobra.Command {
 
 func (g *globals) printSites(sites []catalog.Site) error {
 	return g.render(sites, func(w io.Writer) {
-		row(w, "NAME", "KIND", "LOCALITY", "STATE", "LAST SYNC", "SERVICES", "ENDPOINTS", "SOURCE", "TRUST DOMAIN", "GATEWAYS")
+		row(w, "NAME", "KIND", "LOCALITY", "STATE", "GOSSIP", "LAST SYNC", "SERVICES", "ENDPOINTS", "SOURCE", "TRUST DOMAIN", "GATEWAYS")
 		for _, s := range sites {
-			row(w, s.Name, s.Kind, s.Locality, s.State, age(s.LastSync), s.Services, s.Endpoints, s.Source, s.TrustDomain, strings.Join(s.GatewayAddresses, ","))
+			row(w, s.Name, s.Kind, s.Locality, s.State, s.Gossip, age(s.LastSync), s.Services, s.Endpoints, s.Source, s.TrustDomain, strings.Join(s.GatewayAddresses, ","))
 		}
 	})
 }
@@ -130,6 +130,7 @@ func newSiteShowCmd(g *globals) *cobra.Command {
 				row(w, "Trust domain:", s.TrustDomain)
 				row(w, "Gateways:", strings.Join(s.GatewayAddresses, ", "))
 				row(w, "State:", s.State)
+				row(w, "Gossip:", s.Gossip)
 				row(w, "Connected since:", timeOrDash(s.ConnectedSince))
 				row(w, "Last sync:", age(s.LastSync))
 				row(w, "Services:", s.Services)

@@ -120,6 +120,7 @@ func SiteStatusFromWire(s *meshfedv1.SiteStatus) catalog.Site {
 	out.ConnectedSince = timeOf(s.GetConnectedSince())
 	out.Services = int(s.GetServices())
 	out.Endpoints = int(s.GetEndpoints())
+	out.Gossip = s.GetGossip()
 	if src := s.GetSource(); src != nil {
 		out.Source = "ok"
 		if !src.GetHealthy() {

@@ -111,6 +111,8 @@ func CheckResource(r *meshfedv1.Resource) error {
 		want = SourceStatusResource(b.SourceStatus)
 	case *meshfedv1.Resource_Policy:
 		want = PolicyResource(b.Policy)
+	case *meshfedv1.Resource_GossipKeyring:
+		want = GossipKeyringResource(b.GossipKeyring)
 	default:
 		return fmt.Errorf("resource %q has no body", r.GetKey())
 	}
@@ -142,3 +144,12 @@ func KeySite(key string) string {
 
 // OwnedBy reports whether site's spoke owns key.
 func OwnedBy(key, site string) bool { return KeySite(key) == site }
+
+// GossipKeyringKey is the resource key of the WAN gossip keyring
+// (hub-owned).
+const GossipKeyringKey = "gossip/keyring"
+
+// GossipKeyringResource wraps the gossip keyring as a versioned resource.
+func GossipKeyringResource(k *meshfedv1.GossipKeyring) *meshfedv1.Resource {
+	return &meshfedv1.Resource{Key: GossipKeyringKey, Version: Version(k), Body: &meshfedv1.Resource_GossipKeyring{GossipKeyring: k}}
+}

@@ -1,5 +1,6 @@
-// Package gateway will hold the east-west gateway (`meshfed gateway`): TLS
+// Package gateway is the east-west gateway (`meshfed gateway`): TLS
 // passthrough by SNI to local endpoints of exported services, fed over xDS
-// by its spoke, never an open relay. It is not built yet; see the README's
-// "What works today".
+// by its spoke (the routing engine is the proxy's), never an open relay;
+// and the site's presence in the WAN gossip pool, whose failure tells every
+// other site to fail over.
 package gateway

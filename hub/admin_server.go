@@ -88,6 +88,9 @@ func (h *Hub) statusLocked(st *siteState) *meshfedv1.SiteStatus {
 	if r, ok := h.table.Get(federation.SourceStatusKey(st.rec.Site.Name)); ok {
 		out.Source = r.GetSourceStatus()
 	}
+	if h.pool != nil {
+		out.Gossip = h.pool.SiteStates()[st.rec.Site.Name]
+	}
 	return out
 }
 

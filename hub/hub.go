@@ -16,6 +16,7 @@ import (
 
 	meshfedv1 "github.com/meshfed/meshfed/api/meshfed/v1"
 	"github.com/meshfed/meshfed/federation"
+	"github.com/meshfed/meshfed/gossip"
 	"github.com/meshfed/meshfed/hubclient"
 	"github.com/meshfed/meshfed/store"
 	"github.com/meshfed/meshfed/telemetry"
@@ -52,6 +53,12 @@ type Options struct {
 	// authenticated as spiffe://<federation>/meshfed/hub) at
 	// https://ADDR/<trust-domain>. "" disables it.
 	BundleListen string
+	// GossipListen puts the hub in the WAN gossip pool as an observer, so
+	// `site list` shows the pool's view of each site. Empty: not in the pool.
+	GossipListen string
+	// GossipAdvertise is where pool members reach the hub; default
+	// GossipListen.
+	GossipAdvertise string
 	// SpokeCertTTL is how long a spoke certificate lives; spokes renew at
 	// half-life. Default 30 days.
 	SpokeCertTTL time.Duration
@@ -82,6 +89,8 @@ type Hub struct {
 	// watching cancels the refresh of each imported trust domain.
 	watching map[string]context.CancelFunc
 	runCtx   context.Context
+	// pool is the hub's membership in the WAN gossip pool, when enabled.
+	pool *gossip.Pool
 }
 
 // siteState is the hub's live view of one site.
@@ -153,6 +162,9 @@ func New(ctx context.Context, o Options) (*Hub, error) {
 		return nil, err
 	}
 	if err := h.load(ctx); err != nil {
+		return nil, err
+	}
+	if err := h.ensureGossipKeyring(ctx); err != nil {
 		return nil, err
 	}
 	h.grpcLn, err = net.Listen("tcp", o.Listen)
@@ -238,6 +250,9 @@ func (h *Hub) Run(ctx context.Context) error {
 	}
 	if h.bundleLn != nil {
 		g.Go(func() error { return h.serveBundles(ctx) })
+	}
+	if h.o.GossipListen != "" {
+		g.Go(func() error { return h.runGossip(ctx) })
 	}
 	g.Go(func() error {
 		if err := srv.Serve(h.grpcLn); err != nil && !errors.Is(err, grpc.ErrServerStopped) {

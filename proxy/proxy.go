@@ -57,6 +57,9 @@ type Options struct {
 	// there routes TLS connections by SNI, without decrypting, to local
 	// endpoints of exported services. No outbound or inbound listeners.
 	GatewayListen string
+	// OnGossip receives the SDS generic secret "gossip" (the WAN pool's
+	// keyring and seeds, JSON) whenever it changes; gateways only.
+	OnGossip func([]byte)
 	// HTTPListen serves /healthz, /readyz and /metrics; "-" disables.
 	HTTPListen string
 	// DrainTimeout bounds how long live connections may finish at shutdown.
@@ -72,7 +75,8 @@ type Proxy struct {
 	m    *metrics
 	tele *telemetry.Server
 
-	cfg atomic.Pointer[config]
+	cfg    atomic.Pointer[config]
+	gossip []byte
 
 	mu        sync.Mutex
 	listeners map[string]*runningListener
@@ -205,7 +209,11 @@ func (p *Proxy) Run(ctx context.Context) error {
 		return fmt.Errorf("proxy: dial spoke xDS %s: %w", p.o.XDS, err)
 	}
 	defer conn.Close()
-	xc := &xdsClient{conn: conn, node: p.node(), log: p.log, update: p.apply, onNack: func(typ string) { p.m.nacks.WithLabelValues(typ).Inc() }}
+	xc := &xdsClient{conn: conn, node: p.node(), log: p.log, update: p.apply, onNack: func(typ string) { p.m.nacks.WithLabelValues(typ).Inc() },
+		secrets: []string{"default", "federation"}}
+	if p.o.GatewayListen != "" {
+		xc.secrets = append(xc.secrets, "gossip")
+	}
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return xc.run(gctx) })
 	g.Go(func() error { return p.o.Identity.Run(gctx) })
@@ -250,6 +258,10 @@ func (p *Proxy) apply(r *resources) error {
 	if err != nil {
 		p.m.nacks.WithLabelValues("config").Inc()
 		return err
+	}
+	if g := r.secrets["gossip"].GetGenericSecret().GetSecret().GetInlineBytes(); g != nil && p.o.OnGossip != nil && string(g) != string(p.gossip) {
+		p.gossip = g
+		p.o.OnGossip(g)
 	}
 	p.mu.Lock()
 	defer p.mu.Unlock()

@@ -36,6 +36,8 @@ type xdsClient struct {
 	log    *slog.Logger
 	update func(*resources) error
 	onNack func(typ string)
+	// secrets are the SDS names to ask for: all the spoke may send.
+	secrets []string
 }
 
 func (c *xdsClient) run(ctx context.Context) error {
@@ -77,7 +79,7 @@ func (c *xdsClient) session(ctx context.Context) error {
 	}
 	state := map[string]*typeState{
 		resource.ListenerType: {}, resource.ClusterType: {},
-		resource.SecretType: {names: []string{"default", "federation"}}, resource.EndpointType: {},
+		resource.SecretType: {names: c.secrets}, resource.EndpointType: {},
 	}
 	send := func(typ string, nack *status.Status) error {
 		st := state[typ]
@@ -200,8 +202,8 @@ func decode(r *resources, typ string, resp *discoveryv3.DiscoveryResponse) error
 		return err
 	case resource.SecretType:
 		m, err := unpackAll[*tlsv3.Secret](resp, func() *tlsv3.Secret { return &tlsv3.Secret{} })
-		for k, v := range m {
-			r.secrets[k] = v
+		if err == nil {
+			r.secrets = m
 		}
 		return err
 	}

@@ -2,6 +2,11 @@ package spoke
 
 import (
 	"context"
+	"fmt"
+	"time"
+
+	meshfedv1 "github.com/meshfed/meshfed/api/meshfed/v1"
+	"github.com/meshfed/meshfed/gossip"
 
 	"github.com/meshfed/meshfed/catalog"
 	"github.com/meshfed/meshfed/federation"
@@ -22,6 +27,12 @@ func (s *Spoke) xdsCatalog() *xds.Catalog {
 	}
 	for _, site := range snap.Sites {
 		c.Sites[site.Name] = site
+	}
+	if pool := s.pool.Load(); pool != nil {
+		c.Down = pool.Down()
+		if r, ok := s.view.table.Get(federation.GossipKeyringKey); ok {
+			c.Gossip = &xds.Gossip{Keyring: federation.KeyringFromWire(r.GetGossipKeyring()), Seeds: append([]string{pool.Addr()}, federation.GossipSeeds(s.view.table, s.o.Site)...)}
+		}
 	}
 	for _, r := range s.view.table.List("policy/") {
 		p := federation.PolicyFromWire(r.GetPolicy())
@@ -47,5 +58,56 @@ func (s *Spoke) watchCatalog(ctx context.Context) error {
 			local.Take(1 << 30)
 		}
 		s.xds.Changed()
+	}
+}
+
+// runGossip takes part in the WAN gossip pool once the hub's keyring is in
+// the view (it is kept there, so a restart joins without the hub): it
+// publishes the spoke's address for other sites to join through, follows
+// key rotations, and rebuilds EDS when a site's gateways die or return.
+func (s *Spoke) runGossip(ctx context.Context) error {
+	t := time.NewTicker(time.Second)
+	defer t.Stop()
+	var keyring *meshfedv1.GossipKeyring
+	for keyring == nil {
+		if r, ok := s.view.table.Get(federation.GossipKeyringKey); ok {
+			keyring = r.GetGossipKeyring()
+			break
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+		}
+	}
+	pool, err := gossip.New(gossip.Options{
+		Name: s.o.Site + "/spoke", Site: s.o.Site, Role: gossip.RoleSpoke,
+		Bind: s.o.GossipListen, Advertise: s.o.GossipAdvertise,
+		Keys: federation.KeyringFromWire(keyring), Logger: s.log,
+		OnChange: func() {
+			if s.xds != nil {
+				s.xds.Changed()
+			}
+		},
+	})
+	if err != nil {
+		return fmt.Errorf("spoke: %w", err)
+	}
+	s.pool.Store(pool)
+	s.local.SetGossipAddresses([]string{pool.Addr()})
+	done := make(chan error, 1)
+	go func() { done <- pool.Run(ctx) }()
+	for {
+		pool.SetSeeds(federation.GossipSeeds(s.view.table, s.o.Site))
+		if r, ok := s.view.table.Get(federation.GossipKeyringKey); ok {
+			if err := pool.SetKeys(federation.KeyringFromWire(r.GetGossipKeyring())); err != nil {
+				s.log.Error("could not apply the gossip keyring", "err", err)
+			}
+		}
+		select {
+		case err := <-done:
+			return err
+		case <-t.C:
+		}
 	}
 }

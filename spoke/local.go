@@ -70,10 +70,26 @@ func (l *Local) Services() []catalog.Service {
 func (l *Local) SetSourceStatus(healthy bool, message string) {
 	key := federation.SourceStatusKey(l.site)
 	since := timestamppb.Now()
-	if r, ok := l.table.Get(key); ok && r.GetSourceStatus().GetHealthy() == healthy {
-		since = r.GetSourceStatus().GetSince()
+	var gossip []string
+	if r, ok := l.table.Get(key); ok {
+		if r.GetSourceStatus().GetHealthy() == healthy {
+			since = r.GetSourceStatus().GetSince()
+		}
+		gossip = r.GetSourceStatus().GetGossipAddresses()
 	}
-	l.table.Put(federation.SourceStatusResource(&meshfedv1.SourceStatus{Site: l.site, Healthy: healthy, Message: message, Since: since}))
+	l.table.Put(federation.SourceStatusResource(&meshfedv1.SourceStatus{Site: l.site, Healthy: healthy, Message: message, Since: since, GossipAddresses: gossip}))
+}
+
+// SetGossipAddresses publishes where the spoke takes part in the WAN
+// gossip pool, in the site's status record.
+func (l *Local) SetGossipAddresses(addrs []string) {
+	key := federation.SourceStatusKey(l.site)
+	st := &meshfedv1.SourceStatus{Site: l.site, Healthy: true, Since: timestamppb.Now()}
+	if r, ok := l.table.Get(key); ok {
+		st = r.GetSourceStatus()
+	}
+	st.GossipAddresses = addrs
+	l.table.Put(federation.SourceStatusResource(st))
 }
 
 // RunsOn reports whether an endpoint with identity id runs on node.

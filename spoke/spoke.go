@@ -19,6 +19,7 @@ import (
 	meshfedv1 "github.com/meshfed/meshfed/api/meshfed/v1"
 	"github.com/meshfed/meshfed/catalog"
 	"github.com/meshfed/meshfed/federation"
+	"github.com/meshfed/meshfed/gossip"
 	"github.com/meshfed/meshfed/hubclient"
 	"github.com/meshfed/meshfed/spoke/xds"
 	"github.com/meshfed/meshfed/telemetry"
@@ -67,6 +68,12 @@ type Options struct {
 	// XDSListen serves xDS (ADS) to the site's proxies, Envoys and
 	// proxyless gRPC clients. Default "127.0.0.1:7182"; "-" disables.
 	XDSListen string
+	// GossipListen joins the WAN gossip pool here (UDP and TCP), once the
+	// hub has sent the keyring. Empty: not in the pool.
+	GossipListen string
+	// GossipAdvertise is where other members reach this spoke; default
+	// GossipListen.
+	GossipAdvertise string
 	// MaxBackoff caps the wait between reconnects. Default 5s.
 	MaxBackoff time.Duration
 	Logger     *slog.Logger
@@ -85,6 +92,7 @@ type Spoke struct {
 	tele      *telemetry.Server
 	idLn      net.Listener
 	xds       *xds.Server
+	pool      atomic.Pointer[gossip.Pool]
 	connected atomic.Bool
 }
 
@@ -245,6 +253,9 @@ func (s *Spoke) Run(ctx context.Context) error {
 	g.Go(func() error { return s.caLoop(ctx) })
 	if s.tele != nil {
 		g.Go(func() error { return s.tele.Run(ctx) })
+	}
+	if s.o.GossipListen != "" {
+		g.Go(func() error { return s.runGossip(ctx) })
 	}
 	if s.xds != nil {
 		g.Go(func() error { return s.xds.Run(ctx) })

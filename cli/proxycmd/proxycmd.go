@@ -3,6 +3,7 @@
 package proxycmd
 
 import (
+	"context"
 	"fmt"
 	"io"
 	"log/slog"
@@ -19,6 +20,7 @@ import (
 	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 	httpv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/upstreams/http/v3"
 	"github.com/meshfed/meshfed/catalog"
+	"github.com/meshfed/meshfed/gateway"
 	"github.com/meshfed/meshfed/identityclient"
 	"github.com/meshfed/meshfed/proxy"
 	"github.com/spf13/cobra"
@@ -94,14 +96,7 @@ configuration over xDS and carries its workload's traffic with mTLS:
 			if err != nil {
 				return err
 			}
-			if ido.Token == "" {
-				ido.Token = os.Getenv("MESHFED_TOKEN")
-			}
-			if ido.Token == "" {
-				return fmt.Errorf("--token (or MESHFED_TOKEN) is required: create one with `meshfed vm token create --site SITE --node NODE`")
-			}
-			ido.Logger = logger()
-			id, err := identityclient.New(ctx, ido)
+			id, err := attest(ctx, ido, logger())
 			if err != nil {
 				return err
 			}
@@ -116,13 +111,76 @@ configuration over xDS and carries its workload's traffic with mTLS:
 		},
 	}
 	pf.register(cmd)
+	identityFlags(cmd, &ido, &o, "127.0.0.1:15090")
+	cmd.Flags().StringVar(&ido.Workload, "workload", "", "run as this workload's SPIFFE ID (the host must run one of its endpoints); default: the node's ID")
+	cmd.AddCommand(newBootstrapCmd(out))
+	return cmd
+}
+
+// identityFlags registers what the proxy and the gateway share: how they
+// attest, and their HTTP and drain settings.
+func identityFlags(cmd *cobra.Command, ido *identityclient.Options, o *proxy.Options, httpDefault string) {
 	f := cmd.Flags()
 	f.StringVar(&ido.Addr, "identity", "127.0.0.1:7181", "the spoke's identity (SVID) API")
 	f.StringVar(&ido.Token, "token", "", "one-time node token from `meshfed vm token create` (or MESHFED_TOKEN)")
-	f.StringVar(&ido.Workload, "workload", "", "run as this workload's SPIFFE ID (the host must run one of its endpoints); default: the node's ID")
-	f.StringVar(&o.HTTPListen, "http-listen", "127.0.0.1:15090", "address for /healthz, /readyz and /metrics (- disables)")
+	f.StringVar(&o.HTTPListen, "http-listen", httpDefault, "address for /healthz, /readyz and /metrics (- disables)")
 	f.DurationVar(&o.DrainTimeout, "drain-timeout", 10*time.Second, "how long live connections may finish after SIGTERM")
-	cmd.AddCommand(newBootstrapCmd(out))
+}
+
+// attest gets the process's SVID from its spoke with a node token.
+func attest(ctx context.Context, ido identityclient.Options, log *slog.Logger) (*identityclient.Client, error) {
+	if ido.Token == "" {
+		ido.Token = os.Getenv("MESHFED_TOKEN")
+	}
+	if ido.Token == "" {
+		return nil, fmt.Errorf("--token (or MESHFED_TOKEN) is required: create one with `meshfed vm token create --site SITE --node NODE`")
+	}
+	ido.Logger = log
+	return identityclient.New(ctx, ido)
+}
+
+// NewGateway returns the gateway command.
+func NewGateway(logger func() *slog.Logger) *cobra.Command {
+	var o gateway.Options
+	var ido identityclient.Options
+	var xdsAddr string
+	cmd := &cobra.Command{
+		Use:   "gateway --site SITE",
+		Short: "Run the site's east-west gateway: TLS passthrough by SNI to exported services, never an open relay",
+		Long: `The gateway reads the server name (SNI) of each TLS connection from its
+ClientHello without decrypting it, and passes the connection to a healthy
+local endpoint of the exported service that name stands for
+([<subset>.]<port>.<name>.<namespace>.<site>.<federation>). Any other name, a
+malformed or oversized hello, or one that does not arrive within 5s is
+refused and counted. It takes its routes from its spoke over xDS and, with
+--gossip-listen, joins the WAN gossip pool so other sites stop sending
+traffic here within about a second of its death. SIGTERM: it leaves the
+pool, stops accepting, and lets live connections finish (--drain-timeout).`,
+		Example: `  meshfed gateway --site east --listen :15443 --identity 10.0.0.2:7181 --xds 10.0.0.2:7182 \
+    --token "$NODE_TOKEN" --gossip-listen :7947`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			ctx := cmd.Context()
+			id, err := attest(ctx, ido, logger())
+			if err != nil {
+				return err
+			}
+			o.Proxy.XDS, o.Proxy.Identity, o.Logger = xdsAddr, id, logger()
+			g, err := gateway.New(o)
+			if err != nil {
+				return err
+			}
+			return g.Run(ctx)
+		},
+	}
+	identityFlags(cmd, &ido, &o.Proxy, "127.0.0.1:15091")
+	f := cmd.Flags()
+	f.StringVar(&o.Site, "site", "", "the gateway's site (required)")
+	f.StringVar(&o.Listen, "listen", ":15443", "where other sites connect: what the site's --gateway-address leads to")
+	f.StringVar(&xdsAddr, "xds", "127.0.0.1:7182", "the spoke's xDS address")
+	f.StringVar(&o.GossipListen, "gossip-listen", "", "join the WAN gossip pool here (UDP and TCP), e.g. :7947")
+	f.StringVar(&o.GossipAdvertise, "gossip-advertise", "", "where pool members reach this gateway (default --gossip-listen)")
+	_ = cmd.MarkFlagRequired("site")
 	return cmd
 }
 

@@ -25,6 +25,7 @@ import (
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/wellknown"
 	"github.com/meshfed/meshfed/catalog"
+	"github.com/meshfed/meshfed/gossip"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
 	"google.golang.org/protobuf/types/known/durationpb"
@@ -63,6 +64,16 @@ type Catalog struct {
 	// Down marks sites whose gateways are known dead (WAN gossip): their
 	// endpoints are unhealthy whatever the catalog says.
 	Down map[string]bool
+	// Gossip is what the site's gateways need to join the WAN pool; nil
+	// while the spoke is not in it.
+	Gossip *Gossip
+}
+
+// Gossip is the pool's keyring and where to join it, sent to gateways as
+// the SDS generic secret "gossip" (JSON).
+type Gossip struct {
+	Keyring gossip.Keyring `json:"keyring"`
+	Seeds   []string       `json:"seeds"`
 }
 
 // Node is one xDS client as it describes itself.
@@ -101,6 +112,7 @@ func Build(c *Catalog, n Node, svid SVID) map[resource.Type][]types.Resource {
 	if n.GatewayListen != "" {
 		b.gateway()
 		b.secrets(svid)
+		b.gossipSecret()
 		return b.out
 	}
 	b.outbound()

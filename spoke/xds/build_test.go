@@ -1,8 +1,8 @@
 package xds
 
 import (
-	"net/netip"
 	"fmt"
+	"net/netip"
 	"testing"
 
 	endpointv3 "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"

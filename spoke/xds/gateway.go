@@ -1,6 +1,7 @@
 package xds
 
 import (
+	"encoding/json"
 	"net"
 	"sort"
 	"strconv"
@@ -10,6 +11,7 @@ import (
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	tlsinspectorv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/listener/tls_inspector/v3"
 	tcpv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/tcp_proxy/v3"
+	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/wellknown"
 	"github.com/meshfed/meshfed/catalog"
@@ -85,3 +87,18 @@ func (b *builder) gateway() {
 	b.add(resource.ListenerType, l)
 }
 
+// SecretGossip is the gateway's generic secret with the gossip keyring.
+const SecretGossip = "gossip"
+
+func (b *builder) gossipSecret() {
+	if b.c.Gossip == nil {
+		return
+	}
+	js, err := json.Marshal(b.c.Gossip)
+	if err != nil {
+		return
+	}
+	b.add(resource.SecretType, &tlsv3.Secret{Name: SecretGossip, Type: &tlsv3.Secret_GenericSecret{GenericSecret: &tlsv3.GenericSecret{
+		Secret: &corev3.DataSource{Specifier: &corev3.DataSource_InlineBytes{InlineBytes: js}},
+	}}})
+}

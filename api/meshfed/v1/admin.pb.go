@@ -1101,6 +1101,103 @@ func (*DeletePolicyResponse) Descriptor() ([]byte, []int) {
 	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{22}
 }
 
+type RotateGossipKeyRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// delay before the new key encrypts; 0 means 30s.
+	Delay         *durationpb.Duration `protobuf:"bytes,1,opt,name=delay,proto3" json:"delay,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RotateGossipKeyRequest) Reset() {
+	*x = RotateGossipKeyRequest{}
+	mi := &file_meshfed_v1_admin_proto_msgTypes[23]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RotateGossipKeyRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RotateGossipKeyRequest) ProtoMessage() {}
+
+func (x *RotateGossipKeyRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_meshfed_v1_admin_proto_msgTypes[23]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RotateGossipKeyRequest.ProtoReflect.Descriptor instead.
+func (*RotateGossipKeyRequest) Descriptor() ([]byte, []int) {
+	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{23}
+}
+
+func (x *RotateGossipKeyRequest) GetDelay() *durationpb.Duration {
+	if x != nil {
+		return x.Delay
+	}
+	return nil
+}
+
+type RotateGossipKeyResponse struct {
+	state          protoimpl.MessageState `protogen:"open.v1"`
+	Keys           uint32                 `protobuf:"varint,1,opt,name=keys,proto3" json:"keys,omitempty"`
+	UseNewestAfter *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=use_newest_after,json=useNewestAfter,proto3" json:"use_newest_after,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *RotateGossipKeyResponse) Reset() {
+	*x = RotateGossipKeyResponse{}
+	mi := &file_meshfed_v1_admin_proto_msgTypes[24]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RotateGossipKeyResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RotateGossipKeyResponse) ProtoMessage() {}
+
+func (x *RotateGossipKeyResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_meshfed_v1_admin_proto_msgTypes[24]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RotateGossipKeyResponse.ProtoReflect.Descriptor instead.
+func (*RotateGossipKeyResponse) Descriptor() ([]byte, []int) {
+	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{24}
+}
+
+func (x *RotateGossipKeyResponse) GetKeys() uint32 {
+	if x != nil {
+		return x.Keys
+	}
+	return 0
+}
+
+func (x *RotateGossipKeyResponse) GetUseNewestAfter() *timestamppb.Timestamp {
+	if x != nil {
+		return x.UseNewestAfter
+	}
+	return nil
+}
+
 var File_meshfed_v1_admin_proto protoreflect.FileDescriptor
 
 const file_meshfed_v1_admin_proto_rawDesc = "" +
@@ -1161,7 +1258,12 @@ const file_meshfed_v1_admin_proto_rawDesc = "" +
 	"\x13DeletePolicyRequest\x12\x1c\n" +
 	"\tnamespace\x18\x01 \x01(\tR\tnamespace\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\"\x16\n" +
-	"\x14DeletePolicyResponse2\xda\a\n" +
+	"\x14DeletePolicyResponse\"I\n" +
+	"\x16RotateGossipKeyRequest\x12/\n" +
+	"\x05delay\x18\x01 \x01(\v2\x19.google.protobuf.DurationR\x05delay\"s\n" +
+	"\x17RotateGossipKeyResponse\x12\x12\n" +
+	"\x04keys\x18\x01 \x01(\rR\x04keys\x12D\n" +
+	"\x10use_newest_after\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\x0euseNewestAfter2\xb6\b\n" +
 	"\x05Admin\x12=\n" +
 	"\aAddSite\x12\x1a.meshfed.v1.AddSiteRequest\x1a\x16.meshfed.v1.SiteStatus\x12H\n" +
 	"\tListSites\x12\x1c.meshfed.v1.ListSitesRequest\x1a\x1d.meshfed.v1.ListSitesResponse\x12=\n" +
@@ -1177,7 +1279,8 @@ const file_meshfed_v1_admin_proto_rawDesc = "" +
 	"\bRotateCA\x12\x1b.meshfed.v1.RotateCARequest\x1a\x1c.meshfed.v1.RotateCAResponse\x12H\n" +
 	"\vApplyPolicy\x12\x1e.meshfed.v1.ApplyPolicyRequest\x1a\x19.meshfed.v1.TrafficPolicy\x12Q\n" +
 	"\fListPolicies\x12\x1f.meshfed.v1.ListPoliciesRequest\x1a .meshfed.v1.ListPoliciesResponse\x12Q\n" +
-	"\fDeletePolicy\x12\x1f.meshfed.v1.DeletePolicyRequest\x1a .meshfed.v1.DeletePolicyResponseB5Z3github.com/meshfed/meshfed/api/meshfed/v1;meshfedv1b\x06proto3"
+	"\fDeletePolicy\x12\x1f.meshfed.v1.DeletePolicyRequest\x1a .meshfed.v1.DeletePolicyResponse\x12Z\n" +
+	"\x0fRotateGossipKey\x12\".meshfed.v1.RotateGossipKeyRequest\x1a#.meshfed.v1.RotateGossipKeyResponseB5Z3github.com/meshfed/meshfed/api/meshfed/v1;meshfedv1b\x06proto3"
 
 var (
 	file_meshfed_v1_admin_proto_rawDescOnce sync.Once
@@ -1191,83 +1294,89 @@ func file_meshfed_v1_admin_proto_rawDescGZIP() []byte {
 	return file_meshfed_v1_admin_proto_rawDescData
 }
 
-var file_meshfed_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 23)
+var file_meshfed_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 25)
 var file_meshfed_v1_admin_proto_goTypes = []any{
-	(*RotateCARequest)(nil),       // 0: meshfed.v1.RotateCARequest
-	(*RotateCAResponse)(nil),      // 1: meshfed.v1.RotateCAResponse
-	(*AddSiteRequest)(nil),        // 2: meshfed.v1.AddSiteRequest
-	(*ListSitesRequest)(nil),      // 3: meshfed.v1.ListSitesRequest
-	(*ListSitesResponse)(nil),     // 4: meshfed.v1.ListSitesResponse
-	(*GetSiteRequest)(nil),        // 5: meshfed.v1.GetSiteRequest
-	(*RemoveSiteRequest)(nil),     // 6: meshfed.v1.RemoveSiteRequest
-	(*RemoveSiteResponse)(nil),    // 7: meshfed.v1.RemoveSiteResponse
-	(*CreateTokenRequest)(nil),    // 8: meshfed.v1.CreateTokenRequest
-	(*CreateTokenResponse)(nil),   // 9: meshfed.v1.CreateTokenResponse
-	(*ListServicesRequest)(nil),   // 10: meshfed.v1.ListServicesRequest
-	(*ListServicesResponse)(nil),  // 11: meshfed.v1.ListServicesResponse
-	(*GetServiceRequest)(nil),     // 12: meshfed.v1.GetServiceRequest
-	(*GetServiceResponse)(nil),    // 13: meshfed.v1.GetServiceResponse
-	(*ListBundlesRequest)(nil),    // 14: meshfed.v1.ListBundlesRequest
-	(*ListBundlesResponse)(nil),   // 15: meshfed.v1.ListBundlesResponse
-	(*FederateRequest)(nil),       // 16: meshfed.v1.FederateRequest
-	(*FederateResponse)(nil),      // 17: meshfed.v1.FederateResponse
-	(*ApplyPolicyRequest)(nil),    // 18: meshfed.v1.ApplyPolicyRequest
-	(*ListPoliciesRequest)(nil),   // 19: meshfed.v1.ListPoliciesRequest
-	(*ListPoliciesResponse)(nil),  // 20: meshfed.v1.ListPoliciesResponse
-	(*DeletePolicyRequest)(nil),   // 21: meshfed.v1.DeletePolicyRequest
-	(*DeletePolicyResponse)(nil),  // 22: meshfed.v1.DeletePolicyResponse
-	(*Site)(nil),                  // 23: meshfed.v1.Site
-	(*SiteStatus)(nil),            // 24: meshfed.v1.SiteStatus
-	(*durationpb.Duration)(nil),   // 25: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil), // 26: google.protobuf.Timestamp
-	(*Service)(nil),               // 27: meshfed.v1.Service
-	(*Bundle)(nil),                // 28: meshfed.v1.Bundle
-	(*TrafficPolicy)(nil),         // 29: meshfed.v1.TrafficPolicy
+	(*RotateCARequest)(nil),         // 0: meshfed.v1.RotateCARequest
+	(*RotateCAResponse)(nil),        // 1: meshfed.v1.RotateCAResponse
+	(*AddSiteRequest)(nil),          // 2: meshfed.v1.AddSiteRequest
+	(*ListSitesRequest)(nil),        // 3: meshfed.v1.ListSitesRequest
+	(*ListSitesResponse)(nil),       // 4: meshfed.v1.ListSitesResponse
+	(*GetSiteRequest)(nil),          // 5: meshfed.v1.GetSiteRequest
+	(*RemoveSiteRequest)(nil),       // 6: meshfed.v1.RemoveSiteRequest
+	(*RemoveSiteResponse)(nil),      // 7: meshfed.v1.RemoveSiteResponse
+	(*CreateTokenRequest)(nil),      // 8: meshfed.v1.CreateTokenRequest
+	(*CreateTokenResponse)(nil),     // 9: meshfed.v1.CreateTokenResponse
+	(*ListServicesRequest)(nil),     // 10: meshfed.v1.ListServicesRequest
+	(*ListServicesResponse)(nil),    // 11: meshfed.v1.ListServicesResponse
+	(*GetServiceRequest)(nil),       // 12: meshfed.v1.GetServiceRequest
+	(*GetServiceResponse)(nil),      // 13: meshfed.v1.GetServiceResponse
+	(*ListBundlesRequest)(nil),      // 14: meshfed.v1.ListBundlesRequest
+	(*ListBundlesResponse)(nil),     // 15: meshfed.v1.ListBundlesResponse
+	(*FederateRequest)(nil),         // 16: meshfed.v1.FederateRequest
+	(*FederateResponse)(nil),        // 17: meshfed.v1.FederateResponse
+	(*ApplyPolicyRequest)(nil),      // 18: meshfed.v1.ApplyPolicyRequest
+	(*ListPoliciesRequest)(nil),     // 19: meshfed.v1.ListPoliciesRequest
+	(*ListPoliciesResponse)(nil),    // 20: meshfed.v1.ListPoliciesResponse
+	(*DeletePolicyRequest)(nil),     // 21: meshfed.v1.DeletePolicyRequest
+	(*DeletePolicyResponse)(nil),    // 22: meshfed.v1.DeletePolicyResponse
+	(*RotateGossipKeyRequest)(nil),  // 23: meshfed.v1.RotateGossipKeyRequest
+	(*RotateGossipKeyResponse)(nil), // 24: meshfed.v1.RotateGossipKeyResponse
+	(*Site)(nil),                    // 25: meshfed.v1.Site
+	(*SiteStatus)(nil),              // 26: meshfed.v1.SiteStatus
+	(*durationpb.Duration)(nil),     // 27: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil),   // 28: google.protobuf.Timestamp
+	(*Service)(nil),                 // 29: meshfed.v1.Service
+	(*Bundle)(nil),                  // 30: meshfed.v1.Bundle
+	(*TrafficPolicy)(nil),           // 31: meshfed.v1.TrafficPolicy
 }
 var file_meshfed_v1_admin_proto_depIdxs = []int32{
-	23, // 0: meshfed.v1.AddSiteRequest.site:type_name -> meshfed.v1.Site
-	24, // 1: meshfed.v1.ListSitesResponse.sites:type_name -> meshfed.v1.SiteStatus
-	25, // 2: meshfed.v1.CreateTokenRequest.ttl:type_name -> google.protobuf.Duration
-	26, // 3: meshfed.v1.CreateTokenResponse.expires:type_name -> google.protobuf.Timestamp
-	27, // 4: meshfed.v1.ListServicesResponse.services:type_name -> meshfed.v1.Service
-	27, // 5: meshfed.v1.GetServiceResponse.services:type_name -> meshfed.v1.Service
-	23, // 6: meshfed.v1.GetServiceResponse.sites:type_name -> meshfed.v1.Site
-	28, // 7: meshfed.v1.ListBundlesResponse.bundles:type_name -> meshfed.v1.Bundle
-	28, // 8: meshfed.v1.ListBundlesResponse.federation_bundle:type_name -> meshfed.v1.Bundle
-	28, // 9: meshfed.v1.FederateResponse.bundle:type_name -> meshfed.v1.Bundle
-	29, // 10: meshfed.v1.ApplyPolicyRequest.policy:type_name -> meshfed.v1.TrafficPolicy
-	29, // 11: meshfed.v1.ListPoliciesResponse.policies:type_name -> meshfed.v1.TrafficPolicy
-	2,  // 12: meshfed.v1.Admin.AddSite:input_type -> meshfed.v1.AddSiteRequest
-	3,  // 13: meshfed.v1.Admin.ListSites:input_type -> meshfed.v1.ListSitesRequest
-	5,  // 14: meshfed.v1.Admin.GetSite:input_type -> meshfed.v1.GetSiteRequest
-	6,  // 15: meshfed.v1.Admin.RemoveSite:input_type -> meshfed.v1.RemoveSiteRequest
-	8,  // 16: meshfed.v1.Admin.CreateToken:input_type -> meshfed.v1.CreateTokenRequest
-	10, // 17: meshfed.v1.Admin.ListServices:input_type -> meshfed.v1.ListServicesRequest
-	12, // 18: meshfed.v1.Admin.GetService:input_type -> meshfed.v1.GetServiceRequest
-	14, // 19: meshfed.v1.Admin.ListBundles:input_type -> meshfed.v1.ListBundlesRequest
-	16, // 20: meshfed.v1.Admin.Federate:input_type -> meshfed.v1.FederateRequest
-	0,  // 21: meshfed.v1.Admin.RotateCA:input_type -> meshfed.v1.RotateCARequest
-	18, // 22: meshfed.v1.Admin.ApplyPolicy:input_type -> meshfed.v1.ApplyPolicyRequest
-	19, // 23: meshfed.v1.Admin.ListPolicies:input_type -> meshfed.v1.ListPoliciesRequest
-	21, // 24: meshfed.v1.Admin.DeletePolicy:input_type -> meshfed.v1.DeletePolicyRequest
-	24, // 25: meshfed.v1.Admin.AddSite:output_type -> meshfed.v1.SiteStatus
-	4,  // 26: meshfed.v1.Admin.ListSites:output_type -> meshfed.v1.ListSitesResponse
-	24, // 27: meshfed.v1.Admin.GetSite:output_type -> meshfed.v1.SiteStatus
-	7,  // 28: meshfed.v1.Admin.RemoveSite:output_type -> meshfed.v1.RemoveSiteResponse
-	9,  // 29: meshfed.v1.Admin.CreateToken:output_type -> meshfed.v1.CreateTokenResponse
-	11, // 30: meshfed.v1.Admin.ListServices:output_type -> meshfed.v1.ListServicesResponse
-	13, // 31: meshfed.v1.Admin.GetService:output_type -> meshfed.v1.GetServiceResponse
-	15, // 32: meshfed.v1.Admin.ListBundles:output_type -> meshfed.v1.ListBundlesResponse
-	17, // 33: meshfed.v1.Admin.Federate:output_type -> meshfed.v1.FederateResponse
-	1,  // 34: meshfed.v1.Admin.RotateCA:output_type -> meshfed.v1.RotateCAResponse
-	29, // 35: meshfed.v1.Admin.ApplyPolicy:output_type -> meshfed.v1.TrafficPolicy
-	20, // 36: meshfed.v1.Admin.ListPolicies:output_type -> meshfed.v1.ListPoliciesResponse
-	22, // 37: meshfed.v1.Admin.DeletePolicy:output_type -> meshfed.v1.DeletePolicyResponse
-	25, // [25:38] is the sub-list for method output_type
-	12, // [12:25] is the sub-list for method input_type
-	12, // [12:12] is the sub-list for extension type_name
-	12, // [12:12] is the sub-list for extension extendee
-	0,  // [0:12] is the sub-list for field type_name
+	25, // 0: meshfed.v1.AddSiteRequest.site:type_name -> meshfed.v1.Site
+	26, // 1: meshfed.v1.ListSitesResponse.sites:type_name -> meshfed.v1.SiteStatus
+	27, // 2: meshfed.v1.CreateTokenRequest.ttl:type_name -> google.protobuf.Duration
+	28, // 3: meshfed.v1.CreateTokenResponse.expires:type_name -> google.protobuf.Timestamp
+	29, // 4: meshfed.v1.ListServicesResponse.services:type_name -> meshfed.v1.Service
+	29, // 5: meshfed.v1.GetServiceResponse.services:type_name -> meshfed.v1.Service
+	25, // 6: meshfed.v1.GetServiceResponse.sites:type_name -> meshfed.v1.Site
+	30, // 7: meshfed.v1.ListBundlesResponse.bundles:type_name -> meshfed.v1.Bundle
+	30, // 8: meshfed.v1.ListBundlesResponse.federation_bundle:type_name -> meshfed.v1.Bundle
+	30, // 9: meshfed.v1.FederateResponse.bundle:type_name -> meshfed.v1.Bundle
+	31, // 10: meshfed.v1.ApplyPolicyRequest.policy:type_name -> meshfed.v1.TrafficPolicy
+	31, // 11: meshfed.v1.ListPoliciesResponse.policies:type_name -> meshfed.v1.TrafficPolicy
+	27, // 12: meshfed.v1.RotateGossipKeyRequest.delay:type_name -> google.protobuf.Duration
+	28, // 13: meshfed.v1.RotateGossipKeyResponse.use_newest_after:type_name -> google.protobuf.Timestamp
+	2,  // 14: meshfed.v1.Admin.AddSite:input_type -> meshfed.v1.AddSiteRequest
+	3,  // 15: meshfed.v1.Admin.ListSites:input_type -> meshfed.v1.ListSitesRequest
+	5,  // 16: meshfed.v1.Admin.GetSite:input_type -> meshfed.v1.GetSiteRequest
+	6,  // 17: meshfed.v1.Admin.RemoveSite:input_type -> meshfed.v1.RemoveSiteRequest
+	8,  // 18: meshfed.v1.Admin.CreateToken:input_type -> meshfed.v1.CreateTokenRequest
+	10, // 19: meshfed.v1.Admin.ListServices:input_type -> meshfed.v1.ListServicesRequest
+	12, // 20: meshfed.v1.Admin.GetService:input_type -> meshfed.v1.GetServiceRequest
+	14, // 21: meshfed.v1.Admin.ListBundles:input_type -> meshfed.v1.ListBundlesRequest
+	16, // 22: meshfed.v1.Admin.Federate:input_type -> meshfed.v1.FederateRequest
+	0,  // 23: meshfed.v1.Admin.RotateCA:input_type -> meshfed.v1.RotateCARequest
+	18, // 24: meshfed.v1.Admin.ApplyPolicy:input_type -> meshfed.v1.ApplyPolicyRequest
+	19, // 25: meshfed.v1.Admin.ListPolicies:input_type -> meshfed.v1.ListPoliciesRequest
+	21, // 26: meshfed.v1.Admin.DeletePolicy:input_type -> meshfed.v1.DeletePolicyRequest
+	23, // 27: meshfed.v1.Admin.RotateGossipKey:input_type -> meshfed.v1.RotateGossipKeyRequest
+	26, // 28: meshfed.v1.Admin.AddSite:output_type -> meshfed.v1.SiteStatus
+	4,  // 29: meshfed.v1.Admin.ListSites:output_type -> meshfed.v1.ListSitesResponse
+	26, // 30: meshfed.v1.Admin.GetSite:output_type -> meshfed.v1.SiteStatus
+	7,  // 31: meshfed.v1.Admin.RemoveSite:output_type -> meshfed.v1.RemoveSiteResponse
+	9,  // 32: meshfed.v1.Admin.CreateToken:output_type -> meshfed.v1.CreateTokenResponse
+	11, // 33: meshfed.v1.Admin.ListServices:output_type -> meshfed.v1.ListServicesResponse
+	13, // 34: meshfed.v1.Admin.GetService:output_type -> meshfed.v1.GetServiceResponse
+	15, // 35: meshfed.v1.Admin.ListBundles:output_type -> meshfed.v1.ListBundlesResponse
+	17, // 36: meshfed.v1.Admin.Federate:output_type -> meshfed.v1.FederateResponse
+	1,  // 37: meshfed.v1.Admin.RotateCA:output_type -> meshfed.v1.RotateCAResponse
+	31, // 38: meshfed.v1.Admin.ApplyPolicy:output_type -> meshfed.v1.TrafficPolicy
+	20, // 39: meshfed.v1.Admin.ListPolicies:output_type -> meshfed.v1.ListPoliciesResponse
+	22, // 40: meshfed.v1.Admin.DeletePolicy:output_type -> meshfed.v1.DeletePolicyResponse
+	24, // 41: meshfed.v1.Admin.RotateGossipKey:output_type -> meshfed.v1.RotateGossipKeyResponse
+	28, // [28:42] is the sub-list for method output_type
+	14, // [14:28] is the sub-list for method input_type
+	14, // [14:14] is the sub-list for extension type_name
+	14, // [14:14] is the sub-list for extension extendee
+	0,  // [0:14] is the sub-list for field type_name
 }
 
 func init() { file_meshfed_v1_admin_proto_init() }
@@ -1282,7 +1391,7 @@ func file_meshfed_v1_admin_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_meshfed_v1_admin_proto_rawDesc), len(file_meshfed_v1_admin_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   23,
+			NumMessages:   25,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -19,19 +19,20 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	Admin_AddSite_FullMethodName      = "/meshfed.v1.Admin/AddSite"
-	Admin_ListSites_FullMethodName    = "/meshfed.v1.Admin/ListSites"
-	Admin_GetSite_FullMethodName      = "/meshfed.v1.Admin/GetSite"
-	Admin_RemoveSite_FullMethodName   = "/meshfed.v1.Admin/RemoveSite"
-	Admin_CreateToken_FullMethodName  = "/meshfed.v1.Admin/CreateToken"
-	Admin_ListServices_FullMethodName = "/meshfed.v1.Admin/ListServices"
-	Admin_GetService_FullMethodName   = "/meshfed.v1.Admin/GetService"
-	Admin_ListBundles_FullMethodName  = "/meshfed.v1.Admin/ListBundles"
-	Admin_Federate_FullMethodName     = "/meshfed.v1.Admin/Federate"
-	Admin_RotateCA_FullMethodName     = "/meshfed.v1.Admin/RotateCA"
-	Admin_ApplyPolicy_FullMethodName  = "/meshfed.v1.Admin/ApplyPolicy"
-	Admin_ListPolicies_FullMethodName = "/meshfed.v1.Admin/ListPolicies"
-	Admin_DeletePolicy_FullMethodName = "/meshfed.v1.Admin/DeletePolicy"
+	Admin_AddSite_FullMethodName         = "/meshfed.v1.Admin/AddSite"
+	Admin_ListSites_FullMethodName       = "/meshfed.v1.Admin/ListSites"
+	Admin_GetSite_FullMethodName         = "/meshfed.v1.Admin/GetSite"
+	Admin_RemoveSite_FullMethodName      = "/meshfed.v1.Admin/RemoveSite"
+	Admin_CreateToken_FullMethodName     = "/meshfed.v1.Admin/CreateToken"
+	Admin_ListServices_FullMethodName    = "/meshfed.v1.Admin/ListServices"
+	Admin_GetService_FullMethodName      = "/meshfed.v1.Admin/GetService"
+	Admin_ListBundles_FullMethodName     = "/meshfed.v1.Admin/ListBundles"
+	Admin_Federate_FullMethodName        = "/meshfed.v1.Admin/Federate"
+	Admin_RotateCA_FullMethodName        = "/meshfed.v1.Admin/RotateCA"
+	Admin_ApplyPolicy_FullMethodName     = "/meshfed.v1.Admin/ApplyPolicy"
+	Admin_ListPolicies_FullMethodName    = "/meshfed.v1.Admin/ListPolicies"
+	Admin_DeletePolicy_FullMethodName    = "/meshfed.v1.Admin/DeletePolicy"
+	Admin_RotateGossipKey_FullMethodName = "/meshfed.v1.Admin/RotateGossipKey"
 )
 
 // AdminClient is the client API for Admin service.
@@ -55,6 +56,8 @@ type AdminClient interface {
 	ApplyPolicy(ctx context.Context, in *ApplyPolicyRequest, opts ...grpc.CallOption) (*TrafficPolicy, error)
 	ListPolicies(ctx context.Context, in *ListPoliciesRequest, opts ...grpc.CallOption) (*ListPoliciesResponse, error)
 	DeletePolicy(ctx context.Context, in *DeletePolicyRequest, opts ...grpc.CallOption) (*DeletePolicyResponse, error)
+	// RotateGossipKey adds a new WAN gossip key; it encrypts after a delay.
+	RotateGossipKey(ctx context.Context, in *RotateGossipKeyRequest, opts ...grpc.CallOption) (*RotateGossipKeyResponse, error)
 }
 
 type adminClient struct {
@@ -195,6 +198,16 @@ func (c *adminClient) DeletePolicy(ctx context.Context, in *DeletePolicyRequest,
 	return out, nil
 }
 
+func (c *adminClient) RotateGossipKey(ctx context.Context, in *RotateGossipKeyRequest, opts ...grpc.CallOption) (*RotateGossipKeyResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(RotateGossipKeyResponse)
+	err := c.cc.Invoke(ctx, Admin_RotateGossipKey_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // AdminServer is the server API for Admin service.
 // All implementations must embed UnimplementedAdminServer
 // for forward compatibility.
@@ -216,6 +229,8 @@ type AdminServer interface {
 	ApplyPolicy(context.Context, *ApplyPolicyRequest) (*TrafficPolicy, error)
 	ListPolicies(context.Context, *ListPoliciesRequest) (*ListPoliciesResponse, error)
 	DeletePolicy(context.Context, *DeletePolicyRequest) (*DeletePolicyResponse, error)
+	// RotateGossipKey adds a new WAN gossip key; it encrypts after a delay.
+	RotateGossipKey(context.Context, *RotateGossipKeyRequest) (*RotateGossipKeyResponse, error)
 	mustEmbedUnimplementedAdminServer()
 }
 
@@ -264,6 +279,9 @@ func (UnimplementedAdminServer) ListPolicies(context.Context, *ListPoliciesReque
 }
 func (UnimplementedAdminServer) DeletePolicy(context.Context, *DeletePolicyRequest) (*DeletePolicyResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method DeletePolicy not implemented")
+}
+func (UnimplementedAdminServer) RotateGossipKey(context.Context, *RotateGossipKeyRequest) (*RotateGossipKeyResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method RotateGossipKey not implemented")
 }
 func (UnimplementedAdminServer) mustEmbedUnimplementedAdminServer() {}
 func (UnimplementedAdminServer) testEmbeddedByValue()               {}
@@ -520,6 +538,24 @@ func _Admin_DeletePolicy_Handler(srv interface{}, ctx context.Context, dec func(
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Admin_RotateGossipKey_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RotateGossipKeyRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).RotateGossipKey(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_RotateGossipKey_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).RotateGossipKey(ctx, req.(*RotateGossipKeyRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Admin_ServiceDesc is the grpc.ServiceDesc for Admin service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -578,6 +614,10 @@ var Admin_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "DeletePolicy",
 			Handler:    _Admin_DeletePolicy_Handler,
+		},
+		{
+			MethodName: "RotateGossipKey",
+			Handler:    _Admin_RotateGossipKey_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

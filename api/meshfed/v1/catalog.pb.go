@@ -533,8 +533,12 @@ type SiteStatus struct {
 	Services       uint32                 `protobuf:"varint,5,opt,name=services,proto3" json:"services,omitempty"`
 	Endpoints      uint32                 `protobuf:"varint,6,opt,name=endpoints,proto3" json:"endpoints,omitempty"`
 	Source         *SourceStatus          `protobuf:"bytes,7,opt,name=source,proto3" json:"source,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// gossip is the site's state in the hub's view of the WAN gossip pool
+	// (alive, suspect, dead; empty when the hub is not in the pool or the
+	// site's gateways never joined).
+	Gossip        string `protobuf:"bytes,8,opt,name=gossip,proto3" json:"gossip,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *SiteStatus) Reset() {
@@ -616,17 +620,27 @@ func (x *SiteStatus) GetSource() *SourceStatus {
 	return nil
 }
 
+func (x *SiteStatus) GetGossip() string {
+	if x != nil {
+		return x.Gossip
+	}
+	return ""
+}
+
 // SourceStatus is how a spoke's local source (its Kubernetes API, Consul
 // agent, vmagents) is doing; the spoke keeps publishing its last good
 // state while the source is unhealthy.
 type SourceStatus struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Site          string                 `protobuf:"bytes,1,opt,name=site,proto3" json:"site,omitempty"`
-	Healthy       bool                   `protobuf:"varint,2,opt,name=healthy,proto3" json:"healthy,omitempty"`
-	Message       string                 `protobuf:"bytes,3,opt,name=message,proto3" json:"message,omitempty"`
-	Since         *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=since,proto3" json:"since,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Site    string                 `protobuf:"bytes,1,opt,name=site,proto3" json:"site,omitempty"`
+	Healthy bool                   `protobuf:"varint,2,opt,name=healthy,proto3" json:"healthy,omitempty"`
+	Message string                 `protobuf:"bytes,3,opt,name=message,proto3" json:"message,omitempty"`
+	Since   *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=since,proto3" json:"since,omitempty"`
+	// gossip_addresses are where the site's spoke takes part in the WAN
+	// gossip pool: the seeds other members join through.
+	GossipAddresses []string `protobuf:"bytes,5,rep,name=gossip_addresses,json=gossipAddresses,proto3" json:"gossip_addresses,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *SourceStatus) Reset() {
@@ -683,6 +697,13 @@ func (x *SourceStatus) GetMessage() string {
 func (x *SourceStatus) GetSince() *timestamppb.Timestamp {
 	if x != nil {
 		return x.Since
+	}
+	return nil
+}
+
+func (x *SourceStatus) GetGossipAddresses() []string {
+	if x != nil {
+		return x.GossipAddresses
 	}
 	return nil
 }
@@ -1090,6 +1111,61 @@ func (x *OutlierDetection) GetMaxEjectionPercent() uint32 {
 	return 0
 }
 
+// GossipKeyring is the WAN gossip pool's encryption keys, oldest first. The
+// newest encrypts once use_newest_after has passed; until then the one
+// before it does, so every member holds a new key before it is used.
+type GossipKeyring struct {
+	state          protoimpl.MessageState `protogen:"open.v1"`
+	Keys           [][]byte               `protobuf:"bytes,1,rep,name=keys,proto3" json:"keys,omitempty"`
+	UseNewestAfter *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=use_newest_after,json=useNewestAfter,proto3" json:"use_newest_after,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *GossipKeyring) Reset() {
+	*x = GossipKeyring{}
+	mi := &file_meshfed_v1_catalog_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GossipKeyring) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GossipKeyring) ProtoMessage() {}
+
+func (x *GossipKeyring) ProtoReflect() protoreflect.Message {
+	mi := &file_meshfed_v1_catalog_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GossipKeyring.ProtoReflect.Descriptor instead.
+func (*GossipKeyring) Descriptor() ([]byte, []int) {
+	return file_meshfed_v1_catalog_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *GossipKeyring) GetKeys() [][]byte {
+	if x != nil {
+		return x.Keys
+	}
+	return nil
+}
+
+func (x *GossipKeyring) GetUseNewestAfter() *timestamppb.Timestamp {
+	if x != nil {
+		return x.UseNewestAfter
+	}
+	return nil
+}
+
 var File_meshfed_v1_catalog_proto protoreflect.FileDescriptor
 
 const file_meshfed_v1_catalog_proto_rawDesc = "" +
@@ -1128,7 +1204,7 @@ const file_meshfed_v1_catalog_proto_rawDesc = "" +
 	"\anetwork\x18\x04 \x01(\tR\anetwork\x12!\n" +
 	"\ftrust_domain\x18\x05 \x01(\tR\vtrustDomain\x12+\n" +
 	"\x11gateway_addresses\x18\x06 \x03(\tR\x10gatewayAddresses\x12+\n" +
-	"\x05state\x18\a \x01(\x0e2\x15.meshfed.v1.SiteStateR\x05state\"\xd2\x02\n" +
+	"\x05state\x18\a \x01(\x0e2\x15.meshfed.v1.SiteStateR\x05state\"\xea\x02\n" +
 	"\n" +
 	"SiteStatus\x12$\n" +
 	"\x04site\x18\x01 \x01(\v2\x10.meshfed.v1.SiteR\x04site\x124\n" +
@@ -1137,12 +1213,14 @@ const file_meshfed_v1_catalog_proto_rawDesc = "" +
 	"\x0fconnected_since\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\x0econnectedSince\x12\x1a\n" +
 	"\bservices\x18\x05 \x01(\rR\bservices\x12\x1c\n" +
 	"\tendpoints\x18\x06 \x01(\rR\tendpoints\x120\n" +
-	"\x06source\x18\a \x01(\v2\x18.meshfed.v1.SourceStatusR\x06source\"\x88\x01\n" +
+	"\x06source\x18\a \x01(\v2\x18.meshfed.v1.SourceStatusR\x06source\x12\x16\n" +
+	"\x06gossip\x18\b \x01(\tR\x06gossip\"\xb3\x01\n" +
 	"\fSourceStatus\x12\x12\n" +
 	"\x04site\x18\x01 \x01(\tR\x04site\x12\x18\n" +
 	"\ahealthy\x18\x02 \x01(\bR\ahealthy\x12\x18\n" +
 	"\amessage\x18\x03 \x01(\tR\amessage\x120\n" +
-	"\x05since\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\x05since\"@\n" +
+	"\x05since\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\x05since\x12)\n" +
+	"\x10gossip_addresses\x18\x05 \x03(\tR\x0fgossipAddresses\"@\n" +
 	"\n" +
 	"CARotation\x12\x12\n" +
 	"\x04site\x18\x01 \x01(\tR\x04site\x12\x1e\n" +
@@ -1178,7 +1256,10 @@ const file_meshfed_v1_catalog_proto_rawDesc = "" +
 	"\x14consecutive_failures\x18\x01 \x01(\rR\x13consecutiveFailures\x125\n" +
 	"\binterval\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\binterval\x12G\n" +
 	"\x12base_ejection_time\x18\x03 \x01(\v2\x19.google.protobuf.DurationR\x10baseEjectionTime\x120\n" +
-	"\x14max_ejection_percent\x18\x04 \x01(\rR\x12maxEjectionPercent*[\n" +
+	"\x14max_ejection_percent\x18\x04 \x01(\rR\x12maxEjectionPercent\"i\n" +
+	"\rGossipKeyring\x12\x12\n" +
+	"\x04keys\x18\x01 \x03(\fR\x04keys\x12D\n" +
+	"\x10use_newest_after\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\x0euseNewestAfter*[\n" +
 	"\x06Health\x12\x12\n" +
 	"\x0eHEALTH_UNKNOWN\x10\x00\x12\x12\n" +
 	"\x0eHEALTH_HEALTHY\x10\x01\x12\x14\n" +
@@ -1203,7 +1284,7 @@ func file_meshfed_v1_catalog_proto_rawDescGZIP() []byte {
 }
 
 var file_meshfed_v1_catalog_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_meshfed_v1_catalog_proto_msgTypes = make([]protoimpl.MessageInfo, 14)
+var file_meshfed_v1_catalog_proto_msgTypes = make([]protoimpl.MessageInfo, 15)
 var file_meshfed_v1_catalog_proto_goTypes = []any{
 	(Health)(0),                   // 0: meshfed.v1.Health
 	(SiteState)(0),                // 1: meshfed.v1.SiteState
@@ -1219,36 +1300,38 @@ var file_meshfed_v1_catalog_proto_goTypes = []any{
 	(*TrafficPolicy)(nil),         // 11: meshfed.v1.TrafficPolicy
 	(*TrafficSplit)(nil),          // 12: meshfed.v1.TrafficSplit
 	(*OutlierDetection)(nil),      // 13: meshfed.v1.OutlierDetection
-	nil,                           // 14: meshfed.v1.Endpoint.LabelsEntry
-	nil,                           // 15: meshfed.v1.TrafficSplit.LabelsEntry
-	(*timestamppb.Timestamp)(nil), // 16: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),   // 17: google.protobuf.Duration
+	(*GossipKeyring)(nil),         // 14: meshfed.v1.GossipKeyring
+	nil,                           // 15: meshfed.v1.Endpoint.LabelsEntry
+	nil,                           // 16: meshfed.v1.TrafficSplit.LabelsEntry
+	(*timestamppb.Timestamp)(nil), // 17: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),   // 18: google.protobuf.Duration
 }
 var file_meshfed_v1_catalog_proto_depIdxs = []int32{
 	2,  // 0: meshfed.v1.Endpoint.locality:type_name -> meshfed.v1.Locality
 	0,  // 1: meshfed.v1.Endpoint.health:type_name -> meshfed.v1.Health
-	14, // 2: meshfed.v1.Endpoint.labels:type_name -> meshfed.v1.Endpoint.LabelsEntry
+	15, // 2: meshfed.v1.Endpoint.labels:type_name -> meshfed.v1.Endpoint.LabelsEntry
 	3,  // 3: meshfed.v1.Service.ports:type_name -> meshfed.v1.Port
 	4,  // 4: meshfed.v1.Service.endpoints:type_name -> meshfed.v1.Endpoint
 	2,  // 5: meshfed.v1.Site.locality:type_name -> meshfed.v1.Locality
 	1,  // 6: meshfed.v1.Site.state:type_name -> meshfed.v1.SiteState
 	6,  // 7: meshfed.v1.SiteStatus.site:type_name -> meshfed.v1.Site
-	16, // 8: meshfed.v1.SiteStatus.created:type_name -> google.protobuf.Timestamp
-	16, // 9: meshfed.v1.SiteStatus.last_sync:type_name -> google.protobuf.Timestamp
-	16, // 10: meshfed.v1.SiteStatus.connected_since:type_name -> google.protobuf.Timestamp
+	17, // 8: meshfed.v1.SiteStatus.created:type_name -> google.protobuf.Timestamp
+	17, // 9: meshfed.v1.SiteStatus.last_sync:type_name -> google.protobuf.Timestamp
+	17, // 10: meshfed.v1.SiteStatus.connected_since:type_name -> google.protobuf.Timestamp
 	8,  // 11: meshfed.v1.SiteStatus.source:type_name -> meshfed.v1.SourceStatus
-	16, // 12: meshfed.v1.SourceStatus.since:type_name -> google.protobuf.Timestamp
+	17, // 12: meshfed.v1.SourceStatus.since:type_name -> google.protobuf.Timestamp
 	12, // 13: meshfed.v1.TrafficPolicy.split:type_name -> meshfed.v1.TrafficSplit
-	17, // 14: meshfed.v1.TrafficPolicy.connect_timeout:type_name -> google.protobuf.Duration
+	18, // 14: meshfed.v1.TrafficPolicy.connect_timeout:type_name -> google.protobuf.Duration
 	13, // 15: meshfed.v1.TrafficPolicy.outlier_detection:type_name -> meshfed.v1.OutlierDetection
-	15, // 16: meshfed.v1.TrafficSplit.labels:type_name -> meshfed.v1.TrafficSplit.LabelsEntry
-	17, // 17: meshfed.v1.OutlierDetection.interval:type_name -> google.protobuf.Duration
-	17, // 18: meshfed.v1.OutlierDetection.base_ejection_time:type_name -> google.protobuf.Duration
-	19, // [19:19] is the sub-list for method output_type
-	19, // [19:19] is the sub-list for method input_type
-	19, // [19:19] is the sub-list for extension type_name
-	19, // [19:19] is the sub-list for extension extendee
-	0,  // [0:19] is the sub-list for field type_name
+	16, // 16: meshfed.v1.TrafficSplit.labels:type_name -> meshfed.v1.TrafficSplit.LabelsEntry
+	18, // 17: meshfed.v1.OutlierDetection.interval:type_name -> google.protobuf.Duration
+	18, // 18: meshfed.v1.OutlierDetection.base_ejection_time:type_name -> google.protobuf.Duration
+	17, // 19: meshfed.v1.GossipKeyring.use_newest_after:type_name -> google.protobuf.Timestamp
+	20, // [20:20] is the sub-list for method output_type
+	20, // [20:20] is the sub-list for method input_type
+	20, // [20:20] is the sub-list for extension type_name
+	20, // [20:20] is the sub-list for extension extendee
+	0,  // [0:20] is the sub-list for field type_name
 }
 
 func init() { file_meshfed_v1_catalog_proto_init() }
@@ -1262,7 +1345,7 @@ func file_meshfed_v1_catalog_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_meshfed_v1_catalog_proto_rawDesc), len(file_meshfed_v1_catalog_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   14,
+			NumMessages:   15,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

@@ -459,6 +459,7 @@ type Resource struct {
 	//	*Resource_Rotation
 	//	*Resource_SourceStatus
 	//	*Resource_Policy
+	//	*Resource_GossipKeyring
 	Body          isResource_Body `protobuf_oneof:"body"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -569,6 +570,15 @@ func (x *Resource) GetPolicy() *TrafficPolicy {
 	return nil
 }
 
+func (x *Resource) GetGossipKeyring() *GossipKeyring {
+	if x != nil {
+		if x, ok := x.Body.(*Resource_GossipKeyring); ok {
+			return x.GossipKeyring
+		}
+	}
+	return nil
+}
+
 type isResource_Body interface {
 	isResource_Body()
 }
@@ -597,6 +607,10 @@ type Resource_Policy struct {
 	Policy *TrafficPolicy `protobuf:"bytes,8,opt,name=policy,proto3,oneof"`
 }
 
+type Resource_GossipKeyring struct {
+	GossipKeyring *GossipKeyring `protobuf:"bytes,9,opt,name=gossip_keyring,json=gossipKeyring,proto3,oneof"`
+}
+
 func (*Resource_Service) isResource_Body() {}
 
 func (*Resource_Site) isResource_Body() {}
@@ -608,6 +622,8 @@ func (*Resource_Rotation) isResource_Body() {}
 func (*Resource_SourceStatus) isResource_Body() {}
 
 func (*Resource_Policy) isResource_Body() {}
+
+func (*Resource_GossipKeyring) isResource_Body() {}
 
 // Delta changes the receiver's copy; the receiver answers with an Ack of the
 // same nonce. A sender has at most one delta in flight per stream.
@@ -769,7 +785,7 @@ const file_meshfed_v1_federation_proto_rawDesc = "" +
 	"\x0eknown_versions\x18\x02 \x03(\v2$.meshfed.v1.Hello.KnownVersionsEntryR\rknownVersions\x1a@\n" +
 	"\x12KnownVersionsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xf1\x02\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xb5\x03\n" +
 	"\bResource\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x18\n" +
 	"\aversion\x18\x02 \x01(\tR\aversion\x12/\n" +
@@ -778,7 +794,8 @@ const file_meshfed_v1_federation_proto_rawDesc = "" +
 	"\x06bundle\x18\x05 \x01(\v2\x12.meshfed.v1.BundleH\x00R\x06bundle\x124\n" +
 	"\brotation\x18\x06 \x01(\v2\x16.meshfed.v1.CARotationH\x00R\brotation\x12?\n" +
 	"\rsource_status\x18\a \x01(\v2\x18.meshfed.v1.SourceStatusH\x00R\fsourceStatus\x123\n" +
-	"\x06policy\x18\b \x01(\v2\x19.meshfed.v1.TrafficPolicyH\x00R\x06policyB\x06\n" +
+	"\x06policy\x18\b \x01(\v2\x19.meshfed.v1.TrafficPolicyH\x00R\x06policy\x12B\n" +
+	"\x0egossip_keyring\x18\t \x01(\v2\x19.meshfed.v1.GossipKeyringH\x00R\rgossipKeyringB\x06\n" +
 	"\x04body\"\x7f\n" +
 	"\x05Delta\x12\x14\n" +
 	"\x05nonce\x18\x01 \x01(\tR\x05nonce\x12.\n" +
@@ -826,6 +843,7 @@ var file_meshfed_v1_federation_proto_goTypes = []any{
 	(*CARotation)(nil),              // 14: meshfed.v1.CARotation
 	(*SourceStatus)(nil),            // 15: meshfed.v1.SourceStatus
 	(*TrafficPolicy)(nil),           // 16: meshfed.v1.TrafficPolicy
+	(*GossipKeyring)(nil),           // 17: meshfed.v1.GossipKeyring
 }
 var file_meshfed_v1_federation_proto_depIdxs = []int32{
 	6,  // 0: meshfed.v1.SyncMessage.hello:type_name -> meshfed.v1.Hello
@@ -838,20 +856,21 @@ var file_meshfed_v1_federation_proto_depIdxs = []int32{
 	14, // 7: meshfed.v1.Resource.rotation:type_name -> meshfed.v1.CARotation
 	15, // 8: meshfed.v1.Resource.source_status:type_name -> meshfed.v1.SourceStatus
 	16, // 9: meshfed.v1.Resource.policy:type_name -> meshfed.v1.TrafficPolicy
-	7,  // 10: meshfed.v1.Delta.updated:type_name -> meshfed.v1.Resource
-	2,  // 11: meshfed.v1.Federation.Join:input_type -> meshfed.v1.JoinRequest
-	3,  // 12: meshfed.v1.Federation.Renew:input_type -> meshfed.v1.RenewRequest
-	5,  // 13: meshfed.v1.Federation.Sync:input_type -> meshfed.v1.SyncMessage
-	0,  // 14: meshfed.v1.Federation.RedeemNodeToken:input_type -> meshfed.v1.RedeemNodeTokenRequest
-	4,  // 15: meshfed.v1.Federation.Join:output_type -> meshfed.v1.JoinResponse
-	4,  // 16: meshfed.v1.Federation.Renew:output_type -> meshfed.v1.JoinResponse
-	5,  // 17: meshfed.v1.Federation.Sync:output_type -> meshfed.v1.SyncMessage
-	1,  // 18: meshfed.v1.Federation.RedeemNodeToken:output_type -> meshfed.v1.RedeemNodeTokenResponse
-	15, // [15:19] is the sub-list for method output_type
-	11, // [11:15] is the sub-list for method input_type
-	11, // [11:11] is the sub-list for extension type_name
-	11, // [11:11] is the sub-list for extension extendee
-	0,  // [0:11] is the sub-list for field type_name
+	17, // 10: meshfed.v1.Resource.gossip_keyring:type_name -> meshfed.v1.GossipKeyring
+	7,  // 11: meshfed.v1.Delta.updated:type_name -> meshfed.v1.Resource
+	2,  // 12: meshfed.v1.Federation.Join:input_type -> meshfed.v1.JoinRequest
+	3,  // 13: meshfed.v1.Federation.Renew:input_type -> meshfed.v1.RenewRequest
+	5,  // 14: meshfed.v1.Federation.Sync:input_type -> meshfed.v1.SyncMessage
+	0,  // 15: meshfed.v1.Federation.RedeemNodeToken:input_type -> meshfed.v1.RedeemNodeTokenRequest
+	4,  // 16: meshfed.v1.Federation.Join:output_type -> meshfed.v1.JoinResponse
+	4,  // 17: meshfed.v1.Federation.Renew:output_type -> meshfed.v1.JoinResponse
+	5,  // 18: meshfed.v1.Federation.Sync:output_type -> meshfed.v1.SyncMessage
+	1,  // 19: meshfed.v1.Federation.RedeemNodeToken:output_type -> meshfed.v1.RedeemNodeTokenResponse
+	16, // [16:20] is the sub-list for method output_type
+	12, // [12:16] is the sub-list for method input_type
+	12, // [12:12] is the sub-list for extension type_name
+	12, // [12:12] is the sub-list for extension extendee
+	0,  // [0:12] is the sub-list for field type_name
 }
 
 func init() { file_meshfed_v1_federation_proto_init() }
@@ -872,6 +891,7 @@ func file_meshfed_v1_federation_proto_init() {
 		(*Resource_Rotation)(nil),
 		(*Resource_SourceStatus)(nil),
 		(*Resource_Policy)(nil),
+		(*Resource_GossipKeyring)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
