@@ -29,7 +29,7 @@ type Policy struct {
 	Failover         []string          `json:"failover,omitempty" yaml:"failover,omitempty"`
 	Split            []Split           `json:"split,omitempty" yaml:"split,omitempty"`
 	ConnectTimeout   Duration          `json:"connectTimeout,omitempty" yaml:"connectTimeout,omitempty"`
-	Retries          uint32            `json:"retries,omitempty" yaml:"retries,omitempty"`
+	Retries          *uint32           `json:"retries,omitempty" yaml:"retries,omitempty"`
 	OutlierDetection *OutlierDetection `json:"outlierDetection,omitempty" yaml:"outlierDetection,omitempty"`
 	// Allow lists the SPIFFE IDs that may call the service; "…/*" allows
 	// every ID under the prefix. With a policy, every other caller is
@@ -155,8 +155,8 @@ func ValidatePolicy(p Policy) error {
 	if p.ConnectTimeout < 0 {
 		return fmt.Errorf("%s: connectTimeout is negative", p.Service)
 	}
-	if p.Retries > 10 {
-		return fmt.Errorf("%s: retries %d is more than 10: a connect failure should not fan out that far", p.Service, p.Retries)
+	if p.Retries != nil && *p.Retries > 10 {
+		return fmt.Errorf("%s: retries %d is more than 10: a connect failure should not fan out that far", p.Service, *p.Retries)
 	}
 	if o := p.OutlierDetection; o != nil {
 		if o.ConsecutiveFailures == 0 {

@@ -93,7 +93,7 @@ func newPolicyCmd(g *globals) *cobra.Command {
 					if o := p.OutlierDetection; o != nil {
 						outlier = fmt.Sprintf("%d failures", o.ConsecutiveFailures)
 					}
-					row(w, p.Service, strings.Join(p.Failover, ","), strings.Join(split, ","), p.Retries, outlier, len(p.Allow))
+					row(w, p.Service, strings.Join(p.Failover, ","), strings.Join(split, ","), retries(p.Retries), outlier, len(p.Allow))
 				}
 			})
 		},
@@ -121,4 +121,11 @@ func newPolicyCmd(g *globals) *cobra.Command {
 	}
 	cmd.AddCommand(apply, get, del)
 	return cmd
+}
+
+func retries(r *uint32) string {
+	if r == nil {
+		return "default"
+	}
+	return fmt.Sprint(*r)
 }

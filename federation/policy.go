@@ -31,7 +31,7 @@ func PolicyToWire(p catalog.Policy) *meshfedv1.TrafficPolicy {
 // PolicyFromWire converts a wire policy to the catalog model.
 func PolicyFromWire(p *meshfedv1.TrafficPolicy) catalog.Policy {
 	out := catalog.Policy{
-		Service: p.GetNamespace() + "/" + p.GetName(), Failover: p.GetFailover(), Retries: p.GetRetries(),
+		Service: p.GetNamespace() + "/" + p.GetName(), Failover: p.GetFailover(), Retries: p.Retries,
 		Allow: p.GetAllow(), OverprovisioningFactor: p.GetOverprovisioningFactor(),
 		ConnectTimeout: catalog.Duration(p.GetConnectTimeout().AsDuration()),
 	}

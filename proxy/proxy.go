@@ -57,6 +57,9 @@ type Options struct {
 	// there routes TLS connections by SNI, without decrypting, to local
 	// endpoints of exported services. No outbound or inbound listeners.
 	GatewayListen string
+	// HelloTimeout bounds how long the gateway waits for a ClientHello.
+	// Default 5s.
+	HelloTimeout time.Duration
 	// OnGossip receives the SDS generic secret "gossip" (the WAN pool's
 	// keyring and seeds, JSON) whenever it changes; gateways only.
 	OnGossip func([]byte)
@@ -107,6 +110,9 @@ func New(o Options) (*Proxy, error) {
 			host = "0.0.0.0"
 		}
 		o.GatewayListen, o.OutboundPrefix = net.JoinHostPort(host, port), "-"
+	}
+	if o.HelloTimeout == 0 {
+		o.HelloTimeout = 5 * time.Second
 	}
 	if o.DrainTimeout == 0 {
 		o.DrainTimeout = 10 * time.Second
@@ -399,15 +405,12 @@ func (p *Proxy) connect(cluster string, attempts int) (net.Conn, string) {
 	return nil, "upstream_failure"
 }
 
-// HelloTimeout bounds how long a gateway waits for a ClientHello.
-const HelloTimeout = 5 * time.Second
-
 // passthrough routes a connection by the SNI of its ClientHello, which it
 // reads without decrypting, to a local endpoint of that service; the hello
 // and everything after pass on unchanged. Anything without a route is
 // closed: the gateway relays nothing else.
 func (p *Proxy) passthrough(lc *listenerConf, down net.Conn) {
-	_ = down.SetReadDeadline(time.Now().Add(HelloTimeout))
+	_ = down.SetReadDeadline(time.Now().Add(p.o.HelloTimeout))
 	name, raw, err := clienthello.Read(down)
 	if err != nil {
 		result := "malformed"

@@ -88,6 +88,11 @@ func (s *Spoke) runGossip(ctx context.Context) error {
 			if s.xds != nil {
 				s.xds.Changed()
 			}
+			if pool := s.pool.Load(); pool != nil {
+				for site, st := range pool.SiteStates() {
+					s.m.gossipSiteAlive.WithLabelValues(site).Set(map[bool]float64{true: 1}[st == gossip.StateAlive])
+				}
+			}
 		},
 	})
 	if err != nil {

@@ -15,10 +15,13 @@ type metrics struct {
 	lastContact        prometheus.GaugeFunc
 	expired            prometheus.Counter
 	svids              *prometheus.CounterVec
+	gossipSiteAlive    *prometheus.GaugeVec
 }
 
 func newMetrics(r prometheus.Registerer, s *Spoke) *metrics {
 	m := &metrics{
+		gossipSiteAlive: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "meshfed_spoke_gossip_site_alive",
+			Help: "1 while a site has a live gateway in the WAN gossip pool, 0 once none is (its endpoints are then unhealthy in this site's EDS)."}, []string{"site"}),
 		hubConnected: prometheus.NewGauge(prometheus.GaugeOpts{Name: "meshfed_spoke_hub_connected", Help: "1 while the federation stream to the hub is up."}),
 		syncs:        prometheus.NewCounter(prometheus.CounterOpts{Name: "meshfed_spoke_syncs_total", Help: "Federation streams established with the hub."}),
 		federatedServices: prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "meshfed_spoke_federated_services", Help: "Other sites' services in this spoke's view."},
@@ -36,7 +39,7 @@ func newMetrics(r prometheus.Registerer, s *Spoke) *metrics {
 		expired: prometheus.NewCounter(prometheus.CounterOpts{Name: "meshfed_spoke_view_expired_services_total", Help: "Remote services dropped because the hub was unreachable past --max-stale."}),
 	}
 	m.svids = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "meshfed_spoke_svids_total", Help: "SVID requests by how (attest, renew) and result (issued, refused)."}, []string{"how", "result"})
-	r.MustRegister(m.svids)
+	r.MustRegister(m.gossipSiteAlive, m.svids)
 	r.MustRegister(m.hubConnected, m.syncs, m.federatedServices, m.federatedEndpoints, m.localServices, m.resourcesReceived, m.resourcesSent, m.nacks, m.sourceErrors, m.lastContact, m.expired)
 	return m
 }

@@ -151,7 +151,7 @@ func NewGateway(logger func() *slog.Logger) *cobra.Command {
 ClientHello without decrypting it, and passes the connection to a healthy
 local endpoint of the exported service that name stands for
 ([<subset>.]<port>.<name>.<namespace>.<site>.<federation>). Any other name, a
-malformed or oversized hello, or one that does not arrive within 5s is
+malformed or oversized hello, or one that does not arrive within --hello-timeout is
 refused and counted. It takes its routes from its spoke over xDS and, with
 --gossip-listen, joins the WAN gossip pool so other sites stop sending
 traffic here within about a second of its death. SIGTERM: it leaves the
@@ -180,6 +180,7 @@ pool, stops accepting, and lets live connections finish (--drain-timeout).`,
 	f.StringVar(&xdsAddr, "xds", "127.0.0.1:7182", "the spoke's xDS address")
 	f.StringVar(&o.GossipListen, "gossip-listen", "", "join the WAN gossip pool here (UDP and TCP), e.g. :7947")
 	f.StringVar(&o.GossipAdvertise, "gossip-advertise", "", "where pool members reach this gateway (default --gossip-listen)")
+	f.DurationVar(&o.Proxy.HelloTimeout, "hello-timeout", 5*time.Second, "how long a caller may take to send its ClientHello")
 	_ = cmd.MarkFlagRequired("site")
 	return cmd
 }

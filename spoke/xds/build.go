@@ -233,8 +233,8 @@ func weightedClusters(pol catalog.Policy) []*catalog.Split {
 
 func (b *builder) tcpListener(f *federated, p catalog.Port, pol catalog.Policy, vip netip.Addr) *listenerv3.Listener {
 	attempts := uint32(DefaultRetries) + 1
-	if pol.Service != "" {
-		attempts = pol.Retries + 1
+	if pol.Retries != nil {
+		attempts = *pol.Retries + 1
 	}
 	tp := &tcpv3.TcpProxy{
 		StatPrefix:         ListenerName(f.namespace, f.name, p.Port),

@@ -36,7 +36,7 @@ func testCatalog() *Catalog {
 			}},
 		},
 		Policies: map[string]catalog.Policy{"default/echo": {
-			Service: "default/echo", Failover: []string{"west", "east"}, Retries: 1,
+			Service: "default/echo", Failover: []string{"west", "east"}, Retries: ptr(uint32(1)),
 			Split: []catalog.Split{{Name: "stable", Weight: 90, Labels: map[string]string{"version": "v1"}}, {Name: "canary", Weight: 10, Labels: map[string]string{"version": "v2"}}},
 			Allow: []string{"spiffe://c.test/ns/default/sa/client", "spiffe://east.test/*"},
 		}},
@@ -157,3 +157,5 @@ func TestGatewayRoutesOnlyLocalServices(t *testing.T) {
 		t.Errorf("routes %v, want %v", names, want)
 	}
 }
+
+func ptr[T any](v T) *T { return &v }

@@ -70,10 +70,18 @@ type proxyProc struct {
 // node token.
 func (f *federation) startProxy(t *testing.T, s *spokeProc, node string, extra ...string) *proxyProc {
 	t.Helper()
+	return f.startDataPlane(t, s, "proxy", node, extra...)
+}
+
+// startDataPlane runs `meshfed <command>` (proxy or gateway) for node at
+// s's site, attested with a fresh node token, and waits until it has its
+// configuration.
+func (f *federation) startDataPlane(t *testing.T, s *spokeProc, command, node string, extra ...string) *proxyProc {
+	t.Helper()
 	token := strings.TrimSpace(f.mustCLI("vm", "token", "create", "--site", s.site, "--node", node))
 	pp := &proxyProc{http: harness.FreePort(t)}
-	pp.args = append([]string{"proxy", "--identity", s.identity, "--xds", s.xds, "--token", token, "--http-listen", pp.http, "--drain-timeout", "1s"}, extra...)
-	pp.p = harness.Start(t, "proxy-"+node, f.bin, pp.args...)
+	pp.args = append([]string{command, "--identity", s.identity, "--xds", s.xds, "--token", token, "--http-listen", pp.http, "--drain-timeout", "1s"}, extra...)
+	pp.p = harness.Start(t, command+"-"+node, f.bin, pp.args...)
 	harness.WaitReady(t, pp.http, 20*time.Second)
 	return pp
 }

@@ -867,7 +867,7 @@ type TrafficPolicy struct {
 	ConnectTimeout *durationpb.Duration `protobuf:"bytes,5,opt,name=connect_timeout,json=connectTimeout,proto3" json:"connect_timeout,omitempty"`
 	// retries is how many more endpoints a connection that failed to
 	// connect tries, next in priority order.
-	Retries          uint32            `protobuf:"varint,6,opt,name=retries,proto3" json:"retries,omitempty"`
+	Retries          *uint32           `protobuf:"varint,6,opt,name=retries,proto3,oneof" json:"retries,omitempty"`
 	OutlierDetection *OutlierDetection `protobuf:"bytes,7,opt,name=outlier_detection,json=outlierDetection,proto3" json:"outlier_detection,omitempty"`
 	// allow lists the SPIFFE IDs that may call the service; an entry ending
 	// in "/*" allows every ID under it. With a policy, everything else is
@@ -945,8 +945,8 @@ func (x *TrafficPolicy) GetConnectTimeout() *durationpb.Duration {
 }
 
 func (x *TrafficPolicy) GetRetries() uint32 {
-	if x != nil {
-		return x.Retries
+	if x != nil && x.Retries != nil {
+		return *x.Retries
 	}
 	return 0
 }
@@ -1233,17 +1233,19 @@ const file_meshfed_v1_catalog_proto_rawDesc = "" +
 	"\bsequence\x18\x03 \x01(\x04R\bsequence\x120\n" +
 	"\x14refresh_hint_seconds\x18\x04 \x01(\x03R\x12refreshHintSeconds\x12\x12\n" +
 	"\x04site\x18\x05 \x01(\tR\x04site\x12\x1a\n" +
-	"\bendpoint\x18\x06 \x01(\tR\bendpoint\"\x85\x03\n" +
+	"\bendpoint\x18\x06 \x01(\tR\bendpoint\"\x96\x03\n" +
 	"\rTrafficPolicy\x12\x1c\n" +
 	"\tnamespace\x18\x01 \x01(\tR\tnamespace\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12\x1a\n" +
 	"\bfailover\x18\x03 \x03(\tR\bfailover\x12.\n" +
 	"\x05split\x18\x04 \x03(\v2\x18.meshfed.v1.TrafficSplitR\x05split\x12B\n" +
-	"\x0fconnect_timeout\x18\x05 \x01(\v2\x19.google.protobuf.DurationR\x0econnectTimeout\x12\x18\n" +
-	"\aretries\x18\x06 \x01(\rR\aretries\x12I\n" +
+	"\x0fconnect_timeout\x18\x05 \x01(\v2\x19.google.protobuf.DurationR\x0econnectTimeout\x12\x1d\n" +
+	"\aretries\x18\x06 \x01(\rH\x00R\aretries\x88\x01\x01\x12I\n" +
 	"\x11outlier_detection\x18\a \x01(\v2\x1c.meshfed.v1.OutlierDetectionR\x10outlierDetection\x12\x14\n" +
 	"\x05allow\x18\b \x03(\tR\x05allow\x127\n" +
-	"\x17overprovisioning_factor\x18\t \x01(\rR\x16overprovisioningFactor\"\xc7\x01\n" +
+	"\x17overprovisioning_factor\x18\t \x01(\rR\x16overprovisioningFactorB\n" +
+	"\n" +
+	"\b_retries\"\xc7\x01\n" +
 	"\fTrafficSplit\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x16\n" +
 	"\x06weight\x18\x02 \x01(\rR\x06weight\x12\x12\n" +
@@ -1339,6 +1341,7 @@ func file_meshfed_v1_catalog_proto_init() {
 	if File_meshfed_v1_catalog_proto != nil {
 		return
 	}
+	file_meshfed_v1_catalog_proto_msgTypes[9].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
