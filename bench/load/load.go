@@ -1,0 +1,189 @@
+// Package load drives traffic for the data-plane benchmarks: fixed-rate
+// request/response over persistent connections, and bulk throughput to a
+// sink, through any dialer (plain TCP, TLS).
+package load
+
+import (
+	"fmt"
+	"io"
+	"net"
+	"slices"
+	"sync"
+	"time"
+)
+
+// Dial opens one connection to what is measured.
+type Dial func() (net.Conn, error)
+
+// Latency sends size-byte requests to an echo server at rate per second,
+// spread over conns persistent connections, for d, and returns every round
+// trip, sorted.
+func Latency(dial Dial, rate, conns, size int, d time.Duration) ([]time.Duration, error) {
+	var mu sync.Mutex
+	var out []time.Duration
+	errs := make(chan error, conns)
+	var wg sync.WaitGroup
+	interval := time.Second * time.Duration(conns) / time.Duration(rate)
+	for i := 0; i < conns; i++ {
+		wg.Add(1)
+		go func(i int) {
+			defer wg.Done()
+			c, err := dial()
+			if err != nil {
+				errs <- err
+				return
+			}
+			defer c.Close()
+			req, resp := make([]byte, size), make([]byte, size)
+			// Connections start spread over one interval.
+			next := time.Now().Add(interval * time.Duration(i) / time.Duration(conns))
+			end := time.Now().Add(d)
+			var mine []time.Duration
+			for next.Before(end) {
+				time.Sleep(time.Until(next))
+				start := time.Now()
+				if _, err := c.Write(req); err != nil {
+					errs <- err
+					return
+				}
+				if _, err := io.ReadFull(c, resp); err != nil {
+					errs <- err
+					return
+				}
+				mine = append(mine, time.Since(start))
+				next = next.Add(interval)
+			}
+			mu.Lock()
+			out = append(out, mine...)
+			mu.Unlock()
+		}(i)
+	}
+	wg.Wait()
+	close(errs)
+	if err := <-errs; err != nil {
+		return nil, err
+	}
+	slices.Sort(out)
+	return out, nil
+}
+
+// Connect makes n request/response exchanges at rate per second, each on a
+// new connection (dial, handshake, size bytes echoed), and returns their
+// durations, sorted.
+func Connect(dial Dial, rate, n, size int) ([]time.Duration, error) {
+	out := make([]time.Duration, n)
+	errs := make(chan error, n)
+	var wg sync.WaitGroup
+	t := time.NewTicker(time.Second / time.Duration(rate))
+	defer t.Stop()
+	for i := 0; i < n; i++ {
+		<-t.C
+		wg.Add(1)
+		go func(i int) {
+			defer wg.Done()
+			start := time.Now()
+			c, err := dial()
+			if err != nil {
+				errs <- err
+				return
+			}
+			defer c.Close()
+			buf := make([]byte, size)
+			if _, err := c.Write(buf); err != nil {
+				errs <- err
+				return
+			}
+			if _, err := io.ReadFull(c, buf); err != nil {
+				errs <- err
+				return
+			}
+			out[i] = time.Since(start)
+		}(i)
+	}
+	wg.Wait()
+	close(errs)
+	if err := <-errs; err != nil {
+		return nil, err
+	}
+	slices.Sort(out)
+	return out, nil
+}
+
+// Throughput sends total bytes over n connections to a sink (which answers
+// with the count it got once the sender closes) and returns bytes per
+// second.
+func Throughput(dial Dial, total, n int) (float64, error) {
+	buf := make([]byte, 64<<10)
+	start := time.Now()
+	errs := make(chan error, n)
+	for i := 0; i < n; i++ {
+		go func() {
+			c, err := dial()
+			if err != nil {
+				errs <- err
+				return
+			}
+			defer c.Close()
+			for sent := 0; sent < total/n; sent += len(buf) {
+				if _, err := c.Write(buf); err != nil {
+					errs <- err
+					return
+				}
+			}
+			if cw, ok := c.(interface{ CloseWrite() error }); ok {
+				_ = cw.CloseWrite()
+			}
+			var got int
+			if _, err := fmt.Fscan(c, &got); err != nil || got < total/n {
+				errs <- fmt.Errorf("the sink got %d bytes: %v", got, err)
+				return
+			}
+			errs <- nil
+		}()
+	}
+	for i := 0; i < n; i++ {
+		if err := <-errs; err != nil {
+			return 0, err
+		}
+	}
+	return float64(total) / time.Since(start).Seconds(), nil
+}
+
+// Percentile returns the q-th percentile of sorted durations.
+func Percentile(l []time.Duration, q int) time.Duration {
+	if len(l) == 0 {
+		return 0
+	}
+	return l[min(len(l)-1, len(l)*q/100)]
+}
+
+// Ms renders a duration in milliseconds.
+func Ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+
+// Serve runs handle for every connection ln accepts until ln is closed.
+func Serve(ln net.Listener, handle func(net.Conn)) {
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		go func() { defer c.Close(); handle(c) }()
+	}
+}
+
+// Echo echoes what it reads.
+func Echo(c net.Conn) { _, _ = io.Copy(c, c) }
+
+// Sink counts what it reads and answers with the count.
+func Sink(c net.Conn) {
+	n, _ := io.Copy(io.Discard, c)
+	fmt.Fprintf(c, "%d\n", n)
+}
+
+// Verdict renders whether a target was met.
+func Verdict(ok bool) string {
+	if ok {
+		return "met"
+	}
+	return "MISSED"
+}

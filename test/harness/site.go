@@ -1,0 +1,59 @@
+package harness
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+// Site is a hub with one docker-kind site and its spoke (the built
+// binary), for benchmarks of the data plane.
+type Site struct {
+	Name, Dir                        string
+	Identity, XDS, SpokeHTTP, HubRPC string
+	bin                              string
+}
+
+// StartSite starts a hub (federation "bench.meshfed") and site name (region
+// r1, zone z1) whose spoke serves the services file content.
+func StartSite(t testing.TB, name, services string) *Site {
+	t.Helper()
+	s := &Site{Name: name, Dir: t.TempDir(), bin: Binary(t), HubRPC: FreePort(t)}
+	hubHTTP := FreePort(t)
+	Start(t, "hub", s.bin, "hub", "--data-dir", filepath.Join(s.Dir, "hub"), "--listen", s.HubRPC, "--http-listen", hubHTTP, "--federation", "bench.meshfed")
+	WaitReady(t, hubHTTP, 30*time.Second)
+	file := filepath.Join(s.Dir, "services.yaml")
+	if err := os.WriteFile(file, []byte(services), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	s.CLI(t, "site", "add", name, "--kind", "docker", "--region", "r1", "--zone", "z1", "--gateway-address", "127.0.0.1:15443")
+	s.SpokeHTTP, s.Identity, s.XDS = FreePort(t), FreePort(t), FreePort(t)
+	Start(t, "spoke", s.bin, "spoke", "--site", name, "--hub", s.HubRPC, "--token", s.CLI(t, "site", "token", "create", "--site", name),
+		"--data-dir", filepath.Join(s.Dir, name), "--services", file, "--http-listen", s.SpokeHTTP, "--identity-listen", s.Identity, "--xds-listen", s.XDS)
+	WaitReady(t, s.SpokeHTTP, 30*time.Second)
+	return s
+}
+
+// CLI runs a meshfed command as the hub's admin and returns its output.
+func (s *Site) CLI(t testing.TB, args ...string) string {
+	t.Helper()
+	out, err := Run(s.bin, append([]string{"--config", filepath.Join(s.Dir, "hub", "admin.conf")}, args...)...)
+	if err != nil {
+		t.Fatalf("meshfed %s: %v", strings.Join(args, " "), err)
+	}
+	return strings.TrimSpace(out)
+}
+
+// DataPlane starts `<bin> args...` attested as node (a fresh node token)
+// against the site's spoke, and waits until it is ready; it returns the
+// process and its HTTP address.
+func (s *Site) DataPlane(t testing.TB, bin, node string, args ...string) (*Process, string) {
+	t.Helper()
+	http := FreePort(t)
+	p := Start(t, node, bin, append(args, "--identity", s.Identity, "--xds", s.XDS, "--http-listen", http,
+		"--token", s.CLI(t, "vm", "token", "create", "--site", s.Name, "--node", node))...)
+	WaitReady(t, http, 30*time.Second)
+	return p, http
+}
