@@ -33,7 +33,7 @@ demo: build
 
 bench: build tools
 	$(GO) run ./bench/hub -meshfed $(BIN)
-	$(GO) test -run '^$$' -bench . -benchtime 1x -timeout 40m ./bench/kube ./bench/proxy
+	$(GO) test -run '^$$' -bench . -benchtime 1x -timeout 40m ./bench/kube ./bench/proxy ./bench/gateway
 
 # generate rebuilds the committed protobuf code; protoc comes from Debian
 # (protobuf-compiler 3.21.12), the plugins from go.mod's tool lines, so the

@@ -6,6 +6,7 @@
 package proxy
 
 import (
+	"bufio"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
@@ -411,7 +412,14 @@ func (p *Proxy) connect(cluster string, attempts int) (net.Conn, string) {
 // closed: the gateway relays nothing else.
 func (p *Proxy) passthrough(lc *listenerConf, down net.Conn) {
 	_ = down.SetReadDeadline(time.Now().Add(p.o.HelloTimeout))
-	name, raw, err := clienthello.Read(down)
+	// Buffered: the whole hello usually arrives in one read. What the
+	// buffer holds past the hello is passed on with it.
+	br := bufio.NewReaderSize(down, 4096)
+	name, raw, err := clienthello.Read(br)
+	if err == nil {
+		extra, _ := br.Peek(br.Buffered())
+		raw = append(raw, extra...)
+	}
 	if err != nil {
 		result := "malformed"
 		var ne net.Error

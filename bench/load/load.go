@@ -109,6 +109,38 @@ func Connect(dial Dial, rate, n, size int) ([]time.Duration, error) {
 	return out, nil
 }
 
+// ConnectEach makes rounds rounds of request/response exchanges, each on a
+// new connection, one to every dialer in turn (the order rotating), so
+// every target is measured under the same conditions; it returns each
+// dialer's durations, sorted.
+func ConnectEach(dials []Dial, rounds, size int) ([][]time.Duration, error) {
+	out := make([][]time.Duration, len(dials))
+	buf := make([]byte, size)
+	for r := 0; r < rounds; r++ {
+		for k := range dials {
+			i := (r + k) % len(dials)
+			start := time.Now()
+			c, err := dials[i]()
+			if err != nil {
+				return nil, err
+			}
+			_, err = c.Write(buf)
+			if err == nil {
+				_, err = io.ReadFull(c, buf)
+			}
+			c.Close()
+			if err != nil {
+				return nil, err
+			}
+			out[i] = append(out[i], time.Since(start))
+		}
+	}
+	for _, l := range out {
+		slices.Sort(l)
+	}
+	return out, nil
+}
+
 // Throughput sends total bytes over n connections to a sink (which answers
 // with the count it got once the sender closes) and returns bytes per
 // second.

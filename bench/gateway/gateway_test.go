@@ -1,0 +1,158 @@
+// Package gateway benchmarks the east-west gateway side by side with
+// HAProxy (Debian's 2.6, req.ssl_sni passthrough) on loopback in the same
+// run: throughput over 1 and 64 TLS connections, and the latency a new TLS
+// connection with a small request/response sees, each against a direct
+// connection to the same backends. `make bench` runs it once.
+package gateway
+
+import (
+	"cmp"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"fmt"
+	"math/big"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/meshfed/meshfed/bench/load"
+	"github.com/meshfed/meshfed/test/harness"
+)
+
+const (
+	bulkBytes = 256 << 20
+	requests  = 2000
+	reqSize   = 64
+)
+
+// backend is a TLS server (the workload terminates TLS; the proxies in
+// front only pass bytes).
+func backend(b *testing.B, handle func(net.Conn)) string {
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "bench"}, NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour), DNSNames: []string{"bench"}}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, key.Public(), key)
+	if err != nil {
+		b.Fatal(err)
+	}
+	ln, err := tls.Listen("tcp", "127.0.0.1:0", &tls.Config{Certificates: []tls.Certificate{{Certificate: [][]byte{der}, PrivateKey: key}}})
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { ln.Close() })
+	go load.Serve(ln, handle)
+	return ln.Addr().String()
+}
+
+func tlsDial(addr, sni string) load.Dial {
+	return func() (net.Conn, error) {
+		c, err := tls.Dial("tcp", addr, &tls.Config{ServerName: sni, InsecureSkipVerify: true})
+		if err != nil {
+			return nil, err
+		}
+		return c, nil
+	}
+}
+
+func BenchmarkGatewayVsHAProxy(b *testing.B) {
+	haproxy, err := exec.LookPath("haproxy")
+	if err != nil {
+		b.Fatal("haproxy is missing: `make tools` installs Debian's")
+	}
+	echo, sink := backend(b, load.Echo), backend(b, load.Sink)
+	ep := func(addr string) string {
+		host, port, _ := net.SplitHostPort(addr)
+		return fmt.Sprintf("  endpoints: [{address: %s, port: %s}]\n", host, port)
+	}
+	site := harness.StartSite(b, "east", "services:\n- namespace: default\n  name: echo\n  ports: [{port: 443}]\n"+ep(echo)+
+		"- namespace: default\n  name: sink\n  ports: [{port: 444}]\n"+ep(sink))
+	echoSNI, sinkSNI := "443.echo.default.east.bench.meshfed", "444.sink.default.east.bench.meshfed"
+	gw := harness.FreePort(b)
+	site.DataPlane(b, harness.Binary(b), "gw", "gateway", "--site", "east", "--listen", gw)
+
+	hp := harness.FreePort(b)
+	cfg := filepath.Join(b.TempDir(), "haproxy.cfg")
+	conf := fmt.Sprintf(`global
+  maxconn 4000
+defaults
+  mode tcp
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+frontend sni
+  bind %s
+  tcp-request inspect-delay 5s
+  tcp-request content accept if { req.ssl_hello_type 1 }
+  use_backend echo if { req.ssl_sni -i %s }
+  use_backend sink if { req.ssl_sni -i %s }
+backend echo
+  server echo %s
+backend sink
+  server sink %s
+`, hp, echoSNI, sinkSNI, echo, sink)
+	if err := os.WriteFile(cfg, []byte(conf), 0o600); err != nil {
+		b.Fatal(err)
+	}
+	harness.Start(b, "haproxy", haproxy, "-db", "-f", cfg)
+
+	// Both pass traffic before anything is measured.
+	for name, addr := range map[string]string{"gateway": gw, "haproxy": hp} {
+		deadline := time.Now().Add(30 * time.Second)
+		for {
+			if _, err := load.Connect(tlsDial(addr, echoSNI), 100, 1, reqSize); err == nil {
+				break
+			} else if time.Now().After(deadline) {
+				b.Fatalf("%s does not pass TLS to the echo backend: %v", name, err)
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+	}
+
+	fmt.Println("gateway benchmark: meshfed gateway vs HAProxy 2.6 (req.ssl_sni passthrough), TLS to backends on loopback, 2 cores")
+	type target struct{ name, addr string }
+	targets := []target{{"direct", ""}, {"haproxy", hp}, {"gateway", gw}}
+	thr := map[string]float64{}
+	for _, n := range []int{1, 64} {
+		for _, t := range targets {
+			addr := t.addr
+			if addr == "" {
+				addr = sink
+			}
+			v, err := load.Throughput(tlsDial(addr, sinkSNI), bulkBytes, n)
+			if err != nil {
+				b.Fatalf("%s throughput: %v", t.name, err)
+			}
+			thr[fmt.Sprint(t.name, n)] = v
+		}
+		g, h := thr[fmt.Sprint("gateway", n)], thr[fmt.Sprint("haproxy", n)]
+		fmt.Printf("throughput over %2d connection(s): direct %5.0f MB/s, haproxy %5.0f MB/s, gateway %5.0f MB/s; gateway/haproxy %.2fx (target >= 1.0x: %s)\n",
+			n, thr[fmt.Sprint("direct", n)]/1e6, h/1e6, g/1e6, g/h, load.Verdict(g >= h))
+		b.ReportMetric(g/h, fmt.Sprintf("throughput-ratio-%dconn", n))
+	}
+	var dials []load.Dial
+	for _, t := range targets {
+		dials = append(dials, tlsDial(cmp.Or(t.addr, echo), echoSNI))
+	}
+	rounds, err := load.ConnectEach(dials, requests, reqSize)
+	if err != nil {
+		b.Fatalf("latency: %v", err)
+	}
+	lat := map[string][]time.Duration{}
+	for i, t := range targets {
+		lat[t.name] = rounds[i]
+	}
+	p := load.Percentile
+	added := func(name string, q int) time.Duration { return p(lat[name], q) - p(lat["direct"], q) }
+	fmt.Printf("new TLS connection + %d B request/response, %d each, interleaved: direct p50 %.3f ms p99 %.3f ms\n", reqSize, requests, load.Ms(p(lat["direct"], 50)), load.Ms(p(lat["direct"], 99)))
+	for _, name := range []string{"haproxy", "gateway"} {
+		fmt.Printf("  %-8s p50 %.3f ms p99 %.3f ms; added p50 %.3f ms p99 %.3f ms\n", name, load.Ms(p(lat[name], 50)), load.Ms(p(lat[name], 99)), load.Ms(added(name, 50)), load.Ms(added(name, 99)))
+	}
+	fmt.Printf("gateway p99 / haproxy p99: %.2fx (target <= 1.0x: %s)\n", float64(p(lat["gateway"], 99))/float64(p(lat["haproxy"], 99)), load.Verdict(p(lat["gateway"], 99) <= p(lat["haproxy"], 99)))
+	b.ReportMetric(float64(p(lat["gateway"], 99))/float64(p(lat["haproxy"], 99)), "p99-ratio")
+}
