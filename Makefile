@@ -27,6 +27,10 @@ tools:
 
 test: tools lint check-generate
 	$(GO) test -count=1 -timeout 20m ./...
+	# A short fuzzing run of the gateway's ClientHello parser, on top of
+	# its committed seed corpus (go test above replays that corpus); short
+	# minimizing keeps the time for new inputs.
+	$(GO) test -run '^$$' -fuzz FuzzRead -fuzztime 15s -fuzzminimizetime 2s ./gateway/clienthello
 
 demo: build
 	deploy/demo/demo.sh
