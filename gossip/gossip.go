@@ -90,6 +90,7 @@ type Pool struct {
 	states  map[string]string
 	primary []byte
 	down    bool
+	events  chan memberlist.NodeEvent
 }
 
 // kill stops the member without telling the pool, as a crash would.
@@ -119,7 +120,7 @@ func New(o Options) (*Pool, error) {
 	if err != nil {
 		return nil, fmt.Errorf("gossip: bind port %q: %w", portStr, err)
 	}
-	p := &Pool{o: o, log: o.Logger.With("component", "gossip"), seen: map[string]meta{}, states: map[string]string{}}
+	p := &Pool{o: o, log: o.Logger.With("component", "gossip"), seen: map[string]meta{}, states: map[string]string{}, events: make(chan memberlist.NodeEvent, 256)}
 	c := memberlist.DefaultLANConfig()
 	c.Name = o.Name
 	c.BindAddr, c.BindPort = host, port
@@ -144,6 +145,9 @@ func New(o Options) (*Pool, error) {
 	c.Logger = slog.NewLogLogger(p.log.Handler(), slog.LevelDebug)
 	mb, _ := json.Marshal(meta{Site: o.Site, Role: o.Role})
 	c.Delegate = metaDelegate(mb)
+	// Members learnt of only as they leave or die still count as seen, so
+	// their site shows as dead rather than unknown.
+	c.Events = &memberlist.ChannelEventDelegate{Ch: p.events}
 	p.keys = o.Keys
 	p.primary = o.Keys.primary(time.Now())
 	if c.Keyring, err = memberlist.NewKeyring(o.Keys.Keys, p.primary); err != nil {
@@ -230,6 +234,14 @@ func (p *Pool) Run(ctx context.Context) error {
 		case <-ctx.Done():
 			return nil
 		case <-t.C:
+		case e := <-p.events:
+			var m meta
+			if json.Unmarshal(e.Node.Meta, &m) == nil {
+				p.mu.Lock()
+				p.seen[e.Node.Name] = m
+				p.mu.Unlock()
+			}
+			continue
 		}
 		now := time.Now()
 		p.mu.Lock()
@@ -238,7 +250,7 @@ func (p *Pool) Run(ctx context.Context) error {
 			p.log.Error("could not apply the gossip keyring", "err", err)
 		}
 		p.mu.Unlock()
-		if p.ml.NumMembers() <= 1 && len(seeds) > 0 && now.Sub(lastJoin) > 2*time.Second {
+		if p.ml.NumMembers() <= 1 && len(seeds) > 0 && now.Sub(lastJoin) > time.Second {
 			lastJoin = now
 			if n, err := p.ml.Join(seeds); err != nil && n == 0 {
 				p.log.Debug("could not join the gossip pool yet", "seeds", seeds, "err", err)

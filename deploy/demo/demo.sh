@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# make demo: a hub and two sites on loopback, each with example services.
-# Prints the federated catalog as the hub and as each site sees it, then
-# keeps running until Ctrl-C, when it stops everything and cleans up.
+# make demo: a hub and three sites on loopback. east and west run example
+# services, default/echo behind a proxy and a gateway each; central runs a
+# client proxy. Prints the federated catalog, sends calls from central
+# through east's gateway, kills that gateway and shows the calls move to
+# west; then keeps running until Ctrl-C, when it stops everything and
+# cleans up.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BIN=${BIN:-bin/meshfed}
@@ -26,23 +29,28 @@ export MESHFED_CONFIG="$DEMO/hub/admin.conf"
 HUB=127.0.0.1:17443
 
 step "starting the hub (state in $DEMO/hub)"
-"$BIN" hub --data-dir "$DEMO/hub" --listen "$HUB" --http-listen 127.0.0.1:17080 --bundle-listen 127.0.0.1:17444 --federation demo.meshfed >"$DEMO/hub.log" 2>&1 &
+"$BIN" hub --data-dir "$DEMO/hub" --listen "$HUB" --http-listen 127.0.0.1:17080 --bundle-listen 127.0.0.1:17444 \
+  --gossip-listen 127.0.0.1:17300 --federation demo.meshfed >"$DEMO/hub.log" 2>&1 &
 PIDS+=($!)
 wait_http http://127.0.0.1:17080/readyz hub hub
 
-step "registering two sites"
+step "registering three sites"
 "$BIN" site add east --kind docker --region us-east --zone us-east-1a --gateway-address 127.0.0.1:15443 >/dev/null
 "$BIN" site add west --kind docker --region us-west --zone us-west-2a --gateway-address 127.0.0.1:25443 >/dev/null
+"$BIN" site add central --kind docker --region us-central --zone us-central-1a --gateway-address 127.0.0.1:35443 >/dev/null
 "$BIN" site list
 
 port=17180
 idport=17190
-for site in east west; do
+for site in east west central; do
+  services=()
+  [ -f "deploy/demo/$site.yaml" ] && services=(--services "deploy/demo/$site.yaml" --services-poll 200ms)
   step "joining site $site with a one-time token"
   token=$("$BIN" site token create --site "$site" --ttl 10m)
   echo "token: ${token:0:12}… (single-use, pins the hub's CA)"
   "$BIN" spoke --site "$site" --hub "$HUB" --token "$token" --data-dir "$DEMO/$site" \
-    --services "deploy/demo/$site.yaml" --services-poll 200ms --http-listen "127.0.0.1:$port" --identity-listen "127.0.0.1:$idport" --xds-listen "127.0.0.1:$((idport + 10))" >"$DEMO/$site.log" 2>&1 &
+    "${services[@]}" --http-listen "127.0.0.1:$port" --identity-listen "127.0.0.1:$idport" --xds-listen "127.0.0.1:$((idport + 10))" \
+    --gossip-listen "127.0.0.1:$((port + 130))" >"$DEMO/$site.log" 2>&1 &
   PIDS+=($!)
   wait_http "http://127.0.0.1:$port/readyz" "spoke $site" "$site"
   port=$((port + 1)); idport=$((idport + 1))
@@ -67,11 +75,65 @@ step "the catalog as site east sees it (its spoke's view)"
 step "the catalog as site west sees it"
 "$BIN" service list --spoke 127.0.0.1:17181
 
+# The data plane: for each of east and west, the echo app, the proxy in
+# front of it (its endpoint) and the site's gateway; a client proxy in central.
+step "starting apps, proxies and gateways (each attests with a one-time node token)"
+dataplane() { # dataplane NAME SITE COMMAND ARGS...
+  local name=$1 site=$2; shift 2
+  local token
+  token=$("$BIN" vm token create --site "$site" --node "$name")
+  "$BIN" "$@" --token "$token" >"$DEMO/$name.log" 2>&1 &
+  PIDS+=($!)
+}
+i=0
+for site in east west; do
+  sid=$((17190 + i)); gw=$([ "$site" = east ] && echo 15443 || echo 25443)
+  "$BIN" debug echo --listen "127.0.0.1:$((18081 + i))" --name "$site" >"$DEMO/$site-app.log" 2>&1 &
+  PIDS+=($!)
+  dataplane "$site-host" "$site" proxy --identity "127.0.0.1:$sid" --xds "127.0.0.1:$((sid + 10))" --http-listen "127.0.0.1:$((17400 + i))" \
+    --workload "spiffe://$site.demo.meshfed/ns/default/sa/echo" --address "127.0.0.$((11 + 10 * i))" --inbound "18080=127.0.0.1:$((18081 + i))" --outbound-prefix -
+  dataplane "$site-gw" "$site" gateway --site "$site" --listen "127.0.0.1:$gw" --identity "127.0.0.1:$sid" --xds "127.0.0.1:$((sid + 10))" \
+    --http-listen "127.0.0.1:$((17410 + i))" --gossip-listen "127.0.0.1:$((17320 + i))"
+  [ "$site" = east ] && EAST_GW=${PIDS[-1]}
+  i=$((i + 1))
+done
+# Only central's client may call default/echo; after zone and region, east
+# comes before west.
+cat >"$DEMO/echo-policy.yaml" <<YAML
+service: default/echo
+failover: [east, west]
+outlierDetection: {consecutiveFailures: 3, interval: 1s, baseEjectionTime: 5s}
+allow: [spiffe://central.demo.meshfed/meshfed/node/client-host]
+YAML
+"$BIN" policy apply -f "$DEMO/echo-policy.yaml"
+dataplane client-host central proxy --identity 127.0.0.1:17192 --xds 127.0.0.1:17202 --http-listen 127.0.0.1:17420 --outbound-prefix 127.130.0.0/16
+wait_http http://127.0.0.1:17420/readyz "central's proxy" client-host
+ECHO=""
+for _ in $(seq 1 100); do
+  ECHO=$(curl -s 127.0.0.1:17420/v1/listeners | sed -n 's/.*"echo.default:8080":"\([^"]*\)".*/\1/p')
+  [ -n "$ECHO" ] && "$BIN" debug call "$ECHO" --count 1 --timeout 1s 2>/dev/null | grep -q east && break
+  sleep 0.2
+done
+# The hub is in the gossip pool too: wait until it sees both gateways.
+for _ in $(seq 1 100); do [ "$("$BIN" site list | grep -Ec ' alive ')" -ge 2 ] && break; sleep 0.1; done
+step "calls from central to default/echo at $ECHO (the client proxy's listener): through east's gateway"
+"$BIN" debug call "$ECHO" --count 20
+step "the sites, by the hub (STATE) and by the gossip pool (GOSSIP)"
+"$BIN" site list
+step "killing east's gateway (SIGKILL): gossip marks east down everywhere within about a second"
+{ kill -9 "$EAST_GW" && wait "$EAST_GW"; } 2>/dev/null || true
+for _ in $(seq 1 50); do "$BIN" site list | grep -Eq '^east +docker +[^ ]+ +[a-z]+ +(dead|suspect)' && break; sleep 0.1; done
+"$BIN" debug call "$ECHO" --count 20
+"$BIN" site list
+
 cat <<TXT
 
 The federation is running. Try, in another shell:
   export MESHFED_CONFIG=$MESHFED_CONFIG
-  $BIN site list                      # state, last sync, counts
+  $BIN site list                      # state, gossip, last sync, counts
+  $BIN debug call $ECHO --count 50      # calls from central's proxy
+  $BIN policy get default/echo -o yaml
+  curl -s 127.0.0.1:17420/metrics | grep meshfed_proxy_upstream   # per cluster and locality
   $BIN service show shop/payments -o yaml
   edit deploy/demo/east.yaml and watch: $BIN service list --spoke 127.0.0.1:17181
   curl -s 127.0.0.1:17080/metrics | grep meshfed_hub_
