@@ -224,6 +224,7 @@ func newClusterRemoveCmd(g *globals) *cobra.Command {
 			for _, gvr := range []schema.GroupVersionResource{
 				{Group: "discovery.k8s.io", Version: "v1", Resource: "endpointslices"},
 				{Group: "multicluster.x-k8s.io", Version: "v1alpha1", Resource: "serviceimports"},
+				{Group: "", Version: "v1", Resource: "services"}, // the imports' ClusterSetIPs
 			} {
 				l, err := dyn.Resource(gvr).List(ctx, sel)
 				if err != nil && !strings.Contains(err.Error(), "the server could not find the requested resource") {

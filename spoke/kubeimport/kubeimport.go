@@ -4,11 +4,17 @@
 // EndpointSlice per remote site (labelled multicluster.kubernetes.io/
 // service-name and managed-by meshfed) whose endpoints are that site's
 // east-west gateway addresses, ready while the site has a healthy endpoint.
-// It also sets the MCS conditions on the cluster's own ServiceExports.
+// The ServiceImport's ClusterSetIP (spec.ips) is the cluster IP of a
+// selectorless Service meshfed-<name> that the slices also belong to, so
+// kube-proxy routes the VIP to the gateways and a multicluster DNS server
+// (CoreDNS's multicluster plugin) answers <name>.<ns>.svc.clusterset.local
+// with it. It also sets the MCS conditions on the cluster's own
+// ServiceExports.
 package kubeimport
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net"
@@ -27,6 +33,7 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
 	corelisters "k8s.io/client-go/listers/core/v1"
@@ -179,24 +186,96 @@ func (im *Importer) reconcile(ctx context.Context, site string, view *spoke.View
 	if len(remote) == 0 {
 		return im.withdraw(ctx, ns, name)
 	}
-	if err := im.applyImport(ctx, ns, name, remote); err != nil {
-		return err
+	ports := importPorts(remote)
+	// Without its ClusterSetIP (the cluster's service range may be full),
+	// the import and its endpoints are still written; the IP is retried.
+	vip, derr := im.applyDerived(ctx, ns, name, ports)
+	if derr != nil {
+		derr = fmt.Errorf("the ClusterSetIP of %s/%s (Service %s): %w", ns, name, DerivedServiceName(name), derr)
 	}
-	return im.applySlices(ctx, view, ns, name, remote)
+	if err := im.applyImport(ctx, ns, name, remote, ports, vip); err != nil {
+		return errors.Join(err, derr)
+	}
+	return errors.Join(im.applySlices(ctx, view, ns, name, remote), derr)
 }
 
-func (im *Importer) applyImport(ctx context.Context, ns, name string, remote []*meshfedv1.Service) error {
+// importPorts are the union of the remote sites' ports, sorted.
+func importPorts(remote []*meshfedv1.Service) []mcsv1a1.ServicePort {
 	ports := map[string]mcsv1a1.ServicePort{}
-	var clusters []mcsv1a1.ClusterStatus
 	for _, s := range remote {
 		for _, p := range s.GetPorts() {
 			ports[p.GetName()+"/"+p.GetProtocol()] = mcsv1a1.ServicePort{Name: p.GetName(), Port: int32(p.GetPort()), Protocol: corev1.Protocol(p.GetProtocol())}
 		}
+	}
+	out := make([]mcsv1a1.ServicePort, 0, len(ports))
+	for _, k := range sortedKeys(ports) {
+		out = append(out, ports[k])
+	}
+	return out
+}
+
+// DerivedServiceName is the selectorless Service whose cluster IP is an
+// import's ClusterSetIP.
+func DerivedServiceName(name string) string {
+	n := "meshfed-" + name
+	if len(n) > 63 {
+		n = n[:63]
+	}
+	return strings.TrimRight(n, "-")
+}
+
+// applyDerived keeps the import's derived Service (the cluster allocates
+// its IP) and returns that IP.
+func (im *Importer) applyDerived(ctx context.Context, ns, name string, ports []mcsv1a1.ServicePort) (string, error) {
+	svcs := im.o.Client.CoreV1().Services(ns)
+	want := corev1.ServiceSpec{Type: corev1.ServiceTypeClusterIP}
+	for _, p := range ports {
+		want.Ports = append(want.Ports, corev1.ServicePort{Name: p.Name, Port: p.Port, Protocol: p.Protocol, TargetPort: intstr.FromInt32(p.Port)})
+	}
+	dn := DerivedServiceName(name)
+	cur, err := svcs.Get(ctx, dn, metav1.GetOptions{})
+	if apierrors.IsNotFound(err) {
+		cur, err = svcs.Create(ctx, &corev1.Service{
+			ObjectMeta: metav1.ObjectMeta{Name: dn, Namespace: ns, Labels: map[string]string{discoveryv1.LabelManagedBy: kubesource.ManagedBy, mcsv1a1.LabelServiceName: name}},
+			Spec:       want,
+		}, metav1.CreateOptions{})
+		if err != nil {
+			return "", err
+		}
+		return cur.Spec.ClusterIP, nil
+	}
+	if err != nil {
+		return "", err
+	}
+	if cur.Labels[discoveryv1.LabelManagedBy] != kubesource.ManagedBy {
+		return "", fmt.Errorf("Service %s/%s exists and is not meshfed's: rename it, meshfed derives the ClusterSetIP of %s from it", ns, dn, name)
+	}
+	if !equality.Semantic.DeepEqual(portsOf(cur.Spec.Ports), portsOf(want.Ports)) {
+		cur.Spec.Ports = want.Ports
+		if cur, err = svcs.Update(ctx, cur, metav1.UpdateOptions{}); err != nil {
+			return "", err
+		}
+	}
+	return cur.Spec.ClusterIP, nil
+}
+
+// portsOf drops what the server fills in (node ports, defaults).
+func portsOf(ps []corev1.ServicePort) []corev1.ServicePort {
+	out := make([]corev1.ServicePort, len(ps))
+	for i, p := range ps {
+		out[i] = corev1.ServicePort{Name: p.Name, Port: p.Port, Protocol: p.Protocol, TargetPort: p.TargetPort}
+	}
+	return out
+}
+
+func (im *Importer) applyImport(ctx context.Context, ns, name string, remote []*meshfedv1.Service, ports []mcsv1a1.ServicePort, vip string) error {
+	var clusters []mcsv1a1.ClusterStatus
+	for _, s := range remote {
 		clusters = append(clusters, mcsv1a1.ClusterStatus{Cluster: s.GetSite()})
 	}
-	spec := mcsv1a1.ServiceImportSpec{Type: mcsv1a1.ClusterSetIP}
-	for _, k := range sortedKeys(ports) {
-		spec.Ports = append(spec.Ports, ports[k])
+	spec := mcsv1a1.ServiceImportSpec{Type: mcsv1a1.ClusterSetIP, Ports: ports}
+	if vip != "" && vip != corev1.ClusterIPNone {
+		spec.IPs = []string{vip}
 	}
 	imports := im.o.MCS.MulticlusterV1alpha1().ServiceImports(ns)
 	cur, err := imports.Get(ctx, name, metav1.GetOptions{})
@@ -281,7 +360,11 @@ func (im *Importer) slice(view *spoke.View, ns, name string, s *meshfedv1.Servic
 	es := &discoveryv1.EndpointSlice{
 		ObjectMeta: metav1.ObjectMeta{
 			Name: name + "-" + s.GetSite() + "-meshfed", Namespace: ns,
-			Labels: map[string]string{mcsv1a1.LabelServiceName: name, discoveryv1.LabelManagedBy: kubesource.ManagedBy, LabelSourceSite: s.GetSite()},
+			Labels: map[string]string{
+				mcsv1a1.LabelServiceName: name, discoveryv1.LabelManagedBy: kubesource.ManagedBy, LabelSourceSite: s.GetSite(),
+				// The derived Service's too, so kube-proxy routes its IP here.
+				discoveryv1.LabelServiceName: DerivedServiceName(name),
+			},
 		},
 		AddressType: discoveryv1.AddressTypeIPv4,
 	}
@@ -325,6 +408,14 @@ func (im *Importer) withdraw(ctx context.Context, ns, name string) error {
 	imports := im.o.MCS.MulticlusterV1alpha1().ServiceImports(ns)
 	if cur, err := imports.Get(ctx, name, metav1.GetOptions{}); err == nil && cur.Labels[discoveryv1.LabelManagedBy] == kubesource.ManagedBy {
 		if err := imports.Delete(ctx, name, metav1.DeleteOptions{}); err != nil && !apierrors.IsNotFound(err) {
+			return err
+		}
+	} else if err != nil && !apierrors.IsNotFound(err) {
+		return err
+	}
+	svcs := im.o.Client.CoreV1().Services(ns)
+	if cur, err := svcs.Get(ctx, DerivedServiceName(name), metav1.GetOptions{}); err == nil && cur.Labels[discoveryv1.LabelManagedBy] == kubesource.ManagedBy {
+		if err := svcs.Delete(ctx, cur.Name, metav1.DeleteOptions{}); err != nil && !apierrors.IsNotFound(err) {
 			return err
 		}
 	} else if err != nil && !apierrors.IsNotFound(err) {

@@ -102,6 +102,16 @@ func TestClusterRegister(t *testing.T) {
 			_, err := sa.DiscoveryV1().EndpointSlices("default").Create(ctx, slice(map[string]string{discoveryv1.LabelManagedBy: "meshfed"}), metav1.CreateOptions{})
 			return err
 		})
+		// Services: only meshfed's own (the imports' ClusterSetIPs).
+		svc := func(name string, labels map[string]string) *corev1.Service {
+			return &corev1.Service{ObjectMeta: metav1.ObjectMeta{Name: name, Labels: labels}, Spec: corev1.ServiceSpec{Ports: []corev1.ServicePort{{Port: 80}}}}
+		}
+		if _, err := sa.CoreV1().Services("default").Create(ctx, svc("probe-foreign", nil), metav1.CreateOptions{}); err == nil || !strings.Contains(err.Error(), "managed by meshfed") {
+			t.Errorf("creating a Service that is not meshfed's = %v, want refused by the admission policy", err)
+		}
+		if _, err := sa.CoreV1().Services("default").Create(ctx, svc("meshfed-probe", map[string]string{discoveryv1.LabelManagedBy: "meshfed"}), metav1.CreateOptions{}); err != nil {
+			t.Errorf("creating meshfed's own Service: %v", err)
+		}
 	})
 	t.Run("remove leaves no meshfed object behind", func(t *testing.T) {
 		f.mustCLI("cluster", "remove", "east", "--kubeconfig", k.Kubeconfig)
@@ -152,6 +162,10 @@ func noMeshfedObjects(ctx context.Context, k *harness.Kube) error {
 		if n > 0 {
 			return fmt.Errorf("%d %s left in meshfed-system", n, kind)
 		}
+	}
+	// What the spoke wrote in other namespaces (imports' derived Services).
+	if l, _ := k.Client.CoreV1().Services("").List(ctx, metav1.ListOptions{LabelSelector: "endpointslice.kubernetes.io/managed-by=meshfed"}); len(l.Items) > 0 {
+		return fmt.Errorf("Service %s/%s left", l.Items[0].Namespace, l.Items[0].Name)
 	}
 	ns, err := k.Client.CoreV1().Namespaces().Get(ctx, "meshfed-system", metav1.GetOptions{})
 	if err == nil && ns.DeletionTimestamp == nil {

@@ -126,12 +126,21 @@ func TestKubernetesImport(t *testing.T) {
 			if len(si.Spec.Ports) != 1 || si.Spec.Ports[0].Port != 80 || len(si.Status.Clusters) != 1 || si.Status.Clusters[0].Cluster != "east" {
 				return fmt.Errorf("ServiceImport %+v %+v", si.Spec, si.Status)
 			}
+			// The ClusterSetIP is the cluster IP west's apiserver allocated to
+			// the derived Service, which the imported slices belong to.
+			derived, err := west.Client.CoreV1().Services("shop").Get(ctx, kubeimport.DerivedServiceName("cart"), metav1.GetOptions{})
+			if err != nil {
+				return err
+			}
+			if derived.Spec.ClusterIP == "" || len(si.Spec.IPs) != 1 || si.Spec.IPs[0] != derived.Spec.ClusterIP || len(derived.Spec.Selector) != 0 {
+				return fmt.Errorf("ServiceImport IPs %v, derived Service %s with IP %q and selector %v", si.Spec.IPs, derived.Name, derived.Spec.ClusterIP, derived.Spec.Selector)
+			}
 			slices, err := west.importedSlices("cart")
 			if err != nil || len(slices) != 1 {
 				return fmt.Errorf("%d slices (%v)", len(slices), err)
 			}
 			es := slices[0]
-			if es.Labels[kubeimport.LabelSourceSite] != "east" || es.AddressType != discoveryv1.AddressTypeFQDN || len(es.Endpoints) != 1 || es.Endpoints[0].Addresses[0] != gwHost || !*es.Endpoints[0].Conditions.Ready || *es.Ports[0].Port != gwPort {
+			if es.Labels[kubeimport.LabelSourceSite] != "east" || es.Labels[discoveryv1.LabelServiceName] != kubeimport.DerivedServiceName("cart") || es.AddressType != discoveryv1.AddressTypeFQDN || len(es.Endpoints) != 1 || es.Endpoints[0].Addresses[0] != gwHost || !*es.Endpoints[0].Conditions.Ready || *es.Ports[0].Port != gwPort {
 				return fmt.Errorf("slice %+v", es)
 			}
 			return nil
@@ -179,6 +188,9 @@ func TestKubernetesImport(t *testing.T) {
 			slices, err := west.importedSlices("cart")
 			if err != nil || len(slices) != 0 {
 				return fmt.Errorf("%d imported slices left (%v)", len(slices), err)
+			}
+			if _, err := west.Client.CoreV1().Services("shop").Get(ctx, kubeimport.DerivedServiceName("cart"), metav1.GetOptions{}); !apierrors.IsNotFound(err) {
+				return fmt.Errorf("the derived Service is still there (%v)", err)
 			}
 			return nil
 		})

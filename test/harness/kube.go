@@ -110,7 +110,7 @@ func KubeAPIServer(t testing.TB, etcdURL, name string) *Kube {
 		"--service-account-issuer", "https://kubernetes.default.svc.cluster.local",
 		"--service-account-key-file", filepath.Join(dir, "sa.pub"),
 		"--service-account-signing-key-file", filepath.Join(dir, "sa.key"),
-		"--service-cluster-ip-range", "10.96.0.0/24",
+		"--service-cluster-ip-range", "10.96.0.0/16",
 		"--authorization-mode", "RBAC",
 		"--enable-priority-and-fairness=false",
 		"--profiling=false",
