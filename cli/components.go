@@ -129,6 +129,12 @@ func newSpokeCmd(g *globals) *cobra.Command {
 			if o.CA.Storage, err = secretStorage(o, "ca-secret", caSecret, inCluster, "meshfed-system/meshfed-site-ca"); err != nil {
 				return err
 			}
+			if o.BundleConfigMap == "" && inCluster {
+				o.BundleConfigMap = "meshfed-system/meshfed-site-bundle"
+			}
+			if o.BundleConfigMap != "" && o.Kube == nil {
+				return fmt.Errorf("--ca-configmap needs a cluster: pass --kubeconfig or run the spoke in the cluster")
+			}
 			sp, err = spoke.New(ctx, o)
 			if err != nil {
 				return err
@@ -145,6 +151,7 @@ func newSpokeCmd(g *globals) *cobra.Command {
 	f.StringVar(&kubeconfig, "kubeconfig", "", "kubeconfig of the site's cluster, when the spoke runs outside it (inside, the in-cluster config is used)")
 	f.StringVar(&kubeContext, "context", "", "kubeconfig context")
 	f.StringVar(&credSecret, "credential-secret", "", "keep the spoke's hub credential in this Kubernetes Secret, namespace/name (default in a cluster: meshfed-system/meshfed-spoke-credential; outside: spoke.conf under --data-dir)")
+	f.StringVar(&o.BundleConfigMap, "ca-configmap", "", "publish the site's CA certificates in this ConfigMap, namespace/name, for pods that attest with ServiceAccount tokens (default in a cluster: meshfed-system/meshfed-site-bundle)")
 	f.StringVar(&caSecret, "ca-secret", "", "keep the site CA in this Kubernetes Secret, namespace/name (default in a cluster: meshfed-system/meshfed-site-ca; outside: files under --data-dir)")
 	f.DurationVar(&poll, "services-poll", time.Second, "how often to check the services file for changes")
 	f.StringVar(&o.HTTPListen, "http-listen", "127.0.0.1:7180", "address for /healthz, /readyz, /metrics and /v1/catalog (- disables)")

@@ -10,6 +10,8 @@ import (
 	"crypto/x509"
 	"fmt"
 	"log/slog"
+	"os"
+	"strings"
 	"sync"
 	"time"
 
@@ -28,8 +30,17 @@ import (
 type Options struct {
 	// Addr is the spoke's identity endpoint. Required.
 	Addr string
-	// Token is a one-time node token (`meshfed vm token create`). Required.
+	// Token is a one-time node token (`meshfed vm token create`); it pins
+	// the site's CA.
 	Token string
+	// KubernetesTokenFile, instead of Token: a projected ServiceAccount
+	// token (audience "meshfed") that the spoke checks with a TokenReview;
+	// read again at each attestation, as the kubelet rotates it.
+	KubernetesTokenFile string
+	// CAFile is the site's CA certificates (the ConfigMap the spoke
+	// publishes), which the spoke must chain to; needed with
+	// KubernetesTokenFile.
+	CAFile string
 	// Workload, when set, is the SPIFFE ID to hold instead of the node's:
 	// the site's catalog must list an endpoint with that identity on the
 	// node (label meshfed.io/node).
@@ -53,19 +64,8 @@ func New(ctx context.Context, o Options) (*Client, error) {
 	if o.Logger == nil {
 		o.Logger = slog.Default()
 	}
-	tok, err := hubclient.ParseToken(o.Token)
-	if err != nil {
-		return nil, fmt.Errorf("node token: %w", err)
-	}
 	c := &Client{o: o, log: o.Logger.With("component", "identity")}
-	conn, err := hubclient.DialPinned(o.Addr, tok.CAPin)
-	if err != nil {
-		return nil, err
-	}
-	defer conn.Close()
-	if err := c.fetch(ctx, conn, func(ctx context.Context, ic meshfedv1.IdentityClient, csr []byte) (*meshfedv1.SVIDResponse, error) {
-		return ic.Attest(ctx, &meshfedv1.AttestRequest{Credential: &meshfedv1.AttestRequest_NodeToken{NodeToken: o.Token}, Csr: csr})
-	}); err != nil {
+	if err := c.attest(ctx); err != nil {
 		return nil, fmt.Errorf("attest at %s: %w", o.Addr, err)
 	}
 	if o.Workload != "" {
@@ -76,6 +76,71 @@ func New(ctx context.Context, o Options) (*Client, error) {
 		}
 	}
 	return c, nil
+}
+
+// attest gets the first SVID: with a node token, trusting the spoke by the
+// CA pin in the token; with a ServiceAccount token, by the CA file.
+func (c *Client) attest(ctx context.Context) error {
+	var conn *grpc.ClientConn
+	var cred *meshfedv1.AttestRequest
+	switch {
+	case c.o.Token != "":
+		tok, err := hubclient.ParseToken(c.o.Token)
+		if err != nil {
+			return fmt.Errorf("node token: %w", err)
+		}
+		if conn, err = hubclient.DialPinned(c.o.Addr, tok.CAPin); err != nil {
+			return err
+		}
+		cred = &meshfedv1.AttestRequest{Credential: &meshfedv1.AttestRequest_NodeToken{NodeToken: c.o.Token}}
+	case c.o.KubernetesTokenFile != "":
+		tok, err := os.ReadFile(c.o.KubernetesTokenFile)
+		if err != nil {
+			return fmt.Errorf("ServiceAccount token: %w", err)
+		}
+		pem, err := os.ReadFile(c.o.CAFile)
+		if err != nil {
+			return fmt.Errorf("the site's CA file (--ca-file, from the spoke's ConfigMap): %w", err)
+		}
+		tc, err := spokeTLS(pem)
+		if err != nil {
+			return err
+		}
+		if conn, err = grpc.NewClient("passthrough:///"+c.o.Addr, grpc.WithTransportCredentials(credentials.NewTLS(tc))); err != nil {
+			return err
+		}
+		cred = &meshfedv1.AttestRequest{Credential: &meshfedv1.AttestRequest_KubernetesToken{KubernetesToken: strings.TrimSpace(string(tok))}}
+	default:
+		return fmt.Errorf("no credential: pass a node token, or a ServiceAccount token file with the site's CA file")
+	}
+	defer conn.Close()
+	return c.fetch(ctx, conn, func(ctx context.Context, ic meshfedv1.IdentityClient, csr []byte) (*meshfedv1.SVIDResponse, error) {
+		cred.Csr = csr
+		return ic.Attest(ctx, cred)
+	})
+}
+
+// spokeTLS accepts a server whose chain leads to one of the CA
+// certificates in pem and whose SVID is a spoke's (…/meshfed/spoke).
+func spokeTLS(pem []byte) (*tls.Config, error) {
+	certs, err := ca.ParseCertsPEM(pem)
+	if err != nil {
+		return nil, fmt.Errorf("the site's CA file: %w", err)
+	}
+	if len(certs) == 0 {
+		return nil, fmt.Errorf("the site's CA file holds no certificate")
+	}
+	td, err := ca.SPIFFEID(certs[0])
+	var bundle *x509bundle.Bundle
+	if err == nil {
+		bundle = x509bundle.FromX509Authorities(td.TrustDomain(), certs)
+	} else {
+		return nil, fmt.Errorf("the site's CA certificate names no trust domain: %w", err)
+	}
+	spoke := spiffeid.RequireFromPath(bundle.TrustDomain(), "/meshfed/spoke")
+	tc := tlsconfig.TLSClientConfig(bundle, tlsconfig.AuthorizeID(spoke))
+	tc.MinVersion = tls.VersionTLS13
+	return tc, nil
 }
 
 // SVID is the current SVID.

@@ -21,8 +21,10 @@ import (
 	"github.com/meshfed/meshfed/federation"
 	"github.com/meshfed/meshfed/gossip"
 	"github.com/meshfed/meshfed/hubclient"
+	"github.com/meshfed/meshfed/spoke/kube"
 	"github.com/meshfed/meshfed/spoke/xds"
 	"github.com/meshfed/meshfed/telemetry"
+	"github.com/meshfed/meshfed/trust/ca"
 	"github.com/meshfed/meshfed/trust/siteca"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -62,6 +64,11 @@ type Options struct {
 	// Kube is the site's cluster, for Kubernetes attestation (and, later,
 	// its catalog source). Nil: not a Kubernetes site.
 	Kube kubernetes.Interface
+	// BundleConfigMap ("namespace/name") receives the site's CA
+	// certificates whenever they change, for pods that attest with their
+	// ServiceAccount token (gateways, proxies) to trust the spoke. Needs
+	// Kube. Empty: not published.
+	BundleConfigMap string
 	// IdentityListen serves the SVID API (Identity) to the site's hosts and
 	// workloads. Default "127.0.0.1:7181"; "-" disables.
 	IdentityListen string
@@ -364,6 +371,7 @@ func (s *Spoke) renewLoop(ctx context.Context, conn *grpc.ClientConn) error {
 // caLoop carries out CA rotations the hub asks for and moves them on:
 // the bundle is republished whenever its authorities change.
 func (s *Spoke) caLoop(ctx context.Context) error {
+	s.publishBundle(ctx)
 	t := time.NewTicker(time.Second)
 	defer t.Stop()
 	for {
@@ -392,6 +400,7 @@ func (s *Spoke) caLoop(ctx context.Context) error {
 		}
 		if changed || ticked {
 			s.local.table.Put(federation.BundleResource(federation.BundleToWire(s.o.Site, s.ca.Bundle())))
+			s.publishBundle(ctx)
 		}
 	}
 }
@@ -472,4 +481,18 @@ func kindOf(key string) string {
 		return "site"
 	}
 	return "service"
+}
+
+// publishBundle writes the site's CA certificates to --ca-configmap.
+func (s *Spoke) publishBundle(ctx context.Context) {
+	if s.o.BundleConfigMap == "" || s.o.Kube == nil {
+		return
+	}
+	ns, name, err := kube.ParseSecretRef(s.o.BundleConfigMap)
+	if err == nil {
+		err = kube.PublishBundle(ctx, s.o.Kube, ns, name, ca.EncodeCertPEM(s.ca.Authorities()...))
+	}
+	if err != nil {
+		s.log.Error("could not publish the site CA for pods", "err", err)
+	}
 }

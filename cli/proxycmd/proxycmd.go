@@ -123,6 +123,8 @@ func identityFlags(cmd *cobra.Command, ido *identityclient.Options, o *proxy.Opt
 	f := cmd.Flags()
 	f.StringVar(&ido.Addr, "identity", "127.0.0.1:7181", "the spoke's identity (SVID) API")
 	f.StringVar(&ido.Token, "token", "", "one-time node token from `meshfed vm token create` (or MESHFED_TOKEN)")
+	f.StringVar(&ido.KubernetesTokenFile, "kubernetes-token-file", "", "in a pod, instead of --token: a projected ServiceAccount token with audience meshfed")
+	f.StringVar(&ido.CAFile, "ca-file", "", "with --kubernetes-token-file: the site's CA certificates (the spoke's ConfigMap meshfed-system/meshfed-site-bundle)")
 	f.StringVar(&o.HTTPListen, "http-listen", httpDefault, "address for /healthz, /readyz and /metrics (- disables)")
 	f.DurationVar(&o.DrainTimeout, "drain-timeout", 10*time.Second, "how long live connections may finish after SIGTERM")
 }
@@ -132,8 +134,11 @@ func attest(ctx context.Context, ido identityclient.Options, log *slog.Logger) (
 	if ido.Token == "" {
 		ido.Token = os.Getenv("MESHFED_TOKEN")
 	}
-	if ido.Token == "" {
-		return nil, fmt.Errorf("--token (or MESHFED_TOKEN) is required: create one with `meshfed vm token create --site SITE --node NODE`")
+	if ido.Token == "" && ido.KubernetesTokenFile == "" {
+		return nil, fmt.Errorf("--token (or MESHFED_TOKEN) is required: create one with `meshfed vm token create --site SITE --node NODE`; in a pod, pass --kubernetes-token-file and --ca-file instead")
+	}
+	if ido.KubernetesTokenFile != "" && ido.CAFile == "" {
+		return nil, fmt.Errorf("--kubernetes-token-file needs --ca-file: the site's CA certificates, which the spoke publishes in ConfigMap meshfed-system/meshfed-site-bundle")
 	}
 	ido.Logger = log
 	return identityclient.New(ctx, ido)

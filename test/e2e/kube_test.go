@@ -9,6 +9,7 @@ import (
 	"time"
 
 	meshfedv1 "github.com/meshfed/meshfed/api/meshfed/v1"
+	"github.com/meshfed/meshfed/identityclient"
 	"github.com/meshfed/meshfed/test/harness"
 	"github.com/meshfed/meshfed/trust/ca"
 	authnv1 "k8s.io/api/authentication/v1"
@@ -44,7 +45,7 @@ func TestKubernetesAttestation(t *testing.T) {
 	}
 
 	f := newFederation(t)
-	east := f.addSite("east", "z1", "services: []\n", "--kubeconfig", k.Kubeconfig, "--ca-secret", "meshfed-system/east-ca", "--credential-secret", "meshfed-system/east-cred")
+	east := f.addSite("east", "z1", "services: []\n", "--kubeconfig", k.Kubeconfig, "--ca-secret", "meshfed-system/east-ca", "--credential-secret", "meshfed-system/east-cred", "--ca-configmap", "meshfed-system/meshfed-site-bundle")
 	west := f.addSite("west", "z2", "services: []\n")
 	f.waitBundles(t)
 	// A pod trusts its spoke through the site's bundle, as published.
@@ -66,6 +67,38 @@ func TestKubernetesAttestation(t *testing.T) {
 		}
 		if got, want := w.svid.ID.String(), "spiffe://east.test.meshfed/ns/shop/sa/cart"; got != want {
 			t.Fatalf("SVID %s, want %s", got, want)
+		}
+	})
+	t.Run("a pod trusts its spoke through the published CA ConfigMap and attests with its token file", func(t *testing.T) {
+		// What the gateway Deployment mounts: the projected token and the
+		// ConfigMap the spoke publishes.
+		var pem string
+		harness.Eventually(t, 10*time.Second, "the spoke publishes its CA", func() error {
+			cm, err := k.Client.CoreV1().ConfigMaps("meshfed-system").Get(ctx, "meshfed-site-bundle", metav1.GetOptions{})
+			if err != nil {
+				return err
+			}
+			pem = cm.Data["ca.pem"]
+			return nil
+		})
+		if pem != f.mustCLI("trust", "bundle", "show", "--trust-domain", "east.test.meshfed", "-o", "pem") {
+			t.Fatal("the ConfigMap's CA is not the bundle the hub has for east")
+		}
+		dir := t.TempDir()
+		tokenFile, caFile := filepath.Join(dir, "token"), filepath.Join(dir, "ca.pem")
+		writeFile(t, tokenFile, saToken(t, k, "shop", "cart", "meshfed"))
+		writeFile(t, caFile, pem)
+		c, err := identityclient.New(ctx, identityclient.Options{Addr: east.identity, KubernetesTokenFile: tokenFile, CAFile: caFile})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got, want := c.SVID().ID.String(), "spiffe://east.test.meshfed/ns/shop/sa/cart"; got != want {
+			t.Fatalf("SVID %s, want %s", got, want)
+		}
+		// Another site's CA does not authenticate east's spoke.
+		writeFile(t, caFile, f.mustCLI("trust", "bundle", "show", "--trust-domain", "west.test.meshfed", "-o", "pem"))
+		if _, err := identityclient.New(ctx, identityclient.Options{Addr: east.identity, KubernetesTokenFile: tokenFile, CAFile: caFile}); err == nil {
+			t.Fatal("attested through a spoke the CA file does not vouch for")
 		}
 	})
 	t.Run("a token for another audience is refused", func(t *testing.T) {
