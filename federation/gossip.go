@@ -1,6 +1,10 @@
 package federation
 
 import (
+	"context"
+	"log/slog"
+	"time"
+
 	meshfedv1 "github.com/meshfed/meshfed/api/meshfed/v1"
 	"github.com/meshfed/meshfed/gossip"
 )
@@ -20,4 +24,26 @@ func GossipSeeds(t *Table, site string) []string {
 		}
 	}
 	return out
+}
+
+// RunGossip runs pool until ctx ends, keeping its seeds and keyring in step
+// with t (a hub's table or a spoke's view), site's own seeds left out.
+func RunGossip(ctx context.Context, pool *gossip.Pool, t *Table, site string, log *slog.Logger) error {
+	done := make(chan error, 1)
+	go func() { done <- pool.Run(ctx) }()
+	tick := time.NewTicker(time.Second)
+	defer tick.Stop()
+	for {
+		pool.SetSeeds(GossipSeeds(t, site))
+		if r, ok := t.Get(GossipKeyringKey); ok {
+			if err := pool.SetKeys(KeyringFromWire(r.GetGossipKeyring())); err != nil {
+				log.Error("could not apply the gossip keyring", "err", err)
+			}
+		}
+		select {
+		case err := <-done:
+			return err
+		case <-tick.C:
+		}
+	}
 }

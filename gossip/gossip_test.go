@@ -2,24 +2,15 @@ package gossip
 
 import (
 	"context"
-	"net"
 	"testing"
 	"time"
-)
 
-func freeAddr(t *testing.T) string {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().String()
-}
+	"github.com/meshfed/meshfed/test/harness"
+)
 
 func start(t *testing.T, name, site, role string, key []byte, seeds ...string) (*Pool, context.CancelFunc) {
 	t.Helper()
-	p, err := New(Options{Name: name, Site: site, Role: role, Bind: freeAddr(t), Keys: Keyring{Keys: [][]byte{key}}})
+	p, err := New(Options{Name: name, Site: site, Role: role, Bind: harness.FreePort(t), Keys: Keyring{Keys: [][]byte{key}}})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -83,21 +83,5 @@ func (h *Hub) runGossip(ctx context.Context) error {
 	h.mu.Lock()
 	h.pool = pool
 	h.mu.Unlock()
-	done := make(chan error, 1)
-	go func() { done <- pool.Run(ctx) }()
-	t := time.NewTicker(time.Second)
-	defer t.Stop()
-	for {
-		pool.SetSeeds(federation.GossipSeeds(h.table, ""))
-		if r, ok := h.table.Get(federation.GossipKeyringKey); ok {
-			if err := pool.SetKeys(federation.KeyringFromWire(r.GetGossipKeyring())); err != nil {
-				h.log.Error("could not apply the gossip keyring", "err", err)
-			}
-		}
-		select {
-		case err := <-done:
-			return err
-		case <-t.C:
-		}
-	}
+	return federation.RunGossip(ctx, pool, h.table, "", h.log)
 }

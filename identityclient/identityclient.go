@@ -213,11 +213,7 @@ func (c *Client) call(ctx context.Context, issue issueFunc) error {
 }
 
 func (c *Client) fetch(ctx context.Context, conn *grpc.ClientConn, issue issueFunc) error {
-	key, err := ca.NewKey()
-	if err != nil {
-		return err
-	}
-	csr, err := ca.NewCSR(key)
+	key, csr, err := ca.NewKeyAndCSR()
 	if err != nil {
 		return err
 	}

@@ -168,11 +168,7 @@ func (c *credentials) renewAt() time.Time {
 
 // renew exchanges the certificate for a fresh one and stores it.
 func (c *credentials) renew(ctx context.Context, conn *grpc.ClientConn, site string) error {
-	key, err := ca.NewKey()
-	if err != nil {
-		return err
-	}
-	csr, err := ca.NewCSR(key)
+	key, csr, err := ca.NewKeyAndCSR()
 	if err != nil {
 		return err
 	}

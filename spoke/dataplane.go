@@ -100,19 +100,5 @@ func (s *Spoke) runGossip(ctx context.Context) error {
 	}
 	s.pool.Store(pool)
 	s.local.SetGossipAddresses([]string{pool.Addr()})
-	done := make(chan error, 1)
-	go func() { done <- pool.Run(ctx) }()
-	for {
-		pool.SetSeeds(federation.GossipSeeds(s.view.table, s.o.Site))
-		if r, ok := s.view.table.Get(federation.GossipKeyringKey); ok {
-			if err := pool.SetKeys(federation.KeyringFromWire(r.GetGossipKeyring())); err != nil {
-				s.log.Error("could not apply the gossip keyring", "err", err)
-			}
-		}
-		select {
-		case err := <-done:
-			return err
-		case <-t.C:
-		}
-	}
+	return federation.RunGossip(ctx, pool, s.view.table, s.o.Site, s.log)
 }

@@ -68,22 +68,8 @@ func (is *identityServer) servingCert(*tls.ClientHelloInfo) (*tls.Certificate, e
 
 // serve runs the identity endpoint on ln until ctx ends.
 func (is *identityServer) serve(ctx context.Context, ln net.Listener) error {
-	base := &tls.Config{
-		MinVersion:     tls.VersionTLS13,
-		GetCertificate: is.servingCert,
-		// Attest is called before the caller has an SVID; Renew checks one.
-		ClientAuth: tls.VerifyClientCertIfGiven,
-	}
-	// Client CAs follow rotations: every CA whose SVIDs are still live.
-	base.GetConfigForClient = func(*tls.ClientHelloInfo) (*tls.Config, error) {
-		c := base.Clone()
-		c.GetConfigForClient = nil
-		c.ClientCAs = x509.NewCertPool()
-		for _, a := range is.s.ca.Authorities() {
-			c.ClientCAs.AddCert(a)
-		}
-		return c, nil
-	}
+	// Attest is called before the caller has an SVID; Renew checks one.
+	base := is.s.ca.ServerTLS(is.servingCert, tls.VerifyClientCertIfGiven)
 	srv := grpc.NewServer(grpc.Creds(grpccreds.NewTLS(base)))
 	meshfedv1.RegisterIdentityServer(srv, is)
 	go func() {

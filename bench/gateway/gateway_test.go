@@ -105,7 +105,7 @@ backend sink
 	for name, addr := range map[string]string{"gateway": gw, "haproxy": hp} {
 		deadline := time.Now().Add(30 * time.Second)
 		for {
-			if _, err := load.Connect(tlsDial(addr, echoSNI), 100, 1, reqSize); err == nil {
+			if _, err := load.ConnectEach([]load.Dial{tlsDial(addr, echoSNI)}, 1, reqSize); err == nil {
 				break
 			} else if time.Now().After(deadline) {
 				b.Fatalf("%s does not pass TLS to the echo backend: %v", name, err)

@@ -67,48 +67,6 @@ func Latency(dial Dial, rate, conns, size int, d time.Duration) ([]time.Duration
 	return out, nil
 }
 
-// Connect makes n request/response exchanges at rate per second, each on a
-// new connection (dial, handshake, size bytes echoed), and returns their
-// durations, sorted.
-func Connect(dial Dial, rate, n, size int) ([]time.Duration, error) {
-	out := make([]time.Duration, n)
-	errs := make(chan error, n)
-	var wg sync.WaitGroup
-	t := time.NewTicker(time.Second / time.Duration(rate))
-	defer t.Stop()
-	for i := 0; i < n; i++ {
-		<-t.C
-		wg.Add(1)
-		go func(i int) {
-			defer wg.Done()
-			start := time.Now()
-			c, err := dial()
-			if err != nil {
-				errs <- err
-				return
-			}
-			defer c.Close()
-			buf := make([]byte, size)
-			if _, err := c.Write(buf); err != nil {
-				errs <- err
-				return
-			}
-			if _, err := io.ReadFull(c, buf); err != nil {
-				errs <- err
-				return
-			}
-			out[i] = time.Since(start)
-		}(i)
-	}
-	wg.Wait()
-	close(errs)
-	if err := <-errs; err != nil {
-		return nil, err
-	}
-	slices.Sort(out)
-	return out, nil
-}
-
 // ConnectEach makes rounds rounds of request/response exchanges, each on a
 // new connection, one to every dialer in turn (the order rotating), so
 // every target is measured under the same conditions; it returns each

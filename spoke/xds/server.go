@@ -4,7 +4,6 @@ import (
 	"context"
 	"crypto/sha256"
 	"crypto/tls"
-	"crypto/x509"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -128,20 +127,7 @@ func (s *Server) Changed() {
 
 // Run serves until ctx ends.
 func (s *Server) Run(ctx context.Context) error {
-	tc := &tls.Config{
-		MinVersion:     tls.VersionTLS13,
-		GetCertificate: s.servingCert(),
-		ClientAuth:     tls.RequireAndVerifyClientCert,
-	}
-	tc.GetConfigForClient = func(*tls.ClientHelloInfo) (*tls.Config, error) {
-		c := tc.Clone()
-		c.GetConfigForClient = nil
-		c.ClientCAs = x509.NewCertPool()
-		for _, a := range s.o.CA.Authorities() {
-			c.ClientCAs.AddCert(a)
-		}
-		return c, nil
-	}
+	tc := s.o.CA.ServerTLS(s.servingCert(), tls.RequireAndVerifyClientCert)
 	gs := grpc.NewServer(
 		grpc.Creds(grpccreds.NewTLS(tc)),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),

@@ -198,6 +198,19 @@ func NewCSR(key crypto.Signer) ([]byte, error) {
 	return x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{Subject: pkix.Name{Organization: []string{"meshfed"}}}, key)
 }
 
+// NewKeyAndCSR makes a key and a CSR for it, to be signed elsewhere.
+func NewKeyAndCSR() (crypto.Signer, []byte, error) {
+	key, err := NewKey()
+	if err != nil {
+		return nil, nil, err
+	}
+	csr, err := NewCSR(key)
+	if err != nil {
+		return nil, nil, err
+	}
+	return key, csr, nil
+}
+
 // EncodeCertPEM encodes certificates as PEM.
 func EncodeCertPEM(certs ...*x509.Certificate) []byte {
 	var out []byte

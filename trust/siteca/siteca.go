@@ -6,6 +6,7 @@ package siteca
 
 import (
 	"crypto"
+	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
 	"errors"
@@ -258,4 +259,20 @@ func (s *SiteCA) Sign(l ca.Leaf) (*x509.Certificate, error) {
 	signer := s.ca
 	s.mu.Unlock()
 	return signer.Sign(l)
+}
+
+// ServerTLS is a TLS 1.3 server configuration whose client CAs follow the
+// site's authorities, rotations included: every CA whose SVIDs are live.
+func (s *SiteCA) ServerTLS(getCert func(*tls.ClientHelloInfo) (*tls.Certificate, error), auth tls.ClientAuthType) *tls.Config {
+	base := &tls.Config{MinVersion: tls.VersionTLS13, GetCertificate: getCert, ClientAuth: auth}
+	base.GetConfigForClient = func(*tls.ClientHelloInfo) (*tls.Config, error) {
+		c := base.Clone()
+		c.GetConfigForClient = nil
+		c.ClientCAs = x509.NewCertPool()
+		for _, a := range s.Authorities() {
+			c.ClientCAs.AddCert(a)
+		}
+		return c, nil
+	}
+	return base
 }
