@@ -143,7 +143,7 @@ func (b *bench) spoke(ctx context.Context, site string, wg *sync.WaitGroup) (*sp
 	if err != nil {
 		return nil, err
 	}
-	s, err := spoke.New(ctx, spoke.Options{Site: site, Hub: b.hubAddr, Token: strings.TrimSpace(token), DataDir: filepath.Join(b.dir, site), HTTPListen: "-", IdentityListen: "-", Logger: b.log})
+	s, err := spoke.New(ctx, spoke.Options{Site: site, Hub: b.hubAddr, Token: strings.TrimSpace(token), DataDir: filepath.Join(b.dir, site), HTTPListen: "-", IdentityListen: "-", XDSListen: "-", Logger: b.log})
 	if err != nil {
 		return nil, err
 	}
