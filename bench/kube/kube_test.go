@@ -132,7 +132,7 @@ func run(b *testing.B) {
 		cli("site", "add", site, "--kind", "kubernetes", "--region", "bench", "--zone", site, "--gateway-address", "gw-"+site+".meshfed.test:15443")
 		token := cli("site", "token", "create", "--site", site)
 		return harness.Start(b, "spoke-"+site, bin, "spoke", "--site", site, "--hub", hubAddr, "--token", token, "--data-dir", filepath.Join(dir, site),
-			"--kubeconfig", k.Kubeconfig, "--http-listen", "-", "--identity-listen", "-", "--log-level", "warn")
+			"--kubeconfig", k.Kubeconfig, "--http-listen", "-", "--identity-listen", "-", "--xds-listen", "-", "--log-level", "warn")
 	}
 	importer := spoke("b", bb)
 	start = time.Now()

@@ -1,13 +1,16 @@
 package e2e
 
 import (
+	"bufio"
 	"crypto/tls"
 	"encoding/json"
 	"fmt"
 	"net"
 	"path/filepath"
 	"sort"
+	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -86,7 +89,7 @@ func TestGatewayFailover(t *testing.T) {
 			"--address", host, "--inbound", port+"="+x.app.addr, "--outbound-prefix", "-")
 	}
 	gateway := func(s *spokeProc, listen string) *proxyProc {
-		return f.startDataPlane(t, s, "gateway", s.site+"-gw", append([]string{"--site", s.site, "--listen", listen, "--hello-timeout", "1s"}, gossipFlag()...)...)
+		return f.startDataPlane(t, s, "gateway", s.site+"-gw", append([]string{"--site", s.site, "--listen", listen, "--hello-timeout", "1s", "--drain-timeout", "10s"}, gossipFlag()...)...)
 	}
 	eastGateway := gateway(east, eastGW)
 	gateway(west, "127.0.0.1:"+westPort)
@@ -199,9 +202,62 @@ func TestGatewayFailover(t *testing.T) {
 	failover("hub up")
 
 	// East's gateway comes back: gossip marks east alive, traffic returns.
-	eastGateway = gateway(east, eastGW)
-	harness.Eventually(t, 20*time.Second, "east alive again", gossipAlive("east", 1))
-	harness.Eventually(t, 20*time.Second, "calls reach east again", eastBack)
+	restart := func() {
+		eastGateway = gateway(east, eastGW)
+		harness.Eventually(t, 20*time.Second, "east alive again", gossipAlive("east", 1))
+		harness.Eventually(t, 20*time.Second, "calls reach east again", eastBack)
+	}
+	restart()
+
+	t.Run("SIGTERM drains: live connections finish, new ones go to west", func(t *testing.T) {
+		live, err := net.Dial("tcp", echo)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer live.Close()
+		r := bufio.NewReader(live)
+		if site, _ := r.ReadString('\n'); site != "east\n" {
+			t.Fatalf("the live connection reached %q", site)
+		}
+		eastGateway.p.Signal(syscall.SIGTERM)
+		// It leaves the pool at once: c's spoke marks east down.
+		harness.Eventually(t, 5*time.Second, "east left the pool", gossipAlive("east", 0))
+		if site, err := call(echo); err != nil || site != "west" {
+			t.Fatalf("a new call during the drain: %q, %v", site, err)
+		}
+		_ = live.SetDeadline(time.Now().Add(5 * time.Second))
+		if _, err := fmt.Fprintln(live, "still here"); err != nil {
+			t.Fatal(err)
+		}
+		if got, err := r.ReadString('\n'); err != nil || got != "still here\n" {
+			t.Fatalf("the live connection during the drain: %q, %v", got, err)
+		}
+	})
+	restart()
+
+	t.Run("gossip key rotation keeps the pool together", func(t *testing.T) {
+		f.mustCLI("gossip", "rotate-key", "--delay", "2s")
+		// Every member installs the key, then encrypts with it.
+		harness.Eventually(t, 20*time.Second, "members switched keys", func() error {
+			for _, p := range []*harness.Process{c.p, east.p, west.p, eastGateway.p} {
+				if !strings.Contains(p.Log(), "gossip encrypts with a new key") {
+					return fmt.Errorf("%s has not switched", p.Name)
+				}
+			}
+			return nil
+		})
+		// Probes now run on the new key: a second later, still alive.
+		deadline := time.Now().Add(time.Second)
+		for time.Now().Before(deadline) {
+			if err := gossipAlive("east", 1)(); err != nil {
+				t.Fatal(err)
+			}
+			if err := gossipAlive("west", 1)(); err != nil {
+				t.Fatal(err)
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+	})
 
 	f.hub.Kill()
 	failover("hub down")
