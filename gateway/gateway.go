@@ -73,9 +73,6 @@ func New(o Options) (*Gateway, error) {
 	return g, nil
 }
 
-// HTTPAddr is the bound HTTP address.
-func (g *Gateway) HTTPAddr() string { return g.px.HTTPAddr() }
-
 // Run serves until ctx ends, then leaves the gossip pool and drains.
 func (g *Gateway) Run(ctx context.Context) error {
 	g.mu.Lock()

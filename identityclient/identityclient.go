@@ -7,7 +7,6 @@ package identityclient
 import (
 	"context"
 	"crypto/tls"
-	"crypto/x509"
 	"fmt"
 	"log/slog"
 	"os"
@@ -258,6 +257,3 @@ type bundleSource struct{ c *Client }
 func (s bundleSource) GetX509BundleForTrustDomain(td spiffeid.TrustDomain) (*x509bundle.Bundle, error) {
 	return s.c.Bundles().GetX509BundleForTrustDomain(td)
 }
-
-// Leaf is the current SVID's certificate.
-func (c *Client) Leaf() *x509.Certificate { return c.SVID().Certificates[0] }
