@@ -588,11 +588,10 @@ var copyBuffers = sync.Pool{New: func() any { b := make([]byte, 128<<10); return
 type onlyWriter struct{ io.Writer }
 
 // pipe copies both ways until both sides are done, passing half-closes on.
+// One direction runs on the caller's goroutine.
 func pipe(a, b net.Conn) {
-	var wg sync.WaitGroup
-	wg.Add(2)
+	done := make(chan struct{})
 	cp := func(dst, src net.Conn) {
-		defer wg.Done()
 		buf := copyBuffers.Get().(*[]byte)
 		_, _ = io.CopyBuffer(onlyWriter{dst}, src, *buf)
 		copyBuffers.Put(buf)
@@ -602,9 +601,9 @@ func pipe(a, b net.Conn) {
 			dst.Close()
 		}
 	}
-	go cp(a, b)
-	go cp(b, a)
-	wg.Wait()
+	go func() { cp(a, b); close(done) }()
+	cp(b, a)
+	<-done
 	a.Close()
 	b.Close()
 }

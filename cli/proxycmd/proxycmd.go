@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"runtime/debug"
 	"strconv"
 	"strings"
 	"time"
@@ -166,6 +167,11 @@ pool, stops accepting, and lets live connections finish (--drain-timeout).`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx := cmd.Context()
+			if os.Getenv("GOGC") == "" {
+				// A gateway's heap is small and short-lived per connection:
+				// collecting less often costs some memory, saves latency.
+				debug.SetGCPercent(400)
+			}
 			id, err := attest(ctx, ido, logger())
 			if err != nil {
 				return err
