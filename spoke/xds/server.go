@@ -67,6 +67,8 @@ type Server struct {
 	cache cachev3.SnapshotCache
 	kick  chan struct{}
 
+	rebuildMu sync.Mutex
+
 	mu      sync.Mutex
 	streams map[int64]string // stream → the peer's SPIFFE ID
 	seen    map[int64]string // stream → node key, once it named its node
@@ -354,6 +356,8 @@ func (s *Server) rebuildLoop(ctx context.Context) {
 
 func (s *Server) svidsDue() bool {
 	signer := s.o.CA.Cert().Raw
+	s.rebuildMu.Lock() // refreshSVID writes the node's SVID under it
+	defer s.rebuildMu.Unlock()
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for _, st := range s.nodes {
@@ -364,8 +368,11 @@ func (s *Server) svidsDue() bool {
 	return false
 }
 
-// rebuild sets the snapshots of the nodes keys from c.
+// rebuild sets the snapshots of the nodes keys from c. Streams and the
+// rebuild loop call it: one at a time, as it renews node SVIDs.
 func (s *Server) rebuild(keys []string, c *Catalog) {
+	s.rebuildMu.Lock()
+	defer s.rebuildMu.Unlock()
 	ctx := context.Background()
 	for _, key := range keys {
 		s.mu.Lock()
