@@ -23,7 +23,7 @@ type hostState struct {
 	ejections    int
 }
 
-func hostKey(e endpointConf) string { return e.addr + "|" + e.sni }
+func hostKey(e endpointConf) string { return e.key }
 
 func (u *upstream) setConf(c *clusterConf) {
 	u.mu.Lock()

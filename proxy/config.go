@@ -79,6 +79,8 @@ type outlierConf struct {
 }
 
 type endpointConf struct {
+	// key identifies the endpoint in outlier state: address and SNI.
+	key      string
 	addr     string
 	sni      string
 	site     string
@@ -186,9 +188,11 @@ func translateCluster(cl *clusterv3.Cluster, cla *endpointv3.ClusterLoadAssignme
 			sa := e.GetEndpoint().GetAddress().GetSocketAddress()
 			md := e.GetMetadata().GetFilterMetadata()["meshfed"].GetFields()
 			h := e.GetHealthStatus()
+			addr, sni := net.JoinHostPort(sa.GetAddress(), strconv.Itoa(int(sa.GetPortValue()))), md["sni"].GetStringValue()
 			cc.priorities[p] = append(cc.priorities[p], endpointConf{
-				addr:     net.JoinHostPort(sa.GetAddress(), strconv.Itoa(int(sa.GetPortValue()))),
-				sni:      md["sni"].GetStringValue(),
+				key:      addr + "|" + sni,
+				addr:     addr,
+				sni:      sni,
 				site:     md["site"].GetStringValue(),
 				zone:     loc.GetLocality().GetZone(),
 				weight:   max(e.GetLoadBalancingWeight().GetValue(), 1),

@@ -109,6 +109,10 @@ func Build(c *Catalog, n Node, svid SVID) map[resource.Type][]types.Resource {
 		n.Locality = c.Sites[c.Site].Locality
 	}
 	b := &builder{c: c, n: n, out: map[resource.Type][]types.Resource{}}
+	for name := range c.Sites {
+		b.siteNames = append(b.siteNames, name)
+	}
+	sort.Strings(b.siteNames)
 	if n.GatewayListen != "" {
 		b.gateway()
 		b.secrets(svid)
@@ -127,6 +131,8 @@ type builder struct {
 	c   *Catalog
 	n   Node
 	out map[resource.Type][]types.Resource
+	// siteNames are the catalog's sites, sorted, for failover order.
+	siteNames []string
 }
 
 func (b *builder) add(typ resource.Type, r types.Resource) { b.out[typ] = append(b.out[typ], r) }
@@ -462,12 +468,7 @@ func (b *builder) siteRank(site string, pol catalog.Policy) int {
 		}
 	}
 	// Sites the policy leaves out follow in name order.
-	names := make([]string, 0, len(b.c.Sites))
-	for n := range b.c.Sites {
-		names = append(names, n)
-	}
-	sort.Strings(names)
-	return 1 + len(pol.Failover) + sort.SearchStrings(names, site)
+	return 1 + len(pol.Failover) + sort.SearchStrings(b.siteNames, site)
 }
 
 func hasLabels(have, want map[string]string) bool {
