@@ -3,7 +3,7 @@
 GO        ?= go
 BIN       := bin/meshfed
 VERSION   ?= dev
-PROTOS    := $(wildcard api/meshfed/v1/*.proto)
+PROTOS    := $(wildcard api/meshfed/v1/*.proto api/meshfed/xdsapi/*.proto)
 GEN_OUT   ?= api
 export GOTOOLCHAIN := local
 export CGO_ENABLED := 0
@@ -56,7 +56,7 @@ generate:
 check-generate: tools
 	@tmp=$$(mktemp -d) && trap 'rm -rf $$tmp' EXIT && \
 		$(MAKE) -s generate GEN_OUT=$$tmp >/dev/null && \
-		for f in api/meshfed/v1/*.pb.go; do cmp -s $$f $$tmp/meshfed/v1/$$(basename $$f) || { echo "$$f differs from make generate's output: run make generate and commit"; exit 1; }; done
+		for f in api/meshfed/*/*.pb.go; do cmp -s $$f $$tmp/$${f#api/} || { echo "$$f differs from make generate's output: run make generate and commit"; exit 1; }; done
 
 lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \

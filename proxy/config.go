@@ -9,17 +9,18 @@ import (
 	"strings"
 	"time"
 
-	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
-	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
-	endpointv3 "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
-	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
-	rbacv3 "github.com/envoyproxy/go-control-plane/envoy/config/rbac/v3"
-	netrbacv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/rbac/v3"
-	tcpv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/tcp_proxy/v3"
-	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
+	xds "github.com/meshfed/meshfed/api/meshfed/xdsapi"
 	"github.com/meshfed/meshfed/trust/ca"
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+)
+
+// The typed configs inside the resources the proxy reads.
+const (
+	spiffeValidatorType = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.SPIFFECertValidatorConfig"
+	upstreamTLSType     = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
+	tcpProxyType        = "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
+	rbacType            = "type.googleapis.com/envoy.extensions.filters.network.rbac.v3.RBAC"
 )
 
 // config is the proxy's data-plane configuration, translated from xDS.
@@ -115,15 +116,15 @@ func translate(r *resources) (*config, error) {
 	return c, nil
 }
 
-func (c *config) secrets(s map[string]*tlsv3.Secret) error {
+func (c *config) secrets(s map[string]*xds.Secret) error {
 	tc := s["default"].GetTlsCertificate()
 	cert, err := tls.X509KeyPair(tc.GetCertificateChain().GetInlineBytes(), tc.GetPrivateKey().GetInlineBytes())
 	if err != nil {
 		return fmt.Errorf("secret default: %w", err)
 	}
 	c.cert = &cert
-	v := &tlsv3.SPIFFECertValidatorConfig{}
-	if err := s["federation"].GetValidationContext().GetCustomValidatorConfig().GetTypedConfig().UnmarshalTo(v); err != nil {
+	v := &xds.SPIFFECertValidatorConfig{}
+	if err := unpack(s["federation"].GetValidationContext().GetCustomValidatorConfig().GetTypedConfig(), spiffeValidatorType, v); err != nil {
 		return fmt.Errorf("secret federation: want a SPIFFE validator config: %w", err)
 	}
 	c.bundles = x509bundle.NewSet()
@@ -141,7 +142,7 @@ func (c *config) secrets(s map[string]*tlsv3.Secret) error {
 	return nil
 }
 
-func translateCluster(cl *clusterv3.Cluster, cla *endpointv3.ClusterLoadAssignment) (*clusterConf, error) {
+func translateCluster(cl *xds.Cluster, cla *xds.ClusterLoadAssignment) (*clusterConf, error) {
 	cc := &clusterConf{name: cl.GetName(), connectTimeout: cl.GetConnectTimeout().AsDuration(), opf: 140}
 	if cc.connectTimeout <= 0 {
 		cc.connectTimeout = 5 * time.Second
@@ -165,8 +166,8 @@ func translateCluster(cl *clusterv3.Cluster, cla *endpointv3.ClusterLoadAssignme
 	}
 	if ts := cl.GetTransportSocket(); ts != nil {
 		cc.tls = true
-		up := &tlsv3.UpstreamTlsContext{}
-		if err := ts.GetTypedConfig().UnmarshalTo(up); err != nil {
+		up := &xds.UpstreamTlsContext{}
+		if err := unpack(ts.GetTypedConfig(), upstreamTLSType, up); err != nil {
 			return nil, fmt.Errorf("transport socket: %w", err)
 		}
 		for _, m := range up.GetCommonTlsContext().GetCombinedValidationContext().GetDefaultValidationContext().GetMatchTypedSubjectAltNames() {
@@ -196,7 +197,7 @@ func translateCluster(cl *clusterv3.Cluster, cla *endpointv3.ClusterLoadAssignme
 				site:     md["site"].GetStringValue(),
 				zone:     loc.GetLocality().GetZone(),
 				weight:   max(e.GetLoadBalancingWeight().GetValue(), 1),
-				healthy:  h == corev3.HealthStatus_HEALTHY || h == corev3.HealthStatus_UNKNOWN,
+				healthy:  h == xds.LbEndpoint_HEALTHY || h == xds.LbEndpoint_UNKNOWN,
 				priority: p,
 			})
 		}
@@ -204,7 +205,7 @@ func translateCluster(cl *clusterv3.Cluster, cla *endpointv3.ClusterLoadAssignme
 	return cc, nil
 }
 
-func translateListener(l *listenerv3.Listener, clusters map[string]*clusterConf) (*listenerConf, error) {
+func translateListener(l *xds.Listener, clusters map[string]*clusterConf) (*listenerConf, error) {
 	sa := l.GetAddress().GetSocketAddress()
 	if sa == nil || len(l.GetFilterChains()) == 0 {
 		return nil, nil // an API listener, for proxyless gRPC
@@ -218,8 +219,8 @@ func translateListener(l *listenerv3.Listener, clusters map[string]*clusterConf)
 	for _, f := range fc.GetFilters() {
 		switch f.GetName() {
 		case "envoy.filters.network.tcp_proxy":
-			tp := &tcpv3.TcpProxy{}
-			if err := f.GetTypedConfig().UnmarshalTo(tp); err != nil {
+			tp := &xds.TcpProxy{}
+			if err := unpack(f.GetTypedConfig(), tcpProxyType, tp); err != nil {
 				return nil, err
 			}
 			if n := tp.GetMaxConnectAttempts(); n != nil {
@@ -232,11 +233,11 @@ func translateListener(l *listenerv3.Listener, clusters map[string]*clusterConf)
 				lc.routes = append(lc.routes, route{cluster: w.GetName(), weight: w.GetWeight()})
 			}
 		case "envoy.filters.network.rbac":
-			rb := &netrbacv3.RBAC{}
-			if err := f.GetTypedConfig().UnmarshalTo(rb); err != nil {
+			rb := &xds.RBACFilter{}
+			if err := unpack(f.GetTypedConfig(), rbacType, rb); err != nil {
 				return nil, err
 			}
-			if rb.GetRules().GetAction() != rbacv3.RBAC_ALLOW {
+			if rb.GetRules().GetAction() != xds.RBAC_ALLOW {
 				return nil, fmt.Errorf("only ALLOW RBAC rules are supported")
 			}
 			for _, p := range rb.GetRules().GetPolicies() {
@@ -270,12 +271,12 @@ func translateListener(l *listenerv3.Listener, clusters map[string]*clusterConf)
 
 // translatePassthrough reads a gateway listener: each filter chain routes
 // the server names it matches to one cluster, without terminating TLS.
-func translatePassthrough(lc *listenerConf, l *listenerv3.Listener, clusters map[string]*clusterConf) (*listenerConf, error) {
+func translatePassthrough(lc *listenerConf, l *xds.Listener, clusters map[string]*clusterConf) (*listenerConf, error) {
 	lc.sni = map[string]route{}
 	for _, fc := range l.GetFilterChains() {
 		for _, f := range fc.GetFilters() {
-			tp := &tcpv3.TcpProxy{}
-			if f.GetName() != "envoy.filters.network.tcp_proxy" || f.GetTypedConfig().UnmarshalTo(tp) != nil {
+			tp := &xds.TcpProxy{}
+			if f.GetName() != "envoy.filters.network.tcp_proxy" || unpack(f.GetTypedConfig(), tcpProxyType, tp) != nil {
 				return nil, fmt.Errorf("filter chain %s: want one tcp_proxy", fc.GetName())
 			}
 			if clusters[tp.GetCluster()] == nil {

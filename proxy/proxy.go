@@ -23,7 +23,7 @@ import (
 	"sync/atomic"
 	"time"
 
-	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	xds "github.com/meshfed/meshfed/api/meshfed/xdsapi"
 	"github.com/meshfed/meshfed/catalog"
 	"github.com/meshfed/meshfed/gateway/clienthello"
 	"github.com/meshfed/meshfed/identityclient"
@@ -173,7 +173,7 @@ func (p *Proxy) HTTPAddr() string {
 	return p.tele.Addr()
 }
 
-func (p *Proxy) node() *corev3.Node {
+func (p *Proxy) node() *xds.Node {
 	md := map[string]any{}
 	if p.o.Address != "" {
 		md["meshfed.address"] = p.o.Address
@@ -199,9 +199,9 @@ func (p *Proxy) node() *corev3.Node {
 	if p.o.GatewayListen != "" {
 		agent = "meshfed-gateway"
 	}
-	n := &corev3.Node{Id: p.o.Identity.SVID().ID.String(), UserAgentName: agent, Metadata: st}
+	n := &xds.Node{Id: p.o.Identity.SVID().ID.String(), UserAgentName: agent, Metadata: st}
 	if p.o.Locality != (catalog.Locality{}) {
-		n.Locality = &corev3.Locality{Region: p.o.Locality.Region, Zone: p.o.Locality.Zone}
+		n.Locality = &xds.Locality{Region: p.o.Locality.Region, Zone: p.o.Locality.Zone}
 	}
 	return n
 }

@@ -8,31 +8,36 @@ import (
 	"sort"
 	"time"
 
-	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
-	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
-	endpointv3 "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
-	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
-	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
-	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
-	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
-	"google.golang.org/genproto/googleapis/rpc/status"
+	xds "github.com/meshfed/meshfed/api/meshfed/xdsapi"
 	"google.golang.org/grpc"
 	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/anypb"
+)
+
+// The xDS resource types the proxy asks for, and the ADS method. The proxy
+// decodes Envoy's resources with the subset of Envoy's API in xdsapi, which
+// keeps Envoy's hundreds of message types out of its memory.
+const (
+	listenerType = "type.googleapis.com/envoy.config.listener.v3.Listener"
+	clusterType  = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+	endpointType = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+	secretType   = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+	adsMethod    = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"
 )
 
 // resources is what the node holds of each type, by name.
 type resources struct {
-	listeners map[string]*listenerv3.Listener
-	clusters  map[string]*clusterv3.Cluster
-	endpoints map[string]*endpointv3.ClusterLoadAssignment
-	secrets   map[string]*tlsv3.Secret
+	listeners map[string]*xds.Listener
+	clusters  map[string]*xds.Cluster
+	endpoints map[string]*xds.ClusterLoadAssignment
+	secrets   map[string]*xds.Secret
 }
 
 // xdsClient keeps one ADS stream (state of the world) to the spoke and
 // hands every complete, consistent set of resources to update.
 type xdsClient struct {
 	conn   *grpc.ClientConn
-	node   *corev3.Node
+	node   *xds.Node
 	log    *slog.Logger
 	update func(*resources) error
 	onNack func(typ string)
@@ -69,33 +74,33 @@ type typeState struct {
 func (c *xdsClient) session(ctx context.Context) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	stream, err := discoveryv3.NewAggregatedDiscoveryServiceClient(c.conn).StreamAggregatedResources(ctx)
+	stream, err := c.conn.NewStream(ctx, &grpc.StreamDesc{ServerStreams: true, ClientStreams: true}, adsMethod)
 	if err != nil {
 		return err
 	}
 	res := &resources{
-		listeners: map[string]*listenerv3.Listener{}, clusters: map[string]*clusterv3.Cluster{},
-		endpoints: map[string]*endpointv3.ClusterLoadAssignment{}, secrets: map[string]*tlsv3.Secret{},
+		listeners: map[string]*xds.Listener{}, clusters: map[string]*xds.Cluster{},
+		endpoints: map[string]*xds.ClusterLoadAssignment{}, secrets: map[string]*xds.Secret{},
 	}
 	state := map[string]*typeState{
-		resource.ListenerType: {}, resource.ClusterType: {},
-		resource.SecretType: {names: c.secrets}, resource.EndpointType: {},
+		listenerType: {}, clusterType: {},
+		secretType: {names: c.secrets}, endpointType: {},
 	}
-	send := func(typ string, nack *status.Status) error {
+	send := func(typ string, nack *xds.Status) error {
 		st := state[typ]
-		return stream.Send(&discoveryv3.DiscoveryRequest{
+		return stream.SendMsg(&xds.DiscoveryRequest{
 			Node: c.node, TypeUrl: typ, VersionInfo: st.version, ResponseNonce: st.nonce,
 			ResourceNames: st.names, ErrorDetail: nack,
 		})
 	}
-	for _, typ := range []string{resource.ClusterType, resource.ListenerType, resource.SecretType} {
+	for _, typ := range []string{clusterType, listenerType, secretType} {
 		if err := send(typ, nil); err != nil {
 			return err
 		}
 	}
 	for {
-		resp, err := stream.Recv()
-		if err != nil {
+		resp := &xds.DiscoveryResponse{}
+		if err := stream.RecvMsg(resp); err != nil {
 			return err
 		}
 		typ := resp.GetTypeUrl()
@@ -109,7 +114,7 @@ func (c *xdsClient) session(ctx context.Context) error {
 			if c.onNack != nil {
 				c.onNack(typ)
 			}
-			if err := send(typ, &status.Status{Code: 3, Message: err.Error()}); err != nil {
+			if err := send(typ, &xds.Status{Code: 3, Message: err.Error()}); err != nil {
 				return err
 			}
 			continue
@@ -118,10 +123,10 @@ func (c *xdsClient) session(ctx context.Context) error {
 		if err := send(typ, nil); err != nil {
 			return err
 		}
-		if typ == resource.ClusterType {
+		if typ == clusterType {
 			// Ask for the endpoints of every EDS cluster.
 			names := edsNames(res.clusters)
-			es := state[resource.EndpointType]
+			es := state[endpointType]
 			if fmt.Sprint(names) != fmt.Sprint(es.names) {
 				es.names = names
 				for n := range res.endpoints {
@@ -129,7 +134,7 @@ func (c *xdsClient) session(ctx context.Context) error {
 						delete(res.endpoints, n)
 					}
 				}
-				if err := send(resource.EndpointType, nil); err != nil {
+				if err := send(endpointType, nil); err != nil {
 					return err
 				}
 			}
@@ -147,10 +152,10 @@ func contains(names []string, n string) bool {
 	return i < len(names) && names[i] == n
 }
 
-func edsNames(cs map[string]*clusterv3.Cluster) []string {
+func edsNames(cs map[string]*xds.Cluster) []string {
 	var out []string
 	for _, c := range cs {
-		if c.GetType() == clusterv3.Cluster_EDS {
+		if c.GetType() == xds.Cluster_EDS {
 			out = append(out, edsName(c))
 		}
 	}
@@ -158,7 +163,7 @@ func edsNames(cs map[string]*clusterv3.Cluster) []string {
 	return out
 }
 
-func edsName(c *clusterv3.Cluster) string {
+func edsName(c *xds.Cluster) string {
 	if n := c.GetEdsClusterConfig().GetServiceName(); n != "" {
 		return n
 	}
@@ -171,7 +176,7 @@ func complete(r *resources) bool {
 		return false
 	}
 	for _, c := range r.clusters {
-		if c.GetType() == clusterv3.Cluster_EDS && r.endpoints[edsName(c)] == nil {
+		if c.GetType() == xds.Cluster_EDS && r.endpoints[edsName(c)] == nil {
 			return false
 		}
 	}
@@ -180,28 +185,28 @@ func complete(r *resources) bool {
 
 // decode replaces the resources of typ with the response's (state of the
 // world: a response holds all of them).
-func decode(r *resources, typ string, resp *discoveryv3.DiscoveryResponse) error {
+func decode(r *resources, typ string, resp *xds.DiscoveryResponse) error {
 	switch typ {
-	case resource.ListenerType:
-		m, err := unpackAll[*listenerv3.Listener](resp, func() *listenerv3.Listener { return &listenerv3.Listener{} })
+	case listenerType:
+		m, err := unpackAll[*xds.Listener](resp, func() *xds.Listener { return &xds.Listener{} })
 		if err == nil {
 			r.listeners = m
 		}
 		return err
-	case resource.ClusterType:
-		m, err := unpackAll[*clusterv3.Cluster](resp, func() *clusterv3.Cluster { return &clusterv3.Cluster{} })
+	case clusterType:
+		m, err := unpackAll[*xds.Cluster](resp, func() *xds.Cluster { return &xds.Cluster{} })
 		if err == nil {
 			r.clusters = m
 		}
 		return err
-	case resource.EndpointType:
-		m, err := unpackAll[*endpointv3.ClusterLoadAssignment](resp, func() *endpointv3.ClusterLoadAssignment { return &endpointv3.ClusterLoadAssignment{} })
+	case endpointType:
+		m, err := unpackAll[*xds.ClusterLoadAssignment](resp, func() *xds.ClusterLoadAssignment { return &xds.ClusterLoadAssignment{} })
 		for k, v := range m {
 			r.endpoints[k] = v
 		}
 		return err
-	case resource.SecretType:
-		m, err := unpackAll[*tlsv3.Secret](resp, func() *tlsv3.Secret { return &tlsv3.Secret{} })
+	case secretType:
+		m, err := unpackAll[*xds.Secret](resp, func() *xds.Secret { return &xds.Secret{} })
 		if err == nil {
 			r.secrets = m
 		}
@@ -210,35 +215,44 @@ func decode(r *resources, typ string, resp *discoveryv3.DiscoveryResponse) error
 	return nil
 }
 
-type named interface {
-	proto.Message
-	Validate() error
-}
-
-func unpackAll[T named](resp *discoveryv3.DiscoveryResponse, fresh func() T) (map[string]T, error) {
+// unpackAll decodes every resource of a response, by name. Resources
+// must be of the response's type and named.
+func unpackAll[T proto.Message](resp *xds.DiscoveryResponse, fresh func() T) (map[string]T, error) {
 	out := map[string]T{}
 	for _, a := range resp.GetResources() {
 		m := fresh()
-		if err := a.UnmarshalTo(m); err != nil {
-			return nil, fmt.Errorf("decode %s: %w", a.GetTypeUrl(), err)
-		}
-		if err := m.Validate(); err != nil {
+		if err := unpack(a, resp.GetTypeUrl(), m); err != nil {
 			return nil, err
 		}
-		out[resourceName(m)] = m
+		name := resourceName(m)
+		if name == "" {
+			return nil, fmt.Errorf("a %s without a name", resp.GetTypeUrl())
+		}
+		out[name] = m
 	}
 	return out, nil
 }
 
+// unpack decodes a, which must be of type typ (a type URL), into m.
+func unpack(a *anypb.Any, typ string, m proto.Message) error {
+	if a.GetTypeUrl() != typ {
+		return fmt.Errorf("got a %s where a %s belongs", a.GetTypeUrl(), typ)
+	}
+	if err := proto.Unmarshal(a.GetValue(), m); err != nil {
+		return fmt.Errorf("decode %s: %w", typ, err)
+	}
+	return nil
+}
+
 func resourceName(m proto.Message) string {
 	switch v := m.(type) {
-	case *listenerv3.Listener:
+	case *xds.Listener:
 		return v.GetName()
-	case *clusterv3.Cluster:
+	case *xds.Cluster:
 		return v.GetName()
-	case *endpointv3.ClusterLoadAssignment:
+	case *xds.ClusterLoadAssignment:
 		return v.GetClusterName()
-	case *tlsv3.Secret:
+	case *xds.Secret:
 		return v.GetName()
 	}
 	return ""

@@ -2,7 +2,6 @@ package proxycmd
 
 import (
 	"fmt"
-	"io"
 	"log/slog"
 	"os"
 
@@ -20,7 +19,7 @@ func Main(args []string) int {
 			lvl = slog.LevelInfo
 		}
 		return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: lvl}))
-	}, func() io.Writer { return os.Stdout })
+	})
 	cmd.Use = "meshfed-proxy"
 	cmd.SilenceUsage, cmd.SilenceErrors = true, true
 	cmd.PersistentFlags().StringVar(&level, "log-level", "info", "log level: debug, info, warn or error")

@@ -1,0 +1,156 @@
+package cli
+
+import (
+	"fmt"
+	"net"
+	"strconv"
+	"time"
+
+	bootstrapv3 "github.com/envoyproxy/go-control-plane/envoy/config/bootstrap/v3"
+	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	endpointv3 "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
+	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
+	httpv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/upstreams/http/v3"
+	"github.com/meshfed/meshfed/cli/proxycmd"
+	"github.com/spf13/cobra"
+	"google.golang.org/protobuf/encoding/protojson"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/anypb"
+	"google.golang.org/protobuf/types/known/durationpb"
+	"google.golang.org/protobuf/types/known/structpb"
+	"sigs.k8s.io/yaml"
+)
+
+// newProxyCmd is `proxy` with the subcommand that needs Envoy's own API,
+// which the meshfed-proxy binary leaves out.
+func newProxyCmd(g *globals) *cobra.Command {
+	cmd := proxycmd.New(g.logger)
+	cmd.AddCommand(newEnvoyBootstrapCmd(g))
+	return cmd
+}
+
+// newEnvoyBootstrapCmd returns `proxy bootstrap --envoy`.
+func newEnvoyBootstrapCmd(g *globals) *cobra.Command {
+	var pf proxycmd.Flags
+	var id, certFile, keyFile, caFile string
+	var envoy bool
+	cmd := &cobra.Command{
+		Use:   "bootstrap --envoy",
+		Short: "Print an Envoy bootstrap that takes its configuration from the spoke (bring your own Envoy)",
+		Long: `Prints an Envoy v3 bootstrap (YAML) whose node is --id and whose ADS
+connection to the spoke uses mTLS with the given SVID files. Envoy then gets
+the same listeners, clusters, endpoints and secrets the meshfed proxy gets.
+meshfed does not ship or test Envoy itself; the resources are checked with
+Envoy's own validation rules.`,
+		Example: `  meshfed proxy bootstrap --envoy --id spiffe://east.meshfed/ns/default/sa/echo --xds 10.0.0.2:7182 \
+    --cert-file svid.pem --key-file svid-key.pem --ca-file bundle.pem > envoy.yaml`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if !envoy {
+				return fmt.Errorf("only --envoy bootstraps exist: pass --envoy")
+			}
+			in, err := pf.Inbound()
+			if err != nil {
+				return err
+			}
+			b, err := envoyBootstrap(id, pf, in, certFile, keyFile, caFile)
+			if err != nil {
+				return err
+			}
+			js, err := protojson.Marshal(b)
+			if err != nil {
+				return err
+			}
+			y, err := yaml.JSONToYAML(js)
+			if err != nil {
+				return err
+			}
+			_, err = g.out.Write(y)
+			return err
+		},
+	}
+	pf.Register(cmd)
+	f := cmd.Flags()
+	f.BoolVar(&envoy, "envoy", false, "print an Envoy bootstrap")
+	f.StringVar(&id, "id", "", "the node's SPIFFE ID, which its SVID must carry (required)")
+	f.StringVar(&certFile, "cert-file", "/etc/meshfed/svid.pem", "the SVID chain Envoy presents to the spoke")
+	f.StringVar(&keyFile, "key-file", "/etc/meshfed/svid-key.pem", "the SVID's key")
+	f.StringVar(&caFile, "ca-file", "/etc/meshfed/bundle.pem", "the site's CA bundle, which the spoke's certificate chains to")
+	_ = cmd.MarkFlagRequired("id")
+	return cmd
+}
+
+func envoyBootstrap(id string, pf proxycmd.Flags, in map[uint32]string, certFile, keyFile, caFile string) (*bootstrapv3.Bootstrap, error) {
+	host, portStr, err := net.SplitHostPort(pf.XDS)
+	if err != nil {
+		return nil, fmt.Errorf("--xds %q: %w", pf.XDS, err)
+	}
+	port, _ := strconv.ParseUint(portStr, 10, 16)
+	md := map[string]any{"meshfed.outbound_prefix": pf.Outbound}
+	if pf.Address != "" {
+		md["meshfed.address"] = pf.Address
+	}
+	if len(in) > 0 {
+		m := map[string]any{}
+		for p, app := range in {
+			m[strconv.Itoa(int(p))] = app
+		}
+		md["meshfed.inbound"] = m
+	}
+	st, err := structpb.NewStruct(md)
+	if err != nil {
+		return nil, err
+	}
+	ads := &corev3.ConfigSource{ResourceApiVersion: corev3.ApiVersion_V3, ConfigSourceSpecifier: &corev3.ConfigSource_Ads{Ads: &corev3.AggregatedConfigSource{}}}
+	file := func(p string) *corev3.DataSource {
+		return &corev3.DataSource{Specifier: &corev3.DataSource_Filename{Filename: p}}
+	}
+	tlsCtx := &tlsv3.UpstreamTlsContext{CommonTlsContext: &tlsv3.CommonTlsContext{
+		TlsCertificates:       []*tlsv3.TlsCertificate{{CertificateChain: file(certFile), PrivateKey: file(keyFile)}},
+		ValidationContextType: &tlsv3.CommonTlsContext_ValidationContext{ValidationContext: &tlsv3.CertificateValidationContext{TrustedCa: file(caFile)}},
+	}}
+	h2 := &httpv3.HttpProtocolOptions{UpstreamProtocolOptions: &httpv3.HttpProtocolOptions_ExplicitHttpConfig_{ExplicitHttpConfig: &httpv3.HttpProtocolOptions_ExplicitHttpConfig{
+		ProtocolConfig: &httpv3.HttpProtocolOptions_ExplicitHttpConfig_Http2ProtocolOptions{Http2ProtocolOptions: &corev3.Http2ProtocolOptions{}},
+	}}}
+	b := &bootstrapv3.Bootstrap{
+		Node: &corev3.Node{Id: id, Cluster: "meshfed", Metadata: st},
+		DynamicResources: &bootstrapv3.Bootstrap_DynamicResources{
+			AdsConfig: &corev3.ApiConfigSource{
+				ApiType: corev3.ApiConfigSource_GRPC, TransportApiVersion: corev3.ApiVersion_V3,
+				GrpcServices: []*corev3.GrpcService{{TargetSpecifier: &corev3.GrpcService_EnvoyGrpc_{EnvoyGrpc: &corev3.GrpcService_EnvoyGrpc{ClusterName: "meshfed_xds"}}}},
+			},
+			CdsConfig: ads,
+			LdsConfig: ads,
+		},
+		StaticResources: &bootstrapv3.Bootstrap_StaticResources{Clusters: []*clusterv3.Cluster{{
+			Name:                 "meshfed_xds",
+			ClusterDiscoveryType: &clusterv3.Cluster_Type{Type: clusterv3.Cluster_STRICT_DNS},
+			ConnectTimeout:       durationpb.New(5 * time.Second),
+			LoadAssignment: &endpointv3.ClusterLoadAssignment{ClusterName: "meshfed_xds", Endpoints: []*endpointv3.LocalityLbEndpoints{{
+				LbEndpoints: []*endpointv3.LbEndpoint{{HostIdentifier: &endpointv3.LbEndpoint_Endpoint{Endpoint: &endpointv3.Endpoint{
+					Address: &corev3.Address{Address: &corev3.Address_SocketAddress{SocketAddress: &corev3.SocketAddress{
+						Address: host, PortSpecifier: &corev3.SocketAddress_PortValue{PortValue: uint32(port)},
+					}}},
+				}}}},
+			}}},
+			TypedExtensionProtocolOptions: map[string]*anypb.Any{"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": mustAny(h2)},
+			TransportSocket:               &corev3.TransportSocket{Name: "envoy.transport_sockets.tls", ConfigType: &corev3.TransportSocket_TypedConfig{TypedConfig: mustAny(tlsCtx)}},
+		}}},
+	}
+	if pf.Region != "" || pf.Zone != "" {
+		b.Node.Locality = &corev3.Locality{Region: pf.Region, Zone: pf.Zone}
+	}
+	if err := b.Validate(); err != nil {
+		return nil, fmt.Errorf("bootstrap: %w", err)
+	}
+	return b, nil
+}
+
+func mustAny(m proto.Message) *anypb.Any {
+	a, err := anypb.New(m)
+	if err != nil {
+		panic(err)
+	}
+	return a
+}
