@@ -5,6 +5,10 @@ BIN       := bin/meshfed
 VERSION   ?= dev
 PROTOS    := $(wildcard api/meshfed/v1/*.proto api/meshfed/xdsapi/*.proto)
 GEN_OUT   ?= api
+# grpcnotrace leaves out grpc's x/net/trace (and html/template with it),
+# which meshfed never enables: less binary, less proxy memory. The test
+# harness builds with the same tags.
+TAGS      := grpcnotrace
 export GOTOOLCHAIN := local
 export CGO_ENABLED := 0
 
@@ -13,8 +17,8 @@ export CGO_ENABLED := 0
 all: build
 
 build:
-	$(GO) build -trimpath -ldflags "-s -w -X github.com/meshfed/meshfed/cli.Version=$(VERSION)" -o $(BIN) ./cmd/meshfed
-	$(GO) build -trimpath -ldflags "-s -w" -o $(BIN)-proxy ./cmd/meshfed-proxy
+	$(GO) build -trimpath -tags $(TAGS) -ldflags "-s -w -X github.com/meshfed/meshfed/cli.Version=$(VERSION)" -o $(BIN) ./cmd/meshfed
+	$(GO) build -trimpath -tags $(TAGS) -ldflags "-s -w" -o $(BIN)-proxy ./cmd/meshfed-proxy
 
 # image builds meshfed:$(VERSION) FROM scratch around the static binary.
 image: build

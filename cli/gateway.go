@@ -1,8 +1,6 @@
 package cli
 
 import (
-	"os"
-	"runtime/debug"
 	"time"
 
 	"github.com/meshfed/meshfed/cli/proxycmd"
@@ -34,11 +32,9 @@ pool, stops accepting, and lets live connections finish (--drain-timeout).`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx := cmd.Context()
-			if os.Getenv("GOGC") == "" {
-				// A gateway's heap is small and short-lived per connection:
-				// collecting less often costs some memory, saves latency.
-				debug.SetGCPercent(400)
-			}
+			// A gateway's heap is small and short-lived per connection:
+			// collecting less often costs some memory, saves latency.
+			proxycmd.SetGCPercent(400)
 			id, err := proxycmd.Attest(ctx, ido, logger())
 			if err != nil {
 				return err

@@ -580,21 +580,45 @@ func (p *Proxy) inbound(lc *listenerConf, raw net.Conn) {
 	pipe(down, up)
 }
 
-// copyBuffers are pipe's buffers: large enough to fill TLS records and
-// save syscalls, pooled so idle connections hold none.
-var copyBuffers = sync.Pool{New: func() any { b := make([]byte, 128<<10); return &b }}
+// Copy buffers: every direction of a connection starts with a small one;
+// one whose plain-text reads fill it (bulk data) moves to a large one, so
+// each read syscall brings more. A TLS source gives at most one 16 KiB
+// record per read, so it keeps the small buffer.
+var (
+	smallBuffers = sync.Pool{New: func() any { b := make([]byte, 16<<10); return &b }}
+	largeBuffers = sync.Pool{New: func() any { b := make([]byte, 128<<10); return &b }}
+)
 
-// onlyWriter hides ReadFrom, so io.CopyBuffer uses the pooled buffer.
-type onlyWriter struct{ io.Writer }
+// copyConn copies src to dst until src ends or either fails.
+func copyConn(dst io.Writer, src net.Conn) {
+	pool := &smallBuffers
+	buf := pool.Get().(*[]byte)
+	defer func() { pool.Put(buf) }()
+	_, grow := src.(*net.TCPConn)
+	for {
+		n, err := src.Read(*buf)
+		if n > 0 {
+			if _, err := dst.Write((*buf)[:n]); err != nil {
+				return
+			}
+			if grow && n == len(*buf) {
+				pool.Put(buf)
+				pool, grow = &largeBuffers, false
+				buf = pool.Get().(*[]byte)
+			}
+		}
+		if err != nil {
+			return
+		}
+	}
+}
 
 // pipe copies both ways until both sides are done, passing half-closes on.
 // One direction runs on the caller's goroutine.
 func pipe(a, b net.Conn) {
 	done := make(chan struct{})
 	cp := func(dst, src net.Conn) {
-		buf := copyBuffers.Get().(*[]byte)
-		_, _ = io.CopyBuffer(onlyWriter{dst}, src, *buf)
-		copyBuffers.Put(buf)
+		copyConn(dst, src)
 		if cw, ok := dst.(interface{ CloseWrite() error }); ok {
 			_ = cw.CloseWrite()
 		} else {

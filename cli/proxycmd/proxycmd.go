@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"runtime/debug"
 	"strconv"
 	"strings"
 	"time"
@@ -81,6 +82,9 @@ configuration over xDS and carries its workload's traffic with mTLS:
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx := cmd.Context()
+			// A sidecar's live heap is a few MB: collecting at half again
+			// keeps the proxy within its 20 MB budget for little CPU.
+			SetGCPercent(50)
 			in, err := pf.Inbound()
 			if err != nil {
 				return err
@@ -103,6 +107,14 @@ configuration over xDS and carries its workload's traffic with mTLS:
 	IdentityFlags(cmd, &ido, &o, "127.0.0.1:15090")
 	cmd.Flags().StringVar(&ido.Workload, "workload", "", "run as this workload's SPIFFE ID (the host must run one of its endpoints); default: the node's ID")
 	return cmd
+}
+
+// SetGCPercent sets the garbage collector's target unless the user set
+// GOGC.
+func SetGCPercent(p int) {
+	if os.Getenv("GOGC") == "" {
+		debug.SetGCPercent(p)
+	}
 }
 
 // IdentityFlags registers what the proxy and the gateway share: how they

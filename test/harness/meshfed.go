@@ -48,7 +48,8 @@ func Command(t testing.TB, name string) string {
 		t.Fatal(err)
 	}
 	bin := filepath.Join(buildDir, name)
-	cmd := exec.Command("go", "build", "-o", bin, "./cmd/"+name)
+	// The Makefile's tags: grpc without x/net/trace.
+	cmd := exec.Command("go", "build", "-tags", "grpcnotrace", "-o", bin, "./cmd/"+name)
 	cmd.Dir = root
 	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 	if out, err := cmd.CombinedOutput(); err != nil {
