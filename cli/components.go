@@ -57,8 +57,9 @@ func newHubCmd(g *globals) *cobra.Command {
 	f.StringVar(&o.Listen, "listen", ":7443", "gRPC address for spokes and the CLI")
 	f.StringVar(&o.HTTPListen, "http-listen", "127.0.0.1:7080", "address for /healthz, /readyz and /metrics (- disables)")
 	f.StringVar(&o.Federation, "federation", "meshfed", "federation name, also its root SPIFFE trust domain")
-	f.StringVar(&o.GossipListen, "gossip-listen", "", "join the WAN gossip pool here (UDP and TCP), e.g. :7946, so `site list` shows the pool's view (default off)")
-	f.StringVar(&o.GossipAdvertise, "gossip-advertise", "", "the address pool members reach the hub's gossip at (default --gossip-listen)")
+	gossipFlags(f, &o.GossipListen, &o.GossipAdvertise, &o.GossipProbeInterval,
+		"join the WAN gossip pool here (UDP and TCP), e.g. :7946, so `site list` shows the pool's view (default off)",
+		"the address pool members reach the hub's gossip at (default --gossip-listen)")
 	f.StringVar(&o.BundleListen, "bundle-listen", "", "serve the SPIFFE bundle endpoint (https_spiffe) of every federated trust domain here, e.g. :7444 (default off)")
 	f.StringVar(&o.Advertise, "advertise", "", "host:port spokes and the CLI reach the hub at (default: the listen address)")
 	f.DurationVar(&o.SpokeCertTTL, "spoke-cert-ttl", 30*24*time.Hour, "lifetime of spoke certificates; spokes renew at half-life")
@@ -156,8 +157,9 @@ func newSpokeCmd(g *globals) *cobra.Command {
 	f.DurationVar(&poll, "services-poll", time.Second, "how often to check the services file for changes")
 	f.StringVar(&o.HTTPListen, "http-listen", "127.0.0.1:7180", "address for /healthz, /readyz, /metrics and /v1/catalog (- disables)")
 	f.StringVar(&o.IdentityListen, "identity-listen", "127.0.0.1:7181", "address of the SVID API for the site's hosts and workloads (- disables)")
-	f.StringVar(&o.GossipListen, "gossip-listen", "", "join the WAN gossip pool here (UDP and TCP), e.g. :7946; other sites' gateway failures then reach this site's EDS within about a second, hub or not (default off)")
-	f.StringVar(&o.GossipAdvertise, "gossip-advertise", "", "where pool members reach this spoke (default --gossip-listen)")
+	gossipFlags(f, &o.GossipListen, &o.GossipAdvertise, &o.GossipProbeInterval,
+		"join the WAN gossip pool here (UDP and TCP), e.g. :7946; other sites' gateway failures then reach this site's EDS within about a second, hub or not (default off)",
+		"where pool members reach this spoke (default --gossip-listen)")
 	f.StringVar(&o.XDSListen, "xds-listen", "127.0.0.1:7182", "address of the xDS server (ADS) for the site's proxies, Envoys and proxyless gRPC clients (- disables)")
 	f.StringVar(&o.CA.KeyType, "ca-key-type", "ec-p256", "key type of the site CA when it is first created: ec-p256, ec-p384 or rsa-2048")
 	f.DurationVar(&o.CA.CATTL, "ca-ttl", 365*24*time.Hour, "lifetime of the site CA when it is first created")

@@ -52,8 +52,9 @@ pool, stops accepting, and lets live connections finish (--drain-timeout).`,
 	f.StringVar(&o.Site, "site", "", "the gateway's site (required)")
 	f.StringVar(&o.Listen, "listen", ":15443", "where other sites connect: what the site's --gateway-address leads to")
 	f.StringVar(&xdsAddr, "xds", "127.0.0.1:7182", "the spoke's xDS address")
-	f.StringVar(&o.GossipListen, "gossip-listen", "", "join the WAN gossip pool here (UDP and TCP), e.g. :7947")
-	f.StringVar(&o.GossipAdvertise, "gossip-advertise", "", "where pool members reach this gateway (default --gossip-listen)")
+	gossipFlags(f, &o.GossipListen, &o.GossipAdvertise, &o.GossipProbeInterval,
+		"join the WAN gossip pool here (UDP and TCP), e.g. :7947",
+		"where pool members reach this gateway (default --gossip-listen)")
 	f.DurationVar(&o.Proxy.HelloTimeout, "hello-timeout", 5*time.Second, "how long a caller may take to send its ClientHello")
 	_ = cmd.MarkFlagRequired("site")
 	return cmd

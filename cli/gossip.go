@@ -6,9 +6,39 @@ import (
 	"time"
 
 	meshfedv1 "github.com/meshfed/meshfed/api/meshfed/v1"
+	"github.com/meshfed/meshfed/gossip"
 	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
 	"google.golang.org/protobuf/types/known/durationpb"
 )
+
+// gossipFlags registers a component's WAN gossip flags: where it listens,
+// where members reach it, and how often it probes.
+func gossipFlags(f *pflag.FlagSet, listen, advertise *string, probe *time.Duration, listenUsage, advertiseUsage string) {
+	f.StringVar(listen, "gossip-listen", "", listenUsage)
+	f.StringVar(advertise, "gossip-advertise", "", advertiseUsage)
+	*probe = gossip.DefaultProbeInterval
+	f.Var((*probeInterval)(probe), "gossip-probe-interval",
+		"how often a member probes another: a dead one is found in about 5-8 of these; at least twice the largest round trip between sites")
+}
+
+// probeInterval is a duration flag that refuses intervals too short to
+// probe with.
+type probeInterval time.Duration
+
+func (p *probeInterval) String() string { return time.Duration(*p).String() }
+func (p *probeInterval) Type() string   { return "duration" }
+func (p *probeInterval) Set(s string) error {
+	d, err := time.ParseDuration(s)
+	if err != nil {
+		return err
+	}
+	if d < gossip.MinProbeInterval {
+		return fmt.Errorf("%s is too short: at least %s", d, gossip.MinProbeInterval)
+	}
+	*p = probeInterval(d)
+	return nil
+}
 
 func newGossipCmd(g *globals) *cobra.Command {
 	var delay time.Duration

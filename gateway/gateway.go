@@ -7,6 +7,7 @@ import (
 	"errors"
 	"log/slog"
 	"sync"
+	"time"
 
 	"github.com/meshfed/meshfed/catalog"
 	"github.com/meshfed/meshfed/gossip"
@@ -26,6 +27,9 @@ type Options struct {
 	GossipListen string
 	// GossipAdvertise is where members reach it; default GossipListen.
 	GossipAdvertise string
+	// GossipProbeInterval is how often it probes pool members (default
+	// gossip.DefaultProbeInterval).
+	GossipProbeInterval time.Duration
 	// Proxy carries the xDS, identity and HTTP settings.
 	Proxy  proxy.Options
 	Logger *slog.Logger
@@ -110,7 +114,7 @@ func (g *Gateway) onGossip(raw []byte) {
 	}
 	pool, err := gossip.New(gossip.Options{
 		Name: g.o.Site + "/gateway/" + cmp.Or(g.o.GossipAdvertise, g.o.GossipListen), Site: g.o.Site, Role: gossip.RoleGateway,
-		Bind: g.o.GossipListen, Advertise: g.o.GossipAdvertise, Keys: s.Keyring, Logger: g.o.Logger,
+		Bind: g.o.GossipListen, Advertise: g.o.GossipAdvertise, ProbeInterval: g.o.GossipProbeInterval, Keys: s.Keyring, Logger: g.o.Logger,
 	})
 	if err != nil {
 		g.log.Error("could not join the gossip pool", "err", err)

@@ -45,8 +45,10 @@ type Options struct {
 	Advertise string
 	// Keys are the keyring, oldest first; see Keyring.
 	Keys Keyring
-	// ProbeInterval sets how fast failures are found (default 100ms; a
-	// dead member is suspected after its next failed probe).
+	// ProbeInterval sets how fast failures are found (default
+	// DefaultProbeInterval; a dead member is suspected after its next
+	// failed probe). A probe times out after three quarters of it, so it
+	// must be at least twice the largest round trip between members.
 	ProbeInterval time.Duration
 	// OnChange is called (from one goroutine) when a site's state changes.
 	OnChange func()
@@ -101,10 +103,20 @@ func (p *Pool) kill() {
 	p.down = true
 }
 
+// DefaultProbeInterval suits round trips up to about 50 ms between
+// sites; MinProbeInterval is the shortest allowed.
+const (
+	DefaultProbeInterval = 100 * time.Millisecond
+	MinProbeInterval     = 10 * time.Millisecond
+)
+
 // New binds the pool's address and starts the member (not yet joined).
 func New(o Options) (*Pool, error) {
 	if o.ProbeInterval == 0 {
-		o.ProbeInterval = 100 * time.Millisecond
+		o.ProbeInterval = DefaultProbeInterval
+	}
+	if o.ProbeInterval < MinProbeInterval {
+		return nil, fmt.Errorf("gossip: probe interval %s is too short: at least %s", o.ProbeInterval, MinProbeInterval)
 	}
 	if o.Logger == nil {
 		o.Logger = slog.Default()

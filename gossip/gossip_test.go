@@ -2,6 +2,7 @@ package gossip
 
 import (
 	"context"
+	"strings"
 	"testing"
 	"time"
 
@@ -61,5 +62,12 @@ func TestDeadGatewayIsSeenWithinASecond(t *testing.T) {
 			t.Fatal("a member with another key joined the pool")
 		}
 		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+func TestProbeIntervalTooShortIsRefused(t *testing.T) {
+	_, err := New(Options{Name: "a", Site: "east", Role: RoleSpoke, Bind: harness.FreePort(t), Keys: Keyring{Keys: [][]byte{make([]byte, 32)}}, ProbeInterval: time.Millisecond})
+	if err == nil || !strings.Contains(err.Error(), "at least 10ms") {
+		t.Fatalf("a 1ms probe interval: got %v, want an error that names the minimum", err)
 	}
 }

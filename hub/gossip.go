@@ -74,7 +74,7 @@ func (s *adminServer) RotateGossipKey(ctx context.Context, req *meshfedv1.Rotate
 func (h *Hub) runGossip(ctx context.Context) error {
 	r, _ := h.table.Get(federation.GossipKeyringKey)
 	pool, err := gossip.New(gossip.Options{
-		Name: "hub", Role: gossip.RoleHub, Bind: h.o.GossipListen, Advertise: h.o.GossipAdvertise,
+		Name: "hub", Role: gossip.RoleHub, Bind: h.o.GossipListen, Advertise: h.o.GossipAdvertise, ProbeInterval: h.o.GossipProbeInterval,
 		Keys: federation.KeyringFromWire(r.GetGossipKeyring()), Logger: h.log,
 	})
 	if err != nil {

@@ -59,6 +59,9 @@ type Options struct {
 	// GossipAdvertise is where pool members reach the hub; default
 	// GossipListen.
 	GossipAdvertise string
+	// GossipProbeInterval is how often it probes pool members (default
+	// gossip.DefaultProbeInterval).
+	GossipProbeInterval time.Duration
 	// SpokeCertTTL is how long a spoke certificate lives; spokes renew at
 	// half-life. Default 30 days.
 	SpokeCertTTL time.Duration

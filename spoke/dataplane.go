@@ -82,7 +82,7 @@ func (s *Spoke) runGossip(ctx context.Context) error {
 	}
 	pool, err := gossip.New(gossip.Options{
 		Name: s.o.Site + "/spoke", Site: s.o.Site, Role: gossip.RoleSpoke,
-		Bind: s.o.GossipListen, Advertise: s.o.GossipAdvertise,
+		Bind: s.o.GossipListen, Advertise: s.o.GossipAdvertise, ProbeInterval: s.o.GossipProbeInterval,
 		Keys: federation.KeyringFromWire(keyring), Logger: s.log,
 		OnChange: func() {
 			if s.xds != nil {

@@ -81,6 +81,9 @@ type Options struct {
 	// GossipAdvertise is where other members reach this spoke; default
 	// GossipListen.
 	GossipAdvertise string
+	// GossipProbeInterval is how often it probes pool members (default
+	// gossip.DefaultProbeInterval).
+	GossipProbeInterval time.Duration
 	// MaxBackoff caps the wait between reconnects. Default 5s.
 	MaxBackoff time.Duration
 	Logger     *slog.Logger
