@@ -8,6 +8,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"net"
+	"os"
 	"testing"
 	"time"
 
@@ -91,16 +92,35 @@ func BenchmarkProxyPair(b *testing.B) {
 	fmt.Printf("latency at %d req/s over %d connections (%d B echo): direct p50 %.3f ms p99 %.3f ms; proxied p50 %.3f ms p99 %.3f ms\n",
 		rate, conns, reqSize, ms(pct(direct, 50)), ms(pct(direct, 99)), ms(pct(proxied, 50)), ms(pct(proxied, 99)))
 	fmt.Printf("added latency: p50 %.3f ms, p99 %.3f ms (target p99 <= 1 ms: %s)\n", ms(added50), ms(added99), verdict(added99 <= time.Millisecond))
+	// CPU seconds per GB: of this process (the app's two ends) and of the
+	// two proxies, to show where a proxied byte's cost goes.
+	cpu := func(pids ...int) time.Duration {
+		var sum time.Duration
+		for _, pid := range pids {
+			t, err := harness.CPUTime(pid)
+			if err != nil {
+				b.Fatal(err)
+			}
+			sum += t
+		}
+		return sum
+	}
+	perGB := func(d time.Duration) float64 { return d.Seconds() / (float64(bulkBytes) / 1e9) }
 	for _, n := range []int{1, 4} {
+		app0 := cpu(os.Getpid())
 		d, err := load.Throughput(tcp(sink), bulkBytes, n)
 		if err != nil {
 			b.Fatal(err)
 		}
+		app1, px1 := cpu(os.Getpid()), cpu(client.Pid(), server.Pid())
 		p, err := load.Throughput(tcp(pSink), bulkBytes, n)
 		if err != nil {
 			b.Fatal(err)
 		}
+		app2, px2 := cpu(os.Getpid()), cpu(client.Pid(), server.Pid())
 		fmt.Printf("throughput over %d connection(s): direct %.0f MB/s, proxied %.0f MB/s, ratio %.2fx (target >= 0.8x: %s)\n", n, d/1e6, p/1e6, p/d, verdict(p/d >= 0.8))
+		fmt.Printf("  CPU per GB: direct %.2f s (the app's ends); proxied %.2f s (the app's ends %.2f s, the two proxies %.2f s)\n",
+			perGB(app1-app0), perGB(app2-app1+px2-px1), perGB(app2-app1), perGB(px2-px1))
 		b.ReportMetric(p/d, fmt.Sprintf("throughput-ratio-%dconn", n))
 	}
 	for _, pr := range []struct {
