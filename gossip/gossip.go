@@ -5,11 +5,13 @@
 package gossip
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
 	"log/slog"
 	"net"
+	"slices"
 	"sort"
 	"strconv"
 	"sync"
@@ -194,34 +196,39 @@ func (p *Pool) SetKeys(k Keyring) error {
 	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	if k.UseNewestAfter.Equal(p.keys.UseNewestAfter) && slices.EqualFunc(k.Keys, p.keys.Keys, bytes.Equal) {
+		return nil
+	}
 	p.keys = k
-	return p.applyKeysLocked(time.Now())
-}
-
-func (p *Pool) applyKeysLocked(now time.Time) error {
-	ring := p.ring
-	for _, key := range p.keys.Keys {
-		if err := ring.AddKey(key); err != nil {
+	for _, key := range k.Keys {
+		if err := p.ring.AddKey(key); err != nil {
 			return fmt.Errorf("gossip: add key: %w", err)
 		}
 	}
+	// The primary must be in the ring before the keys it replaces leave.
+	if err := p.followScheduleLocked(time.Now()); err != nil {
+		return err
+	}
+	for _, key := range p.ring.GetKeys() {
+		if !slices.ContainsFunc(k.Keys, func(b []byte) bool { return bytes.Equal(b, key) }) {
+			_ = p.ring.RemoveKey(key)
+		}
+	}
+	return nil
+}
+
+// followScheduleLocked encrypts with the key the keyring's schedule names
+// for now.
+func (p *Pool) followScheduleLocked(now time.Time) error {
 	primary := p.keys.primary(now)
-	if string(primary) != string(p.primary) {
-		if err := ring.UseKey(primary); err != nil {
-			return fmt.Errorf("gossip: use key: %w", err)
-		}
-		p.primary = primary
-		p.log.Info("gossip encrypts with a new key")
+	if bytes.Equal(primary, p.primary) {
+		return nil
 	}
-	keep := map[string]bool{}
-	for _, key := range p.keys.Keys {
-		keep[string(key)] = true
+	if err := p.ring.UseKey(primary); err != nil {
+		return fmt.Errorf("gossip: use key: %w", err)
 	}
-	for _, key := range ring.GetKeys() {
-		if !keep[string(key)] {
-			_ = ring.RemoveKey(key)
-		}
-	}
+	p.primary = primary
+	p.log.Info("gossip encrypts with a new key")
 	return nil
 }
 
@@ -258,7 +265,7 @@ func (p *Pool) Run(ctx context.Context) error {
 		now := time.Now()
 		p.mu.Lock()
 		seeds := p.seeds
-		if err := p.applyKeysLocked(now); err != nil {
+		if err := p.followScheduleLocked(now); err != nil {
 			p.log.Error("could not apply the gossip keyring", "err", err)
 		}
 		p.mu.Unlock()
@@ -279,19 +286,22 @@ func (p *Pool) Run(ctx context.Context) error {
 // observe updates the site states from the member list and reports
 // whether any changed.
 func (p *Pool) observe() bool {
-	current := map[string]memberlist.NodeStateType{}
-	for _, n := range p.ml.Members() {
-		var m meta
-		if json.Unmarshal(n.Meta, &m) != nil {
-			continue
-		}
-		current[n.Name] = n.State
-		p.mu.Lock()
-		p.seen[n.Name] = m
-		p.mu.Unlock()
-	}
+	members := p.ml.Members()
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	current := make(map[string]memberlist.NodeStateType, len(members))
+	for _, n := range members {
+		// A member's name carries its site and role, so its metadata is
+		// decoded once.
+		if _, ok := p.seen[n.Name]; !ok {
+			var m meta
+			if json.Unmarshal(n.Meta, &m) != nil {
+				continue
+			}
+			p.seen[n.Name] = m
+		}
+		current[n.Name] = n.State
+	}
 	states := map[string]string{}
 	for name, m := range p.seen {
 		if m.Role != RoleGateway {
@@ -317,10 +327,12 @@ func (p *Pool) observe() bool {
 	return changed
 }
 
+// stateRank orders gateway states from worst to best.
+var stateRank = map[string]int{"": 0, StateDead: 1, StateSuspect: 2, StateAlive: 3}
+
 // better is the best of a site's gateway states: alive if any is alive.
 func better(a, b string) string {
-	rank := map[string]int{"": 0, StateDead: 1, StateSuspect: 2, StateAlive: 3}
-	if rank[b] > rank[a] {
+	if stateRank[b] > stateRank[a] {
 		return b
 	}
 	return a
