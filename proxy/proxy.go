@@ -493,8 +493,8 @@ func (p *Proxy) dialUpstream(cfg *config, c *clusterConf, e endpointConf) (net.C
 		ServerName:         e.sni,
 		Certificates:       []tls.Certificate{*cfg.cert},
 		InsecureSkipVerify: true, // verified as SPIFFE below
-		VerifyPeerCertificate: func(rawCerts [][]byte, _ [][]*x509.Certificate) error {
-			id, err := verifySPIFFE(rawCerts, cfg)
+		VerifyConnection: func(cs tls.ConnectionState) error {
+			id, err := verifySPIFFE(cs.PeerCertificates, cfg)
 			if err != nil {
 				return err
 			}
@@ -519,14 +519,11 @@ func (p *Proxy) dialUpstream(cfg *config, c *clusterConf, e endpointConf) (net.C
 	return tlsConn, nil
 }
 
-func verifySPIFFE(rawCerts [][]byte, cfg *config) (string, error) {
-	certs := make([]*x509.Certificate, 0, len(rawCerts))
-	for _, r := range rawCerts {
-		c, err := x509.ParseCertificate(r)
-		if err != nil {
-			return "", err
-		}
-		certs = append(certs, c)
+// verifySPIFFE checks the peer's chain (as crypto/tls parsed it) against
+// the federated bundles and returns its SPIFFE ID.
+func verifySPIFFE(certs []*x509.Certificate, cfg *config) (string, error) {
+	if len(certs) == 0 {
+		return "", errors.New("the peer presented no certificate")
 	}
 	id, _, err := x509svid.Verify(certs, cfg.bundles)
 	if err != nil {
@@ -544,8 +541,8 @@ func (p *Proxy) inbound(lc *listenerConf, raw net.Conn) {
 		MinVersion:   tls.VersionTLS13,
 		Certificates: []tls.Certificate{*cfg.cert},
 		ClientAuth:   tls.RequireAnyClientCert,
-		VerifyPeerCertificate: func(rawCerts [][]byte, _ [][]*x509.Certificate) error {
-			id, err := verifySPIFFE(rawCerts, cfg)
+		VerifyConnection: func(cs tls.ConnectionState) error {
+			id, err := verifySPIFFE(cs.PeerCertificates, cfg)
 			caller = id
 			return err
 		},
