@@ -47,12 +47,6 @@ type Gateway struct {
 	done chan error
 }
 
-// gossipSecret is what the spoke sends in the "gossip" secret.
-type gossipSecret struct {
-	Keyring gossip.Keyring `json:"keyring"`
-	Seeds   []string       `json:"seeds"`
-}
-
 // New checks the options and prepares the gateway.
 func New(o Options) (*Gateway, error) {
 	if err := catalog.ValidateName("site", o.Site); err != nil {
@@ -95,7 +89,7 @@ func (g *Gateway) Run(ctx context.Context) error {
 // onGossip joins the pool with the first keyring the spoke sends and
 // follows later ones.
 func (g *Gateway) onGossip(raw []byte) {
-	var s gossipSecret
+	var s gossip.Secret
 	if err := json.Unmarshal(raw, &s); err != nil {
 		g.log.Error("the spoke sent a gossip secret that does not decode", "err", err)
 		return

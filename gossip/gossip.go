@@ -57,6 +57,14 @@ type Options struct {
 	Logger   *slog.Logger
 }
 
+// Secret is what a member needs to join the pool: the keyring and the
+// seeds. Spokes send it to their gateways as the SDS generic secret
+// "gossip", in JSON.
+type Secret struct {
+	Keyring Keyring  `json:"keyring"`
+	Seeds   []string `json:"seeds"`
+}
+
 // Keyring is the pool's encryption keys, oldest first: the newest becomes
 // the one that encrypts after UseNewestAfter; until then the one before it
 // does, so every member can install a new key before anyone needs it.

@@ -31,7 +31,7 @@ func (s *Spoke) xdsCatalog() *xds.Catalog {
 	if pool := s.pool.Load(); pool != nil {
 		c.Down = pool.Down()
 		if r, ok := s.view.table.Get(federation.GossipKeyringKey); ok {
-			c.Gossip = &xds.Gossip{Keyring: federation.KeyringFromWire(r.GetGossipKeyring()), Seeds: append([]string{pool.Addr()}, federation.GossipSeeds(s.view.table, s.o.Site)...)}
+			c.Gossip = &gossip.Secret{Keyring: federation.KeyringFromWire(r.GetGossipKeyring()), Seeds: append([]string{pool.Addr()}, federation.GossipSeeds(s.view.table, s.o.Site)...)}
 		}
 	}
 	for _, r := range s.view.table.List("policy/") {

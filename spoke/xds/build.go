@@ -66,14 +66,7 @@ type Catalog struct {
 	Down map[string]bool
 	// Gossip is what the site's gateways need to join the WAN pool; nil
 	// while the spoke is not in it.
-	Gossip *Gossip
-}
-
-// Gossip is the pool's keyring and where to join it, sent to gateways as
-// the SDS generic secret "gossip" (JSON).
-type Gossip struct {
-	Keyring gossip.Keyring `json:"keyring"`
-	Seeds   []string       `json:"seeds"`
+	Gossip *gossip.Secret
 }
 
 // Node is one xDS client as it describes itself.
