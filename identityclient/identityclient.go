@@ -130,13 +130,11 @@ func spokeTLS(pem []byte) (*tls.Config, error) {
 		return nil, fmt.Errorf("the site's CA file holds no certificate")
 	}
 	td, err := ca.SPIFFEID(certs[0])
-	var bundle *x509bundle.Bundle
-	if err == nil {
-		bundle = x509bundle.FromX509Authorities(td.TrustDomain(), certs)
-	} else {
+	if err != nil {
 		return nil, fmt.Errorf("the site's CA certificate names no trust domain: %w", err)
 	}
-	spoke := spiffeid.RequireFromPath(bundle.TrustDomain(), "/meshfed/spoke")
+	bundle := x509bundle.FromX509Authorities(td.TrustDomain(), certs)
+	spoke := spiffeid.RequireFromPath(td.TrustDomain(), "/meshfed/spoke")
 	tc := tlsconfig.TLSClientConfig(bundle, tlsconfig.AuthorizeID(spoke))
 	tc.MinVersion = tls.VersionTLS13
 	return tc, nil
