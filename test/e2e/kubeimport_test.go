@@ -177,6 +177,28 @@ func TestKubernetesImport(t *testing.T) {
 			t.Fatalf("east Valid = %+v, %v", cond, err)
 		}
 	})
+	t.Run("a Service of the user's with the derived name is left alone", func(t *testing.T) {
+		theirs, err := west.Client.CoreV1().Services("shop").Create(ctx, &corev1.Service{ObjectMeta: metav1.ObjectMeta{Name: kubeimport.DerivedServiceName("till")},
+			Spec: corev1.ServiceSpec{Ports: []corev1.ServicePort{{Name: "x", Port: 1234, Protocol: corev1.ProtocolTCP}}}}, metav1.CreateOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		east.export(t, "till", 80, "10.1.0.6")
+		harness.Eventually(t, 20*time.Second, "west imports shop/till, without a ClusterSetIP", func() error {
+			si, err := west.mcs.MulticlusterV1alpha1().ServiceImports("shop").Get(ctx, "till", metav1.GetOptions{})
+			if err != nil {
+				return err
+			}
+			if len(si.Spec.IPs) != 0 {
+				return fmt.Errorf("ServiceImport IPs %v: taken from a Service that is not meshfed's", si.Spec.IPs)
+			}
+			return nil
+		})
+		now, err := west.Client.CoreV1().Services("shop").Get(ctx, theirs.Name, metav1.GetOptions{})
+		if err != nil || now.ResourceVersion != theirs.ResourceVersion {
+			t.Fatalf("the user's Service changed: %+v (%v)", now, err)
+		}
+	})
 	t.Run("unexporting in east removes the import from west", func(t *testing.T) {
 		if err := east.mcs.MulticlusterV1alpha1().ServiceExports("shop").Delete(ctx, "cart", metav1.DeleteOptions{}); err != nil {
 			t.Fatal(err)
