@@ -3,6 +3,7 @@ package spoke
 import (
 	"context"
 	"sort"
+	"sync"
 
 	meshfedv1 "github.com/meshfed/meshfed/api/meshfed/v1"
 	"github.com/meshfed/meshfed/catalog"
@@ -18,6 +19,8 @@ type Local struct {
 	site  string
 	td    spiffeid.TrustDomain
 	table *federation.Table
+
+	statusMu sync.Mutex
 }
 
 // TrustDomain is the site's trust domain, which names its workloads.
@@ -68,27 +71,34 @@ func (l *Local) Services() []catalog.Service {
 // SetSourceStatus publishes how the site's source is doing; the time of
 // the last change of health is kept, so repeating a status costs nothing.
 func (l *Local) SetSourceStatus(healthy bool, message string) {
-	key := federation.SourceStatusKey(l.site)
-	since := timestamppb.Now()
-	var gossip []string
-	if r, ok := l.table.Get(key); ok {
-		if r.GetSourceStatus().GetHealthy() == healthy {
-			since = r.GetSourceStatus().GetSince()
+	l.updateStatus(func(st *meshfedv1.SourceStatus) {
+		if st.GetSince() == nil || st.GetHealthy() != healthy {
+			st.Since = timestamppb.Now()
 		}
-		gossip = r.GetSourceStatus().GetGossipAddresses()
-	}
-	l.table.Put(federation.SourceStatusResource(&meshfedv1.SourceStatus{Site: l.site, Healthy: healthy, Message: message, Since: since, GossipAddresses: gossip}))
+		st.Healthy, st.Message = healthy, message
+	})
 }
 
 // SetGossipAddresses publishes where the spoke takes part in the WAN
 // gossip pool, in the site's status record.
 func (l *Local) SetGossipAddresses(addrs []string) {
+	l.updateStatus(func(st *meshfedv1.SourceStatus) { st.GossipAddresses = addrs })
+}
+
+// updateStatus changes the site's status record; the source and the
+// gossip pool set different fields of it, one at a time.
+func (l *Local) updateStatus(change func(*meshfedv1.SourceStatus)) {
+	l.statusMu.Lock()
+	defer l.statusMu.Unlock()
 	key := federation.SourceStatusKey(l.site)
-	st := &meshfedv1.SourceStatus{Site: l.site, Healthy: true, Since: timestamppb.Now()}
+	st := &meshfedv1.SourceStatus{Site: l.site, Healthy: true}
 	if r, ok := l.table.Get(key); ok {
 		st = r.GetSourceStatus()
 	}
-	st.GossipAddresses = addrs
+	change(st)
+	if st.Since == nil {
+		st.Since = timestamppb.Now()
+	}
 	l.table.Put(federation.SourceStatusResource(st))
 }
 
