@@ -4,7 +4,6 @@ import (
 	"context"
 	"crypto/rand"
 	"fmt"
-	"slices"
 	"time"
 
 	meshfedv1 "github.com/meshfed/meshfed/api/meshfed/v1"
@@ -58,8 +57,7 @@ func (s *adminServer) RotateGossipKey(ctx context.Context, req *meshfedv1.Rotate
 	if err != nil {
 		return nil, status.Error(codes.Internal, err.Error())
 	}
-	// A copy: appending in place could write into the stored record.
-	keys := append(slices.Clone(r.GetGossipKeyring().GetKeys()), key)
+	keys := append(r.GetGossipKeyring().GetKeys(), key)
 	if len(keys) > maxGossipKeys {
 		keys = keys[len(keys)-maxGossipKeys:]
 	}
