@@ -112,6 +112,11 @@ func New(ctx context.Context, o Options) (*Spoke, error) {
 	if err := catalog.ValidateName("site name", o.Site); err != nil {
 		return nil, fmt.Errorf("spoke: --site: %w", err)
 	}
+	if o.BundleConfigMap != "" {
+		if _, _, err := kube.ParseSecretRef(o.BundleConfigMap); err != nil {
+			return nil, fmt.Errorf("spoke: CA ConfigMap %q: want namespace/name", o.BundleConfigMap)
+		}
+	}
 	if o.DataDir == "" {
 		return nil, errors.New("spoke: --data-dir is required")
 	}
@@ -374,7 +379,9 @@ func (s *Spoke) renewLoop(ctx context.Context, conn *grpc.ClientConn) error {
 // caLoop carries out CA rotations the hub asks for and moves them on:
 // the bundle is republished whenever its authorities change.
 func (s *Spoke) caLoop(ctx context.Context) error {
-	s.publishBundle(ctx)
+	// A ConfigMap write that failed (the API down at start) is retried
+	// every tick until it lands.
+	unpublished := s.publishBundle(ctx) != nil
 	t := time.NewTicker(time.Second)
 	defer t.Stop()
 	for {
@@ -403,7 +410,9 @@ func (s *Spoke) caLoop(ctx context.Context) error {
 		}
 		if changed || ticked {
 			s.local.table.Put(federation.BundleResource(federation.BundleToWire(s.o.Site, s.ca.Bundle())))
-			s.publishBundle(ctx)
+		}
+		if changed || ticked || unpublished {
+			unpublished = s.publishBundle(ctx) != nil
 		}
 	}
 }
@@ -487,15 +496,14 @@ func kindOf(key string) string {
 }
 
 // publishBundle writes the site's CA certificates to --ca-configmap.
-func (s *Spoke) publishBundle(ctx context.Context) {
+func (s *Spoke) publishBundle(ctx context.Context) error {
 	if s.o.BundleConfigMap == "" || s.o.Kube == nil {
-		return
+		return nil
 	}
-	ns, name, err := kube.ParseSecretRef(s.o.BundleConfigMap)
-	if err == nil {
-		err = kube.PublishBundle(ctx, s.o.Kube, ns, name, ca.EncodeCertPEM(s.ca.Authorities()...))
-	}
+	ns, name, _ := kube.ParseSecretRef(s.o.BundleConfigMap) // checked by New
+	err := kube.PublishBundle(ctx, s.o.Kube, ns, name, ca.EncodeCertPEM(s.ca.Authorities()...))
 	if err != nil {
-		s.log.Error("could not publish the site CA for pods", "err", err)
+		s.log.Error("could not publish the site CA for pods; retrying", "err", err)
 	}
+	return err
 }
