@@ -5,7 +5,7 @@ import (
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
-	"sort"
+	"slices"
 	"time"
 
 	xds "github.com/meshfed/meshfed/api/meshfed/xdsapi"
@@ -127,10 +127,10 @@ func (c *xdsClient) session(ctx context.Context) error {
 			// Ask for the endpoints of every EDS cluster.
 			names := edsNames(res.clusters)
 			es := state[endpointType]
-			if fmt.Sprint(names) != fmt.Sprint(es.names) {
+			if !slices.Equal(names, es.names) {
 				es.names = names
 				for n := range res.endpoints {
-					if !contains(names, n) {
+					if _, ok := slices.BinarySearch(names, n); !ok {
 						delete(res.endpoints, n)
 					}
 				}
@@ -147,11 +147,6 @@ func (c *xdsClient) session(ctx context.Context) error {
 	}
 }
 
-func contains(names []string, n string) bool {
-	i := sort.SearchStrings(names, n)
-	return i < len(names) && names[i] == n
-}
-
 func edsNames(cs map[string]*xds.Cluster) []string {
 	var out []string
 	for _, c := range cs {
@@ -159,7 +154,7 @@ func edsNames(cs map[string]*xds.Cluster) []string {
 			out = append(out, edsName(c))
 		}
 	}
-	sort.Strings(out)
+	slices.Sort(out)
 	return out
 }
 
