@@ -97,7 +97,9 @@ func (im *Importer) Run(ctx context.Context, site string, view *spoke.View, loca
 	}))
 	svcInf := ours.Core().V1().Services()
 	im.services = svcInf.Lister()
-	_ = svcInf.Informer()
+	if err := svcInf.Informer().SetTransform(slimService); err != nil {
+		return err
+	}
 	ours.Start(ctx.Done())
 	defer ours.Shutdown()
 	nsf.WaitForCacheSync(ctx.Done())
@@ -269,13 +271,29 @@ func (im *Importer) applyDerived(ctx context.Context, ns, name string, ports []m
 		return "", fmt.Errorf("Service %s/%s exists and is not meshfed's: rename it, meshfed derives the ClusterSetIP of %s from it", ns, dn, name)
 	}
 	if !equality.Semantic.DeepEqual(portsOf(cur.Spec.Ports), portsOf(want.Ports)) {
-		upd := cur.DeepCopy() // the cache's object is shared
-		upd.Spec.Ports = want.Ports
-		if cur, err = svcs.Update(ctx, upd, metav1.UpdateOptions{}); err != nil {
+		// The cache holds a slim copy; an update starts from the whole.
+		if cur, err = svcs.Get(ctx, dn, metav1.GetOptions{}); err != nil {
+			return "", err
+		}
+		cur.Spec.Ports = want.Ports
+		if cur, err = svcs.Update(ctx, cur, metav1.UpdateOptions{}); err != nil {
 			return "", err
 		}
 	}
 	return cur.Spec.ClusterIP, nil
+}
+
+// slimService keeps of a cached Service what applyDerived reads, so the
+// cache of thousands of derived Services stays small.
+func slimService(obj any) (any, error) {
+	s, ok := obj.(*corev1.Service)
+	if !ok {
+		return obj, nil // a deletion marker
+	}
+	return &corev1.Service{
+		ObjectMeta: metav1.ObjectMeta{Name: s.Name, Namespace: s.Namespace, Labels: s.Labels, ResourceVersion: s.ResourceVersion},
+		Spec:       corev1.ServiceSpec{Ports: s.Spec.Ports, ClusterIP: s.Spec.ClusterIP},
+	}, nil
 }
 
 // portsOf drops what the server fills in (node ports, defaults).

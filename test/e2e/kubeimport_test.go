@@ -177,6 +177,30 @@ func TestKubernetesImport(t *testing.T) {
 			t.Fatalf("east Valid = %+v, %v", cond, err)
 		}
 	})
+	t.Run("a port change in east reaches west's derived Service", func(t *testing.T) {
+		svc, err := east.Client.CoreV1().Services("shop").Get(ctx, "cart", metav1.GetOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		svc.Spec.Ports[0].Port = 81
+		if _, err := east.Client.CoreV1().Services("shop").Update(ctx, svc, metav1.UpdateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		harness.Eventually(t, 20*time.Second, "west's derived Service serves port 81", func() error {
+			derived, err := west.Client.CoreV1().Services("shop").Get(ctx, kubeimport.DerivedServiceName("cart"), metav1.GetOptions{})
+			if err != nil {
+				return err
+			}
+			si, err := west.mcs.MulticlusterV1alpha1().ServiceImports("shop").Get(ctx, "cart", metav1.GetOptions{})
+			if err != nil {
+				return err
+			}
+			if len(derived.Spec.Ports) != 1 || derived.Spec.Ports[0].Port != 81 || len(si.Spec.IPs) != 1 || si.Spec.IPs[0] != derived.Spec.ClusterIP {
+				return fmt.Errorf("derived Service ports %v IP %s, ServiceImport IPs %v", derived.Spec.Ports, derived.Spec.ClusterIP, si.Spec.IPs)
+			}
+			return nil
+		})
+	})
 	t.Run("a Service of the user's with the derived name is left alone", func(t *testing.T) {
 		theirs, err := west.Client.CoreV1().Services("shop").Create(ctx, &corev1.Service{ObjectMeta: metav1.ObjectMeta{Name: kubeimport.DerivedServiceName("till")},
 			Spec: corev1.ServiceSpec{Ports: []corev1.ServicePort{{Name: "x", Port: 1234, Protocol: corev1.ProtocolTCP}}}}, metav1.CreateOptions{})
