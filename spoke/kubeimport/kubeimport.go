@@ -61,9 +61,6 @@ type Importer struct {
 	o          Options
 	queue      workqueue.TypedRateLimitingInterface[string]
 	namespaces corelisters.NamespaceLister
-	// services holds meshfed's own Services (the derived ones), so a
-	// reconcile reads them without an API round trip.
-	services corelisters.ServiceLister
 }
 
 var _ spoke.Importer = (*Importer)(nil)
@@ -92,18 +89,7 @@ func (im *Importer) Run(ctx context.Context, site string, view *spoke.View, loca
 	}
 	nsf.Start(ctx.Done())
 	defer nsf.Shutdown()
-	ours := informers.NewSharedInformerFactoryWithOptions(im.o.Client, 0, informers.WithTweakListOptions(func(o *metav1.ListOptions) {
-		o.LabelSelector = labels.SelectorFromSet(labels.Set{discoveryv1.LabelManagedBy: kubesource.ManagedBy}).String()
-	}))
-	svcInf := ours.Core().V1().Services()
-	im.services = svcInf.Lister()
-	if err := svcInf.Informer().SetTransform(slimService); err != nil {
-		return err
-	}
-	ours.Start(ctx.Done())
-	defer ours.Shutdown()
 	nsf.WaitForCacheSync(ctx.Done())
-	ours.WaitForCacheSync(ctx.Done())
 	watch := func(t *federation.Table) {
 		sub := t.Subscribe(func(k string) bool { return strings.HasPrefix(k, "svc/") || strings.HasPrefix(k, "site/") })
 		go func() {
@@ -247,53 +233,30 @@ func (im *Importer) applyDerived(ctx context.Context, ns, name string, ports []m
 		want.Ports = append(want.Ports, corev1.ServicePort{Name: p.Name, Port: p.Port, Protocol: p.Protocol, TargetPort: intstr.FromInt32(p.Port)})
 	}
 	dn := DerivedServiceName(name)
-	cur, err := im.services.Services(ns).Get(dn)
+	cur, err := svcs.Get(ctx, dn, metav1.GetOptions{})
 	if apierrors.IsNotFound(err) {
-		created, err := svcs.Create(ctx, &corev1.Service{
+		cur, err = svcs.Create(ctx, &corev1.Service{
 			ObjectMeta: metav1.ObjectMeta{Name: dn, Namespace: ns, Labels: map[string]string{discoveryv1.LabelManagedBy: kubesource.ManagedBy, mcsv1a1.LabelServiceName: name}},
 			Spec:       want,
 		}, metav1.CreateOptions{})
-		if err == nil {
-			return created.Spec.ClusterIP, nil
-		}
-		if !apierrors.IsAlreadyExists(err) {
+		if err != nil {
 			return "", err
 		}
-		// Not in the cache of meshfed's Services: someone else's, or ours
-		// made so recently the cache has not seen it.
-		if cur, err = svcs.Get(ctx, dn, metav1.GetOptions{}); err != nil {
-			return "", err
-		}
-	} else if err != nil {
+		return cur.Spec.ClusterIP, nil
+	}
+	if err != nil {
 		return "", err
 	}
 	if cur.Labels[discoveryv1.LabelManagedBy] != kubesource.ManagedBy {
 		return "", fmt.Errorf("Service %s/%s exists and is not meshfed's: rename it, meshfed derives the ClusterSetIP of %s from it", ns, dn, name)
 	}
 	if !equality.Semantic.DeepEqual(portsOf(cur.Spec.Ports), portsOf(want.Ports)) {
-		// The cache holds a slim copy; an update starts from the whole.
-		if cur, err = svcs.Get(ctx, dn, metav1.GetOptions{}); err != nil {
-			return "", err
-		}
 		cur.Spec.Ports = want.Ports
 		if cur, err = svcs.Update(ctx, cur, metav1.UpdateOptions{}); err != nil {
 			return "", err
 		}
 	}
 	return cur.Spec.ClusterIP, nil
-}
-
-// slimService keeps of a cached Service what applyDerived reads, so the
-// cache of thousands of derived Services stays small.
-func slimService(obj any) (any, error) {
-	s, ok := obj.(*corev1.Service)
-	if !ok {
-		return obj, nil // a deletion marker
-	}
-	return &corev1.Service{
-		ObjectMeta: metav1.ObjectMeta{Name: s.Name, Namespace: s.Namespace, Labels: s.Labels, ResourceVersion: s.ResourceVersion},
-		Spec:       corev1.ServiceSpec{Ports: s.Spec.Ports, ClusterIP: s.Spec.ClusterIP},
-	}, nil
 }
 
 // portsOf drops what the server fills in (node ports, defaults).
