@@ -24,50 +24,76 @@ var (
 	ErrNoSNI     = errors.New("ClientHello names no server (no SNI)")
 )
 
+// ErrIncomplete: the bytes so far are a valid start of a ClientHello, and
+// more are needed.
+var ErrIncomplete = errors.New("incomplete ClientHello")
+
 // Read reads one ClientHello from r, across as many handshake records as it
 // takes, and returns the server name and every byte read (to be replayed
-// to the upstream).
+// to the upstream). It reads no byte past the hello.
 func Read(r io.Reader) (serverName string, raw []byte, err error) {
+	for {
+		name, n, err := Parse(raw)
+		if !errors.Is(err, ErrIncomplete) {
+			return name, raw, err
+		}
+		start := len(raw)
+		raw = append(raw, make([]byte, n-start)...)
+		m, err := io.ReadFull(r, raw[start:])
+		raw = raw[:start+m]
+		if err != nil {
+			return "", raw, readErr(err, len(raw))
+		}
+	}
+}
+
+// Parse reads a ClientHello from the start of b, for callers that collect
+// bytes themselves. It returns the server name and how many bytes the
+// hello's records take; with ErrIncomplete, n is how many bytes b must hold
+// at least before it can say more (never more than MaxSize). Anything that
+// is not the start of a ClientHello is refused as soon as its first bytes
+// show it.
+func Parse(b []byte) (serverName string, n int, err error) {
 	var msg []byte
 	need := -1 // handshake message length, once known
 	for need < 0 || len(msg) < need {
-		var hdr [5]byte
-		if _, err := io.ReadFull(r, hdr[:]); err != nil {
-			return "", raw, readErr(err, len(raw))
+		if n+5 > MaxSize {
+			return "", n, ErrTooLarge
 		}
-		raw = append(raw, hdr[:]...)
-		if hdr[0] != 22 { // handshake
-			return "", raw, ErrNotTLS
+		hdr := b[n:]
+		if len(hdr) > 0 && hdr[0] != 22 { // handshake
+			return "", n, ErrNotTLS
 		}
-		if hdr[1] != 3 {
-			return "", raw, fmt.Errorf("%w: record version %d.%d", ErrNotTLS, hdr[1], hdr[2])
+		if len(hdr) > 1 && hdr[1] != 3 {
+			return "", n, fmt.Errorf("%w: record version %d", ErrNotTLS, hdr[1])
 		}
-		n := int(binary.BigEndian.Uint16(hdr[3:]))
-		if n == 0 {
-			return "", raw, fmt.Errorf("%w: empty record", ErrMalformed)
+		if len(hdr) < 5 {
+			return "", n + 5, ErrIncomplete
 		}
-		if len(raw)+n > MaxSize {
-			return "", raw, ErrTooLarge
+		size := int(binary.BigEndian.Uint16(hdr[3:]))
+		if size == 0 {
+			return "", n, fmt.Errorf("%w: empty record", ErrMalformed)
 		}
-		start := len(raw)
-		raw = append(raw, make([]byte, n)...)
-		if m, err := io.ReadFull(r, raw[start:]); err != nil {
-			raw = raw[:start+m]
-			return "", raw, readErr(err, len(raw))
+		if n+5+size > MaxSize {
+			return "", n, ErrTooLarge
 		}
-		msg = append(msg, raw[start:]...)
+		if len(hdr) < 5+size {
+			return "", n + 5 + size, ErrIncomplete
+		}
+		msg = append(msg, hdr[5:5+size]...)
+		n += 5 + size
 		if need < 0 && len(msg) >= 4 {
 			if msg[0] != 1 { // client_hello
-				return "", raw, fmt.Errorf("%w: handshake type %d", ErrMalformed, msg[0])
+				return "", n, fmt.Errorf("%w: handshake type %d", ErrMalformed, msg[0])
 			}
 			need = 4 + (int(msg[1])<<16 | int(msg[2])<<8 | int(msg[3]))
 			if need > MaxSize {
-				return "", raw, ErrTooLarge
+				return "", n, ErrTooLarge
 			}
 		}
 	}
 	name, err := ServerName(msg[:need])
-	return name, raw, err
+	return name, n, err
 }
 
 func readErr(err error, n int) error {

@@ -68,8 +68,8 @@ func TestRefusals(t *testing.T) {
 	}
 }
 
-// FuzzRead: no input panics, reads past what it returns, or yields a name
-// that is not a plain DNS name.
+// FuzzRead: no input panics, reads past what it returns, yields a name
+// that is not a plain DNS name, or parses differently from Parse.
 func FuzzRead(f *testing.F) {
 	f.Add(hello(f, "9080.echo.default.east.test.meshfed"))
 	f.Add([]byte{22, 3, 1, 0, 4, 1, 0, 0, 0})
@@ -80,6 +80,18 @@ func FuzzRead(f *testing.F) {
 		}
 		if len(raw) > MaxSize+5 {
 			t.Fatalf("read %d bytes, more than the limit", len(raw))
+		}
+		// Parse over the same bytes, as an event loop calls it, agrees.
+		pname, pn, perr := Parse(in)
+		switch {
+		case errors.Is(perr, ErrIncomplete):
+			if pn <= len(in) || pn > MaxSize || err == nil {
+				t.Fatalf("Parse wants %d bytes of %d (Read: %v)", pn, len(in), err)
+			}
+		case err == nil && (perr != nil || pname != name || pn != len(raw)):
+			t.Fatalf("Parse gave %q, %d, %v; Read %q, %d bytes", pname, pn, perr, name, len(raw))
+		case err != nil && perr == nil:
+			t.Fatalf("Parse accepted what Read refused: %v", err)
 		}
 		if err == nil {
 			if _, cerr := checkName(name); cerr != nil {
