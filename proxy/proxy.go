@@ -6,7 +6,6 @@
 package proxy
 
 import (
-	"bufio"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
@@ -25,7 +24,6 @@ import (
 
 	xds "github.com/meshfed/meshfed/api/meshfed/xdsapi"
 	"github.com/meshfed/meshfed/catalog"
-	"github.com/meshfed/meshfed/gateway/clienthello"
 	"github.com/meshfed/meshfed/identityclient"
 	"github.com/meshfed/meshfed/telemetry"
 	"github.com/prometheus/client_golang/prometheus"
@@ -86,12 +84,20 @@ type Proxy struct {
 	listeners map[string]*runningListener
 	upstreams map[string]*upstream
 	conns     sync.WaitGroup
-	live      map[net.Conn]struct{}
+	// live: what the drain timeout closes.
+	live map[io.Closer]struct{}
 }
 
 type runningListener struct {
-	ln   net.Listener
+	ln   listener
 	conf atomic.Pointer[listenerConf]
+}
+
+// listener is a running listener as the proxy manages it: a net.Listener,
+// or a gateway's event loop.
+type listener interface {
+	Addr() net.Addr
+	Close() error
 }
 
 // New checks the options and binds the HTTP listener.
@@ -126,7 +132,7 @@ func New(o Options) (*Proxy, error) {
 	}
 	p := &Proxy{
 		o: o, log: o.Logger.With("component", "proxy"), m: newMetrics(o.Registry),
-		listeners: map[string]*runningListener{}, upstreams: map[string]*upstream{}, live: map[net.Conn]struct{}{},
+		listeners: map[string]*runningListener{}, upstreams: map[string]*upstream{}, live: map[io.Closer]struct{}{},
 	}
 	if o.HTTPListen != "-" && o.HTTPListen != "" {
 		var err error
@@ -297,16 +303,23 @@ func (p *Proxy) apply(r *resources) error {
 			rl.conf.Store(lc)
 			continue
 		}
-		ln, err := net.Listen("tcp", lc.addr)
+		rl := &runningListener{}
+		rl.conf.Store(lc)
+		var err error
+		switch {
+		case lc.sni != nil:
+			rl.ln, err = p.listenGateway(rl, lc.addr)
+		case lc.inbound:
+			rl.ln, err = p.listen(rl, p.inbound)
+		default:
+			rl.ln, err = p.listen(rl, p.outbound)
+		}
 		if err != nil {
 			p.m.listenerErrors.Inc()
 			p.log.Error("could not open a listener; the others run", "listener", name, "err", err)
 			continue
 		}
-		rl := &runningListener{ln: ln}
-		rl.conf.Store(lc)
 		p.listeners[name] = rl
-		go p.serve(rl)
 	}
 	p.m.configs.Inc()
 	p.log.Info("configuration applied", "listeners", len(p.listeners), "clusters", len(cfg.clusters))
@@ -318,33 +331,34 @@ func (p *Proxy) onEject(c *clusterConf, e endpointConf) {
 	p.log.Warn("endpoint ejected after consecutive connect failures", "cluster", c.name, "endpoint", e.addr, "site", e.site)
 }
 
-func (p *Proxy) serve(rl *runningListener) {
-	for {
-		c, err := rl.ln.Accept()
-		if err != nil {
-			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() {
-				continue
-			}
-			return
-		}
-		p.track(c, true)
-		go func() {
-			defer p.track(c, false)
-			lc := rl.conf.Load()
-			switch {
-			case lc.sni != nil:
-				p.passthrough(lc, c)
-			case lc.inbound:
-				p.inbound(lc, c)
-			default:
-				p.outbound(lc, c)
-			}
-		}()
+// listen opens a listener that serves each connection on a goroutine of
+// its own.
+func (p *Proxy) listen(rl *runningListener, handle func(*listenerConf, net.Conn)) (listener, error) {
+	ln, err := net.Listen("tcp", rl.conf.Load().addr)
+	if err != nil {
+		return nil, err
 	}
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				var ne net.Error
+				if errors.As(err, &ne) && ne.Timeout() {
+					continue
+				}
+				return
+			}
+			p.track(c, true)
+			go func() {
+				defer p.track(c, false)
+				handle(rl.conf.Load(), c)
+			}()
+		}
+	}()
+	return ln, nil
 }
 
-func (p *Proxy) track(c net.Conn, add bool) {
+func (p *Proxy) track(c io.Closer, add bool) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if add {
@@ -391,71 +405,33 @@ func (p *Proxy) connect(cluster string, attempts int) (net.Conn, string) {
 		}
 		tried[hostKey(e)] = true
 		up, err := p.dialUpstream(cfg, u.config(), e)
-		u.result(e, err == nil, time.Now())
-		if err != nil {
-			p.m.upstream.WithLabelValues(cluster, e.site, e.zone, "connect_failure").Inc()
-			p.log.Debug("upstream connect failed", "cluster", cluster, "endpoint", e.addr, "err", err)
-			continue
+		p.attempted(cluster, u, e, err)
+		if err == nil {
+			return up, ""
 		}
-		p.m.upstream.WithLabelValues(cluster, e.site, e.zone, "success").Inc()
-		return up, ""
 	}
-	if len(tried) == 0 {
-		return nil, "no_endpoint"
-	}
-	return nil, "upstream_failure"
+	return nil, unconnected(tried)
 }
 
-// passthrough routes a connection by the SNI of its ClientHello, which it
-// reads without decrypting, to a local endpoint of that service; the hello
-// and everything after pass on unchanged. Anything without a route is
-// closed: the gateway relays nothing else.
-func (p *Proxy) passthrough(lc *listenerConf, down net.Conn) {
-	_ = down.SetReadDeadline(time.Now().Add(p.o.HelloTimeout))
-	// Buffered: the whole hello usually arrives in one read. What the
-	// buffer holds past the hello is passed on with it.
-	br := bufio.NewReaderSize(down, 4096)
-	name, raw, err := clienthello.Read(br)
-	if err == nil {
-		extra, _ := br.Peek(br.Buffered())
-		raw = append(raw, extra...)
-	}
+// attempted records how a connection attempt to e ended, for outlier
+// detection and the metrics.
+func (p *Proxy) attempted(cluster string, u *upstream, e endpointConf, err error) {
+	u.result(e, err == nil, time.Now())
 	if err != nil {
-		result := "malformed"
-		var ne net.Error
-		switch {
-		case errors.As(err, &ne) && ne.Timeout():
-			result = "hello_timeout"
-		case errors.Is(err, clienthello.ErrTooLarge):
-			result = "oversized"
-		case errors.Is(err, clienthello.ErrNoSNI):
-			result = "no_sni"
-		case errors.Is(err, clienthello.ErrNotTLS):
-			result = "not_tls"
-		}
-		p.m.gateway.WithLabelValues(result).Inc()
-		p.log.Debug("gateway refused a connection", "remote", down.RemoteAddr(), "reason", result, "err", err)
+		p.m.upstream.WithLabelValues(cluster, e.site, e.zone, "connect_failure").Inc()
+		p.log.Debug("upstream connect failed", "cluster", cluster, "endpoint", e.addr, "err", err)
 		return
 	}
-	_ = down.SetReadDeadline(time.Time{})
-	r, ok := lc.sni[name]
-	if !ok {
-		p.m.gateway.WithLabelValues("unknown_sni").Inc()
-		p.log.Info("gateway refused an SNI it has no route for", "sni", name, "remote", down.RemoteAddr())
-		return
+	p.m.upstream.WithLabelValues(cluster, e.site, e.zone, "success").Inc()
+}
+
+// unconnected says why attempts at the endpoints in tried gave no
+// connection.
+func unconnected(tried map[string]bool) string {
+	if len(tried) == 0 {
+		return "no_endpoint"
 	}
-	up, result := p.connect(r.cluster, r.attempts)
-	if up == nil {
-		p.m.gateway.WithLabelValues(result).Inc()
-		return
-	}
-	if _, err := up.Write(raw); err != nil {
-		up.Close()
-		p.m.gateway.WithLabelValues("upstream_failure").Inc()
-		return
-	}
-	p.m.gateway.WithLabelValues("ok").Inc()
-	pipe(down, up)
+	return "upstream_failure"
 }
 
 func pickRoute(rs []route) string {

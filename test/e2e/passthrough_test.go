@@ -1,0 +1,151 @@
+package e2e
+
+import (
+	"bytes"
+	"crypto/rand"
+	"crypto/sha256"
+	"crypto/tls"
+	"fmt"
+	"io"
+	"net"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/meshfed/meshfed/test/harness"
+)
+
+// tcpEcho echoes each connection to its end, then closes: it sees the
+// caller's half-close only if the gateway passes it on.
+func tcpEcho(t *testing.T) *net.TCPAddr {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() { defer c.Close(); _, _ = io.Copy(c, c) }()
+		}
+	}()
+	return ln.Addr().(*net.TCPAddr)
+}
+
+// clientHello is the ClientHello crypto/tls sends for sni.
+func clientHello(t *testing.T, sni string) []byte {
+	a, b := net.Pipe()
+	defer a.Close()
+	go func() {
+		_ = tls.Client(b, &tls.Config{ServerName: sni}).Handshake()
+		b.Close()
+	}()
+	_ = a.SetReadDeadline(time.Now().Add(5 * time.Second))
+	hdr := make([]byte, 5)
+	if _, err := io.ReadFull(a, hdr); err != nil {
+		t.Fatal(err)
+	}
+	body := make([]byte, int(hdr[3])<<8|int(hdr[4]))
+	if _, err := io.ReadFull(a, body); err != nil {
+		t.Fatal(err)
+	}
+	return append(hdr, body...)
+}
+
+// TestGatewayPassesBytesUnchanged: many callers at once send a ClientHello
+// and a few MiB after it through the gateway to a plain TCP echo, then
+// half-close; each gets back exactly what it sent, then the end of the
+// stream. Endpoints given as an IP and as a host name both work, and so
+// does a ClientHello that arrives a byte at a time.
+func TestGatewayPassesBytesUnchanged(t *testing.T) {
+	echo := tcpEcho(t)
+	site := harness.StartSite(t, "east", fmt.Sprintf(`services:
+- namespace: default
+  name: byip
+  ports: [{port: 443}]
+  endpoints: [{address: 127.0.0.1, port: %[1]d}]
+- namespace: default
+  name: byname
+  ports: [{port: 443}]
+  endpoints: [{address: localhost, port: %[1]d}]
+`, echo.Port))
+	gw := harness.FreePort(t)
+	_, gwHTTP := site.DataPlane(t, harness.Binary(t), "gw", "gateway", "--site", "east", "--listen", gw)
+	hellos := map[string][]byte{}
+	for _, svc := range []string{"byip", "byname"} {
+		hellos[svc] = clientHello(t, "443."+svc+".default.east.bench.meshfed")
+	}
+
+	// roundTrip sends a hello for svc and size random bytes after it,
+	// half-closes, and expects all of it back, then the end of the stream.
+	roundTrip := func(svc string, size int, slowHello bool) error {
+		c, err := net.DialTimeout("tcp", gw, 5*time.Second)
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		_ = c.SetDeadline(time.Now().Add(30 * time.Second))
+		sent := make([]byte, size)
+		_, _ = rand.Read(sent)
+		sent = append(bytes.Clone(hellos[svc]), sent...)
+		werr := make(chan error, 1)
+		go func() {
+			var err error
+			rest := sent
+			if slowHello { // one byte per segment
+				for ; err == nil && len(rest) > size; rest = rest[1:] {
+					_, err = c.Write(rest[:1])
+				}
+			}
+			if err == nil {
+				_, err = c.Write(rest)
+			}
+			if err == nil {
+				err = c.(*net.TCPConn).CloseWrite()
+			}
+			werr <- err
+		}()
+		got, rerr := io.ReadAll(c)
+		if err := <-werr; err != nil {
+			return fmt.Errorf("write: %w", err)
+		}
+		if rerr != nil {
+			return fmt.Errorf("read after %d of %d bytes: %w", len(got), len(sent), rerr)
+		}
+		if !bytes.Equal(got, sent) {
+			return fmt.Errorf("got %d bytes back (sha256 %x), sent %d (sha256 %x)", len(got), sha256.Sum256(got), len(sent), sha256.Sum256(sent))
+		}
+		return nil
+	}
+	for _, svc := range []string{"byip", "byname"} {
+		harness.Eventually(t, 20*time.Second, "a route for "+svc, func() error { return roundTrip(svc, 10, false) })
+	}
+
+	const callers, size = 16, 4 << 20
+	var wg sync.WaitGroup
+	errs := make(chan error, callers)
+	for i := range callers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			svc := []string{"byip", "byname"}[i%2]
+			if err := roundTrip(svc, size, false); err != nil {
+				errs <- fmt.Errorf("caller %d (%s): %w", i, svc, err)
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	if err := roundTrip("byip", 1000, true); err != nil {
+		t.Errorf("a ClientHello sent a byte at a time: %v", err)
+	}
+	if v, _ := harness.Metric(gwHTTP, "meshfed_gateway_connections_total", `result="ok"`); v < callers+3 {
+		t.Errorf("%v connections counted ok, want at least %d", v, callers+3)
+	}
+}
