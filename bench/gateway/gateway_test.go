@@ -28,7 +28,7 @@ import (
 
 const (
 	bulkBytes = 256 << 20
-	requests  = 2000
+	requests  = 5000
 	reqSize   = 64
 )
 
