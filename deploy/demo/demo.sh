@@ -17,7 +17,9 @@ cleanup() {
   wait 2>/dev/null || true
   rm -rf "$DEMO"
 }
-trap cleanup EXIT INT TERM
+trap cleanup EXIT
+trap 'cleanup; exit 130' INT
+trap 'cleanup; exit 143' TERM
 
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 wait_http() { # wait_http URL what
@@ -141,4 +143,6 @@ The federation is running. Try, in another shell:
   curl -sk https://127.0.0.1:17444/west.demo.meshfed               # the hub's SPIFFE bundle endpoint
 Logs are in $DEMO/*.log. Press Ctrl-C to stop.
 TXT
-wait
+# Until Ctrl-C, or until whatever started the demo (make, say) is gone.
+PARENT=$PPID
+while kill -0 "$PARENT" 2>/dev/null; do sleep 1; done
