@@ -16,9 +16,6 @@ import (
 	"fmt"
 	"math/big"
 	"net"
-	"os"
-	"os/exec"
-	"path/filepath"
 	"testing"
 	"time"
 
@@ -61,10 +58,6 @@ func tlsDial(addr, sni string) load.Dial {
 }
 
 func BenchmarkGatewayVsHAProxy(b *testing.B) {
-	haproxy, err := exec.LookPath("haproxy")
-	if err != nil {
-		b.Fatal("haproxy is missing: `make tools` installs Debian's")
-	}
 	echo, sink := backend(b, load.Echo), backend(b, load.Sink)
 	ep := func(addr string) string {
 		host, port, _ := net.SplitHostPort(addr)
@@ -77,15 +70,7 @@ func BenchmarkGatewayVsHAProxy(b *testing.B) {
 	site.DataPlane(b, harness.Binary(b), "gw", "gateway", "--site", "east", "--listen", gw)
 
 	hp := harness.FreePort(b)
-	cfg := filepath.Join(b.TempDir(), "haproxy.cfg")
-	conf := fmt.Sprintf(`global
-  maxconn 4000
-defaults
-  mode tcp
-  timeout connect 5s
-  timeout client 60s
-  timeout server 60s
-frontend sni
+	harness.HAProxy(b, "haproxy", fmt.Sprintf(`frontend sni
   bind %s
   tcp-request inspect-delay 5s
   tcp-request content accept if { req.ssl_hello_type 1 }
@@ -95,11 +80,7 @@ backend echo
   server echo %s
 backend sink
   server sink %s
-`, hp, echoSNI, sinkSNI, echo, sink)
-	if err := os.WriteFile(cfg, []byte(conf), 0o600); err != nil {
-		b.Fatal(err)
-	}
-	harness.Start(b, "haproxy", haproxy, "-db", "-f", cfg)
+`, hp, echoSNI, sinkSNI, echo, sink))
 
 	// Both pass traffic before anything is measured.
 	for name, addr := range map[string]string{"gateway": gw, "haproxy": hp} {

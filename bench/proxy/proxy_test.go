@@ -1,14 +1,23 @@
 // Package proxy benchmarks the data plane: a client proxy and a server
 // proxy (the built binary, mTLS between them, configured by a real spoke)
-// against a direct connection to the same app, in the same run.
-// `make bench` runs it once; `go test` alone runs no benchmark.
+// against a direct connection to the same app and against a pair of
+// HAProxy 2.6 doing the same mTLS, in the same run. `make bench` runs it
+// once; `go test` alone runs no benchmark.
 package proxy
 
 import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
 	"encoding/json"
+	"encoding/pem"
 	"fmt"
+	"math/big"
 	"net"
 	"os"
+	"path/filepath"
 	"testing"
 	"time"
 
@@ -76,7 +85,9 @@ func BenchmarkProxyPair(b *testing.B) {
 		b.Fatalf("through the proxies: %v", err)
 	}
 
-	fmt.Printf("proxy benchmark: client proxy -> mTLS -> server proxy -> app, vs app directly; loopback, 2 cores\n")
+	hEcho, hSink, haproxies := haproxyPair(b, echo, sink)
+
+	fmt.Printf("proxy benchmark: client proxy -> mTLS -> server proxy -> app, vs app directly and vs an HAProxy 2.6 pair doing the same; loopback, 2 cores\n")
 	idle, _ := harness.Memory(client.Pid(), "VmRSS")
 	fmt.Printf("client proxy RSS with its configuration, before traffic: %.1f MB\n", float64(idle)/1e6)
 	direct, err := load.Latency(tcp(echo), rate, conns, reqSize, duration)
@@ -87,11 +98,16 @@ func BenchmarkProxyPair(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
+	peer, err := load.Latency(tcp(hEcho), rate, conns, reqSize, duration)
+	if err != nil {
+		b.Fatal(err)
+	}
 	pct, ms, verdict := load.Percentile, load.Ms, load.Verdict
 	added50, added99 := pct(proxied, 50)-pct(direct, 50), pct(proxied, 99)-pct(direct, 99)
-	fmt.Printf("latency at %d req/s over %d connections (%d B echo): direct p50 %.3f ms p99 %.3f ms; proxied p50 %.3f ms p99 %.3f ms\n",
-		rate, conns, reqSize, ms(pct(direct, 50)), ms(pct(direct, 99)), ms(pct(proxied, 50)), ms(pct(proxied, 99)))
-	fmt.Printf("added latency: p50 %.3f ms, p99 %.3f ms (target p99 <= 1 ms: %s)\n", ms(added50), ms(added99), verdict(added99 <= time.Millisecond))
+	fmt.Printf("latency at %d req/s over %d connections (%d B echo): direct p50 %.3f ms p99 %.3f ms; meshfed pair p50 %.3f ms p99 %.3f ms; haproxy pair p50 %.3f ms p99 %.3f ms\n",
+		rate, conns, reqSize, ms(pct(direct, 50)), ms(pct(direct, 99)), ms(pct(proxied, 50)), ms(pct(proxied, 99)), ms(pct(peer, 50)), ms(pct(peer, 99)))
+	fmt.Printf("added latency: meshfed p50 %.3f ms, p99 %.3f ms (target p99 <= 1 ms: %s); haproxy p50 %.3f ms, p99 %.3f ms\n", ms(added50), ms(added99),
+		verdict(added99 <= time.Millisecond), ms(pct(peer, 50)-pct(direct, 50)), ms(pct(peer, 99)-pct(direct, 99)))
 	// CPU seconds per GB: of this process (the app's two ends) and of the
 	// two proxies, to show where a proxied byte's cost goes.
 	cpu := func(pids ...int) time.Duration {
@@ -117,11 +133,18 @@ func BenchmarkProxyPair(b *testing.B) {
 		if err != nil {
 			b.Fatal(err)
 		}
-		app2, px2 := cpu(os.Getpid()), cpu(client.Pid(), server.Pid())
-		fmt.Printf("throughput over %d connection(s): direct %.0f MB/s, proxied %.0f MB/s, ratio %.2fx (target >= 0.8x: %s)\n", n, d/1e6, p/1e6, p/d, verdict(p/d >= 0.8))
-		fmt.Printf("  CPU per GB: direct %.2f s (the app's ends); proxied %.2f s (the app's ends %.2f s, the two proxies %.2f s)\n",
-			perGB(app1-app0), perGB(app2-app1+px2-px1), perGB(app2-app1), perGB(px2-px1))
+		app2, px2, hp2 := cpu(os.Getpid()), cpu(client.Pid(), server.Pid()), cpu(haproxies...)
+		h, err := load.Throughput(tcp(hSink), bulkBytes, n)
+		if err != nil {
+			b.Fatal(err)
+		}
+		app3, hp3 := cpu(os.Getpid()), cpu(haproxies...)
+		fmt.Printf("throughput over %d connection(s): direct %.0f MB/s, meshfed pair %.0f MB/s, haproxy pair %.0f MB/s; meshfed/direct %.2fx (target >= 0.8x: %s), haproxy/direct %.2fx, meshfed/haproxy %.2fx\n",
+			n, d/1e6, p/1e6, h/1e6, p/d, verdict(p/d >= 0.8), h/d, p/h)
+		fmt.Printf("  CPU per GB: direct %.2f s (the app's ends); meshfed pair %.2f s (the app's ends %.2f s, the two proxies %.2f s); haproxy pair %.2f s (the app's ends %.2f s, the two proxies %.2f s)\n",
+			perGB(app1-app0), perGB(app2-app1+px2-px1), perGB(app2-app1), perGB(px2-px1), perGB(app3-app2+hp3-hp2), perGB(app3-app2), perGB(hp3-hp2))
 		b.ReportMetric(p/d, fmt.Sprintf("throughput-ratio-%dconn", n))
+		b.ReportMetric(p/h, fmt.Sprintf("throughput-vs-haproxy-%dconn", n))
 	}
 	for _, pr := range []struct {
 		name, http string
@@ -139,6 +162,89 @@ func BenchmarkProxyPair(b *testing.B) {
 			pr.name, float64(rss)/1e6, float64(peak)/1e6, verdict(peak <= 20e6), float64(file)/1e6, heap/1e6, sys/1e6)
 	}
 	b.ReportMetric(ms(added99), "added-p99-ms")
+}
+
+// haproxyPair starts two HAProxy processes that do what the proxy pair
+// does: the client side takes plain TCP and originates mTLS (TLS 1.3,
+// peer verified against the CA), the server side terminates it, requires
+// a client certificate from the CA and passes the bytes to the app. It
+// returns the client side's addresses for echo and sink, and both pids.
+func haproxyPair(b *testing.B, echo, sink string) (string, string, []int) {
+	dir := b.TempDir()
+	writePKI(b, dir)
+	cEcho, cSink, sEcho, sSink := harness.FreePort(b), harness.FreePort(b), harness.FreePort(b), harness.FreePort(b)
+	server := harness.HAProxy(b, "haproxy-server", fmt.Sprintf(`frontend echo
+  bind %[1]s ssl crt %[5]s/server.pem ca-file %[5]s/ca.pem verify required ssl-min-ver TLSv1.3
+  default_backend echo
+frontend sink
+  bind %[2]s ssl crt %[5]s/server.pem ca-file %[5]s/ca.pem verify required ssl-min-ver TLSv1.3
+  default_backend sink
+backend echo
+  server app %[3]s
+backend sink
+  server app %[4]s
+`, sEcho, sSink, echo, sink, dir))
+	client := harness.HAProxy(b, "haproxy-client", fmt.Sprintf(`frontend echo
+  bind %[1]s
+  default_backend echo
+frontend sink
+  bind %[2]s
+  default_backend sink
+backend echo
+  server s %[3]s ssl crt %[5]s/client.pem ca-file %[5]s/ca.pem verify required verifyhost app sni str(app) ssl-min-ver TLSv1.3
+backend sink
+  server s %[4]s ssl crt %[5]s/client.pem ca-file %[5]s/ca.pem verify required verifyhost app sni str(app) ssl-min-ver TLSv1.3
+`, cEcho, cSink, sEcho, sSink, dir))
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		_, err := load.Latency(tcp(cEcho), rate, 1, reqSize, 50*time.Millisecond)
+		if err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			b.Fatalf("the HAProxy pair does not pass traffic: %v\n%s\n%s", err, client.Log(), server.Log())
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	return cEcho, cSink, []int{client.Pid(), server.Pid()}
+}
+
+// writePKI writes a CA and, signed by it, a server and a client
+// certificate (both for the name "app"), each with its key, as HAProxy
+// reads them.
+func writePKI(b *testing.B, dir string) {
+	caKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	ca := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "bench CA"}, IsCA: true, BasicConstraintsValid: true,
+		KeyUsage: x509.KeyUsageCertSign, NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour)}
+	caDER, err := x509.CreateCertificate(rand.Reader, ca, ca, caKey.Public(), caKey)
+	if err != nil {
+		b.Fatal(err)
+	}
+	write := func(name string, blocks ...*pem.Block) {
+		var out []byte
+		for _, bl := range blocks {
+			out = append(out, pem.EncodeToMemory(bl)...)
+		}
+		if err := os.WriteFile(filepath.Join(dir, name), out, 0o600); err != nil {
+			b.Fatal(err)
+		}
+	}
+	write("ca.pem", &pem.Block{Type: "CERTIFICATE", Bytes: caDER})
+	for i, name := range []string{"server.pem", "client.pem"} {
+		key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+		leaf := &x509.Certificate{SerialNumber: big.NewInt(int64(i + 2)), Subject: pkix.Name{CommonName: "app"}, DNSNames: []string{"app"},
+			KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
+			NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour)}
+		der, err := x509.CreateCertificate(rand.Reader, leaf, ca, key.Public(), caKey)
+		if err != nil {
+			b.Fatal(err)
+		}
+		keyDER, err := x509.MarshalECPrivateKey(key)
+		if err != nil {
+			b.Fatal(err)
+		}
+		write(name, &pem.Block{Type: "CERTIFICATE", Bytes: der}, &pem.Block{Type: "EC PRIVATE KEY", Bytes: keyDER})
+	}
 }
 
 func tcp(addr string) load.Dial {
