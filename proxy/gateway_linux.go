@@ -107,11 +107,18 @@ func (p *Proxy) listenGateway(rl *runningListener, addr string) (listener, error
 		cerr := c.Control(func(fd uintptr) { err = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEPORT, 1) })
 		return errors.Join(cerr, err)
 	}}
+	// A plain bind first, so a port another process holds is refused as
+	// "address in use", not silently shared with it.
+	probe, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, err
+	}
+	addr = probe.Addr().String() // the port picked, when addr asks for any
+	probe.Close()
 	var group loopGroup
 	for range runtime.GOMAXPROCS(0) {
 		ln, err := lc.Listen(context.Background(), "tcp", addr)
 		if err == nil {
-			addr = ln.Addr().String() // the port picked, when addr asks for any
 			err = p.startLoop(rl, ln.(*net.TCPListener), &group)
 		}
 		if err != nil {

@@ -148,4 +148,14 @@ func TestGatewayPassesBytesUnchanged(t *testing.T) {
 	if v, _ := harness.Metric(gwHTTP, "meshfed_gateway_connections_total", `result="ok"`); v < callers+3 {
 		t.Errorf("%v connections counted ok, want at least %d", v, callers+3)
 	}
+
+	// A second gateway on the same port does not quietly take a share of
+	// the callers (the listeners use SO_REUSEPORT among themselves).
+	_, gw2HTTP := site.DataPlane(t, harness.Binary(t), "gw2", "gateway", "--site", "east", "--listen", gw)
+	harness.Eventually(t, 10*time.Second, "the second gateway's listener refused", func() error {
+		if v, _ := harness.Metric(gw2HTTP, "meshfed_proxy_listener_errors_total"); v != 1 {
+			return fmt.Errorf("listener errors: %v, want 1", v)
+		}
+		return nil
+	})
 }
