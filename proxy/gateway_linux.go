@@ -151,6 +151,7 @@ func (p *Proxy) startLoop(rl *runningListener, ln *net.TCPListener, group *loopG
 		// that sends nothing waits in the kernel's queue up to the hello
 		// timeout before its own hello timeout starts.
 		_ = unix.SetsockoptInt(l.lfd, unix.IPPROTO_TCP, unix.TCP_DEFER_ACCEPT, int(max(1, p.o.HelloTimeout/time.Second)))
+		tune(l.lfd) // accepted sockets inherit it
 		l.ep, err = unix.EpollCreate1(unix.EPOLL_CLOEXEC)
 	}
 	if err == nil {
@@ -172,6 +173,21 @@ func (p *Proxy) startLoop(rl *runningListener, ln *net.TCPListener, group *loopG
 	*group = append(*group, l)
 	go l.run()
 	return nil
+}
+
+// tune sets what Go's net package sets on its TCP connections: no Nagle
+// delay, and keepalive probes (after 15s idle, every 15s, 9 of them), so a
+// peer that vanished without a word is found and its connection closed.
+func tune(fd int) {
+	for _, o := range [...]struct{ level, opt, v int }{
+		{unix.IPPROTO_TCP, unix.TCP_NODELAY, 1},
+		{unix.SOL_SOCKET, unix.SO_KEEPALIVE, 1},
+		{unix.IPPROTO_TCP, unix.TCP_KEEPIDLE, 15},
+		{unix.IPPROTO_TCP, unix.TCP_KEEPINTVL, 15},
+		{unix.IPPROTO_TCP, unix.TCP_KEEPCNT, 9},
+	} {
+		_ = unix.SetsockoptInt(fd, o.level, o.opt, o.v)
+	}
 }
 
 // detach takes a socket's descriptor from Go's poller: a duplicate that
@@ -332,7 +348,6 @@ func (l *gatewayLoop) accept() {
 			l.p.log.Error("gateway could not accept a connection", "err", err)
 			return
 		}
-		_ = unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1)
 		c := &gwConn{state: readingHello}
 		if c.down, err = l.add(fd, c); err != nil {
 			unix.Close(fd)
@@ -501,7 +516,7 @@ func (l *gatewayLoop) connect(c *gwConn, ap netip.AddrPort) error {
 	if err != nil {
 		return err
 	}
-	_ = unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1)
+	tune(fd)
 	if err = unix.Connect(fd, sa); err != nil && err != unix.EINPROGRESS {
 		unix.Close(fd)
 		return err

@@ -8,6 +8,9 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"os"
+	"strconv"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -149,6 +152,39 @@ func TestGatewayPassesBytesUnchanged(t *testing.T) {
 		t.Errorf("%v connections counted ok, want at least %d", v, callers+3)
 	}
 
+	// An idle connection: both of the gateway's sockets for it run TCP
+	// keepalive, so a peer that vanishes without a word is found.
+	idle, err := net.Dial("tcp", gw)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer idle.Close()
+	if _, err := idle.Write(hellos["byip"]); err != nil {
+		t.Fatal(err)
+	}
+	_, port, _ := net.SplitHostPort(gw)
+	gwPort, _ := strconv.Atoi(port)
+	clientPort := idle.LocalAddr().(*net.TCPAddr).Port
+	harness.Eventually(t, 10*time.Second, "keepalive on the gateway's sockets", func() error {
+		socks, err := tcpSockets()
+		if err != nil {
+			return err
+		}
+		var down, up bool
+		for _, s := range socks {
+			switch {
+			case s.local == gwPort && s.remote == clientPort:
+				down = s.keepalive
+			case s.remote == echo.Port:
+				up = up || s.keepalive
+			}
+		}
+		if !down || !up {
+			return fmt.Errorf("keepalive timer on the caller's side: %v, on the endpoint's side: %v", down, up)
+		}
+		return nil
+	})
+
 	// A second gateway on the same port does not quietly take a share of
 	// the callers (the listeners use SO_REUSEPORT among themselves).
 	_, gw2HTTP := site.DataPlane(t, harness.Binary(t), "gw2", "gateway", "--site", "east", "--listen", gw)
@@ -158,4 +194,32 @@ func TestGatewayPassesBytesUnchanged(t *testing.T) {
 		}
 		return nil
 	})
+}
+
+type tcpSocket struct {
+	local, remote int
+	keepalive     bool
+}
+
+// tcpSockets reads the kernel's table of IPv4 TCP sockets: ports and
+// whether the keepalive timer is the one running (timer 2).
+func tcpSockets() ([]tcpSocket, error) {
+	raw, err := os.ReadFile("/proc/net/tcp")
+	if err != nil {
+		return nil, err
+	}
+	var out []tcpSocket
+	for _, line := range strings.Split(string(raw), "\n")[1:] {
+		f := strings.Fields(line)
+		if len(f) < 6 {
+			continue
+		}
+		port := func(addr string) int {
+			_, hexPort, _ := strings.Cut(addr, ":")
+			n, _ := strconv.ParseInt(hexPort, 16, 32)
+			return int(n)
+		}
+		out = append(out, tcpSocket{local: port(f[1]), remote: port(f[2]), keepalive: strings.HasPrefix(f[5], "02:")})
+	}
+	return out, nil
 }
