@@ -25,8 +25,8 @@ import (
 // thread (the gateway made about 9 futex calls per connection that way).
 
 const (
-	loopBuffer = 64 << 10 // one read, shared by every connection
-	loopBudget = 16       // reads per direction and turn, so no connection starves the rest
+	loopBuffer = 256 << 10 // one read, shared by every connection
+	loopBudget = 16        // reads per direction and turn, so no connection starves the rest
 	yieldEvery = 5 * time.Millisecond
 )
 
