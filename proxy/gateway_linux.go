@@ -17,12 +17,13 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// On Linux a gateway listener's connections run on one event loop:
-// non-blocking sockets in one edge-triggered epoll set, with no goroutine
-// per connection. Passthrough does no work per byte but copy, so what a
-// connection costs is mostly waking up for it; the loop wakes once for a
-// batch of ready sockets, where goroutines hand each wakeup from thread to
-// thread (the gateway made about 9 futex calls per connection that way).
+// On Linux a gateway listener's connections run on event loops, one per
+// CPU Go uses: non-blocking sockets in an edge-triggered epoll set per
+// loop, with no goroutine per connection. Passthrough does no work per
+// byte but copy, so what a connection costs is mostly waking up for it; a
+// loop wakes once for a batch of ready sockets, where goroutines hand each
+// wakeup from thread to thread (the gateway made about 9 futex calls per
+// connection that way).
 
 const (
 	loopBuffer = 256 << 10 // one read, shared by every connection
