@@ -356,6 +356,7 @@ func (l *gatewayLoop) accept() {
 			continue
 		}
 		l.conns[c] = struct{}{}
+		l.p.m.gatewayLive.Inc()
 		heap.Push(&l.timers, timer{at: time.Now().Add(l.p.o.HelloTimeout), c: c, gen: c.gen})
 		c.down.readable = true // the hello often comes with the handshake
 		l.readHello(c)
@@ -393,6 +394,7 @@ func (l *gatewayLoop) close(c *gwConn) {
 	l.drop(c.up)
 	c.state = closed
 	delete(l.conns, c)
+	l.p.m.gatewayLive.Dec()
 }
 
 // refuse closes a connection that gets no route, counting why.

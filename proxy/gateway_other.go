@@ -16,6 +16,8 @@ func (p *Proxy) listenGateway(rl *runningListener, _ string) (listener, error) {
 }
 
 func (p *Proxy) passthrough(lc *listenerConf, down net.Conn) {
+	p.m.gatewayLive.Inc()
+	defer p.m.gatewayLive.Dec()
 	_ = down.SetReadDeadline(time.Now().Add(p.o.HelloTimeout))
 	name, raw, err := clienthello.Read(down)
 	if err != nil {

@@ -7,6 +7,7 @@ type metrics struct {
 	downstream     *prometheus.CounterVec
 	inbound        *prometheus.CounterVec
 	gateway        *prometheus.CounterVec
+	gatewayLive    prometheus.Gauge
 	active         *prometheus.GaugeVec
 	ejections      *prometheus.CounterVec
 	nacks          *prometheus.CounterVec
@@ -24,6 +25,8 @@ func newMetrics(r prometheus.Registerer) *metrics {
 			Help: "Connections to inbound listeners by listener and result (ok, denied, tls_failure, app_unreachable)."}, []string{"listener", "result"}),
 		gateway: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "meshfed_gateway_connections_total",
 			Help: "Connections to a gateway listener by result: ok, or why refused (unknown_sni, no_sni, not_tls, malformed, oversized, hello_timeout, no_endpoint, upstream_failure)."}, []string{"result"}),
+		gatewayLive: prometheus.NewGauge(prometheus.GaugeOpts{Name: "meshfed_gateway_active_connections",
+			Help: "Connections a gateway listener holds now, from accept (hello included) to close."}),
 		active: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "meshfed_proxy_upstream_active_connections",
 			Help: "Live outbound connections by cluster."}, []string{"cluster"}),
 		ejections: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "meshfed_proxy_outlier_ejections_total",
@@ -35,6 +38,6 @@ func newMetrics(r prometheus.Registerer) *metrics {
 		listenerErrors: prometheus.NewCounter(prometheus.CounterOpts{Name: "meshfed_proxy_listener_errors_total",
 			Help: "Listeners that could not be opened."}),
 	}
-	r.MustRegister(m.upstream, m.downstream, m.inbound, m.gateway, m.active, m.ejections, m.nacks, m.configs, m.listenerErrors)
+	r.MustRegister(m.upstream, m.downstream, m.inbound, m.gateway, m.gatewayLive, m.active, m.ejections, m.nacks, m.configs, m.listenerErrors)
 	return m
 }

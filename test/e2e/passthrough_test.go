@@ -185,6 +185,18 @@ func TestGatewayPassesBytesUnchanged(t *testing.T) {
 		return nil
 	})
 
+	live := func(want float64) func() error {
+		return func() error {
+			if v, err := harness.Metric(gwHTTP, "meshfed_gateway_active_connections"); err != nil || v != want {
+				return fmt.Errorf("meshfed_gateway_active_connections %v (%v), want %v", v, err, want)
+			}
+			return nil
+		}
+	}
+	harness.Eventually(t, 5*time.Second, "the idle connection counted live", live(1))
+	idle.Close()
+	harness.Eventually(t, 5*time.Second, "no live connection once it closed", live(0))
+
 	// A second gateway on the same port does not quietly take a share of
 	// the callers (the listeners use SO_REUSEPORT among themselves).
 	_, gw2HTTP := site.DataPlane(t, harness.Binary(t), "gw2", "gateway", "--site", "east", "--listen", gw)
