@@ -251,6 +251,9 @@ func (h *Hub) Run(ctx context.Context) error {
 	if err := h.watchStored(ctx); err != nil {
 		return err
 	}
+	if w, ok := h.store.(store.Watcher); ok {
+		g.Go(func() error { return h.followStore(ctx, w) })
+	}
 	if h.bundleLn != nil {
 		g.Go(func() error { return h.serveBundles(ctx) })
 	}

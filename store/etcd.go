@@ -8,7 +8,10 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 )
 
-var _ Store = (*Etcd)(nil)
+var (
+	_ Store   = (*Etcd)(nil)
+	_ Watcher = (*Etcd)(nil)
+)
 
 // EtcdOptions configures OpenEtcd.
 type EtcdOptions struct {
@@ -132,6 +135,40 @@ func (e *Etcd) Update(ctx context.Context, key string, fn UpdateFunc) error {
 		}
 	}
 	return fmt.Errorf("%w: %s", ErrConflict, key)
+}
+
+// Watch implements Watcher: a listing at one revision, then etcd's watch
+// from the next, so no write falls between them.
+func (e *Etcd) Watch(ctx context.Context, prefix string, fn func([]Change, bool)) error {
+	r, err := e.cli.Get(ctx, e.prefix+prefix, clientv3.WithPrefix())
+	if err != nil {
+		return fmt.Errorf("store: etcd list %s: %w", prefix, err)
+	}
+	snap := make([]Change, 0, len(r.Kvs))
+	for _, kv := range r.Kvs {
+		snap = append(snap, Change{Key: string(kv.Key[len(e.prefix):]), Value: kv.Value})
+	}
+	fn(snap, true)
+	wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
+	defer cancel()
+	for wr := range e.cli.Watch(wctx, e.prefix+prefix, clientv3.WithPrefix(), clientv3.WithRev(r.Header.Revision+1)) {
+		if err := wr.Err(); err != nil {
+			return fmt.Errorf("store: etcd watch %s: %w", prefix, err)
+		}
+		changes := make([]Change, 0, len(wr.Events))
+		for _, ev := range wr.Events {
+			c := Change{Key: string(ev.Kv.Key[len(e.prefix):])}
+			if ev.Type == clientv3.EventTypePut {
+				c.Value = ev.Kv.Value
+			}
+			changes = append(changes, c)
+		}
+		fn(changes, false)
+	}
+	if err := ctx.Err(); err != nil {
+		return nil
+	}
+	return fmt.Errorf("store: etcd watch %s ended", prefix)
 }
 
 // Close implements Store.

@@ -49,3 +49,20 @@ type Store interface {
 	// Close releases the store.
 	Close() error
 }
+
+// Change is the value a key has after a write; Value is nil when the key
+// was deleted.
+type Change struct {
+	Key   string
+	Value []byte
+}
+
+// Watcher is a Store that several processes write (etcd, under hub
+// replicas): it tells each of them what the others wrote.
+type Watcher interface {
+	// Watch calls fn first with every pair under prefix (snapshot true),
+	// then with each later write under prefix, in the order the store made
+	// them, until ctx ends or the watch breaks (its error is returned; a
+	// new Watch starts again with a snapshot).
+	Watch(ctx context.Context, prefix string, fn func(changes []Change, snapshot bool)) error
+}

@@ -133,8 +133,11 @@ func entries(services []catalog.Service) string {
 	return strings.Join(out, "\n")
 }
 
-func (f *federation) hubCatalog() (string, error) {
-	out, err := f.cli("service", "list", "-o", "json")
+func (f *federation) hubCatalog() (string, error) { return catalogVia(f.cli) }
+
+// catalogVia is the federated catalog as a hub's CLI shows it.
+func catalogVia(cli func(args ...string) (string, error)) (string, error) {
+	out, err := cli("service", "list", "-o", "json")
 	if err != nil {
 		return "", err
 	}
@@ -147,7 +150,7 @@ func (f *federation) hubCatalog() (string, error) {
 	}
 	var all []catalog.Service
 	for _, s := range sums {
-		out, err := f.cli("service", "show", s.Namespace+"/"+s.Name, "-o", "json")
+		out, err := cli("service", "show", s.Namespace+"/"+s.Name, "-o", "json")
 		if err != nil {
 			return "", err
 		}
