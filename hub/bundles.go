@@ -210,16 +210,26 @@ func (h *Hub) startWatch(rec federationRecord) {
 	ctx, cancel := context.WithCancel(h.runCtx)
 	h.watching[rec.TrustDomain] = cancel
 	go func() {
+		// The hint is read every second: a replica that starts refreshing
+		// before the bundle (and its hint) reaches it must not sleep the
+		// default out.
+		last := time.Now()
+		tick := time.NewTicker(time.Second)
+		defer tick.Stop()
 		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-tick.C:
+			}
 			wait := 5 * time.Minute
 			if r, ok := h.table.Get(federation.ExternalBundleKey(rec.TrustDomain)); ok && r.GetBundle().GetRefreshHintSeconds() > 0 {
 				wait = time.Duration(r.GetBundle().GetRefreshHintSeconds()) * time.Second
 			}
-			select {
-			case <-ctx.Done():
-				return
-			case <-time.After(wait):
+			if time.Since(last) < wait {
+				continue
 			}
+			last = time.Now()
 			fctx, fcancel := context.WithTimeout(ctx, 30*time.Second)
 			b, err := h.fetch(fctx, rec)
 			if err == nil {

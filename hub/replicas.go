@@ -14,8 +14,9 @@ import (
 
 // Several hubs may share one store (etcd). Each serves its own spokes from
 // memory; followStore brings in what the others write to the store: sites
-// added, changed or removed, and the catalog's resources. A hub's own
-// writes come back the same way and change nothing.
+// added, changed or removed, the catalog's resources, and outside trust
+// domains, whose bundles every replica then refreshes. A hub's own writes
+// come back the same way and change nothing.
 
 // followStore keeps this hub in step with the shared store until ctx ends,
 // starting the watch again (from a fresh snapshot) when it breaks.
@@ -45,6 +46,8 @@ func (h *Hub) applyStored(changes []store.Change, snapshot bool) {
 		} else if key, ok := strings.CutPrefix(c.Key, keyResource); ok {
 			resources[key] = true
 			h.syncResource(key, c.Value)
+		} else if strings.HasPrefix(c.Key, keyFederations) && c.Value != nil {
+			h.syncFederation(c.Value, snapshot)
 		}
 	}
 	if !snapshot {
@@ -161,5 +164,22 @@ func (h *Hub) syncResource(key string, raw []byte) {
 		st.endpoints += endpoints
 		h.refreshGaugesLocked()
 		h.mu.Unlock()
+	}
+}
+
+// syncFederation refreshes an outside trust domain's bundle from this hub
+// too. A snapshot leaves alone the ones it refreshes already.
+func (h *Hub) syncFederation(raw []byte, snapshot bool) {
+	var rec federationRecord
+	if err := json.Unmarshal(raw, &rec); err != nil {
+		h.log.Error("a stored trust domain record does not decode", "err", err)
+		return
+	}
+	h.mu.Lock()
+	running := h.watching[rec.TrustDomain] != nil
+	h.mu.Unlock()
+	if !snapshot || !running {
+		h.log.Info("refreshing an outside trust domain's bundle (added through this or another hub)", "trust_domain", rec.TrustDomain)
+		h.startWatch(rec)
 	}
 }

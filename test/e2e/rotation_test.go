@@ -90,9 +90,9 @@ func TestCARotation_underLiveHandshakes(t *testing.T) {
 	deadline := time.Now().Add(45 * time.Second)
 	// Sequence 1 at creation, 2 when the new CA is published, 3 when it
 	// signs, 4 when the old one leaves the bundle.
-	for trustListHas(f, "a.test.meshfed", 4, 1) != nil {
+	for trustListHas(f.cli, "a.test.meshfed", 4, 1) != nil {
 		if time.Now().After(deadline) {
-			t.Fatalf("rotation did not finish within 45s: %v", trustListHas(f, "a.test.meshfed", 4, 1))
+			t.Fatalf("rotation did not finish within 45s: %v", trustListHas(f.cli, "a.test.meshfed", 4, 1))
 		}
 		shake()
 		time.Sleep(50 * time.Millisecond)

@@ -118,14 +118,14 @@ func TestTrust(t *testing.T) {
 		next.SetRefreshHint(time.Second)
 		set.Add(next)
 		harness.Eventually(t, 15*time.Second, "the hub holds sequence 2", func() error {
-			return trustListHas(f, "example.org", 2, 2)
+			return trustListHas(f.cli, "example.org", 2, 2)
 		})
 	})
 	t.Run("a hub restart with the peer down keeps the imported bundle", func(t *testing.T) {
 		peer.Close()
 		f.hub.Kill()
 		f.startHub()
-		if err := trustListHas(f, "example.org", 2, 2); err != nil {
+		if err := trustListHas(f.cli, "example.org", 2, 2); err != nil {
 			t.Fatal(err)
 		}
 	})
@@ -173,8 +173,8 @@ func bundleServer(t *testing.T, td spiffeid.TrustDomain, root *ca.CA, set *spiff
 	return srv
 }
 
-func trustListHas(f *federation, td string, seq uint64, authorities int) error {
-	out, err := f.cli("trust", "list", "-o", "json")
+func trustListHas(cli func(args ...string) (string, error), td string, seq uint64, authorities int) error {
+	out, err := cli("trust", "list", "-o", "json")
 	if err != nil {
 		return err
 	}
