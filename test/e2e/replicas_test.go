@@ -1,18 +1,13 @@
 package e2e
 
 import (
-	"crypto/x509"
 	"fmt"
-	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/meshfed/meshfed/test/harness"
-	"github.com/meshfed/meshfed/trust/ca"
-	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
-	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
 
 // TestHubReplicas: two hubs share one etcd. East's spoke joins hub A and
@@ -63,26 +58,11 @@ func TestHubReplicas(t *testing.T) {
 
 	// An outside trust domain federated through A is refreshed by B as
 	// well: with A down, B still picks up the peer's next bundle.
-	outside := spiffeid.RequireTrustDomainFromString("example.org")
-	root1, _ := ca.New(outside, "example.org root 1", time.Hour)
-	served := spiffebundle.FromX509Authorities(outside, []*x509.Certificate{root1.Cert})
-	served.SetSequenceNumber(1)
-	served.SetRefreshHint(time.Second)
-	set := spiffebundle.NewSet(served)
-	peer := bundleServer(t, outside, root1, set)
-	bootstrap := filepath.Join(t.TempDir(), "example.org.pem")
-	if err := os.WriteFile(bootstrap, ca.EncodeCertPEM(root1.Cert), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	f.mustCLI("trust", "federate", "--trust-domain", "example.org", "--bundle-endpoint", peer.URL,
-		"--endpoint-spiffe-id", "spiffe://example.org/bundle-server", "--bootstrap-bundle", bootstrap)
+	outside := newOutsideDomain(t)
+	f.mustCLI(outside.federate()...)
 	harness.Eventually(t, 10*time.Second, "hub B holds example.org", func() error { return trustListHas(cliB, "example.org", 1, 1) })
 	f.hub.Kill()
-	root2, _ := ca.New(outside, "example.org root 2", time.Hour)
-	next := spiffebundle.FromX509Authorities(outside, []*x509.Certificate{root1.Cert, root2.Cert})
-	next.SetSequenceNumber(2)
-	next.SetRefreshHint(time.Second)
-	set.Add(next)
+	outside.addRoot(t)
 	harness.Eventually(t, 15*time.Second, "hub B refreshed example.org with hub A down", func() error {
 		return trustListHas(cliB, "example.org", 2, 2)
 	})

@@ -84,20 +84,10 @@ func TestTrust(t *testing.T) {
 		}
 	})
 
-	// An outside trust domain, served by go-spiffe's own handler.
-	outside := spiffeid.RequireTrustDomainFromString("example.org")
-	root1, _ := ca.New(outside, "example.org root 1", time.Hour)
-	served := spiffebundle.FromX509Authorities(outside, []*x509.Certificate{root1.Cert})
-	served.SetSequenceNumber(1)
-	served.SetRefreshHint(time.Second)
-	set := spiffebundle.NewSet(served)
-	peer := bundleServer(t, outside, root1, set)
-	bootstrap := filepath.Join(t.TempDir(), "example.org.pem")
-	os.WriteFile(bootstrap, ca.EncodeCertPEM(root1.Cert), 0o600)
+	outside := newOutsideDomain(t)
 
 	t.Run("the hub imports a bundle served by go-spiffe's federation handler", func(t *testing.T) {
-		f.mustCLI("trust", "federate", "--trust-domain", "example.org", "--bundle-endpoint", peer.URL,
-			"--endpoint-spiffe-id", "spiffe://example.org/bundle-server", "--bootstrap-bundle", bootstrap)
+		f.mustCLI(outside.federate()...)
 		harness.Eventually(t, 10*time.Second, "every site holds example.org", func() error {
 			for _, s := range []*spokeProc{a, b} {
 				v, err := harness.View(s.http)
@@ -112,17 +102,13 @@ func TestTrust(t *testing.T) {
 		})
 	})
 	t.Run("an imported bundle refreshes on its hint", func(t *testing.T) {
-		root2, _ := ca.New(outside, "example.org root 2", time.Hour)
-		next := spiffebundle.FromX509Authorities(outside, []*x509.Certificate{root1.Cert, root2.Cert})
-		next.SetSequenceNumber(2)
-		next.SetRefreshHint(time.Second)
-		set.Add(next)
+		outside.addRoot(t)
 		harness.Eventually(t, 15*time.Second, "the hub holds sequence 2", func() error {
 			return trustListHas(f.cli, "example.org", 2, 2)
 		})
 	})
 	t.Run("a hub restart with the peer down keeps the imported bundle", func(t *testing.T) {
-		peer.Close()
+		outside.peer.Close()
 		f.hub.Kill()
 		f.startHub()
 		if err := trustListHas(f.cli, "example.org", 2, 2); err != nil {
@@ -151,6 +137,55 @@ func TestTrust(t *testing.T) {
 			}
 		}
 	})
+}
+
+// outsideDomain is the trust domain example.org, its bundle served by
+// go-spiffe's own federation handler with a one-second refresh hint.
+type outsideDomain struct {
+	td        spiffeid.TrustDomain
+	roots     []*x509.Certificate
+	set       *spiffebundle.Set
+	peer      *httptest.Server
+	bootstrap string
+}
+
+func newOutsideDomain(t *testing.T) *outsideDomain {
+	o := &outsideDomain{td: spiffeid.RequireTrustDomainFromString("example.org"), set: spiffebundle.NewSet()}
+	root, err := ca.New(o.td, "example.org root 1", time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	o.serve(root.Cert)
+	o.peer = bundleServer(t, o.td, root, o.set)
+	o.bootstrap = filepath.Join(t.TempDir(), "example.org.pem")
+	if err := os.WriteFile(o.bootstrap, ca.EncodeCertPEM(root.Cert), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return o
+}
+
+// serve publishes the next bundle: one more root, the next sequence number.
+func (o *outsideDomain) serve(root *x509.Certificate) {
+	o.roots = append(o.roots, root)
+	b := spiffebundle.FromX509Authorities(o.td, o.roots)
+	b.SetSequenceNumber(uint64(len(o.roots)))
+	b.SetRefreshHint(time.Second)
+	o.set.Add(b)
+}
+
+// addRoot serves a bundle with a second root, at sequence 2.
+func (o *outsideDomain) addRoot(t *testing.T) {
+	root, err := ca.New(o.td, fmt.Sprintf("example.org root %d", len(o.roots)+1), time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	o.serve(root.Cert)
+}
+
+// federate is the CLI command that imports it.
+func (o *outsideDomain) federate() []string {
+	return []string{"trust", "federate", "--trust-domain", o.td.Name(), "--bundle-endpoint", o.peer.URL,
+		"--endpoint-spiffe-id", "spiffe://example.org/bundle-server", "--bootstrap-bundle", o.bootstrap}
 }
 
 // bundleServer serves set's bundle of td with go-spiffe's handler over TLS,
