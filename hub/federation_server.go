@@ -223,8 +223,10 @@ func (h *Hub) connect(site string, cancel context.CancelFunc) (*siteState, error
 	}
 	st.conn = &spokeConn{cancel: cancel, since: time.Now()}
 	st.rec.LastSync = time.Now()
+	st.rec.ConnectedVia = h.o.Advertise
 	h.publishSiteLocked(st)
 	h.refreshGaugesLocked()
+	h.saveSiteLater(st.rec)
 	return st, nil
 }
 
@@ -237,25 +239,37 @@ func (h *Hub) disconnect(site string, st *siteState) {
 		return
 	}
 	st.conn = nil
+	st.rec.ConnectedVia = ""
 	h.publishSiteLocked(st)
 	h.refreshGaugesLocked()
-	rec := st.rec
+	h.saveSiteLater(st.rec)
+	h.log.Info("spoke disconnected", "site", site)
+}
+
+// saveSiteLater stores rec without holding up the caller.
+func (h *Hub) saveSiteLater(rec siteRecord) {
 	go func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
 		if err := h.saveSite(ctx, rec); err != nil {
-			h.log.Warn("could not record the site's last sync", "site", site, "err", err)
+			h.log.Warn("could not record the site's connection and last sync", "site", rec.Site.Name, "err", err)
 		}
 	}()
-	h.log.Info("spoke disconnected", "site", site)
 }
 
+// saveSite stores rec's last sync and connection; the rest of the stored
+// record (which another hub replica may have changed) stays as it is.
 func (h *Hub) saveSite(ctx context.Context, rec siteRecord) error {
 	return h.store.Update(ctx, keySites+rec.Site.Name, func(cur []byte) ([]byte, error) {
 		if cur == nil {
 			return nil, nil // removed meanwhile: do not bring it back
 		}
-		return json.Marshal(rec)
+		var stored siteRecord
+		if err := json.Unmarshal(cur, &stored); err != nil {
+			return nil, fmt.Errorf("stored record of site %s is damaged: %w", rec.Site.Name, err)
+		}
+		stored.LastSync, stored.ConnectedVia = rec.LastSync, rec.ConnectedVia
+		return json.Marshal(stored)
 	})
 }
 

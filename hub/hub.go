@@ -161,6 +161,16 @@ func New(ctx context.Context, o Options) (*Hub, error) {
 			h.close()
 		}
 	}()
+	// Bound first: the advertised address names this hub in the sites'
+	// records it loads.
+	h.grpcLn, err = net.Listen("tcp", o.Listen)
+	if err != nil {
+		return nil, fmt.Errorf("hub: listen %s: %w", o.Listen, err)
+	}
+	if o.Advertise == "" {
+		o.Advertise = advertised(h.grpcLn.Addr().(*net.TCPAddr))
+		h.o.Advertise = o.Advertise
+	}
 	if err := h.loadCA(ctx); err != nil {
 		return nil, err
 	}
@@ -169,14 +179,6 @@ func New(ctx context.Context, o Options) (*Hub, error) {
 	}
 	if err := h.ensureGossipKeyring(ctx); err != nil {
 		return nil, err
-	}
-	h.grpcLn, err = net.Listen("tcp", o.Listen)
-	if err != nil {
-		return nil, fmt.Errorf("hub: listen %s: %w", o.Listen, err)
-	}
-	if o.Advertise == "" {
-		o.Advertise = advertised(h.grpcLn.Addr().(*net.TCPAddr))
-		h.o.Advertise = o.Advertise
 	}
 	if err := h.issueServing(); err != nil {
 		return nil, err
@@ -413,6 +415,9 @@ func (h *Hub) load(ctx context.Context) error {
 		return err
 	}
 	for _, rec := range sites {
+		if rec.ConnectedVia == h.o.Advertise {
+			rec.ConnectedVia = "" // this hub's, from before it restarted: no stream now
+		}
 		h.sites[rec.Site.Name] = &siteState{rec: rec}
 	}
 	kvs, err := h.store.List(ctx, keyResource)
@@ -469,6 +474,8 @@ func (st *siteState) state() meshfedv1.SiteState {
 	switch {
 	case st.conn != nil:
 		return meshfedv1.SiteState_SITE_STATE_CONNECTED
+	case st.rec.ConnectedVia != "" && time.Since(st.rec.LastSync) < heartbeatLapse:
+		return meshfedv1.SiteState_SITE_STATE_CONNECTED // to another hub replica
 	case st.rec.LastSync.IsZero():
 		return meshfedv1.SiteState_SITE_STATE_PENDING
 	default:

@@ -40,6 +40,9 @@ type siteRecord struct {
 	Site     catalog.Site `json:"site"`
 	Created  time.Time    `json:"created"`
 	LastSync time.Time    `json:"lastSync,omitzero"`
+	// ConnectedVia is the hub whose stream the site's spoke holds, while it
+	// does; with a shared store it keeps LastSync fresh (see heartbeat).
+	ConnectedVia string `json:"connectedVia,omitempty"`
 }
 
 // tokenRecord is a join token as stored: only a hash of its secret.

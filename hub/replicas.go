@@ -18,9 +18,18 @@ import (
 // domains, whose bundles every replica then refreshes. A hub's own writes
 // come back the same way and change nothing.
 
+// A hub records in the shared store which sites' spokes it holds, and
+// renews that every heartbeatEvery; the other replicas show such a site
+// connected until heartbeatLapse passes without a renewal (its hub died).
+const (
+	heartbeatEvery = 10 * time.Second
+	heartbeatLapse = 3 * heartbeatEvery
+)
+
 // followStore keeps this hub in step with the shared store until ctx ends,
 // starting the watch again (from a fresh snapshot) when it breaks.
 func (h *Hub) followStore(ctx context.Context, w store.Watcher) error {
+	go h.heartbeat(ctx)
 	for {
 		err := w.Watch(ctx, "", h.applyStored)
 		if ctx.Err() != nil {
@@ -107,6 +116,9 @@ func (h *Hub) syncSite(name string, raw []byte) {
 		if st.rec.LastSync.After(rec.LastSync) {
 			rec.LastSync = st.rec.LastSync
 		}
+		if st.conn != nil {
+			rec.ConnectedVia = h.o.Advertise // this hub holds the stream
+		}
 		st.rec = rec
 		h.publishSiteLocked(st)
 		return
@@ -181,5 +193,34 @@ func (h *Hub) syncFederation(raw []byte, snapshot bool) {
 	if !snapshot || !running {
 		h.log.Info("refreshing an outside trust domain's bundle (added through this or another hub)", "trust_domain", rec.TrustDomain)
 		h.startWatch(rec)
+	}
+}
+
+// heartbeat renews the records of the sites whose spokes this hub holds,
+// and publishes every site's state again, as another replica's lapses.
+func (h *Hub) heartbeat(ctx context.Context) {
+	t := time.NewTicker(heartbeatEvery)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		var held []siteRecord
+		h.mu.Lock()
+		for _, st := range h.sites {
+			if st.conn != nil {
+				st.rec.LastSync, st.rec.ConnectedVia = time.Now(), h.o.Advertise
+				held = append(held, st.rec)
+			}
+			h.publishSiteLocked(st)
+		}
+		h.mu.Unlock()
+		for _, rec := range held {
+			if err := h.saveSite(ctx, rec); err != nil && ctx.Err() == nil {
+				h.log.Warn("could not renew the site's connection record", "site", rec.Site.Name, "err", err)
+			}
+		}
 	}
 }

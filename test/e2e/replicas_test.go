@@ -1,18 +1,21 @@
 package e2e
 
 import (
+	"encoding/json"
 	"fmt"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/meshfed/meshfed/catalog"
 	"github.com/meshfed/meshfed/test/harness"
 )
 
 // TestHubReplicas: two hubs share one etcd. East's spoke joins hub A and
 // west's joins hub B, with the site and its token made through A. Each
-// sees the other's services and their changes; an outside trust domain
+// sees the other's services and their changes, and shows both sites
+// connected; an outside trust domain
 // federated through A is refreshed by B while A is down; and a site
 // removed through B is gone from A, from its catalog and from west's view.
 func TestHubReplicas(t *testing.T) {
@@ -50,6 +53,28 @@ func TestHubReplicas(t *testing.T) {
 	}
 	f.converged(20*time.Second, want(1))
 	onB(want(1))
+	// Each hub shows both sites connected, whichever holds the stream.
+	for hub, cli := range map[string]func(...string) (string, error){"A": f.cli, "B": cliB} {
+		harness.Eventually(t, 10*time.Second, "hub "+hub+" shows both sites connected", func() error {
+			out, err := cli("site", "list", "-o", "json")
+			if err != nil {
+				return err
+			}
+			var sites []struct{ Name, State string }
+			if err := json.Unmarshal([]byte(out), &sites); err != nil {
+				return err
+			}
+			for _, s := range sites {
+				if s.State != catalog.StateConnected {
+					return fmt.Errorf("hub %s shows %s %s", hub, s.Name, s.State)
+				}
+			}
+			if len(sites) != 2 {
+				return fmt.Errorf("hub %s lists %d sites, want 2", hub, len(sites))
+			}
+			return nil
+		})
+	}
 
 	// A change at east travels east -> A -> etcd -> B -> west.
 	writeFile(t, f.spokes["east"].file, servicesYAML(2, ""))
@@ -101,4 +126,35 @@ func TestHubReplicas(t *testing.T) {
 		}
 		return nil
 	})
+}
+
+// TestHubRestartShowsStreamsGone: a hub killed while a spoke held its
+// stream, restarted after the spoke died too, shows the site stale, not
+// connected (the stored record still names the hub as holding it).
+func TestHubRestartShowsStreamsGone(t *testing.T) {
+	f := newFederation(t)
+	east := f.addSite("east", "e-1", servicesYAML(1, ""))
+	state := func() (string, error) {
+		out, err := f.cli("site", "list", "-o", "json")
+		if err != nil {
+			return "", err
+		}
+		var sites []struct{ Name, State string }
+		if err := json.Unmarshal([]byte(out), &sites); err != nil || len(sites) != 1 {
+			return "", fmt.Errorf("site list: %v: %s", err, out)
+		}
+		return sites[0].State, nil
+	}
+	harness.Eventually(t, 20*time.Second, "east connected", func() error {
+		if s, err := state(); err != nil || s != catalog.StateConnected {
+			return fmt.Errorf("east is %q (%v)", s, err)
+		}
+		return nil
+	})
+	f.hub.Kill()
+	east.p.Kill()
+	f.startHub()
+	if s, err := state(); err != nil || s != catalog.StateStale {
+		t.Fatalf("after the restart east is %q (%v), want %s", s, err, catalog.StateStale)
+	}
 }
