@@ -27,7 +27,7 @@ import (
 
 const (
 	loopBuffer = 256 << 10 // one read, shared by every connection
-	loopBudget = 16        // reads per direction and turn, so no connection starves the rest
+	loopBudget = 4         // reads per direction and turn (1 MiB), so no connection holds up the rest
 	yieldEvery = 5 * time.Millisecond
 )
 
