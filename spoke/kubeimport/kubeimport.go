@@ -187,16 +187,29 @@ func (im *Importer) reconcile(ctx context.Context, site string, view *spoke.View
 		return im.withdraw(ctx, ns, name)
 	}
 	ports := importPorts(remote)
+	cur, err := im.o.MCS.MulticlusterV1alpha1().ServiceImports(ns).Get(ctx, name, metav1.GetOptions{})
+	fresh := apierrors.IsNotFound(err)
+	if err != nil && !fresh {
+		return err
+	}
+	if fresh {
+		cur = nil
+	}
+	// A new import's derived Service and EndpointSlices are most likely
+	// new too: they are created without reading first (what exists after
+	// all is read and updated then). That is 5 API calls for a new import
+	// instead of 7, what a large first import is made of.
+	//
 	// Without its ClusterSetIP (the cluster's service range may be full),
 	// the import and its endpoints are still written; the IP is retried.
-	vip, derr := im.applyDerived(ctx, ns, name, ports)
+	vip, derr := im.applyDerived(ctx, ns, name, ports, fresh)
 	if derr != nil {
 		derr = fmt.Errorf("the ClusterSetIP of %s/%s (Service %s): %w", ns, name, DerivedServiceName(name), derr)
 	}
-	if err := im.applyImport(ctx, ns, name, remote, ports, vip); err != nil {
+	if err := im.applyImport(ctx, ns, name, cur, remote, ports, vip); err != nil {
 		return errors.Join(err, derr)
 	}
-	return errors.Join(im.applySlices(ctx, view, ns, name, remote), derr)
+	return errors.Join(im.applySlices(ctx, view, ns, name, remote, fresh), derr)
 }
 
 // importPorts are the union of the remote sites' ports, sorted.
@@ -225,17 +238,16 @@ func DerivedServiceName(name string) string {
 }
 
 // applyDerived keeps the import's derived Service (the cluster allocates
-// its IP) and returns that IP.
-func (im *Importer) applyDerived(ctx context.Context, ns, name string, ports []mcsv1a1.ServicePort) (string, error) {
+// its IP) and returns that IP. create: try creating it before reading it.
+func (im *Importer) applyDerived(ctx context.Context, ns, name string, ports []mcsv1a1.ServicePort, create bool) (string, error) {
 	svcs := im.o.Client.CoreV1().Services(ns)
 	want := corev1.ServiceSpec{Type: corev1.ServiceTypeClusterIP}
 	for _, p := range ports {
 		want.Ports = append(want.Ports, corev1.ServicePort{Name: p.Name, Port: p.Port, Protocol: p.Protocol, TargetPort: intstr.FromInt32(p.Port)})
 	}
 	dn := DerivedServiceName(name)
-	cur, err := svcs.Get(ctx, dn, metav1.GetOptions{})
-	if apierrors.IsNotFound(err) {
-		cur, err = svcs.Create(ctx, &corev1.Service{
+	createIt := func() (string, error) {
+		cur, err := svcs.Create(ctx, &corev1.Service{
 			ObjectMeta: metav1.ObjectMeta{Name: dn, Namespace: ns, Labels: map[string]string{discoveryv1.LabelManagedBy: kubesource.ManagedBy, mcsv1a1.LabelServiceName: name}},
 			Spec:       want,
 		}, metav1.CreateOptions{})
@@ -243,6 +255,15 @@ func (im *Importer) applyDerived(ctx context.Context, ns, name string, ports []m
 			return "", err
 		}
 		return cur.Spec.ClusterIP, nil
+	}
+	if create {
+		if vip, err := createIt(); !apierrors.IsAlreadyExists(err) {
+			return vip, err
+		}
+	}
+	cur, err := svcs.Get(ctx, dn, metav1.GetOptions{})
+	if apierrors.IsNotFound(err) {
+		return createIt()
 	}
 	if err != nil {
 		return "", err
@@ -268,7 +289,9 @@ func portsOf(ps []corev1.ServicePort) []corev1.ServicePort {
 	return out
 }
 
-func (im *Importer) applyImport(ctx context.Context, ns, name string, remote []*meshfedv1.Service, ports []mcsv1a1.ServicePort, vip string) error {
+// applyImport writes the ServiceImport; cur is the one in the cluster, nil
+// when there is none.
+func (im *Importer) applyImport(ctx context.Context, ns, name string, cur *mcsv1a1.ServiceImport, remote []*meshfedv1.Service, ports []mcsv1a1.ServicePort, vip string) error {
 	var clusters []mcsv1a1.ClusterStatus
 	for _, s := range remote {
 		clusters = append(clusters, mcsv1a1.ClusterStatus{Cluster: s.GetSite()})
@@ -278,10 +301,10 @@ func (im *Importer) applyImport(ctx context.Context, ns, name string, remote []*
 		spec.IPs = []string{vip}
 	}
 	imports := im.o.MCS.MulticlusterV1alpha1().ServiceImports(ns)
-	cur, err := imports.Get(ctx, name, metav1.GetOptions{})
-	if apierrors.IsNotFound(err) {
+	var err error
+	if cur == nil {
 		cur, err = imports.Create(ctx, &mcsv1a1.ServiceImport{ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: ns, Labels: managed}, Spec: spec}, metav1.CreateOptions{})
-	} else if err == nil {
+	} else {
 		if cur.Labels[discoveryv1.LabelManagedBy] != kubesource.ManagedBy {
 			return fmt.Errorf("ServiceImport %s/%s exists and is not meshfed's: leaving it alone", ns, name)
 		}
@@ -302,14 +325,29 @@ func (im *Importer) applyImport(ctx context.Context, ns, name string, remote []*
 }
 
 // applySlices writes one EndpointSlice per remote site and deletes those of
-// sites that no longer export the service.
-func (im *Importer) applySlices(ctx context.Context, view *spoke.View, ns, name string, remote []*meshfedv1.Service) error {
+// sites that no longer export the service. create: try creating them
+// before listing what exists.
+func (im *Importer) applySlices(ctx context.Context, view *spoke.View, ns, name string, remote []*meshfedv1.Service, create bool) error {
 	slices := im.o.Client.DiscoveryV1().EndpointSlices(ns)
 	want := map[string]*discoveryv1.EndpointSlice{}
 	for _, s := range remote {
 		es := im.slice(view, ns, name, s)
 		if es != nil {
 			want[es.Name] = es
+		}
+	}
+	if create {
+		created := 0
+		for _, es := range want {
+			if _, err := slices.Create(ctx, es, metav1.CreateOptions{}); apierrors.IsAlreadyExists(err) {
+				break
+			} else if err != nil {
+				return err
+			}
+			created++
+		}
+		if created == len(want) {
+			return nil
 		}
 	}
 	existing, err := slices.List(ctx, metav1.ListOptions{LabelSelector: selector(name)})
