@@ -6,15 +6,9 @@
 package proxy
 
 import (
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
-	"crypto/x509"
-	"crypto/x509/pkix"
+	"bytes"
 	"encoding/json"
-	"encoding/pem"
 	"fmt"
-	"math/big"
 	"net"
 	"os"
 	"path/filepath"
@@ -23,6 +17,8 @@ import (
 
 	"github.com/meshfed/meshfed/bench/load"
 	"github.com/meshfed/meshfed/test/harness"
+	"github.com/meshfed/meshfed/trust/ca"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
 
 const (
@@ -213,37 +209,31 @@ backend sink
 // certificate (both for the name "app"), each with its key, as HAProxy
 // reads them.
 func writePKI(b *testing.B, dir string) {
-	caKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	ca := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "bench CA"}, IsCA: true, BasicConstraintsValid: true,
-		KeyUsage: x509.KeyUsageCertSign, NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour)}
-	caDER, err := x509.CreateCertificate(rand.Reader, ca, ca, caKey.Public(), caKey)
+	td := spiffeid.RequireTrustDomainFromString("bench.haproxy")
+	root, err := ca.New(td, "bench CA", 24*time.Hour)
 	if err != nil {
 		b.Fatal(err)
 	}
-	write := func(name string, blocks ...*pem.Block) {
-		var out []byte
-		for _, bl := range blocks {
-			out = append(out, pem.EncodeToMemory(bl)...)
-		}
-		if err := os.WriteFile(filepath.Join(dir, name), out, 0o600); err != nil {
+	write := func(name string, pems ...[]byte) {
+		if err := os.WriteFile(filepath.Join(dir, name), bytes.Join(pems, nil), 0o600); err != nil {
 			b.Fatal(err)
 		}
 	}
-	write("ca.pem", &pem.Block{Type: "CERTIFICATE", Bytes: caDER})
-	for i, name := range []string{"server.pem", "client.pem"} {
-		key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-		leaf := &x509.Certificate{SerialNumber: big.NewInt(int64(i + 2)), Subject: pkix.Name{CommonName: "app"}, DNSNames: []string{"app"},
-			KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
-			NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour)}
-		der, err := x509.CreateCertificate(rand.Reader, leaf, ca, key.Public(), caKey)
+	write("ca.pem", ca.EncodeCertPEM(root.Cert))
+	for _, name := range []string{"server", "client"} {
+		key, err := ca.NewKey()
 		if err != nil {
 			b.Fatal(err)
 		}
-		keyDER, err := x509.MarshalECPrivateKey(key)
+		cert, err := root.Sign(ca.Leaf{ID: spiffeid.RequireFromPath(td, "/"+name), Key: key.Public(), TTL: 24 * time.Hour, DNSNames: []string{"app"}})
 		if err != nil {
 			b.Fatal(err)
 		}
-		write(name, &pem.Block{Type: "CERTIFICATE", Bytes: der}, &pem.Block{Type: "EC PRIVATE KEY", Bytes: keyDER})
+		keyPEM, err := ca.EncodeKeyPEM(key)
+		if err != nil {
+			b.Fatal(err)
+		}
+		write(name+".pem", ca.EncodeCertPEM(cert), keyPEM)
 	}
 }
 
