@@ -108,6 +108,14 @@ func (t *Table) List(prefix string) []*meshfedv1.Resource {
 	return out
 }
 
+// Version returns the version of the resource at key, without decoding it.
+func (t *Table) Version(key string) (string, bool) {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	it, ok := t.items[key]
+	return it.version, ok
+}
+
 // Versions returns key → version of the resources whose key starts with
 // prefix.
 func (t *Table) Versions(prefix string) map[string]string {

@@ -180,7 +180,7 @@ func (h *Hub) keepBundle(ctx context.Context, rec federationRecord, b *spiffebun
 	w := federation.BundleToWire("", b)
 	w.Endpoint = rec.URL
 	r := federation.BundleResource(w)
-	if old, ok := h.table.Get(r.Key); ok && old.Version == r.Version {
+	if v, ok := h.table.Version(r.Key); ok && v == r.Version {
 		return w, nil
 	}
 	return w, h.publish(ctx, r)

@@ -144,7 +144,8 @@ func (h *Hub) syncResource(key string, raw []byte) {
 		st.mu.Lock()
 		defer st.mu.Unlock()
 	}
-	old, had := h.table.Get(key)
+	// Most changes are this hub's own writes coming back: same version.
+	version, had := h.table.Version(key)
 	var r *meshfedv1.Resource
 	if raw != nil {
 		r = &meshfedv1.Resource{}
@@ -152,14 +153,14 @@ func (h *Hub) syncResource(key string, raw []byte) {
 			h.log.Error("a stored resource does not decode; keeping what this hub has", "key", key, "err", err)
 			return
 		}
-		if had && old.GetVersion() == r.GetVersion() {
+		if had && version == r.GetVersion() {
 			return
 		}
 	} else if !had {
 		return
 	}
 	services, endpoints := 0, 0
-	if had {
+	if old, ok := h.table.Get(key); ok {
 		services -= countServices(old)
 		endpoints -= len(old.GetService().GetEndpoints())
 	}
