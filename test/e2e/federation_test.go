@@ -166,28 +166,40 @@ func catalogVia(cli func(args ...string) (string, error)) (string, error) {
 // converged waits until the hub and every spoke see exactly want.
 func (f *federation) converged(within time.Duration, want string) {
 	f.t.Helper()
-	harness.Eventually(f.t, within, "the hub has the whole catalog", func() error {
-		got, err := f.hubCatalog()
+	catalogIs(f.t, within, "the hub", f.cli, want)
+	for _, s := range f.spokes {
+		viewIs(f.t, within, s, want)
+	}
+}
+
+// catalogIs waits until the catalog a hub's CLI shows is exactly want.
+func catalogIs(t *testing.T, within time.Duration, hub string, cli func(...string) (string, error), want string) {
+	t.Helper()
+	harness.Eventually(t, within, hub+" has the whole catalog", func() error {
+		got, err := catalogVia(cli)
 		if err != nil {
 			return err
 		}
 		if got != want {
-			return fmt.Errorf("hub catalog:\n%s\nwant:\n%s", got, want)
+			return fmt.Errorf("catalog of %s:\n%s\nwant:\n%s", hub, got, want)
 		}
 		return nil
 	})
-	for _, s := range f.spokes {
-		harness.Eventually(f.t, within, "spoke "+s.site+" sees every site's services", func() error {
-			v, err := harness.View(s.http)
-			if err != nil {
-				return err
-			}
-			if got := entries(v.Services); got != want {
-				return fmt.Errorf("view of %s:\n%s\nwant:\n%s", s.site, got, want)
-			}
-			return nil
-		})
-	}
+}
+
+// viewIs waits until spoke s's view of the federation is exactly want.
+func viewIs(t *testing.T, within time.Duration, s *spokeProc, want string) {
+	t.Helper()
+	harness.Eventually(t, within, "spoke "+s.site+" sees every site's services", func() error {
+		v, err := harness.View(s.http)
+		if err != nil {
+			return err
+		}
+		if got := entries(v.Services); got != want {
+			return fmt.Errorf("view of %s:\n%s\nwant:\n%s", s.site, got, want)
+		}
+		return nil
+	})
 }
 
 func servicesYAML(rev int, extra string) string {
