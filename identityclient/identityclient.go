@@ -1,7 +1,8 @@
 // Package identityclient gets and keeps an X.509 SVID from a site's spoke
 // (its Identity API): it attests once with a one-time node token, can ask
 // for the SVID of a workload the host runs, and renews before expiry. The
-// key never leaves the process.
+// key never leaves the process, unless written to files for Envoy or
+// proxyless gRPC (WriteFiles).
 package identityclient
 
 import (
@@ -44,7 +45,10 @@ type Options struct {
 	// the site's catalog must list an endpoint with that identity on the
 	// node (label meshfed.io/node).
 	Workload string
-	Logger   *slog.Logger
+	// Renewed, when set, is called after each renewal (for example to
+	// write the new SVID to files).
+	Renewed func()
+	Logger  *slog.Logger
 }
 
 // Client holds an SVID and the site's bundles.
@@ -194,6 +198,9 @@ func (c *Client) Run(ctx context.Context) error {
 			continue
 		}
 		c.log.Info("renewed the SVID", "id", c.SVID().ID, "expires", c.SVID().Certificates[0].NotAfter)
+		if c.o.Renewed != nil {
+			c.o.Renewed()
+		}
 	}
 }
 

@@ -117,14 +117,20 @@ func SetGCPercent(p int) {
 	}
 }
 
-// IdentityFlags registers what the proxy and the gateway share: how they
-// attest, and their HTTP and drain settings.
-func IdentityFlags(cmd *cobra.Command, ido *identityclient.Options, o *proxy.Options, httpDefault string) {
+// AttestFlags registers how a process attests to its spoke.
+func AttestFlags(cmd *cobra.Command, ido *identityclient.Options) {
 	f := cmd.Flags()
 	f.StringVar(&ido.Addr, "identity", "127.0.0.1:7181", "the spoke's identity (SVID) API")
 	f.StringVar(&ido.Token, "token", "", "one-time node token from `meshfed vm token create` (or MESHFED_TOKEN)")
 	f.StringVar(&ido.KubernetesTokenFile, "kubernetes-token-file", "", "in a pod, instead of --token: a projected ServiceAccount token with audience meshfed")
 	f.StringVar(&ido.CAFile, "ca-file", "", "with --kubernetes-token-file: the site's CA certificates (the spoke's ConfigMap meshfed-system/meshfed-site-bundle)")
+}
+
+// IdentityFlags registers what the proxy and the gateway share: how they
+// attest, and their HTTP and drain settings.
+func IdentityFlags(cmd *cobra.Command, ido *identityclient.Options, o *proxy.Options, httpDefault string) {
+	AttestFlags(cmd, ido)
+	f := cmd.Flags()
 	f.StringVar(&o.HTTPListen, "http-listen", httpDefault, "address for /healthz, /readyz and /metrics (- disables)")
 	f.DurationVar(&o.DrainTimeout, "drain-timeout", 10*time.Second, "how long live connections may finish after SIGTERM")
 }
