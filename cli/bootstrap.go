@@ -1,8 +1,10 @@
 package cli
 
 import (
+	"encoding/json"
 	"fmt"
 	"net"
+	"path/filepath"
 	"strconv"
 	"time"
 
@@ -13,7 +15,10 @@ import (
 	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 	httpv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/upstreams/http/v3"
 	"github.com/meshfed/meshfed/cli/proxycmd"
+	"github.com/meshfed/meshfed/identityclient"
+	"github.com/meshfed/meshfed/spoke/xds"
 	"github.com/spf13/cobra"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
@@ -30,25 +35,47 @@ func newProxyCmd(g *globals) *cobra.Command {
 	return cmd
 }
 
-// newEnvoyBootstrapCmd returns `proxy bootstrap --envoy`.
+// newEnvoyBootstrapCmd returns `proxy bootstrap --envoy|--grpc`.
 func newEnvoyBootstrapCmd(g *globals) *cobra.Command {
 	var pf proxycmd.Flags
-	var id, certFile, keyFile, caFile string
-	var envoy bool
+	var id, dir, certFile, keyFile, caFile, fedFile string
+	var envoy, grpc bool
 	cmd := &cobra.Command{
-		Use:   "bootstrap --envoy",
-		Short: "Print an Envoy bootstrap that takes its configuration from the spoke (bring your own Envoy)",
-		Long: `Prints an Envoy v3 bootstrap (YAML) whose node is --id and whose ADS
+		Use:   "bootstrap --envoy|--grpc",
+		Short: "Print a bootstrap that takes its configuration from the spoke: Envoy (bring your own) or proxyless gRPC",
+		Long: `--envoy prints an Envoy v3 bootstrap (YAML) whose node is --id and whose ADS
 connection to the spoke uses mTLS with the given SVID files. Envoy then gets
 the same listeners, clusters, endpoints and secrets the meshfed proxy gets.
 meshfed does not ship or test Envoy itself; the resources are checked with
-Envoy's own validation rules.`,
-		Example: `  meshfed proxy bootstrap --envoy --id spiffe://east.meshfed/ns/default/sa/echo --xds 10.0.0.2:7182 \
-    --cert-file svid.pem --key-file svid-key.pem --ca-file bundle.pem > envoy.yaml`,
+Envoy's own validation rules.
+
+--grpc prints a gRPC xDS bootstrap (JSON, for GRPC_XDS_BOOTSTRAP): the same
+ADS connection, and the certificate provider "` + xds.GRPCCertProvider + `" (file_watcher over
+the same files) that the spoke's clusters name, so calls to xds:///<service>
+use mTLS with the SVID, to local endpoints and through other sites'
+gateways. 'meshfed svid --dir DIR' keeps the files; --dir DIR finds them.`,
+		Example: `  meshfed svid --identity 10.0.0.2:7181 --token "$NODE_TOKEN" --dir /etc/meshfed &
+  meshfed proxy bootstrap --envoy --id spiffe://east.meshfed/ns/default/sa/echo --xds 10.0.0.2:7182 \
+    --dir /etc/meshfed > envoy.yaml
+  meshfed proxy bootstrap --grpc --id spiffe://east.meshfed/meshfed/node/host-7 --xds 10.0.0.2:7182 \
+    --dir /etc/meshfed > grpc-bootstrap.json`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if !envoy {
-				return fmt.Errorf("only --envoy bootstraps exist: pass --envoy")
+			if envoy == grpc {
+				return fmt.Errorf("pass one of --envoy and --grpc")
+			}
+			for flag, v := range map[string]*string{"cert-file": &certFile, "key-file": &keyFile, "ca-file": &caFile, "federation-file": &fedFile} {
+				if !cmd.Flags().Changed(flag) {
+					*v = filepath.Join(dir, filepath.Base(*v))
+				}
+			}
+			if grpc {
+				js, err := grpcBootstrap(id, pf, certFile, keyFile, caFile, fedFile)
+				if err != nil {
+					return err
+				}
+				_, err = g.out.Write(js)
+				return err
 			}
 			in, err := pf.Inbound()
 			if err != nil {
@@ -73,12 +100,57 @@ Envoy's own validation rules.`,
 	pf.Register(cmd)
 	f := cmd.Flags()
 	f.BoolVar(&envoy, "envoy", false, "print an Envoy bootstrap")
+	f.BoolVar(&grpc, "grpc", false, "print a proxyless gRPC bootstrap")
 	f.StringVar(&id, "id", "", "the node's SPIFFE ID, which its SVID must carry (required)")
-	f.StringVar(&certFile, "cert-file", "/etc/meshfed/svid.pem", "the SVID chain Envoy presents to the spoke")
-	f.StringVar(&keyFile, "key-file", "/etc/meshfed/svid-key.pem", "the SVID's key")
-	f.StringVar(&caFile, "ca-file", "/etc/meshfed/bundle.pem", "the site's CA bundle, which the spoke's certificate chains to")
+	f.StringVar(&dir, "dir", "/etc/meshfed", "where `meshfed svid` keeps the files: the default directory of the file flags")
+	f.StringVar(&certFile, "cert-file", identityclient.FileSVID, "the SVID chain presented to the spoke (and, with --grpc, to services)")
+	f.StringVar(&keyFile, "key-file", identityclient.FileKey, "the SVID's key")
+	f.StringVar(&caFile, "ca-file", identityclient.FileBundle, "the site's CA bundle, which the spoke's certificate chains to")
+	f.StringVar(&fedFile, "federation-file", identityclient.FileFederationMap, "with --grpc: the SPIFFE bundle map of every federated trust domain (next to it, "+identityclient.FileFederation+" with the same roots as PEM)")
 	_ = cmd.MarkFlagRequired("id")
 	return cmd
+}
+
+// grpcBootstrap is a gRPC xDS bootstrap (gRFC A27) for node id: ADS to the
+// spoke over mTLS, and the certificate provider the spoke's clusters name.
+// The provider carries both a PEM root list and a SPIFFE bundle map; gRPC
+// prefers the map (each peer checked against its own trust domain's
+// bundle) when GRPC_EXPERIMENTAL_XDS_MTLS_SPIFFE=true.
+func grpcBootstrap(id string, pf proxycmd.Flags, certFile, keyFile, caFile, fedFile string) ([]byte, error) {
+	if _, err := spiffeid.FromString(id); err != nil {
+		return nil, fmt.Errorf("--id %q is not a SPIFFE ID: %w", id, err)
+	}
+	if _, _, err := net.SplitHostPort(pf.XDS); err != nil {
+		return nil, fmt.Errorf("--xds %q: %w", pf.XDS, err)
+	}
+	// The SVID renews at half-life: both readers pick up new files within
+	// a minute.
+	const refresh = "60s"
+	node := map[string]any{"id": id}
+	if pf.Region != "" || pf.Zone != "" {
+		node["locality"] = map[string]string{"region": pf.Region, "zone": pf.Zone}
+	}
+	b := map[string]any{
+		"xds_servers": []any{map[string]any{
+			"server_uri": pf.XDS,
+			"channel_creds": []any{map[string]any{"type": "tls", "config": map[string]string{
+				"ca_certificate_file": caFile, "certificate_file": certFile, "private_key_file": keyFile, "refresh_interval": refresh,
+			}}},
+			"server_features": []string{"xds_v3"},
+		}},
+		"node": node,
+		"certificate_providers": map[string]any{xds.GRPCCertProvider: map[string]any{
+			"plugin_name": "file_watcher",
+			"config": map[string]string{
+				"certificate_file": certFile, "private_key_file": keyFile,
+				"ca_certificate_file":          filepath.Join(filepath.Dir(fedFile), identityclient.FileFederation),
+				"spiffe_trust_bundle_map_file": fedFile,
+				"refresh_interval":             refresh,
+			},
+		}},
+	}
+	out, err := json.MarshalIndent(b, "", "  ")
+	return append(out, '\n'), err
 }
 
 func envoyBootstrap(id string, pf proxycmd.Flags, in map[uint32]string, certFile, keyFile, caFile string) (*bootstrapv3.Bootstrap, error) {

@@ -75,8 +75,9 @@ type Node struct {
 	ID string
 	// Locality is the node's; empty: the site's.
 	Locality catalog.Locality
-	// GRPC: a proxyless gRPC client, which gets API listeners and plaintext
-	// clusters instead of TCP listeners and mTLS.
+	// GRPC: a proxyless gRPC client, which gets API listeners instead of
+	// TCP listeners, and clusters whose mTLS names the certificate
+	// provider of its bootstrap (GRPCCertProvider) instead of SDS secrets.
 	GRPC bool
 	// Address is where the node's workload endpoints are (its inbound
 	// listeners bind there).
@@ -486,15 +487,17 @@ func health(h string) corev3.HealthStatus {
 }
 
 func (b *builder) lbEndpoint(addr string, port uint32, h corev3.HealthStatus, weight uint32, site string, f *federated, p catalog.Port, subset string) *endpointv3.LbEndpoint {
+	sni := SNI(b.c.Federation, site, f.namespace, f.name, p.Port, subset)
 	md := &corev3.Metadata{FilterMetadata: map[string]*structpb.Struct{
 		MetadataNamespace: {Fields: map[string]*structpb.Value{
 			"site": structpb.NewStringValue(site),
-			"sni":  structpb.NewStringValue(SNI(b.c.Federation, site, f.namespace, f.name, p.Port, subset)),
+			"sni":  structpb.NewStringValue(sni),
 		}},
 	}}
 	return &endpointv3.LbEndpoint{
 		HostIdentifier: &endpointv3.LbEndpoint_Endpoint{Endpoint: &endpointv3.Endpoint{
-			Address: socketAddress(addr, port),
+			Address:  socketAddress(addr, port),
+			Hostname: sni,
 		}},
 		HealthStatus:        h,
 		LoadBalancingWeight: wrapperspb.UInt32(weight),
@@ -542,12 +545,15 @@ func (b *builder) cluster(f *federated, p catalog.Port, subset string, pol catal
 			SplitExternalLocalOriginErrors: false,
 		},
 	}
+	// Every endpoint is reached with mTLS; the SNI depends on the site the
+	// endpoint is in, so each site gets a transport socket match. gRPC
+	// knows no matches: it sends each endpoint's host name, which is its
+	// SNI (auto_host_sni).
+	ids := identities(f, p)
 	if b.n.GRPC {
+		c.TransportSocket = grpcTLS(ids)
 		return c
 	}
-	// Every endpoint is reached with mTLS; the SNI depends on the site the
-	// endpoint is in, so each site gets a transport socket match.
-	ids := identities(f, p)
 	c.TransportSocket = b.upstreamTLS(SNI(b.c.Federation, b.c.Site, f.namespace, f.name, p.Port, subset), ids)
 	for _, site := range sites {
 		c.TransportSocketMatches = append(c.TransportSocketMatches, &clusterv3.Cluster_TransportSocketMatch{
@@ -587,6 +593,30 @@ func (b *builder) upstreamTLS(sni string, ids []string) *corev3.TransportSocket 
 	ctx := &tlsv3.UpstreamTlsContext{
 		Sni:              sni,
 		CommonTlsContext: commonTLS(dvc),
+	}
+	return &corev3.TransportSocket{Name: wellknown.TransportSocketTLS, ConfigType: &corev3.TransportSocket_TypedConfig{TypedConfig: mustAny(ctx)}}
+}
+
+// grpcTLS is a proxyless gRPC client's upstream mTLS: identity and roots
+// from its bootstrap's certificate provider (a SPIFFE bundle map there
+// checks each peer against its own trust domain's bundle), SNI from the
+// endpoint's host name, the callee checked against the service's
+// identities.
+func grpcTLS(ids []string) *corev3.TransportSocket {
+	provider := &tlsv3.CertificateProviderPluginInstance{InstanceName: GRPCCertProvider}
+	dvc := &tlsv3.CertificateValidationContext{CaCertificateProviderInstance: provider}
+	for _, id := range ids {
+		dvc.MatchSubjectAltNames = append(dvc.MatchSubjectAltNames, &matcherv3.StringMatcher{MatchPattern: &matcherv3.StringMatcher_Exact{Exact: id}})
+	}
+	ctx := &tlsv3.UpstreamTlsContext{
+		AutoHostSni: true,
+		CommonTlsContext: &tlsv3.CommonTlsContext{
+			// No tls_params: gRPC refuses a cluster that has them. The
+			// callee's side (proxy inbound, gateway endpoints) insists on
+			// TLS 1.3.
+			TlsCertificateProviderInstance: provider,
+			ValidationContextType:          &tlsv3.CommonTlsContext_ValidationContext{ValidationContext: dvc},
+		},
 	}
 	return &corev3.TransportSocket{Name: wellknown.TransportSocketTLS, ConfigType: &corev3.TransportSocket_TypedConfig{TypedConfig: mustAny(ctx)}}
 }

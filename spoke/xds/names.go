@@ -26,6 +26,12 @@ const (
 	SecretFederation = "federation"
 )
 
+// GRPCCertProvider is the certificate provider instance a proxyless gRPC
+// client's bootstrap must define (`meshfed proxy bootstrap --grpc` writes
+// it): its clusters take the client's SVID and the federation's roots from
+// there.
+const GRPCCertProvider = "meshfed"
+
 // MetadataNamespace is the filter-metadata key of meshfed's endpoint
 // metadata ("site", "sni").
 const MetadataNamespace = "meshfed"

@@ -8,6 +8,7 @@ import (
 	"sort"
 	"strings"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -16,6 +17,18 @@ import (
 )
 
 func TestMain(m *testing.M) {
+	// grpc-go reads its experimental xDS switches once, as it starts: the
+	// proxyless tests need SNI from endpoint host names (gRFC A101) and
+	// SPIFFE bundle maps (A87), so the tests run again with them set, as a
+	// user's gRPC program is started (docs/dataplane.md).
+	if os.Getenv("GRPC_EXPERIMENTAL_XDS_SNI") == "" {
+		self, err := os.Executable()
+		if err == nil {
+			err = syscall.Exec(self, os.Args, append(os.Environ(), "GRPC_EXPERIMENTAL_XDS_SNI=true", "GRPC_EXPERIMENTAL_XDS_MTLS_SPIFFE=true"))
+		}
+		fmt.Fprintln(os.Stderr, "run the tests again with gRPC's xDS switches:", err)
+		os.Exit(2)
+	}
 	code := m.Run()
 	harness.CleanupBinary()
 	os.Exit(code)

@@ -4,11 +4,11 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
-	"encoding/pem"
 	"fmt"
 	"net"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -16,11 +16,11 @@ import (
 	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 	"github.com/meshfed/meshfed/test/harness"
-	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
+	xdscreds "google.golang.org/grpc/credentials/xds"
 	"google.golang.org/grpc/status"
 	"google.golang.org/grpc/xds"
 	"google.golang.org/protobuf/types/known/wrapperspb"
@@ -46,6 +46,39 @@ func whoServer(t *testing.T, name string) (addr string, stop func()) {
 	return ln.Addr().String(), s.Stop
 }
 
+// askWho calls /meshfed.test.Who/Name once.
+func askWho(conn *grpc.ClientConn) (string, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	out := &wrapperspb.StringValue{}
+	err := conn.Invoke(ctx, "/meshfed.test.Who/Name", wrapperspb.String("?"), out)
+	return out.GetValue(), err
+}
+
+// grpcClient is how a user sets up a proxyless gRPC client of site s:
+// `meshfed svid` keeps node's SVID and the bundles in a directory, and
+// `meshfed proxy bootstrap --grpc` writes the bootstrap that uses them.
+func (f *federation) grpcClient(t *testing.T, s *spokeProc, node string) (dir string, bootstrap []byte) {
+	t.Helper()
+	dir = filepath.Join(t.TempDir(), "meshfed")
+	token := strings.TrimSpace(f.mustCLI("vm", "token", "create", "--site", s.site, "--node", node))
+	http := harness.FreePort(t)
+	harness.Start(t, "svid-"+node, f.bin, "svid", "--identity", s.identity, "--token", token, "--dir", dir, "--http-listen", http)
+	harness.WaitReady(t, http, 20*time.Second)
+	for _, name := range []string{"svid.pem", "svid-key.pem", "bundle.pem", "federation.pem", "federation.json"} {
+		st, err := os.Stat(filepath.Join(dir, name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if st.Mode().Perm() != 0o600 {
+			t.Errorf("%s has mode %v, want 0600", name, st.Mode().Perm())
+		}
+	}
+	id := "spiffe://" + s.site + ".test.meshfed/meshfed/node/" + node
+	out := f.mustCLI("proxy", "bootstrap", "--grpc", "--id", id, "--xds", s.xds, "--dir", dir, "--region", "r1", "--zone", s.site+"-1")
+	return dir, []byte(out)
+}
+
 func whoEndpoint(addr, zone string) string {
 	host, port, _ := net.SplitHostPort(addr)
 	return fmt.Sprintf("  - {address: %s, port: %s, region: r1, zone: %s}\n", host, port, zone)
@@ -64,52 +97,19 @@ func TestProxylessGRPC(t *testing.T) {
 		whoEndpoint(a1, "c-1")+whoEndpoint(a2, "c-1")+whoEndpoint(b1, "c-2"))
 	harness.WaitReady(t, c.http, 20*time.Second)
 
-	// The client's credential for the spoke: a node SVID, as files.
-	w, _ := f.attest(t, c, "grpc-host")
-	dir := t.TempDir()
-	var chain []byte
-	for _, cert := range w.svid.Certificates {
-		chain = append(chain, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: cert.Raw})...)
-	}
-	_, keyPEM, err := w.svid.Marshal()
+	dir, bootstrap := f.grpcClient(t, c, "grpc-host")
+	resolver, err := xds.NewXDSResolverWithConfigForTesting(bootstrap)
 	if err != nil {
 		t.Fatal(err)
 	}
-	td := spiffeid.RequireTrustDomainFromString("c.test.meshfed")
-	bundle, err := w.bundles.GetX509BundleForTrustDomain(td)
-	if err != nil {
-		t.Fatal(err)
-	}
-	bundlePEM, _ := bundle.Marshal()
-	for name, b := range map[string][]byte{"svid.pem": chain, "key.pem": keyPEM, "bundle.pem": bundlePEM} {
-		if err := os.WriteFile(filepath.Join(dir, name), b, 0o600); err != nil {
-			t.Fatal(err)
-		}
-	}
-	bootstrap := fmt.Sprintf(`{
-  "xds_servers": [{
-    "server_uri": %q,
-    "channel_creds": [{"type": "tls", "config": {"ca_certificate_file": %q, "certificate_file": %q, "private_key_file": %q}}],
-    "server_features": ["xds_v3"]
-  }],
-  "node": {"id": %q, "locality": {"region": "r1", "zone": "c-1"}}
-}`, c.xds, filepath.Join(dir, "bundle.pem"), filepath.Join(dir, "svid.pem"), filepath.Join(dir, "key.pem"), w.svid.ID.String())
-	resolver, err := xds.NewXDSResolverWithConfigForTesting([]byte(bootstrap))
-	if err != nil {
-		t.Fatal(err)
-	}
+	// Plain-text credentials: gRPC then ignores the clusters' mTLS and
+	// dials the endpoints (plain gRPC servers here) as they are.
 	conn, err := grpc.NewClient("xds:///who.default:9090", grpc.WithResolvers(resolver), grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer conn.Close()
-	who := func() (string, error) {
-		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-		defer cancel()
-		out := &wrapperspb.StringValue{}
-		err := conn.Invoke(ctx, "/meshfed.test.Who/Name", wrapperspb.String("?"), out)
-		return out.GetValue(), err
-	}
+	who := func() (string, error) { return askWho(conn) }
 	harness.Eventually(t, 20*time.Second, "first call over xds:///", func() error {
 		_, err := who()
 		return err
@@ -151,6 +151,7 @@ func TestProxylessGRPC(t *testing.T) {
 
 	t.Run("delta ADS", func(t *testing.T) {
 		dc, err := grpc.NewClient("passthrough:///"+c.xds, grpc.WithTransportCredentials(mtlsCreds(t, dir)))
+		id := "spiffe://c.test.meshfed/meshfed/node/grpc-host"
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -161,7 +162,7 @@ func TestProxylessGRPC(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		node := &corev3.Node{Id: w.svid.ID.String(), UserAgentName: "gRPC Go delta test"}
+		node := &corev3.Node{Id: id, UserAgentName: "gRPC Go delta test"}
 		if err := stream.Send(&discoveryv3.DeltaDiscoveryRequest{Node: node, TypeUrl: resource.ListenerType}); err != nil {
 			t.Fatal(err)
 		}
@@ -191,7 +192,7 @@ func TestProxylessGRPC(t *testing.T) {
 // mtlsCreds presents dir's SVID and trusts dir's bundle.
 func mtlsCreds(t *testing.T, dir string) credentials.TransportCredentials {
 	t.Helper()
-	cert, err := tls.LoadX509KeyPair(filepath.Join(dir, "svid.pem"), filepath.Join(dir, "key.pem"))
+	cert, err := tls.LoadX509KeyPair(filepath.Join(dir, "svid.pem"), filepath.Join(dir, "svid-key.pem"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -199,4 +200,84 @@ func mtlsCreds(t *testing.T, dir string) credentials.TransportCredentials {
 	b, _ := os.ReadFile(filepath.Join(dir, "bundle.pem"))
 	pool.AppendCertsFromPEM(b)
 	return credentials.NewTLS(&tls.Config{Certificates: []tls.Certificate{cert}, RootCAs: pool, ServerName: "127.0.0.1", MinVersion: tls.VersionTLS13})
+}
+
+// TestProxylessGRPCAcrossSites: a proxyless gRPC client in site c, set up
+// with `meshfed svid` and `meshfed proxy bootstrap --grpc`, calls
+// default/who with mTLS (gRPC's xDS credentials): first the endpoint in
+// its own site, behind a meshfed proxy; when that dies, west's, through
+// west's gateway, which routes by the SNI gRPC takes from the endpoint's
+// host name. Both proxies admit the caller by its SPIFFE ID.
+func TestProxylessGRPCAcrossSites(t *testing.T) {
+	f := newFederation(t)
+	cIn, westIn := freeAddr(t, "127.0.0.31"), freeAddr(t, "127.0.0.32")
+	westGW := freeAddr(t, "127.0.0.1")
+	f.gateways["west"] = westGW
+	c := f.addSite("c", "r1/c-1", echoServices("who", "v1", "c", cIn))
+	west := f.addSite("west", "r2/w-1", echoServices("who", "v1", "west", westIn))
+	for _, s := range []*spokeProc{c, west} {
+		harness.WaitReady(t, s.http, 20*time.Second)
+	}
+	policy := filepath.Join(f.dir, "policy.yaml")
+	writeFile(t, policy, "service: default/who\nallow: [spiffe://c.test.meshfed/meshfed/node/grpc-host]\n")
+	f.mustCLI("policy", "apply", "-f", policy)
+
+	proxies := map[string]*proxyProc{}
+	for _, x := range []struct {
+		s  *spokeProc
+		in string
+	}{{c, cIn}, {west, westIn}} {
+		app, _ := whoServer(t, x.s.site)
+		host, port, _ := net.SplitHostPort(x.in)
+		proxies[x.s.site] = f.startProxy(t, x.s, x.s.site+"-host", "--workload", "spiffe://"+x.s.site+".test.meshfed/ns/default/sa/echo",
+			"--address", host, "--inbound", port+"="+app, "--outbound-prefix", "-")
+	}
+	gw := f.startDataPlane(t, west, "gateway", "west-gw", "--site", "west", "--listen", westGW)
+
+	_, bootstrap := f.grpcClient(t, c, "grpc-host")
+	resolver, err := xds.NewXDSResolverWithConfigForTesting(bootstrap)
+	if err != nil {
+		t.Fatal(err)
+	}
+	creds, err := xdscreds.NewClientCredentials(xdscreds.ClientOptions{FallbackCreds: insecure.NewCredentials()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	conn, err := grpc.NewClient("xds:///who.default:9080", grpc.WithResolvers(resolver), grpc.WithTransportCredentials(creds))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	answers := func(want string, n int) {
+		t.Helper()
+		for i := 0; i < n; i++ {
+			if name, err := askWho(conn); err != nil || name != want {
+				t.Fatalf("call %d: %q %v; want %s", i, name, err, want)
+			}
+		}
+	}
+	harness.Eventually(t, 30*time.Second, "first call over mTLS to c's endpoint", func() error {
+		name, err := askWho(conn)
+		if err != nil || name != "c" {
+			return fmt.Errorf("%q %v", name, err)
+		}
+		return nil
+	})
+	answers("c", 20)
+
+	proxies["c"].p.Kill()
+	harness.Eventually(t, 30*time.Second, "failover to west through its gateway", func() error {
+		name, err := askWho(conn)
+		if err != nil || name != "west" {
+			return fmt.Errorf("%q %v", name, err)
+		}
+		return nil
+	})
+	answers("west", 20)
+	if v, err := harness.Metric(gw.http, "meshfed_gateway_connections_total", `result="ok"`); err != nil || v < 1 {
+		t.Errorf("west's gateway passed %v connections (%v); the calls did not come through it", v, err)
+	}
+	if v, err := harness.Metric(proxies["west"].http, "meshfed_proxy_inbound_connections_total", `result="ok"`); err != nil || v < 1 {
+		t.Errorf("west's proxy admitted %v callers (%v)", v, err)
+	}
 }
