@@ -139,6 +139,38 @@ func Throughput(dial Dial, total, n int) (float64, error) {
 	return float64(total) / time.Since(start).Seconds(), nil
 }
 
+// ThroughputRounds measures every dialer's throughput rounds times, the
+// order rotating each round (as ConnectEach does), so drift in the
+// machine's speed falls on all of them alike; it returns each dialer's
+// measurements in round order.
+func ThroughputRounds(dials []Dial, total, n, rounds int) ([][]float64, error) {
+	out := make([][]float64, len(dials))
+	for r := 0; r < rounds; r++ {
+		for k := range dials {
+			i := (r + k) % len(dials)
+			v, err := Throughput(dials[i], total, n)
+			if err != nil {
+				return nil, err
+			}
+			out[i] = append(out[i], v)
+		}
+	}
+	return out, nil
+}
+
+// Median returns the median of v (the mean of the middle two for an even
+// count).
+func Median(v []float64) float64 {
+	s := slices.Sorted(slices.Values(v))
+	if len(s) == 0 {
+		return 0
+	}
+	if len(s)%2 == 0 {
+		return (s[len(s)/2-1] + s[len(s)/2]) / 2
+	}
+	return s[len(s)/2]
+}
+
 // Percentile returns the q-th percentile of sorted durations.
 func Percentile(l []time.Duration, q int) time.Duration {
 	if len(l) == 0 {
