@@ -3,7 +3,8 @@
 # services, default/echo behind a proxy and a gateway each; central runs a
 # client proxy. Prints the federated catalog, sends calls from central
 # through east's gateway, kills that gateway and shows the calls move to
-# west; then keeps running until Ctrl-C, when it stops everything and
+# west, and west's gateway refusing names that are not its own services;
+# then keeps running until Ctrl-C, when it stops everything and
 # cleans up.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -29,6 +30,11 @@ wait_http() { # wait_http URL what
 
 export MESHFED_CONFIG="$DEMO/hub/admin.conf"
 HUB=127.0.0.1:17443
+# The demo's ports are fixed: a second demo would talk to the first's hub.
+if curl -s --max-time 1 http://127.0.0.1:17080/healthz >/dev/null 2>&1; then
+  echo "something already serves 127.0.0.1:17080, the demo hub's port: another make demo? Stop it (Ctrl-C there) first." >&2
+  exit 1
+fi
 
 step "starting the hub (state in $DEMO/hub)"
 "$BIN" hub --data-dir "$DEMO/hub" --listen "$HUB" --http-listen 127.0.0.1:17080 --bundle-listen 127.0.0.1:17444 \
@@ -127,6 +133,17 @@ step "killing east's gateway (SIGKILL): gossip marks east down everywhere within
 for _ in $(seq 1 50); do "$BIN" site list | grep -Eq '^east +docker +[^ ]+ +[a-z]+ +(dead|suspect)' && break; sleep 0.1; done
 "$BIN" debug call "$ECHO" --count 20
 "$BIN" site list
+step "west's gateway passes only west's exported services: no open relay"
+# curl connects to the gateway on loopback with each server name; nothing
+# else is dialed.
+for sni in 8080.echo.default.east.demo.meshfed www.example.com; do
+  if curl -sk --max-time 2 --connect-to "$sni:443:127.0.0.1:25443" "https://$sni/" >/dev/null 2>&1; then
+    echo "SNI $sni: passed (unexpected)"
+  else
+    echo "SNI $sni: refused"
+  fi
+done
+curl -s 127.0.0.1:17411/metrics | grep '^meshfed_gateway_connections_total'
 
 cat <<TXT
 
@@ -136,6 +153,7 @@ The federation is running. Try, in another shell:
   $BIN debug call $ECHO --count 50      # calls from central's proxy
   $BIN policy get default/echo -o yaml
   curl -s 127.0.0.1:17420/metrics | grep meshfed_proxy_upstream   # per cluster and locality
+  curl -s 127.0.0.1:17411/metrics | grep meshfed_gateway_          # west's gateway: passed, refused and why
   $BIN service show shop/payments -o yaml
   edit deploy/demo/east.yaml and watch: $BIN service list --spoke 127.0.0.1:17181
   curl -s 127.0.0.1:17080/metrics | grep meshfed_hub_
