@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -201,9 +202,14 @@ func TestKubernetesImport(t *testing.T) {
 			return nil
 		})
 	})
-	t.Run("a Service of the user's with the derived name is left alone", func(t *testing.T) {
+	t.Run("a Service and an EndpointSlice of the user's with meshfed's names are left alone", func(t *testing.T) {
 		theirs, err := west.Client.CoreV1().Services("shop").Create(ctx, &corev1.Service{ObjectMeta: metav1.ObjectMeta{Name: kubeimport.DerivedServiceName("till")},
 			Spec: corev1.ServiceSpec{Ports: []corev1.ServicePort{{Name: "x", Port: 1234, Protocol: corev1.ProtocolTCP}}}}, metav1.CreateOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		theirSlice, err := west.Client.DiscoveryV1().EndpointSlices("shop").Create(ctx, &discoveryv1.EndpointSlice{ObjectMeta: metav1.ObjectMeta{Name: "till-east-meshfed"},
+			AddressType: discoveryv1.AddressTypeIPv4}, metav1.CreateOptions{})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -221,6 +227,16 @@ func TestKubernetesImport(t *testing.T) {
 		now, err := west.Client.CoreV1().Services("shop").Get(ctx, theirs.Name, metav1.GetOptions{})
 		if err != nil || now.ResourceVersion != theirs.ResourceVersion {
 			t.Fatalf("the user's Service changed: %+v (%v)", now, err)
+		}
+		harness.Eventually(t, 20*time.Second, "west's spoke says which EndpointSlice is in the way", func() error {
+			if log := f.spokes["west"].p.Log(); !strings.Contains(log, "EndpointSlice shop/till-east-meshfed exists and is not meshfed's") {
+				return fmt.Errorf("not in the spoke's log yet")
+			}
+			return nil
+		})
+		nowSlice, err := west.Client.DiscoveryV1().EndpointSlices("shop").Get(ctx, theirSlice.Name, metav1.GetOptions{})
+		if err != nil || nowSlice.ResourceVersion != theirSlice.ResourceVersion {
+			t.Fatalf("the user's EndpointSlice changed: %+v (%v)", nowSlice, err)
 		}
 	})
 	t.Run("unexporting in east removes the import from west", func(t *testing.T) {
