@@ -146,8 +146,6 @@ func entries(services []catalog.Service) string {
 	return strings.Join(out, "\n")
 }
 
-func (f *federation) hubCatalog() (string, error) { return catalogVia(f.cli) }
-
 // catalogVia is the federated catalog as a hub's CLI shows it.
 func catalogVia(cli func(args ...string) (string, error)) (string, error) {
 	out, err := cli("service", "list", "-o", "json")
