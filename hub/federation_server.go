@@ -258,9 +258,12 @@ func (h *Hub) saveSiteLater(rec siteRecord) {
 }
 
 // saveSite stores rec's last sync and connection; the rest of the stored
-// record (which another hub replica may have changed) stays as it is.
+// record (which another hub replica may have changed) stays as it is. A
+// stream ending here clears only this hub's claim: the spoke may hold a
+// newer one at another replica already (this one lingered, say, through a
+// partition), and that replica's claim and last sync stay.
 func (h *Hub) saveSite(ctx context.Context, rec siteRecord) error {
-	return h.store.Update(ctx, keySites+rec.Site.Name, func(cur []byte) ([]byte, error) {
+	err := h.store.Update(ctx, keySites+rec.Site.Name, func(cur []byte) ([]byte, error) {
 		if cur == nil {
 			return nil, nil // removed meanwhile: do not bring it back
 		}
@@ -268,10 +271,21 @@ func (h *Hub) saveSite(ctx context.Context, rec siteRecord) error {
 		if err := json.Unmarshal(cur, &stored); err != nil {
 			return nil, fmt.Errorf("stored record of site %s is damaged: %w", rec.Site.Name, err)
 		}
+		if rec.ConnectedVia == "" && stored.ConnectedVia != "" && stored.ConnectedVia != h.o.Advertise {
+			return nil, errOtherReplicas
+		}
 		stored.LastSync, stored.ConnectedVia = rec.LastSync, rec.ConnectedVia
 		return json.Marshal(stored)
 	})
+	if errors.Is(err, errOtherReplicas) {
+		return nil
+	}
+	return err
 }
+
+// errOtherReplicas leaves a site record as it is: another replica holds
+// the site's stream.
+var errOtherReplicas = errors.New("another hub replica holds the stream")
 
 // spokeSink applies a spoke's deltas to the federated catalog.
 type spokeSink struct {
