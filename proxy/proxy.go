@@ -523,6 +523,17 @@ func (p *Proxy) inbound(lc *listenerConf, raw net.Conn) {
 			return err
 		},
 	}
+	// The app speaks whatever the caller means to: agree to the caller's
+	// first application protocol (a gRPC client insists on h2 being
+	// agreed), as the app would if it terminated TLS itself.
+	tc.GetConfigForClient = func(hello *tls.ClientHelloInfo) (*tls.Config, error) {
+		if len(hello.SupportedProtos) == 0 {
+			return nil, nil
+		}
+		c := tc.Clone()
+		c.GetConfigForClient, c.NextProtos = nil, hello.SupportedProtos[:1]
+		return c, nil
+	}
 	down := tls.Server(raw, tc)
 	_ = raw.SetDeadline(time.Now().Add(10 * time.Second))
 	if err := down.Handshake(); err != nil {

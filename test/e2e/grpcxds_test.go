@@ -16,6 +16,10 @@ import (
 	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 	"github.com/meshfed/meshfed/test/harness"
+	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
@@ -234,7 +238,33 @@ func TestProxylessGRPCAcrossSites(t *testing.T) {
 	}
 	gw := f.startDataPlane(t, west, "gateway", "west-gw", "--site", "west", "--listen", westGW)
 
-	_, bootstrap := f.grpcClient(t, c, "grpc-host")
+	dir, bootstrap := f.grpcClient(t, c, "grpc-host")
+
+	// A gRPC client with its own TLS (the SVID files, SPIFFE checks) may
+	// call a proxied endpoint directly too: the inbound agrees to h2, which
+	// grpc-go's TLS credentials insist on.
+	svid, err := x509svid.Load(filepath.Join(dir, "svid.pem"), filepath.Join(dir, "svid-key.pem"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	bundle, err := x509bundle.Load(svid.ID.TrustDomain(), filepath.Join(dir, "bundle.pem"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	echoID := spiffeid.RequireFromString("spiffe://c.test.meshfed/ns/default/sa/echo")
+	direct, err := grpc.NewClient("passthrough:///"+cIn, grpc.WithTransportCredentials(credentials.NewTLS(tlsconfig.MTLSClientConfig(svid, bundle, tlsconfig.AuthorizeID(echoID)))))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer direct.Close()
+	harness.Eventually(t, 20*time.Second, "a direct gRPC call over TLS to c's proxy", func() error {
+		name, err := askWho(direct)
+		if err != nil || name != "c" {
+			return fmt.Errorf("%q %v", name, err)
+		}
+		return nil
+	})
+
 	resolver, err := xds.NewXDSResolverWithConfigForTesting(bootstrap)
 	if err != nil {
 		t.Fatal(err)
