@@ -25,8 +25,9 @@ func newSVIDCmd(g *globals) *cobra.Command {
 		Use:   "svid --dir DIR",
 		Short: "Keep an SVID and the federation's bundles as files, for Envoy and proxyless gRPC",
 		Long: `Attests to the site's spoke with a one-time node token (or a ServiceAccount
-token), then keeps these files in --dir, each replaced whole and readable
-by the owner only:
+token), then keeps these files in --dir, all replaced at once (each is a
+symlink through --dir/..data, switched with one rename, as the kubelet
+updates a projected volume) and readable by the owner only:
 
   ` + identityclient.FileSVID + `        the SVID's certificate chain
   ` + identityclient.FileKey + `    its private key

@@ -3,7 +3,6 @@ package identityclient
 import (
 	"encoding/json"
 	"fmt"
-	"path/filepath"
 	"sort"
 
 	"github.com/meshfed/meshfed/atomicfile"
@@ -30,9 +29,10 @@ const (
 	FileFederationMap = "federation.json"
 )
 
-// WriteFiles writes the current SVID, its key and the bundles to dir, each
-// file replaced whole (temp file, fsync, rename) and readable by the owner
-// only. The key leaves the process here, and only here.
+// WriteFiles writes the current SVID, its key and the bundles to dir, all
+// replaced at once (atomicfile.WriteSet: each name a symlink through
+// dir/..data) and readable by the owner only. The key leaves the process
+// here, and only here.
 func (c *Client) WriteFiles(dir string) error {
 	svid, set, td := c.SVID(), c.Bundles(), c.TrustDomain()
 	chain, key, err := svid.Marshal()
@@ -59,19 +59,10 @@ func (c *Client) WriteFiles(dir string) error {
 	if err != nil {
 		return err
 	}
-	// Key and chain are two renames: a reader between them finds a pair
-	// that does not match. gRPC's file_watcher keeps the pair it has then
-	// and reads again at its next refresh.
-	for _, f := range []struct {
-		name string
-		data []byte
-	}{
-		{FileKey, key}, {FileSVID, chain}, {FileBundle, ca.EncodeCertPEM(own.X509Authorities()...)},
-		{FileFederation, flat}, {FileFederationMap, bundleMap},
-	} {
-		if err := atomicfile.Write(filepath.Join(dir, f.name), f.data, 0o600); err != nil {
-			return err
-		}
-	}
-	return nil
+	// All five switch at once: a reader never pairs a new chain with an
+	// old key.
+	return atomicfile.WriteSet(dir, map[string][]byte{
+		FileKey: key, FileSVID: chain, FileBundle: ca.EncodeCertPEM(own.X509Authorities()...),
+		FileFederation: flat, FileFederationMap: bundleMap,
+	}, 0o600)
 }

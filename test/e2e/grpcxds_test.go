@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"bytes"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
@@ -62,11 +63,12 @@ func askWho(conn *grpc.ClientConn) (string, error) {
 // grpcClient is how a user sets up a proxyless gRPC client of site s:
 // `meshfed svid` keeps node's SVID and the bundles in a directory, and
 // `meshfed proxy bootstrap --grpc` writes the bootstrap that uses them.
-func (f *federation) grpcClient(t *testing.T, s *spokeProc, node string) (dir string, bootstrap []byte) {
+// http is the svid command's HTTP address.
+func (f *federation) grpcClient(t *testing.T, s *spokeProc, node string) (dir string, bootstrap []byte, http string) {
 	t.Helper()
 	dir = filepath.Join(t.TempDir(), "meshfed")
 	token := strings.TrimSpace(f.mustCLI("vm", "token", "create", "--site", s.site, "--node", node))
-	http := harness.FreePort(t)
+	http = harness.FreePort(t)
 	harness.Start(t, "svid-"+node, f.bin, "svid", "--identity", s.identity, "--token", token, "--dir", dir, "--http-listen", http)
 	harness.WaitReady(t, http, 20*time.Second)
 	for _, name := range []string{"svid.pem", "svid-key.pem", "bundle.pem", "federation.pem", "federation.json"} {
@@ -80,7 +82,7 @@ func (f *federation) grpcClient(t *testing.T, s *spokeProc, node string) (dir st
 	}
 	id := "spiffe://" + s.site + ".test.meshfed/meshfed/node/" + node
 	out := f.mustCLI("proxy", "bootstrap", "--grpc", "--id", id, "--xds", s.xds, "--dir", dir, "--region", "r1", "--zone", s.site+"-1")
-	return dir, []byte(out)
+	return dir, []byte(out), http
 }
 
 func whoEndpoint(addr, zone string) string {
@@ -90,18 +92,23 @@ func whoEndpoint(addr, zone string) string {
 
 // TestProxylessGRPC: grpc-go's own xDS client, bootstrapped at a spoke,
 // resolves xds:///who.default:9090, balances over the endpoints of its
-// zone and fails over to the next priority when they stop. A delta ADS
-// stream gets the same listener.
+// zone and fails over to the next priority when they stop. `meshfed svid`
+// rewrites the files as the (4 s) SVID renews. A delta ADS stream gets the
+// same listener.
 func TestProxylessGRPC(t *testing.T) {
 	a1, stopA1 := whoServer(t, "a1")
 	a2, stopA2 := whoServer(t, "a2")
 	b1, _ := whoServer(t, "b1")
 	f := newFederation(t)
 	c := f.addSite("c", "r1/c-1", "services:\n- namespace: default\n  name: who\n  ports: [{name: grpc, port: 9090, protocol: TCP}]\n  endpoints:\n"+
-		whoEndpoint(a1, "c-1")+whoEndpoint(a2, "c-1")+whoEndpoint(b1, "c-2"))
+		whoEndpoint(a1, "c-1")+whoEndpoint(a2, "c-1")+whoEndpoint(b1, "c-2"), "--svid-ttl", "4s")
 	harness.WaitReady(t, c.http, 20*time.Second)
 
-	dir, bootstrap := f.grpcClient(t, c, "grpc-host")
+	dir, bootstrap, svidHTTP := f.grpcClient(t, c, "grpc-host")
+	first, err := os.ReadFile(filepath.Join(dir, "svid.pem"))
+	if err != nil {
+		t.Fatal(err)
+	}
 	resolver, err := xds.NewXDSResolverWithConfigForTesting(bootstrap)
 	if err != nil {
 		t.Fatal(err)
@@ -152,6 +159,21 @@ func TestProxylessGRPC(t *testing.T) {
 			t.Fatalf("after failover: %q %v", name, err)
 		}
 	}
+
+	t.Run("meshfed svid rewrites the files as the SVID renews", func(t *testing.T) {
+		harness.Eventually(t, 15*time.Second, "a renewed SVID in the files, with its key", func() error {
+			if _, err := tls.LoadX509KeyPair(filepath.Join(dir, "svid.pem"), filepath.Join(dir, "svid-key.pem")); err != nil {
+				return err
+			}
+			if now, err := os.ReadFile(filepath.Join(dir, "svid.pem")); err != nil || bytes.Equal(now, first) {
+				return fmt.Errorf("svid.pem not rewritten yet (%v)", err)
+			}
+			if v, err := harness.Metric(svidHTTP, "meshfed_svid_file_writes_total", `result="ok"`); err != nil || v < 2 {
+				return fmt.Errorf("writes: %v (%v)", v, err)
+			}
+			return nil
+		})
+	})
 
 	t.Run("delta ADS", func(t *testing.T) {
 		dc, err := grpc.NewClient("passthrough:///"+c.xds, grpc.WithTransportCredentials(mtlsCreds(t, dir)))
@@ -238,7 +260,7 @@ func TestProxylessGRPCAcrossSites(t *testing.T) {
 	}
 	gw := f.startDataPlane(t, west, "gateway", "west-gw", "--site", "west", "--listen", westGW)
 
-	dir, bootstrap := f.grpcClient(t, c, "grpc-host")
+	dir, bootstrap, _ := f.grpcClient(t, c, "grpc-host")
 
 	// A gRPC client with its own TLS (the SVID files, SPIFFE checks) may
 	// call a proxied endpoint directly too: the inbound agrees to h2, which
