@@ -64,7 +64,7 @@ type Server struct {
 	o     Options
 	log   *slog.Logger
 	ln    net.Listener
-	cache cachev3.SnapshotCache
+	cache caches
 	kick  chan struct{}
 
 	rebuildMu sync.Mutex
@@ -101,7 +101,10 @@ func New(o Options) (*Server, error) {
 		o: o, log: o.Logger.With("component", "xds"), ln: ln, kick: make(chan struct{}, 1),
 		streams: map[int64]string{}, seen: map[int64]string{}, nodes: map[string]*nodeState{},
 	}
-	s.cache = cachev3.NewSnapshotCache(true, nodeHash{}, logAdapter{s.log})
+	s.cache = caches{
+		ads:  cachev3.NewSnapshotCache(true, nodeHash{}, logAdapter{s.log}),
+		grpc: cachev3.NewSnapshotCache(false, nodeHash{}, logAdapter{s.log}),
+	}
 	s.pushes = prometheus.NewCounter(prometheus.CounterOpts{Name: "meshfed_xds_pushes_total", Help: "Snapshots built and set for xDS nodes."})
 	s.refused = prometheus.NewCounter(prometheus.CounterOpts{Name: "meshfed_xds_refused_streams_total", Help: "xDS streams refused: a node ID that is not the caller's SPIFFE ID."})
 	s.gauge = prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "meshfed_xds_nodes", Help: "xDS nodes connected."}, func() float64 {
@@ -282,14 +285,51 @@ func (s *Server) closeStream(id int64) {
 		st.streams--
 		if st.streams <= 0 {
 			delete(s.nodes, key)
-			s.cache.ClearSnapshot(key)
+			s.cache.of(st.node.GRPC).ClearSnapshot(key)
 		}
 	}
 }
 
+// isGRPC tells a proxyless gRPC client by its user agent ("gRPC Go",
+// "gRPC Java", …).
+func isGRPC(n *corev3.Node) bool {
+	return strings.HasPrefix(strings.ToLower(n.GetUserAgentName()), "grpc")
+}
+
+// caches holds the nodes' snapshots. Envoy and meshfed proxies get an
+// ADS-mode cache, which orders responses across types and answers a
+// request by name only once it names everything the snapshot holds (they
+// ask for all of it). gRPC clients ask for one listener and the clusters
+// it needs by name; an ADS-mode cache would never answer them while the
+// site has more, so theirs is a plain one, which answers with what was
+// asked for.
+type caches struct{ ads, grpc cachev3.SnapshotCache }
+
+func (c caches) of(grpc bool) cachev3.SnapshotCache {
+	if grpc {
+		return c.grpc
+	}
+	return c.ads
+}
+
+// The server asks the cache with each request, its node filled in from
+// the stream's first request.
+
+func (c caches) CreateWatch(r *cachev3.Request, sub cachev3.Subscription, ch chan cachev3.Response) (func(), error) {
+	return c.of(isGRPC(r.GetNode())).CreateWatch(r, sub, ch)
+}
+
+func (c caches) CreateDeltaWatch(r *cachev3.DeltaRequest, sub cachev3.Subscription, ch chan cachev3.DeltaResponse) (func(), error) {
+	return c.of(isGRPC(r.GetNode())).CreateDeltaWatch(r, sub, ch)
+}
+
+func (c caches) Fetch(ctx context.Context, r *cachev3.Request) (cachev3.Response, error) {
+	return c.of(isGRPC(r.GetNode())).Fetch(ctx, r)
+}
+
 // parseNode reads what a node says about itself.
 func parseNode(n *corev3.Node) (Node, error) {
-	out := Node{ID: n.GetId(), GRPC: strings.HasPrefix(strings.ToLower(n.GetUserAgentName()), "grpc")}
+	out := Node{ID: n.GetId(), GRPC: isGRPC(n)}
 	if l := n.GetLocality(); l.GetRegion() != "" || l.GetZone() != "" {
 		out.Locality = catalog.Locality{Region: l.GetRegion(), Zone: l.GetZone()}
 	}
@@ -399,7 +439,7 @@ func (s *Server) rebuild(keys []string, c *Catalog) {
 		if !changed {
 			continue
 		}
-		if err := s.cache.SetSnapshot(ctx, key, snap); err != nil {
+		if err := s.cache.of(st.node.GRPC).SetSnapshot(ctx, key, snap); err != nil {
 			s.log.Error("could not set a node's snapshot", "node", st.node.ID, "err", err)
 			continue
 		}

@@ -239,7 +239,9 @@ func TestProxylessGRPCAcrossSites(t *testing.T) {
 	cIn, westIn := freeAddr(t, "127.0.0.31"), freeAddr(t, "127.0.0.32")
 	westGW := freeAddr(t, "127.0.0.1")
 	f.gateways["west"] = westGW
-	c := f.addSite("c", "r1/c-1", echoServices("who", "v1", "c", cIn))
+	// Another service: gRPC asks for one listener by name while the site
+	// serves more.
+	c := f.addSite("c", "r1/c-1", echoServices("who", "v1", "c", cIn)+"- {namespace: default, name: other, ports: [{port: 7000}], endpoints: [{address: 127.0.0.33, port: 7000}]}\n")
 	west := f.addSite("west", "r2/w-1", echoServices("who", "v1", "west", westIn))
 	for _, s := range []*spokeProc{c, west} {
 		harness.WaitReady(t, s.http, 20*time.Second)
