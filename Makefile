@@ -19,6 +19,7 @@ all: build
 build:
 	$(GO) build -trimpath -tags $(TAGS) -ldflags "-s -w -X github.com/meshfed/meshfed/cli.Version=$(VERSION)" -o $(BIN) ./cmd/meshfed
 	$(GO) build -trimpath -tags $(TAGS) -ldflags "-s -w" -o $(BIN)-proxy ./cmd/meshfed-proxy
+	$(GO) build -trimpath -tags $(TAGS) -ldflags "-s -w" -o bin/proxyless-grpc ./examples/proxyless-grpc
 
 # image builds meshfed:$(VERSION) FROM scratch around the static binary.
 image: build

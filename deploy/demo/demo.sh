@@ -3,12 +3,14 @@
 # services, default/echo behind a proxy and a gateway each; central runs a
 # client proxy. Prints the federated catalog, sends calls from central
 # through east's gateway, kills that gateway and shows the calls move to
-# west, and west's gateway refusing names that are not its own services;
+# west, a proxyless gRPC client doing the same (mTLS, no proxy), and
+# west's gateway refusing names that are not its own services;
 # then keeps running until Ctrl-C, when it stops everything and
 # cleans up.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BIN=${BIN:-bin/meshfed}
+GRPC_APP=${GRPC_APP:-bin/proxyless-grpc}
 DEMO=$(mktemp -d /tmp/meshfed-demo.XXXXXX)
 PIDS=()
 cleanup() {
@@ -98,8 +100,11 @@ for site in east west; do
   sid=$((17190 + i)); gw=$([ "$site" = east ] && echo 15443 || echo 25443)
   "$BIN" debug echo --listen "127.0.0.1:$((18081 + i))" --name "$site" >"$DEMO/$site-app.log" 2>&1 &
   PIDS+=($!)
+  "$GRPC_APP" serve --listen "127.0.0.1:$((19091 + i))" --name "$site" >"$DEMO/$site-greeter.log" 2>&1 &
+  PIDS+=($!)
   dataplane "$site-host" "$site" proxy --identity "127.0.0.1:$sid" --xds "127.0.0.1:$((sid + 10))" --http-listen "127.0.0.1:$((17400 + i))" \
-    --workload "spiffe://$site.demo.meshfed/ns/default/sa/echo" --address "127.0.0.$((11 + 10 * i))" --inbound "18080=127.0.0.1:$((18081 + i))" --outbound-prefix -
+    --workload "spiffe://$site.demo.meshfed/ns/default/sa/echo" --address "127.0.0.$((11 + 10 * i))" \
+    --inbound "18080=127.0.0.1:$((18081 + i))" --inbound "19090=127.0.0.1:$((19091 + i))" --outbound-prefix -
   dataplane "$site-gw" "$site" gateway --site "$site" --listen "127.0.0.1:$gw" --identity "127.0.0.1:$sid" --xds "127.0.0.1:$((sid + 10))" \
     --http-listen "127.0.0.1:$((17410 + i))" --gossip-listen "127.0.0.1:$((17320 + i))"
   [ "$site" = east ] && EAST_GW=${PIDS[-1]}
@@ -112,6 +117,12 @@ service: default/echo
 failover: [east, west]
 outlierDetection: {consecutiveFailures: 3, interval: 1s, baseEjectionTime: 5s}
 allow: [spiffe://central.demo.meshfed/meshfed/node/client-host]
+YAML
+cat >>"$DEMO/echo-policy.yaml" <<YAML
+---
+service: default/greeter
+failover: [east, west]
+allow: [spiffe://central.demo.meshfed/meshfed/node/grpc-client]
 YAML
 "$BIN" policy apply -f "$DEMO/echo-policy.yaml"
 dataplane client-host central proxy --identity 127.0.0.1:17192 --xds 127.0.0.1:17202 --http-listen 127.0.0.1:17420 --outbound-prefix 127.130.0.0/16
@@ -126,6 +137,20 @@ done
 for _ in $(seq 1 100); do [ "$("$BIN" site list | grep -Ec ' alive ')" -ge 2 ] && break; sleep 0.1; done
 step "calls from central to default/echo at $ECHO (the client proxy's listener): through east's gateway"
 "$BIN" debug call "$ECHO" --count 20
+step "proxyless gRPC in central: grpc-go resolves xds:///greeter.default:9090 at central's spoke, mTLS through east's gateway"
+# meshfed svid keeps the client's SVID and the bundles as files; the
+# bootstrap points gRPC's ADS connection and its certificate provider there.
+token=$("$BIN" vm token create --site central --node grpc-client)
+"$BIN" svid --identity 127.0.0.1:17192 --token "$token" --dir "$DEMO/grpc-client" --http-listen 127.0.0.1:17430 >"$DEMO/svid.log" 2>&1 &
+PIDS+=($!)
+wait_http http://127.0.0.1:17430/readyz "meshfed svid" svid
+"$BIN" proxy bootstrap --grpc --id spiffe://central.demo.meshfed/meshfed/node/grpc-client --xds 127.0.0.1:17202 \
+  --dir "$DEMO/grpc-client" >"$DEMO/grpc-bootstrap.json"
+grpc_calls() {
+  GRPC_XDS_BOOTSTRAP="$DEMO/grpc-bootstrap.json" GRPC_EXPERIMENTAL_XDS_SNI=true GRPC_EXPERIMENTAL_XDS_MTLS_SPIFFE=true \
+    "$GRPC_APP" call xds:///greeter.default:9090 --count 20
+}
+grpc_calls
 step "the sites, by the hub (STATE) and by the gossip pool (GOSSIP)"
 "$BIN" site list
 step "killing east's gateway (SIGKILL): gossip marks east down everywhere within about a second"
@@ -133,6 +158,8 @@ step "killing east's gateway (SIGKILL): gossip marks east down everywhere within
 for _ in $(seq 1 50); do "$BIN" site list | grep -Eq '^east +docker +[^ ]+ +[a-z]+ +(dead|suspect)' && break; sleep 0.1; done
 "$BIN" debug call "$ECHO" --count 20
 "$BIN" site list
+step "proxyless gRPC from central again: west answers, through west's gateway"
+grpc_calls
 step "west's gateway passes only west's exported services: no open relay"
 # curl connects to the gateway on loopback with each server name; nothing
 # else is dialed.
@@ -154,6 +181,8 @@ The federation is running. Try, in another shell:
   $BIN policy get default/echo -o yaml
   curl -s 127.0.0.1:17420/metrics | grep meshfed_proxy_upstream   # per cluster and locality
   curl -s 127.0.0.1:17411/metrics | grep meshfed_gateway_          # west's gateway: passed, refused and why
+  GRPC_XDS_BOOTSTRAP=$DEMO/grpc-bootstrap.json GRPC_EXPERIMENTAL_XDS_SNI=true GRPC_EXPERIMENTAL_XDS_MTLS_SPIFFE=true \
+    $GRPC_APP call xds:///greeter.default:9090 --count 50      # proxyless gRPC from central
   $BIN service show shop/payments -o yaml
   edit deploy/demo/east.yaml and watch: $BIN service list --spoke 127.0.0.1:17181
   curl -s 127.0.0.1:17080/metrics | grep meshfed_hub_
