@@ -251,8 +251,20 @@ func (h *Hub) saveSiteLater(rec siteRecord) {
 	go func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
-		if err := h.saveSite(ctx, rec); err != nil {
+		theirs, err := h.saveSite(ctx, rec)
+		if err != nil {
 			h.log.Warn("could not record the site's connection and last sync", "site", rec.Site.Name, "err", err)
+			return
+		}
+		if theirs == nil {
+			return
+		}
+		// This stream lingered: show the replica that holds the spoke now.
+		h.mu.Lock()
+		defer h.mu.Unlock()
+		if st := h.sites[rec.Site.Name]; st != nil && st.conn == nil && st.rec.ConnectedVia == "" {
+			st.rec.ConnectedVia, st.rec.LastSync = theirs.ConnectedVia, theirs.LastSync
+			h.publishSiteLocked(st)
 		}
 	}()
 }
@@ -261,9 +273,10 @@ func (h *Hub) saveSiteLater(rec siteRecord) {
 // record (which another hub replica may have changed) stays as it is. A
 // stream ending here clears only this hub's claim: the spoke may hold a
 // newer one at another replica already (this one lingered, say, through a
-// partition), and that replica's claim and last sync stay.
-func (h *Hub) saveSite(ctx context.Context, rec siteRecord) error {
-	err := h.store.Update(ctx, keySites+rec.Site.Name, func(cur []byte) ([]byte, error) {
+// partition), and that replica's claim and last sync stay: theirs
+// returns them then.
+func (h *Hub) saveSite(ctx context.Context, rec siteRecord) (theirs *siteRecord, err error) {
+	err = h.store.Update(ctx, keySites+rec.Site.Name, func(cur []byte) ([]byte, error) {
 		if cur == nil {
 			return nil, nil // removed meanwhile: do not bring it back
 		}
@@ -272,15 +285,16 @@ func (h *Hub) saveSite(ctx context.Context, rec siteRecord) error {
 			return nil, fmt.Errorf("stored record of site %s is damaged: %w", rec.Site.Name, err)
 		}
 		if rec.ConnectedVia == "" && stored.ConnectedVia != "" && stored.ConnectedVia != h.o.Advertise {
+			theirs = &stored
 			return nil, errOtherReplicas
 		}
 		stored.LastSync, stored.ConnectedVia = rec.LastSync, rec.ConnectedVia
 		return json.Marshal(stored)
 	})
 	if errors.Is(err, errOtherReplicas) {
-		return nil
+		return theirs, nil
 	}
-	return err
+	return nil, err
 }
 
 // errOtherReplicas leaves a site record as it is: another replica holds

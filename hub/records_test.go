@@ -49,16 +49,20 @@ func TestSaveSite_clearsOnlyItsOwnClaim(t *testing.T) {
 	older := newer.Add(-time.Minute)
 
 	put(siteRecord{Site: site, LastSync: newer, ConnectedVia: "hub-b:7443"})
-	if err := h.saveSite(ctx, siteRecord{Site: site, LastSync: older}); err != nil {
+	theirs, err := h.saveSite(ctx, siteRecord{Site: site, LastSync: older})
+	if err != nil {
 		t.Fatal(err)
 	}
 	if got := stored(); got.ConnectedVia != "hub-b:7443" || !got.LastSync.Equal(newer) {
 		t.Errorf("after a lingering stream ended at hub A: %+v; want hub B's claim and last sync kept", got)
 	}
+	if theirs == nil || theirs.ConnectedVia != "hub-b:7443" || !theirs.LastSync.Equal(newer) {
+		t.Errorf("saveSite returned %+v; want hub B's claim, for hub A to show", theirs)
+	}
 
 	put(siteRecord{Site: site, LastSync: older, ConnectedVia: "hub-a:7443"})
-	if err := h.saveSite(ctx, siteRecord{Site: site, LastSync: newer}); err != nil {
-		t.Fatal(err)
+	if theirs, err := h.saveSite(ctx, siteRecord{Site: site, LastSync: newer}); err != nil || theirs != nil {
+		t.Fatalf("saveSite: %+v, %v", theirs, err)
 	}
 	if got := stored(); got.ConnectedVia != "" || !got.LastSync.Equal(newer) {
 		t.Errorf("after hub A's own stream ended: %+v; want no claim, last sync %v", got, newer)

@@ -219,7 +219,7 @@ func (h *Hub) heartbeat(ctx context.Context) {
 		}
 		h.mu.Unlock()
 		for _, rec := range held {
-			if err := h.saveSite(ctx, rec); err != nil && ctx.Err() == nil {
+			if _, err := h.saveSite(ctx, rec); err != nil && ctx.Err() == nil {
 				h.log.Warn("could not renew the site's connection record", "site", rec.Site.Name, "err", err)
 			}
 		}
