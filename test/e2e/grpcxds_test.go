@@ -232,13 +232,15 @@ func mtlsCreds(t *testing.T, dir string) credentials.TransportCredentials {
 // with `meshfed svid` and `meshfed proxy bootstrap --grpc`, calls
 // default/who with mTLS (gRPC's xDS credentials): first the endpoint in
 // its own site, behind a meshfed proxy; when that dies, west's, through
-// west's gateway, which routes by the SNI gRPC takes from the endpoint's
-// host name. Both proxies admit the caller by its SPIFFE ID.
+// west's gateway (known by a DNS name), which routes by the SNI gRPC takes
+// from the endpoint's host name. Both proxies admit the caller by its SPIFFE ID.
 func TestProxylessGRPCAcrossSites(t *testing.T) {
 	f := newFederation(t)
 	cIn, westIn := freeAddr(t, "127.0.0.31"), freeAddr(t, "127.0.0.32")
 	westGW := freeAddr(t, "127.0.0.1")
-	f.gateways["west"] = westGW
+	// West's gateway is known by host name, as a cloud load balancer is.
+	_, westPort, _ := net.SplitHostPort(westGW)
+	f.gateways["west"] = "localhost:" + westPort
 	// Another service: gRPC asks for one listener by name while the site
 	// serves more.
 	c := f.addSite("c", "r1/c-1", echoServices("who", "v1", "c", cIn)+"- {namespace: default, name: other, ports: [{port: 7000}], endpoints: [{address: 127.0.0.33, port: 7000}]}\n")
