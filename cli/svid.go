@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"path/filepath"
+	"sync/atomic"
 	"time"
 
 	"github.com/meshfed/meshfed/cli/proxycmd"
@@ -45,6 +46,7 @@ SVID then expires unrenewed). Point 'meshfed proxy bootstrap --grpc' or
 			ctx := cmd.Context()
 			log := g.logger()
 			var c *identityclient.Client
+			var onDisk atomic.Int64 // when the SVID in the files expires (Unix)
 			writes := prometheus.NewCounterVec(prometheus.CounterOpts{
 				Name: "meshfed_svid_file_writes_total", Help: "Writes of the SVID files, by result.",
 			}, []string{"result"})
@@ -55,6 +57,7 @@ SVID then expires unrenewed). Point 'meshfed proxy bootstrap --grpc' or
 					return fmt.Errorf("write the SVID files to %s: %w", dir, err)
 				}
 				writes.WithLabelValues("ok").Inc()
+				onDisk.Store(c.SVID().Certificates[0].NotAfter.Unix())
 				log.Info("wrote the SVID files", "dir", dir, "id", c.SVID().ID, "expires", c.SVID().Certificates[0].NotAfter)
 				return nil
 			}
@@ -78,10 +81,10 @@ SVID then expires unrenewed). Point 'meshfed proxy bootstrap --grpc' or
 				reg := telemetry.NewRegistry()
 				reg.MustRegister(writes, prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 					Name: "meshfed_svid_expiry_timestamp_seconds", Help: "When the SVID in the files expires (Unix seconds).",
-				}, func() float64 { return float64(c.SVID().Certificates[0].NotAfter.Unix()) }))
+				}, func() float64 { return float64(onDisk.Load()) }))
 				tele, err := telemetry.Listen(telemetry.Options{Listen: httpListen, Registry: reg, Logger: log, Ready: func() error {
-					if exp := c.SVID().Certificates[0].NotAfter; time.Now().After(exp) {
-						return fmt.Errorf("the SVID expired at %s and could not be renewed", exp.Format(time.RFC3339))
+					if exp := time.Unix(onDisk.Load(), 0); time.Now().After(exp) {
+						return fmt.Errorf("the SVID in %s expired at %s: it could not be renewed or written", dir, exp.Format(time.RFC3339))
 					}
 					return nil
 				}})
