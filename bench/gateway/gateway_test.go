@@ -16,6 +16,7 @@ import (
 	"fmt"
 	"math/big"
 	"net"
+	"os"
 	"slices"
 	"testing"
 	"time"
@@ -23,6 +24,9 @@ import (
 	"github.com/meshfed/meshfed/bench/load"
 	"github.com/meshfed/meshfed/test/harness"
 )
+
+// TestMain removes the binaries the benchmark built.
+func TestMain(m *testing.M) { os.Exit(harness.Main(m)) }
 
 const (
 	bulkBytes        = 256 << 20

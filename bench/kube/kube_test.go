@@ -6,6 +6,7 @@ package kube
 import (
 	"context"
 	"fmt"
+	"os"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -26,6 +27,9 @@ import (
 	mcsv1a1 "sigs.k8s.io/mcs-api/pkg/apis/v1alpha1"
 	mcsclient "sigs.k8s.io/mcs-api/pkg/client/clientset/versioned"
 )
+
+// TestMain removes the binaries the benchmark built.
+func TestMain(m *testing.M) { os.Exit(harness.Main(m)) }
 
 const (
 	services    = 5000

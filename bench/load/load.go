@@ -7,7 +7,10 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"os"
 	"slices"
+	"strconv"
+	"strings"
 	"sync"
 	"time"
 )
@@ -65,6 +68,69 @@ func Latency(dial Dial, rate, conns, size int, d time.Duration) ([]time.Duration
 	}
 	slices.Sort(out)
 	return out, nil
+}
+
+// LatencyRounds runs Latency against every dialer for each in turn,
+// rounds times, the order rotating each round, so a slow spell of the
+// machine (CPU steal on a shared host) falls on all of them alike; it
+// returns each dialer's round trips, sorted.
+func LatencyRounds(dials []Dial, rate, conns, size int, each time.Duration, rounds int) ([][]time.Duration, error) {
+	out := make([][]time.Duration, len(dials))
+	for r := 0; r < rounds; r++ {
+		for k := range dials {
+			i := (r + k) % len(dials)
+			l, err := Latency(dials[i], rate, conns, size, each)
+			if err != nil {
+				return nil, err
+			}
+			out[i] = append(out[i], l...)
+		}
+	}
+	for _, l := range out {
+		slices.Sort(l)
+	}
+	return out, nil
+}
+
+// Steal starts measuring the CPU time the hypervisor gave to others
+// (/proc/stat's steal) and returns a func that reports it since then, as a
+// share of all CPU time; -1 where /proc/stat cannot be read.
+func Steal() func() float64 {
+	steal0, total0 := cpuStat()
+	return func() float64 {
+		steal1, total1 := cpuStat()
+		if total0 < 0 || total1 <= total0 {
+			return -1
+		}
+		return float64(steal1-steal0) / float64(total1-total0)
+	}
+}
+
+// cpuStat returns the steal and total ticks of all CPUs; -1 on failure.
+func cpuStat() (steal, total int64) {
+	b, err := os.ReadFile("/proc/stat")
+	if err != nil {
+		return -1, -1
+	}
+	line, _, _ := strings.Cut(string(b), "\n")
+	f := strings.Fields(line)
+	if len(f) < 9 || f[0] != "cpu" {
+		return -1, -1
+	}
+	for i, v := range f[1:] {
+		n, err := strconv.ParseInt(v, 10, 64)
+		if err != nil {
+			return -1, -1
+		}
+		// guest and guest_nice (fields 9, 10) are counted in user already.
+		if i < 8 {
+			total += n
+		}
+		if i == 7 {
+			steal = n
+		}
+	}
+	return steal, total
 }
 
 // ConnectEach makes rounds rounds of request/response exchanges, each on a

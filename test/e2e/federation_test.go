@@ -29,9 +29,7 @@ func TestMain(m *testing.M) {
 		fmt.Fprintln(os.Stderr, "run the tests again with gRPC's xDS switches:", err)
 		os.Exit(2)
 	}
-	code := m.Run()
-	harness.CleanupBinary()
-	os.Exit(code)
+	os.Exit(harness.Main(m))
 }
 
 // federation is a hub and its spokes, run as processes of the built binary.

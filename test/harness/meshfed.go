@@ -59,11 +59,15 @@ func Command(t testing.TB, name string) string {
 	return bin
 }
 
-// CleanupBinary removes the built binaries; call it from TestMain.
-func CleanupBinary() {
+// Main runs a package's tests (or benchmarks) and then removes the
+// binaries Binary and Command built; a TestMain of every package that uses
+// them returns through it: os.Exit(harness.Main(m)).
+func Main(m *testing.M) int {
+	code := m.Run()
 	if buildDir != "" {
 		os.RemoveAll(buildDir)
 	}
+	return code
 }
 
 func moduleRoot() (string, error) {
