@@ -129,6 +129,7 @@ backend sink
 	for _, t := range targets {
 		dials = append(dials, tlsDial(cmp.Or(t.addr, echo), echoSNI))
 	}
+	steal := load.Steal()
 	rounds, err := load.ConnectEach(dials, requests, reqSize)
 	if err != nil {
 		b.Fatalf("latency: %v", err)
@@ -139,7 +140,8 @@ backend sink
 	}
 	p := load.Percentile
 	added := func(name string, q int) time.Duration { return p(lat[name], q) - p(lat["direct"], q) }
-	fmt.Printf("new TLS connection + %d B request/response, %d each, interleaved: direct p50 %.3f ms p99 %.3f ms\n", reqSize, requests, load.Ms(p(lat["direct"], 50)), load.Ms(p(lat["direct"], 99)))
+	fmt.Printf("new TLS connection + %d B request/response, %d each, interleaved (CPU steal by the host meanwhile %.1f%%): direct p50 %.3f ms p99 %.3f ms\n",
+		reqSize, requests, 100*steal(), load.Ms(p(lat["direct"], 50)), load.Ms(p(lat["direct"], 99)))
 	for _, name := range []string{"haproxy", "gateway"} {
 		fmt.Printf("  %-8s p50 %.3f ms p99 %.3f ms; added p50 %.3f ms p99 %.3f ms\n", name, load.Ms(p(lat[name], 50)), load.Ms(p(lat[name], 99)), load.Ms(added(name, 50)), load.Ms(added(name, 99)))
 	}
