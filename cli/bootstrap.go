@@ -139,6 +139,8 @@ func grpcBootstrap(id string, pf proxycmd.Flags, certFile, keyFile, caFile, fedF
 			"server_features": []string{"xds_v3"},
 		}},
 		"node": node,
+		// An xDS-enabled gRPC server asks for the listener of its address.
+		"server_listener_resource_name_template": xds.GRPCServerListenerPrefix + "%s",
 		"certificate_providers": map[string]any{xds.GRPCCertProvider: map[string]any{
 			"plugin_name": "file_watcher",
 			"config": map[string]string{

@@ -2,8 +2,10 @@ package xds
 
 import (
 	"fmt"
+	"maps"
 	"net"
 	"net/netip"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -15,6 +17,7 @@ import (
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	rbacv3 "github.com/envoyproxy/go-control-plane/envoy/config/rbac/v3"
 	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
+	httprbacv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/rbac/v3"
 	routerv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/router/v3"
 	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	netrbacv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/rbac/v3"
@@ -114,8 +117,10 @@ func Build(c *Catalog, n Node, svid SVID) map[resource.Type][]types.Resource {
 		return b.out
 	}
 	b.outbound()
-	b.inbound()
-	if !n.GRPC {
+	if n.GRPC {
+		b.grpcServers()
+	} else {
+		b.inbound()
 		b.secrets(svid)
 	}
 	return b.out
@@ -276,24 +281,7 @@ func (b *builder) apiListener(f *federated, p catalog.Port, pol catalog.Policy) 
 		action.ClusterSpecifier = &routev3.RouteAction_Cluster{Cluster: ClusterName(f.namespace, f.name, p.Port, "")}
 	}
 	name := ListenerName(f.namespace, f.name, p.Port)
-	m := &hcmv3.HttpConnectionManager{
-		StatPrefix: name,
-		RouteSpecifier: &hcmv3.HttpConnectionManager_RouteConfig{RouteConfig: &routev3.RouteConfiguration{
-			Name: name,
-			VirtualHosts: []*routev3.VirtualHost{{
-				Name:    name,
-				Domains: []string{"*"},
-				Routes: []*routev3.Route{{
-					Match:  &routev3.RouteMatch{PathSpecifier: &routev3.RouteMatch_Prefix{Prefix: ""}},
-					Action: &routev3.Route_Route{Route: action},
-				}},
-			}},
-		}},
-		HttpFilters: []*hcmv3.HttpFilter{{
-			Name:       wellknown.Router,
-			ConfigType: &hcmv3.HttpFilter_TypedConfig{TypedConfig: mustAny(&routerv3.Router{})},
-		}},
-	}
+	m := httpManager(name, &routev3.Route{Action: &routev3.Route_Route{Route: action}})
 	return &listenerv3.Listener{
 		Name:        name,
 		ApiListener: &listenerv3.ApiListener{ApiListener: mustAny(m)},
@@ -597,6 +585,23 @@ func (b *builder) upstreamTLS(sni string, ids []string) *corev3.TransportSocket 
 	return &corev3.TransportSocket{Name: wellknown.TransportSocketTLS, ConfigType: &corev3.TransportSocket_TypedConfig{TypedConfig: mustAny(ctx)}}
 }
 
+// httpManager is what gRPC reads from a listener: every request takes
+// route (its match set here), after filters and then the router.
+func httpManager(name string, route *routev3.Route, filters ...*hcmv3.HttpFilter) *hcmv3.HttpConnectionManager {
+	route.Match = &routev3.RouteMatch{PathSpecifier: &routev3.RouteMatch_Prefix{Prefix: ""}}
+	return &hcmv3.HttpConnectionManager{
+		StatPrefix: name,
+		RouteSpecifier: &hcmv3.HttpConnectionManager_RouteConfig{RouteConfig: &routev3.RouteConfiguration{
+			Name:         name,
+			VirtualHosts: []*routev3.VirtualHost{{Name: name, Domains: []string{"*"}, Routes: []*routev3.Route{route}}},
+		}},
+		HttpFilters: append(filters, &hcmv3.HttpFilter{
+			Name:       wellknown.Router,
+			ConfigType: &hcmv3.HttpFilter_TypedConfig{TypedConfig: mustAny(&routerv3.Router{})},
+		}),
+	}
+}
+
 // grpcTLS is a proxyless gRPC client's upstream mTLS: identity and roots
 // from its bootstrap's certificate provider (a SPIFFE bundle map there
 // checks each peer against its own trust domain's bundle), SNI from the
@@ -634,30 +639,31 @@ func commonTLS(dvc *tlsv3.CertificateValidationContext) *tlsv3.CommonTlsContext 
 	}
 }
 
-// inbound builds a listener per endpoint of this node's workload: mTLS
-// terminated with the node's SVID, callers authorized by SPIFFE ID, bytes
-// passed to the app.
-func (b *builder) inbound() {
-	if b.n.GRPC || b.n.Address == "" || len(b.n.Inbound) == 0 {
-		return
-	}
-	type in struct {
-		policies []catalog.Policy
-		open     bool
-	}
-	byPort := map[uint32]*in{}
+// callers is who may call one endpoint address of a workload: the
+// policies of the services it serves there, and whether one of them has
+// none (any authenticated caller then).
+type callers struct {
+	policies []catalog.Policy
+	open     bool
+}
+
+// ownEndpoints returns, by host:port, the callers of each endpoint of this
+// site whose identity is the node's and that keep says to serve.
+func (b *builder) ownEndpoints(keep func(catalog.Endpoint) bool) map[string]*callers {
+	out := map[string]*callers{}
 	for _, s := range b.c.Services {
 		if s.Site != b.c.Site {
 			continue
 		}
 		for _, e := range s.Endpoints {
-			if e.Identity != b.n.ID || e.Address != b.n.Address || b.n.Inbound[e.Port] == "" {
+			if e.Identity != b.n.ID || !keep(e) {
 				continue
 			}
-			x := byPort[e.Port]
+			k := net.JoinHostPort(e.Address, strconv.Itoa(int(e.Port)))
+			x := out[k]
 			if x == nil {
-				x = &in{}
-				byPort[e.Port] = x
+				x = &callers{}
+				out[k] = x
 			}
 			if pol, ok := b.c.Policies[s.ID()]; ok {
 				x.policies = append(x.policies, pol)
@@ -666,13 +672,22 @@ func (b *builder) inbound() {
 			}
 		}
 	}
-	ports := make([]uint32, 0, len(byPort))
-	for p := range byPort {
-		ports = append(ports, p)
+	return out
+}
+
+// inbound builds a listener per endpoint of this node's workload: mTLS
+// terminated with the node's SVID, callers authorized by SPIFFE ID, bytes
+// passed to the app.
+func (b *builder) inbound() {
+	if b.n.GRPC || b.n.Address == "" || len(b.n.Inbound) == 0 {
+		return
 	}
-	sort.Slice(ports, func(i, j int) bool { return ports[i] < ports[j] })
-	for _, port := range ports {
-		x := byPort[port]
+	byAddr := b.ownEndpoints(func(e catalog.Endpoint) bool { return e.Address == b.n.Address && b.n.Inbound[e.Port] != "" })
+	for _, addr := range slices.Sorted(maps.Keys(byAddr)) {
+		x := byAddr[addr]
+		_, portStr, _ := net.SplitHostPort(addr)
+		p, _ := strconv.ParseUint(portStr, 10, 32)
+		port := uint32(p)
 		app := b.n.Inbound[port]
 		host, appPortStr, err := net.SplitHostPort(app)
 		if err != nil {
@@ -701,7 +716,7 @@ func (b *builder) inbound() {
 			Address: socketAddress(b.n.Address, port),
 			FilterChains: []*listenerv3.FilterChain{{
 				Filters: []*listenerv3.Filter{
-					typedFilter(wellknown.RoleBasedAccessControl, rbacFor(name, x.policies, x.open)),
+					typedFilter(wellknown.RoleBasedAccessControl, &netrbacv3.RBAC{StatPrefix: name, Rules: x.rules()}),
 					typedFilter(wellknown.TCPProxy, &tcpv3.TcpProxy{StatPrefix: name, ClusterSpecifier: &tcpv3.TcpProxy_Cluster{Cluster: cn}}),
 				},
 				TransportSocket: &corev3.TransportSocket{Name: wellknown.TransportSocketTLS, ConfigType: &corev3.TransportSocket_TypedConfig{TypedConfig: mustAny(down)}},
@@ -711,18 +726,18 @@ func (b *builder) inbound() {
 	}
 }
 
-// rbacFor allows callers by SPIFFE ID. A port with a service that has no
+// rules allow callers by SPIFFE ID. An endpoint of a service that has no
 // policy admits any caller the federation's bundles authenticate; with
 // policies, only their allow lists.
-func rbacFor(name string, pols []catalog.Policy, open bool) *netrbacv3.RBAC {
+func (x *callers) rules() *rbacv3.RBAC {
 	var principals []*rbacv3.Principal
-	if open {
+	if x.open {
 		principals = append(principals, &rbacv3.Principal{Identifier: &rbacv3.Principal_Authenticated_{
 			Authenticated: &rbacv3.Principal_Authenticated{PrincipalName: &matcherv3.StringMatcher{MatchPattern: &matcherv3.StringMatcher_Prefix{Prefix: "spiffe://"}}},
 		}})
 	}
 	seen := map[string]bool{}
-	for _, p := range pols {
+	for _, p := range x.policies {
 		for _, a := range p.Allow {
 			if seen[a] {
 				continue
@@ -744,7 +759,42 @@ func rbacFor(name string, pols []catalog.Policy, open bool) *netrbacv3.RBAC {
 			Principals:  principals,
 		}
 	}
-	return &netrbacv3.RBAC{StatPrefix: name, Rules: rules}
+	return rules
+}
+
+// grpcServers builds, for a proxyless gRPC server (an xDS-enabled
+// grpc.Server holding the workload's SVID), the listener of each of its
+// endpoints, named GRPCServerListenerPrefix+host:port as its bootstrap's
+// template asks: mTLS with a client certificate required, callers
+// authorized by SPIFFE ID (RBAC), calls served by the server itself.
+func (b *builder) grpcServers() {
+	byAddr := b.ownEndpoints(func(catalog.Endpoint) bool { return true })
+	for _, addr := range slices.Sorted(maps.Keys(byAddr)) {
+		host, portStr, _ := net.SplitHostPort(addr)
+		port, _ := strconv.ParseUint(portStr, 10, 32)
+		name := GRPCServerListenerPrefix + addr
+		provider := &tlsv3.CertificateProviderPluginInstance{InstanceName: GRPCCertProvider}
+		down := &tlsv3.DownstreamTlsContext{
+			RequireClientCertificate: wrapperspb.Bool(true),
+			CommonTlsContext: &tlsv3.CommonTlsContext{
+				TlsCertificateProviderInstance: provider,
+				ValidationContextType: &tlsv3.CommonTlsContext_ValidationContext{ValidationContext: &tlsv3.CertificateValidationContext{
+					CaCertificateProviderInstance: provider,
+				}},
+			},
+		}
+		m := httpManager(name, &routev3.Route{Action: &routev3.Route_NonForwardingAction{NonForwardingAction: &routev3.NonForwardingAction{}}},
+			&hcmv3.HttpFilter{Name: wellknown.HTTPRoleBasedAccessControl, ConfigType: &hcmv3.HttpFilter_TypedConfig{TypedConfig: mustAny(&httprbacv3.RBAC{Rules: byAddr[addr].rules()})}})
+		b.add(resource.ListenerType, &listenerv3.Listener{
+			Name:    name,
+			Address: socketAddress(host, uint32(port)),
+			FilterChains: []*listenerv3.FilterChain{{
+				Filters:         []*listenerv3.Filter{typedFilter(wellknown.HTTPConnectionManager, m)},
+				TransportSocket: &corev3.TransportSocket{Name: wellknown.TransportSocketTLS, ConfigType: &corev3.TransportSocket_TypedConfig{TypedConfig: mustAny(down)}},
+			}},
+			TrafficDirection: corev3.TrafficDirection_INBOUND,
+		})
+	}
 }
 
 func (b *builder) secrets(svid SVID) {

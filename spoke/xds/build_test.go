@@ -51,6 +51,8 @@ func TestBuildIsValidEnvoy(t *testing.T) {
 	for _, n := range []Node{
 		{ID: "spiffe://c.test/ns/default/sa/echo", Address: "10.1.0.1", Inbound: map[uint32]string{8080: "127.0.0.1:9080"}, OutboundPrefix: netip.MustParsePrefix("127.128.0.0/9")},
 		{ID: "spiffe://c.test/ns/default/sa/client", GRPC: true},
+		// A proxyless gRPC server: the workload of c's endpoints.
+		{ID: "spiffe://c.test/ns/default/sa/echo", GRPC: true},
 	} {
 		res := Build(c, n, SVID{CertPEM: []byte("cert"), KeyPEM: []byte("key")})
 		total := 0

@@ -32,6 +32,11 @@ const (
 // there.
 const GRPCCertProvider = "meshfed"
 
+// GRPCServerListenerPrefix names the listener of a proxyless gRPC server's
+// endpoint: the prefix, then host:port. Its bootstrap's
+// server_listener_resource_name_template is the prefix and "%s".
+const GRPCServerListenerPrefix = "meshfed/inbound/"
+
 // MetadataNamespace is the filter-metadata key of meshfed's endpoint
 // metadata ("site", "sni").
 const MetadataNamespace = "meshfed"

@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
@@ -39,16 +40,41 @@ func whoServer(t *testing.T, name string) (addr string, stop func()) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	s := grpc.NewServer(grpc.UnknownServiceHandler(func(_ any, stream grpc.ServerStream) error {
+	s := grpc.NewServer(answer(name))
+	go func() { _ = s.Serve(ln) }()
+	t.Cleanup(s.Stop)
+	return ln.Addr().String(), s.Stop
+}
+
+// answer makes a server answer every call with name.
+func answer(name string) grpc.ServerOption {
+	return grpc.UnknownServiceHandler(func(_ any, stream grpc.ServerStream) error {
 		var in wrapperspb.StringValue
 		if err := stream.RecvMsg(&in); err != nil {
 			return err
 		}
 		return stream.SendMsg(wrapperspb.String(name))
-	}))
-	go func() { _ = s.Serve(ln) }()
-	t.Cleanup(s.Stop)
-	return ln.Addr().String(), s.Stop
+	})
+}
+
+// xdsConn is a proxyless client of target with gRPC's xDS credentials
+// (mTLS as the spoke's clusters say).
+func xdsConn(t *testing.T, bootstrap []byte, target string) *grpc.ClientConn {
+	t.Helper()
+	resolver, err := xds.NewXDSResolverWithConfigForTesting(bootstrap)
+	if err != nil {
+		t.Fatal(err)
+	}
+	creds, err := xdscreds.NewClientCredentials(xdscreds.ClientOptions{FallbackCreds: insecure.NewCredentials()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	conn, err := grpc.NewClient(target, grpc.WithResolvers(resolver), grpc.WithTransportCredentials(creds))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	return conn
 }
 
 // askWho calls /meshfed.test.Who/Name once.
@@ -63,13 +89,14 @@ func askWho(conn *grpc.ClientConn) (string, error) {
 // grpcClient is how a user sets up a proxyless gRPC client of site s:
 // `meshfed svid` keeps node's SVID and the bundles in a directory, and
 // `meshfed proxy bootstrap --grpc` writes the bootstrap that uses them.
-// http is the svid command's HTTP address.
-func (f *federation) grpcClient(t *testing.T, s *spokeProc, node string) (dir string, bootstrap []byte, http string) {
+// http is the svid command's HTTP address. With workload set, the SVID
+// and the node ID are that workload's.
+func (f *federation) grpcClient(t *testing.T, s *spokeProc, node, workload string) (dir string, bootstrap []byte, http string) {
 	t.Helper()
 	dir = filepath.Join(t.TempDir(), "meshfed")
 	token := strings.TrimSpace(f.mustCLI("vm", "token", "create", "--site", s.site, "--node", node))
 	http = harness.FreePort(t)
-	harness.Start(t, "svid-"+node, f.bin, "svid", "--identity", s.identity, "--token", token, "--dir", dir, "--http-listen", http)
+	harness.Start(t, "svid-"+node, f.bin, "svid", "--identity", s.identity, "--token", token, "--dir", dir, "--http-listen", http, "--workload", workload)
 	harness.WaitReady(t, http, 20*time.Second)
 	for _, name := range []string{"svid.pem", "svid-key.pem", "bundle.pem", "federation.pem", "federation.json"} {
 		st, err := os.Stat(filepath.Join(dir, name))
@@ -80,7 +107,7 @@ func (f *federation) grpcClient(t *testing.T, s *spokeProc, node string) (dir st
 			t.Errorf("%s has mode %v, want 0600", name, st.Mode().Perm())
 		}
 	}
-	id := "spiffe://" + s.site + ".test.meshfed/meshfed/node/" + node
+	id := cmp.Or(workload, "spiffe://"+s.site+".test.meshfed/meshfed/node/"+node)
 	out := f.mustCLI("proxy", "bootstrap", "--grpc", "--id", id, "--xds", s.xds, "--dir", dir, "--region", "r1", "--zone", s.site+"-1")
 	return dir, []byte(out), http
 }
@@ -104,7 +131,7 @@ func TestProxylessGRPC(t *testing.T) {
 		whoEndpoint(a1, "c-1")+whoEndpoint(a2, "c-1")+whoEndpoint(b1, "c-2"), "--svid-ttl", "4s")
 	harness.WaitReady(t, c.http, 20*time.Second)
 
-	dir, bootstrap, svidHTTP := f.grpcClient(t, c, "grpc-host")
+	dir, bootstrap, svidHTTP := f.grpcClient(t, c, "grpc-host", "")
 	first, err := os.ReadFile(filepath.Join(dir, "svid.pem"))
 	if err != nil {
 		t.Fatal(err)
@@ -264,7 +291,7 @@ func TestProxylessGRPCAcrossSites(t *testing.T) {
 	}
 	gw := f.startDataPlane(t, west, "gateway", "west-gw", "--site", "west", "--listen", westGW)
 
-	dir, bootstrap, _ := f.grpcClient(t, c, "grpc-host")
+	dir, bootstrap, _ := f.grpcClient(t, c, "grpc-host", "")
 
 	// A gRPC client with its own TLS (the SVID files, SPIFFE checks) may
 	// call a proxied endpoint directly too: the inbound agrees to h2, which
@@ -291,19 +318,7 @@ func TestProxylessGRPCAcrossSites(t *testing.T) {
 		return nil
 	})
 
-	resolver, err := xds.NewXDSResolverWithConfigForTesting(bootstrap)
-	if err != nil {
-		t.Fatal(err)
-	}
-	creds, err := xdscreds.NewClientCredentials(xdscreds.ClientOptions{FallbackCreds: insecure.NewCredentials()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	conn, err := grpc.NewClient("xds:///who.default:9080", grpc.WithResolvers(resolver), grpc.WithTransportCredentials(creds))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
+	conn := xdsConn(t, bootstrap, "xds:///who.default:9080")
 	answers := func(want string, n int) {
 		t.Helper()
 		for i := 0; i < n; i++ {
@@ -336,4 +351,61 @@ func TestProxylessGRPCAcrossSites(t *testing.T) {
 	if v, err := harness.Metric(proxies["west"].http, "meshfed_proxy_inbound_connections_total", `result="ok"`); err != nil || v < 1 {
 		t.Errorf("west's proxy admitted %v callers (%v)", v, err)
 	}
+}
+
+// TestProxylessGRPCServer: an xDS-enabled grpc-go server, no proxy, holds
+// default/who's workload SVID (`meshfed svid --workload`); the spoke gives
+// it the listener of its endpoint: mTLS with a client certificate required,
+// callers authorized by the service's policy. A proxyless client the
+// policy allows is answered, one it does not is refused.
+func TestProxylessGRPCServer(t *testing.T) {
+	f := newFederation(t)
+	host, port, _ := net.SplitHostPort(freeAddr(t, "127.0.0.41"))
+	c := f.addSite("c", "r1/c-1", fmt.Sprintf(`services:
+- namespace: default
+  name: who
+  ports: [{name: grpc, port: 9090}]
+  endpoints:
+  - {address: %s, port: %s, identity: "spiffe://c.test.meshfed/ns/default/sa/who", labels: {meshfed.io/node: who-host}}
+`, host, port))
+	harness.WaitReady(t, c.http, 20*time.Second)
+	policy := filepath.Join(f.dir, "policy.yaml")
+	writeFile(t, policy, "service: default/who\nallow: [spiffe://c.test.meshfed/meshfed/node/grpc-host]\n")
+	f.mustCLI("policy", "apply", "-f", policy)
+
+	_, serverBootstrap, _ := f.grpcClient(t, c, "who-host", "spiffe://c.test.meshfed/ns/default/sa/who")
+	serverCreds, err := xdscreds.NewServerCredentials(xdscreds.ServerOptions{FallbackCreds: insecure.NewCredentials()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv, err := xds.NewGRPCServer(grpc.Creds(serverCreds), xds.BootstrapContentsForTesting(serverBootstrap), answer("who"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", net.JoinHostPort(host, port))
+	if err != nil {
+		t.Fatal(err)
+	}
+	go func() { _ = srv.Serve(ln) }()
+	t.Cleanup(srv.Stop)
+
+	client := func(node string) *grpc.ClientConn {
+		_, bootstrap, _ := f.grpcClient(t, c, node, "")
+		return xdsConn(t, bootstrap, "xds:///who.default:9090")
+	}
+	allowed := client("grpc-host")
+	harness.Eventually(t, 30*time.Second, "the allowed client is answered over mTLS", func() error {
+		name, err := askWho(allowed)
+		if err != nil || name != "who" {
+			return fmt.Errorf("%q %v", name, err)
+		}
+		return nil
+	})
+	intruder := client("other-host")
+	harness.Eventually(t, 30*time.Second, "a client the policy leaves out is refused", func() error {
+		if _, err := askWho(intruder); status.Code(err) != codes.PermissionDenied {
+			return fmt.Errorf("got %v, want PermissionDenied", err)
+		}
+		return nil
+	})
 }
