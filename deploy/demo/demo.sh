@@ -181,8 +181,8 @@ The federation is running. Try, in another shell:
   $BIN policy get default/echo -o yaml
   curl -s 127.0.0.1:17420/metrics | grep meshfed_proxy_upstream   # per cluster and locality
   curl -s 127.0.0.1:17411/metrics | grep meshfed_gateway_          # west's gateway: passed, refused and why
-  GRPC_XDS_BOOTSTRAP=$DEMO/grpc-bootstrap.json GRPC_EXPERIMENTAL_XDS_SNI=true GRPC_EXPERIMENTAL_XDS_MTLS_SPIFFE=true \
-    $GRPC_APP call xds:///greeter.default:9090 --count 50      # proxyless gRPC from central
+  export GRPC_XDS_BOOTSTRAP=$DEMO/grpc-bootstrap.json GRPC_EXPERIMENTAL_XDS_SNI=true GRPC_EXPERIMENTAL_XDS_MTLS_SPIFFE=true
+  $GRPC_APP call xds:///greeter.default:9090 --count 50      # proxyless gRPC from central
   $BIN service show shop/payments -o yaml
   edit deploy/demo/east.yaml and watch: $BIN service list --spoke 127.0.0.1:17181
   curl -s 127.0.0.1:17080/metrics | grep meshfed_hub_
