@@ -57,6 +57,17 @@ func answer(name string) grpc.ServerOption {
 	})
 }
 
+// answeredBy is a condition: a call on conn is answered by want.
+func answeredBy(conn *grpc.ClientConn, want string) func() error {
+	return func() error {
+		name, err := askWho(conn)
+		if err != nil || name != want {
+			return fmt.Errorf("%q %v", name, err)
+		}
+		return nil
+	}
+}
+
 // xdsConn is a proxyless client of target with gRPC's xDS credentials
 // (mTLS as the spoke's clusters say).
 func xdsConn(t *testing.T, bootstrap []byte, target string) *grpc.ClientConn {
@@ -174,13 +185,7 @@ func TestProxylessGRPC(t *testing.T) {
 
 	stopA1()
 	stopA2()
-	harness.Eventually(t, 20*time.Second, "failover to zone c-2", func() error {
-		name, err := who()
-		if err != nil || name != "b1" {
-			return fmt.Errorf("%q %v", name, err)
-		}
-		return nil
-	})
+	harness.Eventually(t, 20*time.Second, "failover to zone c-2", answeredBy(conn, "b1"))
 	for i := 0; i < 20; i++ {
 		if name, err := who(); err != nil || name != "b1" {
 			t.Fatalf("after failover: %q %v", name, err)
@@ -310,13 +315,7 @@ func TestProxylessGRPCAcrossSites(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer direct.Close()
-	harness.Eventually(t, 20*time.Second, "a direct gRPC call over TLS to c's proxy", func() error {
-		name, err := askWho(direct)
-		if err != nil || name != "c" {
-			return fmt.Errorf("%q %v", name, err)
-		}
-		return nil
-	})
+	harness.Eventually(t, 20*time.Second, "a direct gRPC call over TLS to c's proxy", answeredBy(direct, "c"))
 
 	conn := xdsConn(t, bootstrap, "xds:///who.default:9080")
 	answers := func(want string, n int) {
@@ -327,23 +326,11 @@ func TestProxylessGRPCAcrossSites(t *testing.T) {
 			}
 		}
 	}
-	harness.Eventually(t, 30*time.Second, "first call over mTLS to c's endpoint", func() error {
-		name, err := askWho(conn)
-		if err != nil || name != "c" {
-			return fmt.Errorf("%q %v", name, err)
-		}
-		return nil
-	})
+	harness.Eventually(t, 30*time.Second, "first call over mTLS to c's endpoint", answeredBy(conn, "c"))
 	answers("c", 20)
 
 	proxies["c"].p.Kill()
-	harness.Eventually(t, 30*time.Second, "failover to west through its gateway", func() error {
-		name, err := askWho(conn)
-		if err != nil || name != "west" {
-			return fmt.Errorf("%q %v", name, err)
-		}
-		return nil
-	})
+	harness.Eventually(t, 30*time.Second, "failover to west through its gateway", answeredBy(conn, "west"))
 	answers("west", 20)
 	if v, err := harness.Metric(gw.http, "meshfed_gateway_connections_total", `result="ok"`); err != nil || v < 1 {
 		t.Errorf("west's gateway passed %v connections (%v); the calls did not come through it", v, err)
@@ -394,13 +381,7 @@ func TestProxylessGRPCServer(t *testing.T) {
 		return xdsConn(t, bootstrap, "xds:///who.default:9090")
 	}
 	allowed := client("grpc-host")
-	harness.Eventually(t, 30*time.Second, "the allowed client is answered over mTLS", func() error {
-		name, err := askWho(allowed)
-		if err != nil || name != "who" {
-			return fmt.Errorf("%q %v", name, err)
-		}
-		return nil
-	})
+	harness.Eventually(t, 30*time.Second, "the allowed client is answered over mTLS", answeredBy(allowed, "who"))
 	intruder := client("other-host")
 	harness.Eventually(t, 30*time.Second, "a client the policy leaves out is refused", func() error {
 		if _, err := askWho(intruder); status.Code(err) != codes.PermissionDenied {
