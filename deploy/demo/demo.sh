@@ -100,16 +100,39 @@ for site in east west; do
   sid=$((17190 + i)); gw=$([ "$site" = east ] && echo 15443 || echo 25443)
   "$BIN" debug echo --listen "127.0.0.1:$((18081 + i))" --name "$site" >"$DEMO/$site-app.log" 2>&1 &
   PIDS+=($!)
-  "$GRPC_APP" serve --listen "127.0.0.1:$((19091 + i))" --name "$site" >"$DEMO/$site-greeter.log" 2>&1 &
-  PIDS+=($!)
+  greeter=()
+  if [ "$site" = east ]; then # east's greeter is behind the proxy; west's serves alone (below)
+    "$GRPC_APP" serve --listen 127.0.0.1:19091 --name east >"$DEMO/east-greeter.log" 2>&1 &
+    PIDS+=($!)
+    greeter=(--inbound 19090=127.0.0.1:19091)
+  fi
   dataplane "$site-host" "$site" proxy --identity "127.0.0.1:$sid" --xds "127.0.0.1:$((sid + 10))" --http-listen "127.0.0.1:$((17400 + i))" \
     --workload "spiffe://$site.demo.meshfed/ns/default/sa/echo" --address "127.0.0.$((11 + 10 * i))" \
-    --inbound "18080=127.0.0.1:$((18081 + i))" --inbound "19090=127.0.0.1:$((19091 + i))" --outbound-prefix -
+    --inbound "18080=127.0.0.1:$((18081 + i))" "${greeter[@]}" --outbound-prefix -
   dataplane "$site-gw" "$site" gateway --site "$site" --listen "127.0.0.1:$gw" --identity "127.0.0.1:$sid" --xds "127.0.0.1:$((sid + 10))" \
     --http-listen "127.0.0.1:$((17410 + i))" --gossip-listen "127.0.0.1:$((17320 + i))"
   [ "$site" = east ] && EAST_GW=${PIDS[-1]}
   i=$((i + 1))
 done
+# svid_files NAME SITE HTTP_PORT [meshfed svid flags]: a one-time node
+# token for host NAME, then meshfed svid keeping its SVID and bundles in
+# $DEMO/NAME, for proxyless gRPC.
+svid_files() {
+  local name=$1 site=$2 http=$3; shift 3
+  local token sid
+  sid=$(case $site in east) echo 17190 ;; west) echo 17191 ;; *) echo 17192 ;; esac)
+  token=$("$BIN" vm token create --site "$site" --node "$name")
+  "$BIN" svid --identity "127.0.0.1:$sid" --token "$token" --dir "$DEMO/$name" --http-listen "127.0.0.1:$http" "$@" >"$DEMO/$name-svid.log" 2>&1 &
+  PIDS+=($!)
+  wait_http "http://127.0.0.1:$http/readyz" "meshfed svid for $name" "$name-svid"
+}
+# West's greeter: a proxyless gRPC server with its own workload SVID.
+svid_files west-greeter west 17431 --workload spiffe://west.demo.meshfed/ns/default/sa/greeter
+"$BIN" proxy bootstrap --grpc --id spiffe://west.demo.meshfed/ns/default/sa/greeter --xds 127.0.0.1:17201 \
+  --dir "$DEMO/west-greeter" >"$DEMO/west-greeter-bootstrap.json"
+GRPC_XDS_BOOTSTRAP="$DEMO/west-greeter-bootstrap.json" "$GRPC_APP" serve --xds --listen 127.0.0.24:19090 --name west \
+  >"$DEMO/west-greeter.log" 2>&1 &
+PIDS+=($!)
 # Only central's client may call default/echo; after zone and region, east
 # comes before west.
 cat >"$DEMO/echo-policy.yaml" <<YAML
@@ -140,10 +163,7 @@ step "calls from central to default/echo at $ECHO (the client proxy's listener):
 step "proxyless gRPC in central: grpc-go resolves xds:///greeter.default:9090 at central's spoke, mTLS through east's gateway"
 # meshfed svid keeps the client's SVID and the bundles as files; the
 # bootstrap points gRPC's ADS connection and its certificate provider there.
-token=$("$BIN" vm token create --site central --node grpc-client)
-"$BIN" svid --identity 127.0.0.1:17192 --token "$token" --dir "$DEMO/grpc-client" --http-listen 127.0.0.1:17430 >"$DEMO/svid.log" 2>&1 &
-PIDS+=($!)
-wait_http http://127.0.0.1:17430/readyz "meshfed svid" svid
+svid_files grpc-client central 17430
 "$BIN" proxy bootstrap --grpc --id spiffe://central.demo.meshfed/meshfed/node/grpc-client --xds 127.0.0.1:17202 \
   --dir "$DEMO/grpc-client" >"$DEMO/grpc-bootstrap.json"
 grpc_calls() {
@@ -158,7 +178,7 @@ step "killing east's gateway (SIGKILL): gossip marks east down everywhere within
 for _ in $(seq 1 50); do "$BIN" site list | grep -Eq '^east +docker +[^ ]+ +[a-z]+ +(dead|suspect)' && break; sleep 0.1; done
 "$BIN" debug call "$ECHO" --count 20
 "$BIN" site list
-step "proxyless gRPC from central again: west answers, through west's gateway"
+step "proxyless gRPC from central again: west answers, through west's gateway, from a proxyless gRPC server"
 grpc_calls
 step "west's gateway passes only west's exported services: no open relay"
 # curl connects to the gateway on loopback with each server name; nothing

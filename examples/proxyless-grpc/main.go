@@ -1,11 +1,13 @@
 // Command proxyless-grpc is a gRPC app that uses meshfed without a proxy:
 // its client resolves xds:///<service> at the site's spoke and calls with
 // mTLS (gRPC's xDS credentials), to its own site's endpoints and through
-// other sites' gateways. Its server is a plain gRPC server, meant to run
-// behind a meshfed proxy's inbound listener. `make demo` runs both; see
-// docs/dataplane.md ("Proxyless gRPC") for the setup.
+// other sites' gateways. Its server is a plain gRPC server behind a meshfed
+// proxy's inbound listener or, with --xds, an xDS-enabled server that
+// terminates mTLS and admits callers as the spoke says. `make demo` runs
+// all three; see docs/dataplane.md ("Proxyless gRPC") for the setup.
 //
 //	proxyless-grpc serve --listen 127.0.0.1:19091 --name east
+//	GRPC_XDS_BOOTSTRAP=server-bootstrap.json proxyless-grpc serve --xds --listen 10.0.0.7:19090 --name west
 //	GRPC_XDS_BOOTSTRAP=bootstrap.json GRPC_EXPERIMENTAL_XDS_SNI=true \
 //	  GRPC_EXPERIMENTAL_XDS_MTLS_SPIFFE=true proxyless-grpc call xds:///greeter.default:9090 --count 20
 package main
@@ -24,9 +26,8 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	xdscreds "google.golang.org/grpc/credentials/xds"
+	"google.golang.org/grpc/xds" // the xds:/// resolver and balancers, xDS servers
 	"google.golang.org/protobuf/types/known/wrapperspb"
-
-	_ "google.golang.org/grpc/xds" // the xds:/// resolver and balancers
 )
 
 // method is the one call the app knows: it answers with the server's name.
@@ -59,14 +60,15 @@ func usage() {
 // serve answers every call with --name until SIGINT or SIGTERM.
 func serve(args []string) error {
 	fs := flag.NewFlagSet("serve", flag.ExitOnError)
-	listen := fs.String("listen", "127.0.0.1:19091", "address to serve plain gRPC on (a meshfed proxy's inbound app address)")
+	listen := fs.String("listen", "127.0.0.1:19091", "address to serve on: a meshfed proxy's inbound app address, or with --xds the endpoint itself")
 	name := fs.String("name", "", "what to answer with")
+	useXDS := fs.Bool("xds", false, "serve without a proxy: mTLS and allowed callers from the spoke (GRPC_XDS_BOOTSTRAP)")
 	_ = fs.Parse(args)
 	ln, err := net.Listen("tcp", *listen)
 	if err != nil {
 		return err
 	}
-	s := grpc.NewServer(grpc.UnknownServiceHandler(func(_ any, stream grpc.ServerStream) error {
+	handler := grpc.UnknownServiceHandler(func(_ any, stream grpc.ServerStream) error {
 		if m, _ := grpc.MethodFromServerStream(stream); m != method {
 			return fmt.Errorf("unknown method %s", m)
 		}
@@ -75,7 +77,25 @@ func serve(args []string) error {
 			return err
 		}
 		return stream.SendMsg(wrapperspb.String(*name))
-	}))
+	})
+	var s interface {
+		Serve(net.Listener) error
+		GracefulStop()
+	}
+	if *useXDS {
+		if os.Getenv("GRPC_XDS_BOOTSTRAP") == "" {
+			return fmt.Errorf("--xds needs GRPC_XDS_BOOTSTRAP: the file `meshfed proxy bootstrap --grpc --id <workload>` printed")
+		}
+		creds, err := xdscreds.NewServerCredentials(xdscreds.ServerOptions{FallbackCreds: insecure.NewCredentials()})
+		if err != nil {
+			return err
+		}
+		if s, err = xds.NewGRPCServer(grpc.Creds(creds), handler); err != nil {
+			return err
+		}
+	} else {
+		s = grpc.NewServer(handler)
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 	go func() { <-ctx.Done(); s.GracefulStop() }()
