@@ -14,7 +14,10 @@ import (
 	"testing"
 	"time"
 
+	bootstrapv3 "github.com/envoyproxy/go-control-plane/envoy/config/bootstrap/v3"
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
+	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/upstreams/http/v3" // in the bootstrap's Any
 	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 	"github.com/meshfed/meshfed/test/harness"
@@ -29,7 +32,9 @@ import (
 	xdscreds "google.golang.org/grpc/credentials/xds"
 	"google.golang.org/grpc/status"
 	"google.golang.org/grpc/xds"
+	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/types/known/wrapperspb"
+	"sigs.k8s.io/yaml"
 )
 
 // whoServer is a gRPC server that answers /meshfed.test.Who/Name with its
@@ -389,4 +394,40 @@ func TestProxylessGRPCServer(t *testing.T) {
 		}
 		return nil
 	})
+}
+
+// TestEnvoyBootstrap: `proxy bootstrap --envoy --dir` prints a bootstrap
+// Envoy's own rules accept, whose ADS connection presents the files
+// `meshfed svid` keeps there and watches their directory for renewals.
+func TestEnvoyBootstrap(t *testing.T) {
+	dir := t.TempDir()
+	out, err := harness.Run(harness.Binary(t), "proxy", "bootstrap", "--envoy", "--id", "spiffe://east.test.meshfed/ns/default/sa/echo",
+		"--xds", "127.0.0.1:7182", "--dir", dir, "--zone", "e-1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	js, err := yaml.YAMLToJSON([]byte(out))
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := &bootstrapv3.Bootstrap{}
+	if err := protojson.Unmarshal(js, b); err != nil {
+		t.Fatalf("not an Envoy bootstrap: %v\n%s", err, out)
+	}
+	if err := b.ValidateAll(); err != nil {
+		t.Fatalf("Envoy's rules: %v", err)
+	}
+	ctx := &tlsv3.UpstreamTlsContext{}
+	if err := b.GetStaticResources().GetClusters()[0].GetTransportSocket().GetTypedConfig().UnmarshalTo(ctx); err != nil {
+		t.Fatal(err)
+	}
+	cert := ctx.GetCommonTlsContext().GetTlsCertificates()[0]
+	vc := ctx.GetCommonTlsContext().GetValidationContext()
+	if cert.GetCertificateChain().GetFilename() != filepath.Join(dir, "svid.pem") || cert.GetPrivateKey().GetFilename() != filepath.Join(dir, "svid-key.pem") ||
+		vc.GetTrustedCa().GetFilename() != filepath.Join(dir, "bundle.pem") {
+		t.Errorf("files: %v, %v, %v", cert.GetCertificateChain(), cert.GetPrivateKey(), vc.GetTrustedCa())
+	}
+	if cert.GetWatchedDirectory().GetPath() != dir || vc.GetWatchedDirectory().GetPath() != dir {
+		t.Errorf("watched directories %q and %q, want %s", cert.GetWatchedDirectory().GetPath(), vc.GetWatchedDirectory().GetPath(), dir)
+	}
 }
