@@ -212,6 +212,17 @@ func TestProxylessGRPC(t *testing.T) {
 		})
 	})
 
+	t.Run("meshfed svid --once writes the files and exits", func(t *testing.T) {
+		once := t.TempDir()
+		token := strings.TrimSpace(f.mustCLI("vm", "token", "create", "--site", "c", "--node", "once-host"))
+		if _, err := harness.Run(f.bin, "svid", "--once", "--identity", c.identity, "--token", token, "--dir", once); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := tls.LoadX509KeyPair(filepath.Join(once, "svid.pem"), filepath.Join(once, "svid-key.pem")); err != nil {
+			t.Fatal(err)
+		}
+	})
+
 	t.Run("delta ADS", func(t *testing.T) {
 		dc, err := grpc.NewClient("passthrough:///"+c.xds, grpc.WithTransportCredentials(mtlsCreds(t, dir)))
 		id := "spiffe://c.test.meshfed/meshfed/node/grpc-host"
