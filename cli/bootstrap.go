@@ -31,12 +31,12 @@ import (
 // which the meshfed-proxy binary leaves out.
 func newProxyCmd(g *globals) *cobra.Command {
 	cmd := proxycmd.New(g.logger)
-	cmd.AddCommand(newEnvoyBootstrapCmd(g))
+	cmd.AddCommand(newBootstrapCmd(g))
 	return cmd
 }
 
-// newEnvoyBootstrapCmd returns `proxy bootstrap --envoy|--grpc`.
-func newEnvoyBootstrapCmd(g *globals) *cobra.Command {
+// newBootstrapCmd returns `proxy bootstrap --envoy|--grpc`.
+func newBootstrapCmd(g *globals) *cobra.Command {
 	var pf proxycmd.Flags
 	var id, dir, certFile, keyFile, caFile, fedFile string
 	var envoy, grpc bool

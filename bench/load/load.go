@@ -76,20 +76,28 @@ func Latency(dial Dial, rate, conns, size int, d time.Duration) ([]time.Duration
 // returns each dialer's round trips, sorted.
 func LatencyRounds(dials []Dial, rate, conns, size int, each time.Duration, rounds int) ([][]time.Duration, error) {
 	out := make([][]time.Duration, len(dials))
-	for r := 0; r < rounds; r++ {
-		for k := range dials {
-			i := (r + k) % len(dials)
-			l, err := Latency(dials[i], rate, conns, size, each)
-			if err != nil {
-				return nil, err
-			}
-			out[i] = append(out[i], l...)
-		}
-	}
+	err := rotating(len(dials), rounds, func(i int) error {
+		l, err := Latency(dials[i], rate, conns, size, each)
+		out[i] = append(out[i], l...)
+		return err
+	})
 	for _, l := range out {
 		slices.Sort(l)
 	}
-	return out, nil
+	return out, err
+}
+
+// rotating calls measure with each of n targets in turn, rounds times, the
+// order rotating each round, until one fails.
+func rotating(n, rounds int, measure func(i int) error) error {
+	for r := 0; r < rounds; r++ {
+		for k := 0; k < n; k++ {
+			if err := measure((r + k) % n); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
 }
 
 // Steal starts measuring the CPU time the hypervisor gave to others
@@ -140,29 +148,24 @@ func cpuStat() (steal, total int64) {
 func ConnectEach(dials []Dial, rounds, size int) ([][]time.Duration, error) {
 	out := make([][]time.Duration, len(dials))
 	buf := make([]byte, size)
-	for r := 0; r < rounds; r++ {
-		for k := range dials {
-			i := (r + k) % len(dials)
-			start := time.Now()
-			c, err := dials[i]()
-			if err != nil {
-				return nil, err
-			}
-			_, err = c.Write(buf)
-			if err == nil {
-				_, err = io.ReadFull(c, buf)
-			}
-			c.Close()
-			if err != nil {
-				return nil, err
-			}
-			out[i] = append(out[i], time.Since(start))
+	err := rotating(len(dials), rounds, func(i int) error {
+		start := time.Now()
+		c, err := dials[i]()
+		if err != nil {
+			return err
 		}
-	}
+		_, err = c.Write(buf)
+		if err == nil {
+			_, err = io.ReadFull(c, buf)
+		}
+		c.Close()
+		out[i] = append(out[i], time.Since(start))
+		return err
+	})
 	for _, l := range out {
 		slices.Sort(l)
 	}
-	return out, nil
+	return out, err
 }
 
 // Throughput sends total bytes over n connections to a sink (which answers
@@ -211,17 +214,12 @@ func Throughput(dial Dial, total, n int) (float64, error) {
 // measurements in round order.
 func ThroughputRounds(dials []Dial, total, n, rounds int) ([][]float64, error) {
 	out := make([][]float64, len(dials))
-	for r := 0; r < rounds; r++ {
-		for k := range dials {
-			i := (r + k) % len(dials)
-			v, err := Throughput(dials[i], total, n)
-			if err != nil {
-				return nil, err
-			}
-			out[i] = append(out[i], v)
-		}
-	}
-	return out, nil
+	err := rotating(len(dials), rounds, func(i int) error {
+		v, err := Throughput(dials[i], total, n)
+		out[i] = append(out[i], v)
+		return err
+	})
+	return out, err
 }
 
 // Median returns the median of v (the mean of the middle two for an even

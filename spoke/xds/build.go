@@ -1,6 +1,7 @@
 package xds
 
 import (
+	"cmp"
 	"fmt"
 	"maps"
 	"net"
@@ -616,9 +617,8 @@ func grpcTLS(ids []string) *corev3.TransportSocket {
 	ctx := &tlsv3.UpstreamTlsContext{
 		AutoHostSni: true,
 		CommonTlsContext: &tlsv3.CommonTlsContext{
-			// No tls_params: gRPC refuses a cluster that has them. The
-			// callee's side (proxy inbound, gateway endpoints) insists on
-			// TLS 1.3.
+			// No tls_params: gRPC refuses a cluster that has them. meshfed
+			// proxies insist on TLS 1.3; grpc-go negotiates it by default.
 			TlsCertificateProviderInstance: provider,
 			ValidationContextType:          &tlsv3.CommonTlsContext_ValidationContext{ValidationContext: dvc},
 		},
@@ -639,18 +639,20 @@ func commonTLS(dvc *tlsv3.CertificateValidationContext) *tlsv3.CommonTlsContext 
 	}
 }
 
-// callers is who may call one endpoint address of a workload: the
+// callers is one endpoint address of a workload and who may call it: the
 // policies of the services it serves there, and whether one of them has
 // none (any authenticated caller then).
 type callers struct {
+	host     string
+	port     uint32
 	policies []catalog.Policy
 	open     bool
 }
 
-// ownEndpoints returns, by host:port, the callers of each endpoint of this
-// site whose identity is the node's and that keep says to serve.
-func (b *builder) ownEndpoints(keep func(catalog.Endpoint) bool) map[string]*callers {
-	out := map[string]*callers{}
+// ownEndpoints returns, ordered by address, each endpoint of this site
+// whose identity is the node's and that keep says to serve.
+func (b *builder) ownEndpoints(keep func(catalog.Endpoint) bool) []*callers {
+	byAddr := map[string]*callers{}
 	for _, s := range b.c.Services {
 		if s.Site != b.c.Site {
 			continue
@@ -660,10 +662,10 @@ func (b *builder) ownEndpoints(keep func(catalog.Endpoint) bool) map[string]*cal
 				continue
 			}
 			k := net.JoinHostPort(e.Address, strconv.Itoa(int(e.Port)))
-			x := out[k]
+			x := byAddr[k]
 			if x == nil {
-				x = &callers{}
-				out[k] = x
+				x = &callers{host: e.Address, port: e.Port}
+				byAddr[k] = x
 			}
 			if pol, ok := b.c.Policies[s.ID()]; ok {
 				x.policies = append(x.policies, pol)
@@ -672,6 +674,8 @@ func (b *builder) ownEndpoints(keep func(catalog.Endpoint) bool) map[string]*cal
 			}
 		}
 	}
+	out := slices.Collect(maps.Values(byAddr))
+	slices.SortFunc(out, func(a, b *callers) int { return cmp.Or(strings.Compare(a.host, b.host), cmp.Compare(a.port, b.port)) })
 	return out
 }
 
@@ -682,12 +686,8 @@ func (b *builder) inbound() {
 	if b.n.GRPC || b.n.Address == "" || len(b.n.Inbound) == 0 {
 		return
 	}
-	byAddr := b.ownEndpoints(func(e catalog.Endpoint) bool { return e.Address == b.n.Address && b.n.Inbound[e.Port] != "" })
-	for _, addr := range slices.Sorted(maps.Keys(byAddr)) {
-		x := byAddr[addr]
-		_, portStr, _ := net.SplitHostPort(addr)
-		p, _ := strconv.ParseUint(portStr, 10, 32)
-		port := uint32(p)
+	for _, x := range b.ownEndpoints(func(e catalog.Endpoint) bool { return e.Address == b.n.Address && b.n.Inbound[e.Port] != "" }) {
+		port := x.port
 		app := b.n.Inbound[port]
 		host, appPortStr, err := net.SplitHostPort(app)
 		if err != nil {
@@ -768,11 +768,8 @@ func (x *callers) rules() *rbacv3.RBAC {
 // template asks: mTLS with a client certificate required, callers
 // authorized by SPIFFE ID (RBAC), calls served by the server itself.
 func (b *builder) grpcServers() {
-	byAddr := b.ownEndpoints(func(catalog.Endpoint) bool { return true })
-	for _, addr := range slices.Sorted(maps.Keys(byAddr)) {
-		host, portStr, _ := net.SplitHostPort(addr)
-		port, _ := strconv.ParseUint(portStr, 10, 32)
-		name := GRPCServerListenerPrefix + addr
+	for _, x := range b.ownEndpoints(func(catalog.Endpoint) bool { return true }) {
+		name := GRPCServerListenerPrefix + net.JoinHostPort(x.host, strconv.Itoa(int(x.port)))
 		provider := &tlsv3.CertificateProviderPluginInstance{InstanceName: GRPCCertProvider}
 		down := &tlsv3.DownstreamTlsContext{
 			RequireClientCertificate: wrapperspb.Bool(true),
@@ -784,10 +781,10 @@ func (b *builder) grpcServers() {
 			},
 		}
 		m := httpManager(name, &routev3.Route{Action: &routev3.Route_NonForwardingAction{NonForwardingAction: &routev3.NonForwardingAction{}}},
-			&hcmv3.HttpFilter{Name: wellknown.HTTPRoleBasedAccessControl, ConfigType: &hcmv3.HttpFilter_TypedConfig{TypedConfig: mustAny(&httprbacv3.RBAC{Rules: byAddr[addr].rules()})}})
+			&hcmv3.HttpFilter{Name: wellknown.HTTPRoleBasedAccessControl, ConfigType: &hcmv3.HttpFilter_TypedConfig{TypedConfig: mustAny(&httprbacv3.RBAC{Rules: x.rules()})}})
 		b.add(resource.ListenerType, &listenerv3.Listener{
 			Name:    name,
-			Address: socketAddress(host, uint32(port)),
+			Address: socketAddress(x.host, x.port),
 			FilterChains: []*listenerv3.FilterChain{{
 				Filters:         []*listenerv3.Filter{typedFilter(wellknown.HTTPConnectionManager, m)},
 				TransportSocket: &corev3.TransportSocket{Name: wellknown.TransportSocketTLS, ConfigType: &corev3.TransportSocket_TypedConfig{TypedConfig: mustAny(down)}},
