@@ -13,6 +13,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"errors"
 	"fmt"
 	"math/big"
 	"net"
@@ -30,7 +31,7 @@ func TestMain(m *testing.M) { os.Exit(harness.Main(m)) }
 
 const (
 	bulkBytes        = 256 << 20
-	throughputRounds = 5
+	throughputRounds = 9
 	requests         = 5000
 	reqSize          = 64
 )
@@ -63,6 +64,12 @@ func tlsDial(addr, sni string) load.Dial {
 	}
 }
 
+// target is what the benchmark's traffic goes through.
+type target struct {
+	name, addr string
+	pid        int // the proxy's; 0 for direct
+}
+
 func BenchmarkGatewayVsHAProxy(b *testing.B) {
 	echo, sink := backend(b, load.Echo), backend(b, load.Sink)
 	ep := func(addr string) string {
@@ -73,10 +80,10 @@ func BenchmarkGatewayVsHAProxy(b *testing.B) {
 		"- namespace: default\n  name: sink\n  ports: [{port: 444}]\n"+ep(sink))
 	echoSNI, sinkSNI := "443.echo.default.east.bench.meshfed", "444.sink.default.east.bench.meshfed"
 	gw := harness.FreePort(b)
-	site.DataPlane(b, harness.Binary(b), "gw", "gateway", "--site", "east", "--listen", gw)
+	gwProc, _ := site.DataPlane(b, harness.Binary(b), "gw", "gateway", "--site", "east", "--listen", gw)
 
 	hp := harness.FreePort(b)
-	harness.HAProxy(b, "haproxy", fmt.Sprintf(`frontend sni
+	hpProc := harness.HAProxy(b, "haproxy", fmt.Sprintf(`frontend sni
   bind %s
   tcp-request inspect-delay 5s
   tcp-request content accept if { req.ssl_hello_type 1 }
@@ -102,8 +109,7 @@ backend sink
 	}
 
 	fmt.Println("gateway benchmark: meshfed gateway vs HAProxy 2.6 (req.ssl_sni passthrough), TLS to backends on loopback, 2 cores")
-	type target struct{ name, addr string }
-	targets := []target{{"direct", ""}, {"haproxy", hp}, {"gateway", gw}}
+	targets := []target{{"direct", "", 0}, {"haproxy", hp, hpProc.Pid()}, {"gateway", gw, gwProc.Pid()}}
 	// Throughput: rounds of every target in rotating order; the verdict is
 	// on the median of the rounds' gateway/haproxy ratios.
 	for _, n := range []int{1, 64} {
@@ -124,6 +130,7 @@ backend sink
 		fmt.Printf("throughput over %2d connection(s), median of %d rounds: direct %5.0f MB/s, haproxy %5.0f MB/s, gateway %5.0f MB/s; gateway/haproxy %.2fx (rounds %.2f..%.2f) (target >= 1.0x: %s)\n",
 			n, throughputRounds, load.Median(direct)/1e6, load.Median(h)/1e6, load.Median(g)/1e6, ratio, slices.Min(ratios), slices.Max(ratios), load.Verdict(ratio >= 1))
 		b.ReportMetric(ratio, fmt.Sprintf("throughput-ratio-%dconn", n))
+		cpuPerGB(b, targets, dials, n)
 	}
 	var dials []load.Dial
 	for _, t := range targets {
@@ -147,4 +154,40 @@ backend sink
 	}
 	fmt.Printf("gateway p99 / haproxy p99: %.2fx (target <= 1.0x: %s)\n", float64(p(lat["gateway"], 99))/float64(p(lat["haproxy"], 99)), load.Verdict(p(lat["gateway"], 99) <= p(lat["haproxy"], 99)))
 	b.ReportMetric(float64(p(lat["gateway"], 99))/float64(p(lat["haproxy"], 99)), "p99-ratio")
+}
+
+// cpuPerGB prints the CPU time each target costs per GB passed on over n
+// connections: the proxy's own and the whole host's (the TLS ends'
+// included; on loopback a sender also pays for its receiver's TCP work).
+// CPU is steadier than throughput on a shared host.
+func cpuPerGB(b *testing.B, targets []target, dials []load.Dial, n int) {
+	const reps = 3
+	own, host := make([]time.Duration, len(targets)), make([]time.Duration, len(targets))
+	proxyCPU := func(t target) time.Duration {
+		if t.pid == 0 {
+			return 0
+		}
+		return harness.CPUTime(b, t.pid)
+	}
+	for range reps {
+		for i, t := range targets {
+			host0, err0 := load.HostBusy()
+			own0 := proxyCPU(t)
+			if _, err := load.Throughput(dials[i], bulkBytes, n); err != nil {
+				b.Fatalf("throughput over %d connection(s) through %s: %v", n, t.name, err)
+			}
+			host1, err1 := load.HostBusy()
+			if err := errors.Join(err0, err1); err != nil {
+				b.Fatal(err)
+			}
+			own[i] += proxyCPU(t) - own0
+			host[i] += host1 - host0
+		}
+	}
+	perGB := func(d time.Duration) float64 { return d.Seconds() / (reps * bulkBytes / 1e9) }
+	fmt.Printf("  CPU per GB (%d transfers each): whole host direct %.2f s", reps, perGB(host[0]))
+	for i, t := range targets[1:] {
+		fmt.Printf(", via %s %.2f s (%s itself %.2f s)", t.name, perGB(host[i+1]), t.name, perGB(own[i+1]))
+	}
+	fmt.Println()
 }

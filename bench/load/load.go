@@ -104,41 +104,54 @@ func rotating(n, rounds int, measure func(i int) error) error {
 // (/proc/stat's steal) and returns a func that reports it since then, as a
 // share of all CPU time; -1 where /proc/stat cannot be read.
 func Steal() func() float64 {
-	steal0, total0 := cpuStat()
+	t0, err0 := cpuStat()
 	return func() float64 {
-		steal1, total1 := cpuStat()
-		if total0 < 0 || total1 <= total0 {
+		t1, err1 := cpuStat()
+		if err0 != nil || err1 != nil || t1.total <= t0.total {
 			return -1
 		}
-		return float64(steal1-steal0) / float64(total1-total0)
+		return float64(t1.steal-t0.steal) / float64(t1.total-t0.total)
 	}
 }
 
-// cpuStat returns the steal and total ticks of all CPUs; -1 on failure.
-func cpuStat() (steal, total int64) {
+// HostBusy is the CPU time all of the host's CPUs have spent on anything
+// but idling (or waiting for the hypervisor) so far.
+func HostBusy() (time.Duration, error) {
+	t, err := cpuStat()
+	return time.Duration(t.busy) * 10 * time.Millisecond, err
+}
+
+// ticks are /proc/stat's counts for all CPUs together, in 10 ms ticks.
+type ticks struct{ steal, busy, total int64 }
+
+func cpuStat() (ticks, error) {
+	var t ticks
 	b, err := os.ReadFile("/proc/stat")
 	if err != nil {
-		return -1, -1
+		return t, err
 	}
 	line, _, _ := strings.Cut(string(b), "\n")
 	f := strings.Fields(line)
 	if len(f) < 9 || f[0] != "cpu" {
-		return -1, -1
+		return t, fmt.Errorf("/proc/stat: unexpected first line %q", line)
 	}
-	for i, v := range f[1:] {
+	// user nice system idle iowait irq softirq steal; guest and
+	// guest_nice, after them, are counted in user already.
+	for i, v := range f[1:9] {
 		n, err := strconv.ParseInt(v, 10, 64)
 		if err != nil {
-			return -1, -1
+			return t, fmt.Errorf("/proc/stat: %w", err)
 		}
-		// guest and guest_nice (fields 9, 10) are counted in user already.
-		if i < 8 {
-			total += n
-		}
-		if i == 7 {
-			steal = n
+		t.total += n
+		switch i {
+		case 3, 4: // idle, iowait
+		case 7:
+			t.steal = n
+		default:
+			t.busy += n
 		}
 	}
-	return steal, total
+	return t, nil
 }
 
 // ConnectEach makes rounds rounds of request/response exchanges, each on a

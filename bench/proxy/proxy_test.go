@@ -107,17 +107,7 @@ func BenchmarkProxyPair(b *testing.B) {
 		verdict(added99 <= time.Millisecond), ms(pct(peer, 50)-pct(direct, 50)), ms(pct(peer, 99)-pct(direct, 99)))
 	// CPU seconds per GB: of this process (the app's two ends) and of the
 	// two proxies, to show where a proxied byte's cost goes.
-	cpu := func(pids ...int) time.Duration {
-		var sum time.Duration
-		for _, pid := range pids {
-			t, err := harness.CPUTime(pid)
-			if err != nil {
-				b.Fatal(err)
-			}
-			sum += t
-		}
-		return sum
-	}
+	cpu := func(pids ...int) time.Duration { return harness.CPUTime(b, pids...) }
 	perGB := func(d time.Duration) float64 { return d.Seconds() / (float64(bulkBytes) / 1e9) }
 	for _, n := range []int{1, 4} {
 		app0 := cpu(os.Getpid())

@@ -162,9 +162,22 @@ func Memory(pid int, field string) (int64, error) {
 	return 0, fmt.Errorf("no %s for pid %d", field, pid)
 }
 
-// CPUTime is the user plus system CPU time process pid has used so far
-// (from /proc, in clock ticks of 10 ms).
-func CPUTime(pid int) (time.Duration, error) {
+// CPUTime is the user plus system CPU time the processes have used so far
+// together (from /proc, in clock ticks of 10 ms).
+func CPUTime(t testing.TB, pids ...int) time.Duration {
+	t.Helper()
+	var sum time.Duration
+	for _, pid := range pids {
+		d, err := cpuTime(pid)
+		if err != nil {
+			t.Fatal(err)
+		}
+		sum += d
+	}
+	return sum
+}
+
+func cpuTime(pid int) (time.Duration, error) {
 	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
 	if err != nil {
 		return 0, err
