@@ -71,6 +71,9 @@ type Catalog struct {
 	// Gossip is what the site's gateways need to join the WAN pool; nil
 	// while the spoke is not in it.
 	Gossip *gossip.Secret
+	// Resolved are the addresses of gateway host names, for nodes that
+	// take only IP addresses; the xDS server fills it in.
+	Resolved map[string][]netip.Addr
 }
 
 // Node is one xDS client as it describes itself.
@@ -79,6 +82,10 @@ type Node struct {
 	ID string
 	// Locality is the node's; empty: the site's.
 	Locality catalog.Locality
+	// IPOnly: the node takes only IP addresses in its endpoints (Envoy):
+	// a gateway known by host name is given as the addresses it resolves
+	// to (Catalog.Resolved), and left out until it has some.
+	IPOnly bool
 	// GRPC: a proxyless gRPC client, which gets API listeners instead of
 	// TCP listeners, and clusters whose mTLS names the certificate
 	// provider of its bootstrap (GRPCCertProvider) instead of SDS secrets.
@@ -386,12 +393,27 @@ func (b *builder) remoteEndpoints(groups map[string]*group, site string, eps []c
 		if err != nil {
 			continue
 		}
-		g.eps = append(g.eps, b.lbEndpoint(host, uint32(port), h, max(healthy, 1), site, f, p, subset))
-		g.weight += max(healthy, 1)
+		for _, addr := range b.addrs(host) {
+			g.eps = append(g.eps, b.lbEndpoint(addr, uint32(port), h, max(healthy, 1), site, f, p, subset))
+			g.weight += max(healthy, 1)
+		}
 	}
 	if len(g.eps) == 0 {
 		delete(groups, groupKey(site, rec.Locality))
 	}
+}
+
+// addrs is how the node is to be given a gateway's host: as it is, or,
+// for a node that takes only IP addresses, the addresses it resolves to.
+func (b *builder) addrs(host string) []string {
+	if _, err := netip.ParseAddr(host); err == nil || !b.n.IPOnly {
+		return []string{host}
+	}
+	var out []string
+	for _, a := range b.c.Resolved[host] {
+		out = append(out, a.String())
+	}
+	return out
 }
 
 func groupKey(site string, l catalog.Locality) string { return site + "|" + l.Region + "|" + l.Zone }

@@ -161,3 +161,46 @@ func TestGatewayRoutesOnlyLocalServices(t *testing.T) {
 }
 
 func ptr[T any](v T) *T { return &v }
+
+// eastGateways are the addresses a node is given for east's gateways in
+// the whole service's load assignment.
+func eastGateways(t *testing.T, c *Catalog, n Node) []string {
+	t.Helper()
+	var out []string
+	for _, r := range Build(c, n, SVID{})[resource.EndpointType] {
+		cla := r.(*endpointv3.ClusterLoadAssignment)
+		if err := cla.Validate(); err != nil {
+			t.Error(err)
+		}
+		if cla.ClusterName != ClusterName("default", "echo", 8080, "") {
+			continue
+		}
+		for _, l := range cla.Endpoints {
+			for _, e := range l.LbEndpoints {
+				if l.Locality.SubZone == "east" {
+					out = append(out, e.GetEndpoint().GetAddress().GetSocketAddress().GetAddress())
+				}
+			}
+		}
+	}
+	return out
+}
+
+func TestIPOnlyNodesGetGatewayAddresses(t *testing.T) {
+	c := testCatalog()
+	if got := eastGateways(t, c, Node{ID: "spiffe://c.test/x"}); fmt.Sprint(got) != "[10.0.0.1 gw.east.test]" {
+		t.Errorf("a meshfed proxy gets %v, want the host name as it is", got)
+	}
+	// Envoy needs IP addresses: a host name not looked up yet is left out.
+	envoy := Node{ID: "spiffe://c.test/x", IPOnly: true}
+	if got := eastGateways(t, c, envoy); fmt.Sprint(got) != "[10.0.0.1]" {
+		t.Errorf("Envoy, before the lookup, gets %v", got)
+	}
+	c.Resolved = map[string][]netip.Addr{"gw.east.test": {netip.MustParseAddr("10.0.0.7"), netip.MustParseAddr("10.0.0.8")}}
+	if got := eastGateways(t, c, envoy); fmt.Sprint(got) != "[10.0.0.1 10.0.0.7 10.0.0.8]" {
+		t.Errorf("Envoy gets %v, want the host name's addresses", got)
+	}
+	if hosts := gatewayHosts(c); fmt.Sprint(hosts) != "[gw.east.test]" {
+		t.Errorf("host names to look up: %v", hosts)
+	}
+}

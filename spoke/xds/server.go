@@ -52,9 +52,13 @@ type Options struct {
 	// handed to nodes over SDS, and its authorities check node certificates.
 	CA *siteca.SiteCA
 	// Catalog returns the current catalog to build from.
-	Catalog  func() *Catalog
-	Logger   *slog.Logger
-	Registry prometheus.Registerer
+	Catalog func() *Catalog
+	// ResolveEvery is how often other sites' gateway host names are looked
+	// up for nodes that take only IP addresses (default
+	// DefaultResolveEvery).
+	ResolveEvery time.Duration
+	Logger       *slog.Logger
+	Registry     prometheus.Registerer
 }
 
 // Server serves the site's xDS over ADS, state of the world and delta.
@@ -66,6 +70,7 @@ type Server struct {
 	ln    net.Listener
 	cache caches
 	kick  chan struct{}
+	res   *resolver
 
 	rebuildMu sync.Mutex
 
@@ -101,6 +106,7 @@ func New(o Options) (*Server, error) {
 		o: o, log: o.Logger.With("component", "xds"), ln: ln, kick: make(chan struct{}, 1),
 		streams: map[int64]string{}, seen: map[int64]string{}, nodes: map[string]*nodeState{},
 	}
+	s.res = newResolver(o.ResolveEvery, s.log, s.Changed)
 	s.cache = caches{
 		ads:  cachev3.NewSnapshotCache(true, nodeHash{}, logAdapter{s.log}),
 		grpc: cachev3.NewSnapshotCache(false, nodeHash{}, logAdapter{s.log}),
@@ -113,7 +119,7 @@ func New(o Options) (*Server, error) {
 		return float64(len(s.nodes))
 	})
 	if o.Registry != nil {
-		o.Registry.MustRegister(s.pushes, s.refused, s.gauge)
+		o.Registry.MustRegister(s.pushes, s.refused, s.gauge, s.res.lookups)
 	}
 	return s, nil
 }
@@ -141,6 +147,7 @@ func (s *Server) Run(ctx context.Context) error {
 	discoveryv3.RegisterAggregatedDiscoveryServiceServer(gs, xs)
 	secretv3.RegisterSecretDiscoveryServiceServer(gs, xs)
 	go s.rebuildLoop(ctx)
+	go s.res.run(ctx)
 	go func() {
 		<-ctx.Done()
 		gs.Stop()
@@ -329,7 +336,7 @@ func (c caches) Fetch(ctx context.Context, r *cachev3.Request) (cachev3.Response
 
 // parseNode reads what a node says about itself.
 func parseNode(n *corev3.Node) (Node, error) {
-	out := Node{ID: n.GetId(), GRPC: isGRPC(n)}
+	out := Node{ID: n.GetId(), GRPC: isGRPC(n), IPOnly: strings.EqualFold(n.GetUserAgentName(), "envoy")}
 	if l := n.GetLocality(); l.GetRegion() != "" || l.GetZone() != "" {
 		out.Locality = catalog.Locality{Region: l.GetRegion(), Zone: l.GetZone()}
 	}
@@ -414,6 +421,7 @@ func (s *Server) rebuild(keys []string, c *Catalog) {
 	s.rebuildMu.Lock()
 	defer s.rebuildMu.Unlock()
 	ctx := context.Background()
+	c = s.withResolved(c)
 	for _, key := range keys {
 		s.mu.Lock()
 		st := s.nodes[key]
@@ -448,6 +456,25 @@ func (s *Server) rebuild(keys []string, c *Catalog) {
 		s.mu.Unlock()
 		s.pushes.Inc()
 	}
+}
+
+// withResolved gives c the addresses of other sites' gateway host names
+// while a node that takes only IP addresses is connected; the resolver
+// looks them up only then.
+func (s *Server) withResolved(c *Catalog) *Catalog {
+	s.mu.Lock()
+	ipOnly := false
+	for _, st := range s.nodes {
+		ipOnly = ipOnly || st.node.IPOnly
+	}
+	s.mu.Unlock()
+	if !ipOnly {
+		s.res.resolved(nil)
+		return c
+	}
+	withAddrs := *c
+	withAddrs.Resolved = s.res.resolved(gatewayHosts(c))
+	return &withAddrs
 }
 
 // refreshSVID issues the node's SVID for SDS when it has none, it is past

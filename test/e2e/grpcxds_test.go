@@ -8,14 +8,17 @@ import (
 	"crypto/x509"
 	"fmt"
 	"net"
+	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
 
 	bootstrapv3 "github.com/envoyproxy/go-control-plane/envoy/config/bootstrap/v3"
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	endpointv3 "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
 	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/upstreams/http/v3" // in the bootstrap's Any
 	discoveryv3 "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
@@ -353,6 +356,74 @@ func TestProxylessGRPCAcrossSites(t *testing.T) {
 	}
 	if v, err := harness.Metric(proxies["west"].http, "meshfed_proxy_inbound_connections_total", `result="ok"`); err != nil || v < 1 {
 		t.Errorf("west's proxy admitted %v callers (%v)", v, err)
+	}
+
+	t.Run("Envoy gets the gateway host name's addresses", func(t *testing.T) {
+		// Envoy takes only IP addresses in EDS: the spoke looks west's
+		// gateway host name up for it.
+		want := net.JoinHostPort("127.0.0.1", westPort)
+		got := envoyEndpoints(t, c, dir, "spiffe://c.test.meshfed/meshfed/node/grpc-host", ".west.", func(addrs []string) bool {
+			return slices.Contains(addrs, want)
+		})
+		for _, a := range got {
+			if _, err := netip.ParseAddrPort(a); err != nil {
+				t.Errorf("Envoy was given %s for west's gateway: not an IP address", a)
+			}
+		}
+		if v, err := harness.Metric(c.http, "meshfed_xds_gateway_lookups_total", `result="ok"`); err != nil || v < 1 {
+			t.Errorf("lookups: %v (%v)", v, err)
+		}
+	})
+}
+
+// envoyEndpoints follows the endpoints (EDS) a node with Envoy's user agent
+// gets on a state-of-the-world ADS stream, ACKing each response, until the
+// addresses of those whose SNI holds sni satisfy done; it returns them.
+func envoyEndpoints(t *testing.T, s *spokeProc, dir, id, sni string, done func([]string) bool) []string {
+	t.Helper()
+	cc, err := grpc.NewClient("passthrough:///"+s.xds, grpc.WithTransportCredentials(mtlsCreds(t, dir)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cc.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	stream, err := discoveryv3.NewAggregatedDiscoveryServiceClient(cc).StreamAggregatedResources(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	req := &discoveryv3.DiscoveryRequest{Node: &corev3.Node{Id: id, UserAgentName: "envoy"}, TypeUrl: resource.EndpointType}
+	var addrs []string
+	for {
+		if err := stream.Send(req); err != nil {
+			t.Fatal(err)
+		}
+		resp, err := stream.Recv()
+		if err != nil {
+			t.Fatalf("EDS as Envoy: %v; last endpoints for %q: %v", err, sni, addrs)
+		}
+		addrs = nil
+		for _, a := range resp.GetResources() {
+			var cla endpointv3.ClusterLoadAssignment
+			if err := a.UnmarshalTo(&cla); err != nil {
+				t.Fatal(err)
+			}
+			if err := cla.Validate(); err != nil {
+				t.Error(err)
+			}
+			for _, l := range cla.GetEndpoints() {
+				for _, e := range l.GetLbEndpoints() {
+					if ep := e.GetEndpoint(); strings.Contains(ep.GetHostname(), sni) {
+						sa := ep.GetAddress().GetSocketAddress()
+						addrs = append(addrs, net.JoinHostPort(sa.GetAddress(), fmt.Sprint(sa.GetPortValue())))
+					}
+				}
+			}
+		}
+		if done(addrs) {
+			return addrs
+		}
+		req = &discoveryv3.DiscoveryRequest{TypeUrl: resource.EndpointType, VersionInfo: resp.GetVersionInfo(), ResponseNonce: resp.GetNonce()}
 	}
 }
 
