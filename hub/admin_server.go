@@ -43,6 +43,17 @@ func (s *adminServer) AddSite(ctx context.Context, req *meshfedv1.AddSiteRequest
 	if err := catalog.ValidateSite(site); err != nil {
 		return nil, status.Error(codes.InvalidArgument, err.Error())
 	}
+	// What a removal cut short left of an earlier site of that name is not
+	// this one's. With no record, no hub writes for the name meanwhile.
+	if _, err := h.store.Get(ctx, keySites+site.Name); errors.Is(err, store.ErrNotFound) {
+		keys, err := h.siteKeys(ctx, site.Name)
+		if err == nil {
+			err = h.deleteKeys(ctx, keys)
+		}
+		if err != nil {
+			return nil, status.Errorf(codes.Unavailable, "clear what an earlier site %s left: %v", site.Name, err)
+		}
+	}
 	rec := siteRecord{Site: site, Created: time.Now().UTC()}
 	var existing siteRecord
 	err := h.store.Update(ctx, keySites+site.Name, func(cur []byte) ([]byte, error) {
@@ -122,48 +133,63 @@ func notFoundSite(name string) error {
 }
 
 // RemoveSite removes a site, its services and its unused tokens, and cuts
-// its spoke off: the spoke's certificate is no longer accepted.
+// its spoke off: the spoke's certificate is no longer accepted. The record
+// goes first, so no hub replica writes for the site after it
+// (applyForSite); what the site left in the store goes next. A removal cut
+// short is finished by running it again.
 func (s *adminServer) RemoveSite(ctx context.Context, req *meshfedv1.RemoveSiteRequest) (*meshfedv1.RemoveSiteResponse, error) {
 	h := s.h
 	name := req.GetName()
 	h.mu.Lock()
 	st := h.sites[name]
 	h.mu.Unlock()
-	if st == nil {
-		return nil, notFoundSite(name)
+	if st != nil {
+		st.mu.Lock()
+		defer st.mu.Unlock()
 	}
-	st.mu.Lock()
-	defer st.mu.Unlock()
+	_, err := h.store.Get(ctx, keySites+name)
+	recorded := err == nil
+	if err != nil && !errors.Is(err, store.ErrNotFound) {
+		return nil, status.Errorf(codes.Unavailable, "remove site %s: %v", name, err)
+	}
+	if recorded {
+		if err := h.store.Apply(ctx, store.Op{Key: keySites + name, Delete: true}); err != nil {
+			return nil, status.Errorf(codes.Unavailable, "remove site %s: %v (nothing was removed)", name, err)
+		}
+	}
+	services := 0
+	if st != nil {
+		services = st.services
+		h.forgetSite(st)
+	}
+	keys, err := h.siteKeys(ctx, name)
+	if err == nil {
+		if !recorded && st == nil && len(keys) == 0 {
+			return nil, notFoundSite(name)
+		}
+		err = h.deleteKeys(ctx, keys)
+	}
+	if err != nil {
+		return nil, status.Errorf(codes.Unavailable, "remove site %s: its record is gone, but not all it left: %v (run the command again to finish)", name, err)
+	}
+	h.log.Info("site removed", "site", name, "services", services, "keys", len(keys))
+	return &meshfedv1.RemoveSiteResponse{ServicesRemoved: uint32(services)}, nil
+}
+
+// forgetSite drops a removed site from memory, with its resources, and
+// cuts its spoke off; false if st is no longer the site's state here. st.mu
+// is held.
+func (h *Hub) forgetSite(st *siteState) bool {
+	name := st.rec.Site.Name
 	keys := h.ownedVersions(name)
 	if r, ok := h.table.Get(federation.RotationKey(name)); ok {
 		keys[r.Key] = r.Version
 	}
-	var ops []store.Op
-	for k := range keys {
-		ops = append(ops, store.Op{Key: keyResource + k, Delete: true})
-	}
-	tokens, err := listJSON[tokenRecord](ctx, h.store, keyTokens)
-	if err != nil {
-		return nil, status.Errorf(codes.Unavailable, "list tokens: %v", err)
-	}
-	for key, t := range tokens {
-		if t.Site == name {
-			ops = append(ops, store.Op{Key: key, Delete: true})
-		}
-	}
-	// The site record goes last: a removal cut short is finished by running
-	// it again, and what is left without a site record is ignored on load.
-	for len(ops) > 0 {
-		n := min(len(ops), 100)
-		if err := h.store.Apply(ctx, ops[:n]...); err != nil {
-			return nil, status.Errorf(codes.Unavailable, "remove site %s: %v (run the command again to finish)", name, err)
-		}
-		ops = ops[n:]
-	}
-	if err := h.store.Apply(ctx, store.Op{Key: keySites + name, Delete: true}); err != nil {
-		return nil, status.Errorf(codes.Unavailable, "remove site %s: %v (run the command again to finish)", name, err)
-	}
 	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.sites[name] != st {
+		return false
+	}
 	if st.conn != nil {
 		st.conn.cancel()
 	}
@@ -173,10 +199,7 @@ func (s *adminServer) RemoveSite(ctx context.Context, req *meshfedv1.RemoveSiteR
 	}
 	h.table.Delete(federation.SiteKey(name))
 	h.refreshGaugesLocked()
-	h.mu.Unlock()
-	services := st.services
-	h.log.Info("site removed", "site", name, "services", services)
-	return &meshfedv1.RemoveSiteResponse{ServicesRemoved: uint32(services)}, nil
+	return true
 }
 
 // CreateToken makes a one-time join token for a registered site. Only a
@@ -211,7 +234,9 @@ func (s *adminServer) CreateToken(ctx context.Context, req *meshfedv1.CreateToke
 	if err != nil {
 		return nil, err
 	}
-	if err := h.store.Apply(ctx, store.Op{Key: keyTokens + tok.ID, Value: b}); err != nil {
+	if err := h.applyForSite(ctx, rec.Site, store.Op{Key: keyTokens + tok.ID, Value: b}); errors.Is(err, errSiteGone) {
+		return nil, notFoundSite(rec.Site)
+	} else if err != nil {
 		return nil, status.Errorf(codes.Unavailable, "store token: %v", err)
 	}
 	h.log.Info("join token created", "site", rec.Site, "token_id", tok.ID, "expires", rec.Expires)

@@ -183,16 +183,23 @@ func (h *Hub) keepBundle(ctx context.Context, rec federationRecord, b *spiffebun
 	if v, ok := h.table.Version(r.Key); ok && v == r.Version {
 		return w, nil
 	}
-	return w, h.publish(ctx, r)
+	return w, h.publish(ctx, "", r)
 }
 
 // publish stores a hub-owned resource durably, then sends it to every site.
-func (h *Hub) publish(ctx context.Context, r *meshfedv1.Resource) error {
+// One about a site (site set) is stored only while the site is registered.
+func (h *Hub) publish(ctx context.Context, site string, r *meshfedv1.Resource) error {
 	raw, err := proto.Marshal(r)
 	if err != nil {
 		return err
 	}
-	if err := h.store.Apply(ctx, store.Op{Key: keyResource + r.Key, Value: raw}); err != nil {
+	op := store.Op{Key: keyResource + r.Key, Value: raw}
+	if site != "" {
+		err = h.applyForSite(ctx, site, op)
+	} else {
+		err = h.store.Apply(ctx, op)
+	}
+	if err != nil {
 		return err
 	}
 	h.table.Put(r)
@@ -271,7 +278,9 @@ func (s *adminServer) RotateCA(ctx context.Context, req *meshfedv1.RotateCAReque
 		gen = r.GetRotation().GetGeneration() + 1
 	}
 	r := federation.RotationResource(&meshfedv1.CARotation{Site: site, Generation: gen})
-	if err := h.publish(ctx, r); err != nil {
+	if err := h.publish(ctx, site, r); errors.Is(err, errSiteGone) {
+		return nil, notFoundSite(site)
+	} else if err != nil {
 		return nil, status.Errorf(codes.Unavailable, "store: %v", err)
 	}
 	h.log.Info("CA rotation requested", "site", site, "generation", gen)

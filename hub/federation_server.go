@@ -349,7 +349,11 @@ func (k *spokeSink) apply(ctx context.Context, d *meshfedv1.Delta) error {
 	st.mu.Lock()
 	defer st.mu.Unlock()
 	if len(ops) > 0 {
-		if err := h.store.Apply(ctx, ops...); err != nil {
+		err := h.applyForSite(ctx, site, ops...)
+		if errors.Is(err, errSiteGone) {
+			return fmt.Errorf("site %s was removed", site)
+		}
+		if err != nil {
 			h.log.Error("could not store a spoke's delta; the spoke will resend it", "site", site, "err", err)
 			return err
 		}

@@ -26,7 +26,7 @@ func (h *Hub) ensureGossipKeyring(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	if err := h.publish(ctx, federation.GossipKeyringResource(&meshfedv1.GossipKeyring{Keys: [][]byte{key}})); err != nil {
+	if err := h.publish(ctx, "", federation.GossipKeyringResource(&meshfedv1.GossipKeyring{Keys: [][]byte{key}})); err != nil {
 		return fmt.Errorf("hub: store the gossip keyring: %w", err)
 	}
 	h.log.Info("created the WAN gossip key")
@@ -62,7 +62,7 @@ func (s *adminServer) RotateGossipKey(ctx context.Context, req *meshfedv1.Rotate
 		keys = keys[len(keys)-maxGossipKeys:]
 	}
 	k := &meshfedv1.GossipKeyring{Keys: keys, UseNewestAfter: timestamppb.New(time.Now().Add(delay))}
-	if err := h.publish(ctx, federation.GossipKeyringResource(k)); err != nil {
+	if err := h.publish(ctx, "", federation.GossipKeyringResource(k)); err != nil {
 		return nil, status.Errorf(codes.Unavailable, "store: %v", err)
 	}
 	h.log.Info("WAN gossip key rotated", "keys", len(keys), "encrypts_after", k.UseNewestAfter.AsTime())

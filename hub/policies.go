@@ -32,7 +32,7 @@ func (s *adminServer) ApplyPolicy(ctx context.Context, req *meshfedv1.ApplyPolic
 		}
 	}
 	w := federation.PolicyToWire(p)
-	if err := h.publish(ctx, federation.PolicyResource(w)); err != nil {
+	if err := h.publish(ctx, "", federation.PolicyResource(w)); err != nil {
 		return nil, status.Errorf(codes.Unavailable, "store: %v", err)
 	}
 	h.log.Info("traffic policy applied", "service", p.Service)

@@ -3,10 +3,12 @@ package hub
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"time"
 
 	"github.com/meshfed/meshfed/catalog"
+	"github.com/meshfed/meshfed/federation"
 	"github.com/meshfed/meshfed/store"
 )
 
@@ -33,6 +35,71 @@ func listJSON[T any](ctx context.Context, s store.Store, prefix string) (map[str
 		out[kv.Key] = v
 	}
 	return out, nil
+}
+
+// errSiteGone: the site's record is not in the store (any more).
+var errSiteGone = errors.New("the site is not registered")
+
+// applyForSite writes ops, which belong to site, only while the site's
+// record is in the store. A site is removed record first, so a write that
+// races the removal through another hub replica either lands before the
+// removal lists the site's keys (and goes with them) or not at all.
+func (h *Hub) applyForSite(ctx context.Context, site string, ops ...store.Op) error {
+	return h.store.ApplyIf(ctx, keySites+site, func(cur []byte) error {
+		if cur == nil {
+			return errSiteGone
+		}
+		return nil
+	}, ops...)
+}
+
+// siteKeys lists the store keys of what belongs to site besides its
+// record: its services, bundle, source status and CA rotation request, and
+// its tokens.
+func (h *Hub) siteKeys(ctx context.Context, site string) ([]string, error) {
+	kvs, err := h.store.List(ctx, keyResource+federation.SiteServicesPrefix(site))
+	if err != nil {
+		return nil, err
+	}
+	var keys []string
+	for _, kv := range kvs {
+		keys = append(keys, kv.Key)
+	}
+	for _, k := range []string{federation.BundleKey(site), federation.SourceStatusKey(site), federation.RotationKey(site)} {
+		_, err := h.store.Get(ctx, keyResource+k)
+		switch {
+		case err == nil:
+			keys = append(keys, keyResource+k)
+		case !errors.Is(err, store.ErrNotFound):
+			return nil, err
+		}
+	}
+	tokens, err := listJSON[tokenRecord](ctx, h.store, keyTokens)
+	if err != nil {
+		return nil, err
+	}
+	for key, t := range tokens {
+		if t.Site == site {
+			keys = append(keys, key)
+		}
+	}
+	return keys, nil
+}
+
+// deleteKeys deletes keys, 100 to a write (etcd takes up to 128).
+func (h *Hub) deleteKeys(ctx context.Context, keys []string) error {
+	for len(keys) > 0 {
+		n := min(len(keys), 100)
+		ops := make([]store.Op, n)
+		for i, k := range keys[:n] {
+			ops[i] = store.Op{Key: k, Delete: true}
+		}
+		if err := h.store.Apply(ctx, ops...); err != nil {
+			return err
+		}
+		keys = keys[n:]
+	}
+	return nil
 }
 
 // siteRecord is a site as stored.

@@ -4,29 +4,45 @@ import (
 	"context"
 	"encoding/json"
 	"log/slog"
+	"strings"
 	"testing"
 	"time"
 
+	meshfedv1 "github.com/meshfed/meshfed/api/meshfed/v1"
 	"github.com/meshfed/meshfed/catalog"
+	"github.com/meshfed/meshfed/federation"
+	"github.com/meshfed/meshfed/store"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 )
+
+// runHub runs a hub on a bbolt store in a temporary directory until the
+// test ends.
+func runHub(t *testing.T) (*Hub, context.Context) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	h, err := New(ctx, Options{DataDir: t.TempDir(), Listen: "127.0.0.1:0", HTTPListen: "-", Federation: "test.meshfed", Advertise: "hub-a:7443", Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		cancel()
+		t.Fatal(err)
+	}
+	done := make(chan error)
+	go func() { done <- h.Run(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("hub Run: %v", err)
+		}
+	})
+	return h, ctx
+}
 
 // TestSaveSite_clearsOnlyItsOwnClaim: a stream that ends at this replica
 // clears the stored claim only if it is this replica's; a newer claim of
 // another replica (the spoke moved while this stream lingered) stays.
 func TestSaveSite_clearsOnlyItsOwnClaim(t *testing.T) {
-	ctx, cancel := context.WithCancel(context.Background())
-	h, err := New(ctx, Options{DataDir: t.TempDir(), Listen: "127.0.0.1:0", HTTPListen: "-", Federation: "test.meshfed", Advertise: "hub-a:7443", Logger: slog.New(slog.DiscardHandler)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan error)
-	go func() { done <- h.Run(ctx) }()
-	defer func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("hub Run: %v", err)
-		}
-	}()
+	h, ctx := runHub(t)
 	put := func(rec siteRecord) {
 		b, _ := json.Marshal(rec)
 		if err := h.store.Update(ctx, keySites+rec.Site.Name, func([]byte) ([]byte, error) { return b, nil }); err != nil {
@@ -66,5 +82,95 @@ func TestSaveSite_clearsOnlyItsOwnClaim(t *testing.T) {
 	}
 	if got := stored(); got.ConnectedVia != "" || !got.LastSync.Equal(newer) {
 		t.Errorf("after hub A's own stream ended: %+v; want no claim, last sync %v", got, newer)
+	}
+}
+
+// TestRemoveSite_leavesNothingBehind: a spoke's delta that reaches this
+// replica after another one removed the site is refused and writes
+// nothing; a removal takes what the site has in the store, also what this
+// replica has not seen; a removal cut short is finished by running it
+// again, and a new site of the name does not inherit what it left.
+func TestRemoveSite_leavesNothingBehind(t *testing.T) {
+	h, ctx := runHub(t)
+	admin := &adminServer{h: h}
+	add := func() {
+		t.Helper()
+		if _, err := admin.AddSite(ctx, &meshfedv1.AddSiteRequest{Site: &meshfedv1.Site{Name: "east", Kind: "docker"}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	service := func(name string) *meshfedv1.Resource {
+		return federation.ServiceResource(&meshfedv1.Service{Site: "east", Namespace: "default", Name: name, Ports: []*meshfedv1.Port{{Port: 80}}})
+	}
+	left := func() []string {
+		t.Helper()
+		var keys []string
+		for _, prefix := range []string{keySites, keyResource + "svc/", keyTokens} {
+			kvs, err := h.store.List(ctx, prefix)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, kv := range kvs {
+				keys = append(keys, kv.Key)
+			}
+		}
+		return keys
+	}
+	sink := &spokeSink{h: h, site: "east"}
+
+	add()
+	if err := sink.Apply(ctx, &meshfedv1.Delta{Updated: []*meshfedv1.Resource{service("a")}}); err != nil {
+		t.Fatal(err)
+	}
+	// Another replica wrote a service this one has not seen yet.
+	raw, _ := proto.Marshal(service("b"))
+	if err := h.store.Apply(ctx, store.Op{Key: keyResource + service("b").Key, Value: raw}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := admin.CreateToken(ctx, &meshfedv1.CreateTokenRequest{Site: "east"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := admin.RemoveSite(ctx, &meshfedv1.RemoveSiteRequest{Name: "east"}); err != nil {
+		t.Fatal(err)
+	}
+	if got := left(); len(got) != 0 {
+		t.Errorf("after the removal the store holds %v", got)
+	}
+	if _, err := admin.RemoveSite(ctx, &meshfedv1.RemoveSiteRequest{Name: "east"}); status.Code(err) != codes.NotFound {
+		t.Errorf("removing it again: %v; want NotFound", err)
+	}
+
+	// Another replica removed the site while this one still has it.
+	add()
+	if err := h.store.Apply(ctx, store.Op{Key: keySites + "east", Delete: true}); err != nil {
+		t.Fatal(err)
+	}
+	if err := sink.Apply(ctx, &meshfedv1.Delta{Updated: []*meshfedv1.Resource{service("c")}}); err == nil || !strings.Contains(err.Error(), "removed") {
+		t.Errorf("a delta after the removal: %v; want it refused", err)
+	}
+	if _, err := admin.CreateToken(ctx, &meshfedv1.CreateTokenRequest{Site: "east"}); status.Code(err) != codes.NotFound {
+		t.Errorf("a token after the removal: %v; want NotFound", err)
+	}
+	if got := left(); len(got) != 0 {
+		t.Errorf("writes after the removal left %v", got)
+	}
+
+	// A removal cut short after the record: running it again finishes it.
+	if err := h.store.Apply(ctx, store.Op{Key: keyResource + service("d").Key, Value: raw}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := admin.RemoveSite(ctx, &meshfedv1.RemoveSiteRequest{Name: "east"}); err != nil {
+		t.Fatal(err)
+	}
+	if got := left(); len(got) != 0 {
+		t.Errorf("after running the removal again the store holds %v", got)
+	}
+	// Or a new site of the name clears it.
+	if err := h.store.Apply(ctx, store.Op{Key: keyResource + service("e").Key, Value: raw}); err != nil {
+		t.Fatal(err)
+	}
+	add()
+	if got := left(); len(got) != 1 || got[0] != keySites+"east" {
+		t.Errorf("a new site east starts with %v; want only its record", got)
 	}
 }

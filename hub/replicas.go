@@ -91,18 +91,9 @@ func (h *Hub) syncSite(name string, raw []byte) {
 		}
 		st.mu.Lock() // after a removal under way here, if there is one
 		defer st.mu.Unlock()
-		h.mu.Lock()
-		defer h.mu.Unlock()
-		if h.sites[name] != st {
-			return
+		if h.forgetSite(st) {
+			h.log.Info("site removed (through another hub)", "site", name)
 		}
-		if st.conn != nil {
-			st.conn.cancel()
-		}
-		delete(h.sites, name)
-		h.table.Delete(federation.SiteKey(name))
-		h.refreshGaugesLocked()
-		h.log.Info("site removed (through another hub)", "site", name)
 		return
 	}
 	var rec siteRecord

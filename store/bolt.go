@@ -81,21 +81,33 @@ func (b *Bolt) List(_ context.Context, prefix string) ([]KV, error) {
 
 // Apply implements Store.
 func (b *Bolt) Apply(_ context.Context, ops ...Op) error {
+	return b.db.Update(func(tx *bolt.Tx) error { return apply(tx.Bucket(boltBucket), ops) })
+}
+
+// ApplyIf implements Store.
+func (b *Bolt) ApplyIf(_ context.Context, key string, cond func([]byte) error, ops ...Op) error {
 	return b.db.Update(func(tx *bolt.Tx) error {
 		bk := tx.Bucket(boltBucket)
-		for _, op := range ops {
-			var err error
-			if op.Delete {
-				err = bk.Delete([]byte(op.Key))
-			} else {
-				err = bk.Put([]byte(op.Key), op.Value)
-			}
-			if err != nil {
-				return fmt.Errorf("store: write %s: %w", op.Key, err)
-			}
+		if err := cond(bytes.Clone(bk.Get([]byte(key)))); err != nil {
+			return err
 		}
-		return nil
+		return apply(bk, ops)
 	})
+}
+
+func apply(bk *bolt.Bucket, ops []Op) error {
+	for _, op := range ops {
+		var err error
+		if op.Delete {
+			err = bk.Delete([]byte(op.Key))
+		} else {
+			err = bk.Put([]byte(op.Key), op.Value)
+		}
+		if err != nil {
+			return fmt.Errorf("store: write %s: %w", op.Key, err)
+		}
+	}
+	return nil
 }
 
 // Update implements Store.

@@ -87,8 +87,19 @@ const etcdMaxOps = 128
 // larger batch must be split, and then it is no longer atomic as a whole:
 // Apply refuses it rather than pretend.
 func (e *Etcd) Apply(ctx context.Context, ops ...Op) error {
+	txn, err := e.txnOps(ops)
+	if err != nil {
+		return err
+	}
+	if _, err := e.cli.Txn(ctx).Then(txn...).Commit(); err != nil {
+		return fmt.Errorf("store: etcd write: %w", err)
+	}
+	return nil
+}
+
+func (e *Etcd) txnOps(ops []Op) ([]clientv3.Op, error) {
 	if len(ops) > etcdMaxOps {
-		return fmt.Errorf("store: etcd: a batch of %d writes exceeds etcd's %d per transaction", len(ops), etcdMaxOps)
+		return nil, fmt.Errorf("store: etcd: a batch of %d writes exceeds etcd's %d per transaction", len(ops), etcdMaxOps)
 	}
 	txn := make([]clientv3.Op, 0, len(ops))
 	for _, op := range ops {
@@ -98,15 +109,37 @@ func (e *Etcd) Apply(ctx context.Context, ops ...Op) error {
 			txn = append(txn, clientv3.OpPut(e.prefix+op.Key, string(op.Value)))
 		}
 	}
-	if _, err := e.cli.Txn(ctx).Then(txn...).Commit(); err != nil {
-		return fmt.Errorf("store: etcd write: %w", err)
-	}
-	return nil
+	return txn, nil
 }
 
-// Update implements Store with optimistic concurrency: it retries when the
-// key's revision moved between its read and its write.
+// Update implements Store.
 func (e *Etcd) Update(ctx context.Context, key string, fn UpdateFunc) error {
+	k := e.prefix + key
+	return e.ifUnchanged(ctx, key, func(cur []byte) ([]clientv3.Op, error) {
+		next, err := fn(cur)
+		if err != nil {
+			return nil, err
+		}
+		if next == nil {
+			return []clientv3.Op{clientv3.OpDelete(k)}, nil
+		}
+		return []clientv3.Op{clientv3.OpPut(k, string(next))}, nil
+	})
+}
+
+// ApplyIf implements Store.
+func (e *Etcd) ApplyIf(ctx context.Context, key string, cond func([]byte) error, ops ...Op) error {
+	txn, err := e.txnOps(ops)
+	if err != nil {
+		return err
+	}
+	return e.ifUnchanged(ctx, key, func(cur []byte) ([]clientv3.Op, error) { return txn, cond(cur) })
+}
+
+// ifUnchanged reads key, has write decide what to write from its value,
+// and writes that only if key is still as read: optimistic concurrency,
+// retried when another writer moved the key's revision in between.
+func (e *Etcd) ifUnchanged(ctx context.Context, key string, write func(cur []byte) ([]clientv3.Op, error)) error {
 	k := e.prefix + key
 	for range 16 {
 		r, err := e.cli.Get(ctx, k)
@@ -118,17 +151,13 @@ func (e *Etcd) Update(ctx context.Context, key string, fn UpdateFunc) error {
 		if len(r.Kvs) > 0 {
 			cur, rev = r.Kvs[0].Value, r.Kvs[0].ModRevision
 		}
-		next, err := fn(cur)
+		txn, err := write(cur)
 		if err != nil {
 			return err
 		}
-		write := clientv3.OpDelete(k)
-		if next != nil {
-			write = clientv3.OpPut(k, string(next))
-		}
-		tr, err := e.cli.Txn(ctx).If(clientv3.Compare(clientv3.ModRevision(k), "=", rev)).Then(write).Commit()
+		tr, err := e.cli.Txn(ctx).If(clientv3.Compare(clientv3.ModRevision(k), "=", rev)).Then(txn...).Commit()
 		if err != nil {
-			return fmt.Errorf("store: etcd update %s: %w", key, err)
+			return fmt.Errorf("store: etcd write under %s: %w", key, err)
 		}
 		if tr.Succeeded {
 			return nil

@@ -14,8 +14,8 @@ import (
 // ErrNotFound is returned by Get for a key that does not exist.
 var ErrNotFound = errors.New("store: key not found")
 
-// ErrConflict is returned by Update when another writer changed the key
-// between read and write too many times in a row.
+// ErrConflict is returned by Update and ApplyIf when another writer changed
+// the key between read and write too many times in a row.
 var ErrConflict = errors.New("store: too many concurrent updates of one key")
 
 // KV is one stored pair.
@@ -46,6 +46,11 @@ type Store interface {
 	Apply(ctx context.Context, ops ...Op) error
 	// Update atomically reads, changes and writes one key.
 	Update(ctx context.Context, key string, fn UpdateFunc) error
+	// ApplyIf writes ops as Apply does, if cond accepts the value key has
+	// (nil when absent) as they are written: another writer's change to
+	// key in between is seen. cond's error aborts the write unchanged and
+	// is returned as it is.
+	ApplyIf(ctx context.Context, key string, cond func(current []byte) error, ops ...Op) error
 	// Close releases the store.
 	Close() error
 }

@@ -77,6 +77,30 @@ func Run(t *testing.T, open func(t *testing.T) store.Store) {
 			t.Fatalf("Get after failed update = %q, want keep", got)
 		}
 	})
+	t.Run("a conditional write goes by its key's value as it writes", func(t *testing.T) {
+		s := open(t)
+		gone := errors.New("no gate")
+		open := func(cur []byte) error {
+			if string(cur) != "open" {
+				return fmt.Errorf("%w: %q", gone, cur)
+			}
+			return nil
+		}
+		if err := s.ApplyIf(ctx, "gate", open, store.Op{Key: "out/1", Value: []byte("x")}); !errors.Is(err, gone) {
+			t.Fatalf("ApplyIf with the key absent = %v, want cond's error", err)
+		}
+		mustApply(t, s, store.Op{Key: "gate", Value: []byte("open")}, store.Op{Key: "out/2", Value: []byte("keep")})
+		if err := s.ApplyIf(ctx, "gate", open, store.Op{Key: "out/1", Value: []byte("x")}, store.Op{Key: "out/2", Delete: true}); err != nil {
+			t.Fatal(err)
+		}
+		mustApply(t, s, store.Op{Key: "gate", Delete: true})
+		if err := s.ApplyIf(ctx, "gate", open, store.Op{Key: "out/3", Value: []byte("x")}); !errors.Is(err, gone) {
+			t.Fatalf("ApplyIf after the key's delete = %v, want cond's error", err)
+		}
+		if got, want := list(t, s, "out/"), "out/1=x,"; got != want {
+			t.Fatalf("List(out/) = %q, want %q", got, want)
+		}
+	})
 	t.Run("concurrent updates of one key lose nothing", func(t *testing.T) {
 		s := open(t)
 		const n = 20

@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"maps"
@@ -10,6 +11,7 @@ import (
 	"time"
 
 	"github.com/meshfed/meshfed/catalog"
+	"github.com/meshfed/meshfed/store"
 	"github.com/meshfed/meshfed/test/harness"
 )
 
@@ -20,7 +22,8 @@ import (
 // federated through A is refreshed by B while A is down; and a site
 // removed through B is gone from A, from its catalog and from west's view.
 func TestHubReplicas(t *testing.T) {
-	storeArgs := []string{"--store", "etcd", "--etcd-endpoints", harness.Etcd(t), "--etcd-prefix", "/replicas/"}
+	etcd := harness.Etcd(t)
+	storeArgs := []string{"--store", "etcd", "--etcd-endpoints", etcd, "--etcd-prefix", "/replicas/"}
 	f := newFederation(t, storeArgs...)
 	bAddr, bHTTP := harness.FreePort(t), harness.FreePort(t)
 	harness.Start(t, "hub-b", f.bin, append([]string{"hub", "--data-dir", filepath.Join(f.dir, "hub-b"), "--listen", bAddr,
@@ -90,6 +93,25 @@ func TestHubReplicas(t *testing.T) {
 	})
 	catalogIs(t, 20*time.Second, "hub A", f.cli, westOnly)
 	viewIs(t, 20*time.Second, west, westOnly)
+	// East's spoke was connected to A meanwhile, and kept writing: nothing
+	// of east is left in the store.
+	st, err := store.OpenEtcd(context.Background(), store.EtcdOptions{Endpoints: []string{etcd}, Prefix: "/replicas/"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	kvs, err := st.List(context.Background(), "sites/west")
+	if err == nil && len(kvs) == 1 {
+		kvs, err = st.List(context.Background(), "")
+	}
+	if err != nil || len(kvs) < 2 {
+		t.Fatalf("the store under /replicas/: %d keys, %v; want west's among them", len(kvs), err)
+	}
+	for _, kv := range kvs {
+		if strings.Contains(kv.Key, "east") || strings.Contains(string(kv.Value), `"site":"east"`) {
+			t.Errorf("after east's removal the store still holds %s", kv.Key)
+		}
+	}
 }
 
 // siteStates is each site's state as a hub's `site list` shows it.
