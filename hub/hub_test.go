@@ -3,7 +3,6 @@ package hub_test
 import (
 	"context"
 	"fmt"
-	"log/slog"
 	"strings"
 	"testing"
 	"time"
@@ -22,19 +21,7 @@ import (
 // testHub runs a hub on loopback and returns an admin client and the hub.
 func testHub(t *testing.T) (meshfedv1.AdminClient, *hub.Hub) {
 	t.Helper()
-	ctx, cancel := context.WithCancel(context.Background())
-	h, err := hub.New(ctx, hub.Options{DataDir: t.TempDir(), Listen: "127.0.0.1:0", HTTPListen: "-", Federation: "test.meshfed", Logger: slog.New(slog.DiscardHandler)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan error)
-	go func() { done <- h.Run(ctx) }()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("hub Run: %v", err)
-		}
-	})
+	h := hub.RunForTest(t, hub.Options{})
 	conf, err := hubclient.Load(h.AdminConfigPath())
 	if err != nil {
 		t.Fatal(err)

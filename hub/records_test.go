@@ -17,12 +17,15 @@ import (
 	"google.golang.org/protobuf/proto"
 )
 
-// runHub runs a hub on a bbolt store in a temporary directory until the
-// test ends.
-func runHub(t *testing.T) (*Hub, context.Context) {
+// RunForTest runs a hub on a bbolt store in a temporary directory, on
+// loopback, until the test ends; o's other fields as given. (Exported for
+// the package's external tests too.)
+func RunForTest(t *testing.T, o Options) *Hub {
 	t.Helper()
+	o.DataDir, o.Listen, o.HTTPListen, o.Federation = t.TempDir(), "127.0.0.1:0", "-", "test.meshfed"
+	o.Logger = slog.New(slog.DiscardHandler)
 	ctx, cancel := context.WithCancel(context.Background())
-	h, err := New(ctx, Options{DataDir: t.TempDir(), Listen: "127.0.0.1:0", HTTPListen: "-", Federation: "test.meshfed", Advertise: "hub-a:7443", Logger: slog.New(slog.DiscardHandler)})
+	h, err := New(ctx, o)
 	if err != nil {
 		cancel()
 		t.Fatal(err)
@@ -35,7 +38,12 @@ func runHub(t *testing.T) (*Hub, context.Context) {
 			t.Errorf("hub Run: %v", err)
 		}
 	})
-	return h, ctx
+	return h
+}
+
+// runHub is a hub that calls itself hub-a:7443.
+func runHub(t *testing.T) (*Hub, context.Context) {
+	return RunForTest(t, Options{Advertise: "hub-a:7443"}), context.Background()
 }
 
 // TestSaveSite_clearsOnlyItsOwnClaim: a stream that ends at this replica

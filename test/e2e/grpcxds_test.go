@@ -227,15 +227,11 @@ func TestProxylessGRPC(t *testing.T) {
 	})
 
 	t.Run("delta ADS", func(t *testing.T) {
-		dc, err := grpc.NewClient("passthrough:///"+c.xds, grpc.WithTransportCredentials(mtlsCreds(t, dir)))
+		ads := adsClient(t, c, dir)
 		id := "spiffe://c.test.meshfed/meshfed/node/grpc-host"
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer dc.Close()
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
-		stream, err := discoveryv3.NewAggregatedDiscoveryServiceClient(dc).DeltaAggregatedResources(ctx)
+		stream, err := ads.DeltaAggregatedResources(ctx)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -252,7 +248,7 @@ func TestProxylessGRPC(t *testing.T) {
 		}
 
 		// A node ID that is not the caller's SPIFFE ID is refused.
-		spoof, err := discoveryv3.NewAggregatedDiscoveryServiceClient(dc).StreamAggregatedResources(ctx)
+		spoof, err := ads.StreamAggregatedResources(ctx)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -264,6 +260,17 @@ func TestProxylessGRPC(t *testing.T) {
 			t.Fatalf("a stream with another node ID: %v; want PermissionDenied", err)
 		}
 	})
+}
+
+// adsClient is an ADS client of s's xDS server that presents dir's SVID.
+func adsClient(t *testing.T, s *spokeProc, dir string) discoveryv3.AggregatedDiscoveryServiceClient {
+	t.Helper()
+	cc, err := grpc.NewClient("passthrough:///"+s.xds, grpc.WithTransportCredentials(mtlsCreds(t, dir)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cc.Close() })
+	return discoveryv3.NewAggregatedDiscoveryServiceClient(cc)
 }
 
 // mtlsCreds presents dir's SVID and trusts dir's bundle.
@@ -381,14 +388,9 @@ func TestProxylessGRPCAcrossSites(t *testing.T) {
 // addresses of those whose SNI holds sni satisfy done; it returns them.
 func envoyEndpoints(t *testing.T, s *spokeProc, dir, id, sni string, done func([]string) bool) []string {
 	t.Helper()
-	cc, err := grpc.NewClient("passthrough:///"+s.xds, grpc.WithTransportCredentials(mtlsCreds(t, dir)))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cc.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	stream, err := discoveryv3.NewAggregatedDiscoveryServiceClient(cc).StreamAggregatedResources(ctx)
+	stream, err := adsClient(t, s, dir).StreamAggregatedResources(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
