@@ -44,15 +44,9 @@ func (s *adminServer) AddSite(ctx context.Context, req *meshfedv1.AddSiteRequest
 		return nil, status.Error(codes.InvalidArgument, err.Error())
 	}
 	// What a removal cut short left of an earlier site of that name is not
-	// this one's. With no record, no hub writes for the name meanwhile.
-	if _, err := h.store.Get(ctx, keySites+site.Name); errors.Is(err, store.ErrNotFound) {
-		keys, err := h.siteKeys(ctx, site.Name)
-		if err == nil {
-			err = h.deleteKeys(ctx, keys)
-		}
-		if err != nil {
-			return nil, status.Errorf(codes.Unavailable, "clear what an earlier site %s left: %v", site.Name, err)
-		}
+	// this one's.
+	if _, err := h.clearSite(ctx, site.Name); err != nil && !errors.Is(err, errSiteBack) {
+		return nil, status.Errorf(codes.Unavailable, "clear what an earlier site %s left: %v", site.Name, err)
 	}
 	rec := siteRecord{Site: site, Created: time.Now().UTC()}
 	var existing siteRecord
@@ -162,17 +156,16 @@ func (s *adminServer) RemoveSite(ctx context.Context, req *meshfedv1.RemoveSiteR
 		services = st.services
 		h.forgetSite(st)
 	}
-	keys, err := h.siteKeys(ctx, name)
-	if err == nil {
-		if !recorded && st == nil && len(keys) == 0 {
-			return nil, notFoundSite(name)
-		}
-		err = h.deleteKeys(ctx, keys)
-	}
-	if err != nil {
+	cleared, err := h.clearSite(ctx, name)
+	switch {
+	case errors.Is(err, errSiteBack):
+		return nil, status.Errorf(codes.Aborted, "site %s was added again while it was being removed; what is left is the new site's: run the removal again to remove that one", name)
+	case err != nil:
 		return nil, status.Errorf(codes.Unavailable, "remove site %s: its record is gone, but not all it left: %v (run the command again to finish)", name, err)
+	case !recorded && st == nil && cleared == 0:
+		return nil, notFoundSite(name)
 	}
-	h.log.Info("site removed", "site", name, "services", services, "keys", len(keys))
+	h.log.Info("site removed", "site", name, "services", services, "keys", cleared)
 	return &meshfedv1.RemoveSiteResponse{ServicesRemoved: uint32(services)}, nil
 }
 

@@ -424,6 +424,7 @@ func (h *Hub) load(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("hub: load catalog: %w", err)
 	}
+	leftovers := map[string]bool{}
 	for _, kv := range kvs {
 		r := &meshfedv1.Resource{}
 		if err := proto.Unmarshal(kv.Value, r); err != nil {
@@ -436,7 +437,7 @@ func (h *Hub) load(ctx context.Context) error {
 			continue
 		}
 		if st == nil {
-			// Left over from a removal that was cut short; the site is gone.
+			leftovers[owner] = true // from a removal that was cut short
 			continue
 		}
 		st.services += countServices(r)
@@ -447,6 +448,14 @@ func (h *Hub) load(ctx context.Context) error {
 		h.publishSiteLocked(st)
 	}
 	h.log.Info("loaded state", "sites", len(h.sites), "resources", h.table.Len())
+	for site := range leftovers {
+		n, err := h.clearSite(ctx, site)
+		if err != nil && !errors.Is(err, errSiteBack) {
+			h.log.Warn("could not clear what a removed site left; the next start tries again", "site", site, "err", err)
+			continue
+		}
+		h.log.Info("cleared what a removed site left", "site", site, "keys", n)
+	}
 	return nil
 }
 

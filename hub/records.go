@@ -86,20 +86,37 @@ func (h *Hub) siteKeys(ctx context.Context, site string) ([]string, error) {
 	return keys, nil
 }
 
-// deleteKeys deletes keys, 100 to a write (etcd takes up to 128).
-func (h *Hub) deleteKeys(ctx context.Context, keys []string) error {
-	for len(keys) > 0 {
-		n := min(len(keys), 100)
+// errSiteBack: a site of that name was registered (again) while what an
+// earlier one left was being cleared; the rest is the new site's.
+var errSiteBack = errors.New("a site of that name was registered again meanwhile")
+
+// clearSite deletes what site has in the store while the site has no
+// record: the second step of a removal, and what a removal cut short left,
+// found again by a new site of the name or a starting hub. Each write of
+// 100 (etcd takes up to 128) checks the record is still absent.
+func (h *Hub) clearSite(ctx context.Context, site string) (int, error) {
+	keys, err := h.siteKeys(ctx, site)
+	if err != nil {
+		return 0, err
+	}
+	absent := func(cur []byte) error {
+		if cur != nil {
+			return errSiteBack
+		}
+		return nil
+	}
+	for done := 0; done < len(keys); {
+		n := min(len(keys)-done, 100)
 		ops := make([]store.Op, n)
-		for i, k := range keys[:n] {
+		for i, k := range keys[done : done+n] {
 			ops[i] = store.Op{Key: k, Delete: true}
 		}
-		if err := h.store.Apply(ctx, ops...); err != nil {
-			return err
+		if err := h.store.ApplyIf(ctx, keySites+site, absent, ops...); err != nil {
+			return done, err
 		}
-		keys = keys[n:]
+		done += n
 	}
-	return nil
+	return len(keys), nil
 }
 
 // siteRecord is a site as stored.

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"log/slog"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -17,12 +18,15 @@ import (
 	"google.golang.org/protobuf/proto"
 )
 
-// RunForTest runs a hub on a bbolt store in a temporary directory, on
-// loopback, until the test ends; o's other fields as given. (Exported for
-// the package's external tests too.)
+// RunForTest runs a hub on a bbolt store (in a temporary directory unless
+// o.DataDir is set), on loopback, until the test ends; o's other fields as
+// given. (Exported for the package's external tests too.)
 func RunForTest(t *testing.T, o Options) *Hub {
 	t.Helper()
-	o.DataDir, o.Listen, o.HTTPListen, o.Federation = t.TempDir(), "127.0.0.1:0", "-", "test.meshfed"
+	if o.DataDir == "" {
+		o.DataDir = t.TempDir()
+	}
+	o.Listen, o.HTTPListen, o.Federation = "127.0.0.1:0", "-", "test.meshfed"
 	o.Logger = slog.New(slog.DiscardHandler)
 	ctx, cancel := context.WithCancel(context.Background())
 	h, err := New(ctx, o)
@@ -180,5 +184,41 @@ func TestRemoveSite_leavesNothingBehind(t *testing.T) {
 	add()
 	if got := left(); len(got) != 1 || got[0] != keySites+"east" {
 		t.Errorf("a new site east starts with %v; want only its record", got)
+	}
+}
+
+// TestLoad_clearsWhatARemovedSiteLeft: a hub that starts on a store with
+// keys of a site that has no record (a removal cut short) deletes them,
+// and keeps those of registered sites.
+func TestLoad_clearsWhatARemovedSiteLeft(t *testing.T) {
+	dir := t.TempDir()
+	put := func(h *Hub, site, name string) {
+		t.Helper()
+		r := federation.ServiceResource(&meshfedv1.Service{Site: site, Namespace: "default", Name: name, Ports: []*meshfedv1.Port{{Port: 80}}})
+		raw, _ := proto.Marshal(r)
+		if err := h.store.Apply(context.Background(), store.Op{Key: keyResource + r.Key, Value: raw}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	t.Run("a removal cut short", func(t *testing.T) {
+		h := RunForTest(t, Options{DataDir: dir})
+		if _, err := (&adminServer{h: h}).AddSite(context.Background(), &meshfedv1.AddSiteRequest{Site: &meshfedv1.Site{Name: "west", Kind: "docker"}}); err != nil {
+			t.Fatal(err)
+		}
+		put(h, "west", "kept")
+		put(h, "east", "a")
+		put(h, "east", "b")
+	})
+	h := RunForTest(t, Options{DataDir: dir})
+	kvs, err := h.store.List(context.Background(), keyResource+"svc/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var keys []string
+	for _, kv := range kvs {
+		keys = append(keys, kv.Key)
+	}
+	if want := []string{keyResource + federation.ServiceKey("west", "default", "kept")}; !slices.Equal(keys, want) {
+		t.Errorf("after a start the store holds %v; want %v", keys, want)
 	}
 }
