@@ -71,8 +71,8 @@ type Catalog struct {
 	// Gossip is what the site's gateways need to join the WAN pool; nil
 	// while the spoke is not in it.
 	Gossip *gossip.Secret
-	// Resolved are the addresses of gateway host names, for nodes that
-	// take only IP addresses; the xDS server fills it in.
+	// Resolved are the addresses of gateway and endpoint host names, for
+	// nodes that take only IP addresses; the xDS server fills it in.
 	Resolved map[string][]netip.Addr
 }
 
@@ -83,8 +83,9 @@ type Node struct {
 	// Locality is the node's; empty: the site's.
 	Locality catalog.Locality
 	// IPOnly: the node takes only IP addresses in its endpoints (Envoy):
-	// a gateway known by host name is given as the addresses it resolves
-	// to (Catalog.Resolved), and left out until it has some.
+	// a gateway or local endpoint known by host name is given as the
+	// addresses it resolves to (Catalog.Resolved), and left out until it
+	// has some.
 	IPOnly bool
 	// GRPC: a proxyless gRPC client, which gets API listeners instead of
 	// TCP listeners, and clusters whose mTLS names the certificate
@@ -332,8 +333,10 @@ func (b *builder) loadAssignment(f *federated, p catalog.Port, sub catalog.Split
 			for _, e := range eps {
 				loc := catalog.Locality{Region: e.Region, Zone: e.Zone}
 				g := groupFor(groups, site, loc)
-				g.eps = append(g.eps, b.lbEndpoint(e.Address, e.Port, health(e.Health), max(e.Weight, 1), site, f, p, sub.Name))
-				g.weight += max(e.Weight, 1)
+				for _, addr := range b.addrs(e.Address) {
+					g.eps = append(g.eps, b.lbEndpoint(addr, e.Port, health(e.Health), max(e.Weight, 1), site, f, p, sub.Name))
+					g.weight += max(e.Weight, 1)
+				}
 			}
 			continue
 		}
@@ -403,8 +406,9 @@ func (b *builder) remoteEndpoints(groups map[string]*group, site string, eps []c
 	}
 }
 
-// addrs is how the node is to be given a gateway's host: as it is, or,
-// for a node that takes only IP addresses, the addresses it resolves to.
+// addrs is how the node is to be given a gateway's or an endpoint's host:
+// as it is, or, for a node that takes only IP addresses, the addresses it
+// resolves to.
 func (b *builder) addrs(host string) []string {
 	if _, err := netip.ParseAddr(host); err == nil || !b.n.IPOnly {
 		return []string{host}

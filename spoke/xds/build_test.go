@@ -162,9 +162,9 @@ func TestGatewayRoutesOnlyLocalServices(t *testing.T) {
 
 func ptr[T any](v T) *T { return &v }
 
-// eastGateways are the addresses a node is given for east's gateways in
+// siteEndpoints are the addresses a node is given for site's endpoints in
 // the whole service's load assignment.
-func eastGateways(t *testing.T, c *Catalog, n Node) []string {
+func siteEndpoints(t *testing.T, c *Catalog, site string, n Node) []string {
 	t.Helper()
 	var out []string
 	for _, r := range Build(c, n, SVID{})[resource.EndpointType] {
@@ -177,7 +177,7 @@ func eastGateways(t *testing.T, c *Catalog, n Node) []string {
 		}
 		for _, l := range cla.Endpoints {
 			for _, e := range l.LbEndpoints {
-				if l.Locality.SubZone == "east" {
+				if l.Locality.SubZone == site {
 					out = append(out, e.GetEndpoint().GetAddress().GetSocketAddress().GetAddress())
 				}
 			}
@@ -188,19 +188,32 @@ func eastGateways(t *testing.T, c *Catalog, n Node) []string {
 
 func TestIPOnlyNodesGetGatewayAddresses(t *testing.T) {
 	c := testCatalog()
-	if got := eastGateways(t, c, Node{ID: "spiffe://c.test/x"}); fmt.Sprint(got) != "[10.0.0.1 gw.east.test]" {
+	if got := siteEndpoints(t, c, "east", Node{ID: "spiffe://c.test/x"}); fmt.Sprint(got) != "[10.0.0.1 gw.east.test]" {
 		t.Errorf("a meshfed proxy gets %v, want the host name as it is", got)
 	}
 	// Envoy needs IP addresses: a host name not looked up yet is left out.
 	envoy := Node{ID: "spiffe://c.test/x", IPOnly: true}
-	if got := eastGateways(t, c, envoy); fmt.Sprint(got) != "[10.0.0.1]" {
+	if got := siteEndpoints(t, c, "east", envoy); fmt.Sprint(got) != "[10.0.0.1]" {
 		t.Errorf("Envoy, before the lookup, gets %v", got)
 	}
 	c.Resolved = map[string][]netip.Addr{"gw.east.test": {netip.MustParseAddr("10.0.0.7"), netip.MustParseAddr("10.0.0.8")}}
-	if got := eastGateways(t, c, envoy); fmt.Sprint(got) != "[10.0.0.1 10.0.0.7 10.0.0.8]" {
+	if got := siteEndpoints(t, c, "east", envoy); fmt.Sprint(got) != "[10.0.0.1 10.0.0.7 10.0.0.8]" {
 		t.Errorf("Envoy gets %v, want the host name's addresses", got)
 	}
-	if hosts := gatewayHosts(c); fmt.Sprint(hosts) != "[gw.east.test]" {
+	if hosts := hostNames(c); fmt.Sprint(hosts) != "[gw.east.test]" {
 		t.Errorf("host names to look up: %v", hosts)
+	}
+
+	// A local endpoint known by host name (a container's, say) too.
+	c.Services[0].Endpoints[0].Address = "echo-1.c.test"
+	if hosts := hostNames(c); fmt.Sprint(hosts) != "[echo-1.c.test gw.east.test]" {
+		t.Errorf("host names to look up: %v", hosts)
+	}
+	c.Resolved["echo-1.c.test"] = []netip.Addr{netip.MustParseAddr("10.1.0.9")}
+	if got := siteEndpoints(t, c, "c", envoy); fmt.Sprint(got) != "[10.1.0.9 10.1.0.2]" {
+		t.Errorf("Envoy gets local endpoints %v", got)
+	}
+	if got := siteEndpoints(t, c, "c", Node{ID: "spiffe://c.test/x"}); fmt.Sprint(got) != "[echo-1.c.test 10.1.0.2]" {
+		t.Errorf("a meshfed proxy gets local endpoints %v", got)
 	}
 }

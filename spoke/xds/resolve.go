@@ -14,13 +14,14 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 )
 
-// DefaultResolveEvery is how often gateway host names are looked up again
-// for nodes that take only IP addresses: a cloud load balancer's
-// addresses change.
+// DefaultResolveEvery is how often host names are looked up again for
+// nodes that take only IP addresses: a cloud load balancer's addresses
+// change, and so do containers'.
 const DefaultResolveEvery = 30 * time.Second
 
-// resolver keeps the addresses of other sites' gateway host names while a
-// node that takes only IP addresses (Envoy) is connected. A failed lookup
+// resolver keeps the addresses of other sites' gateway host names, and of
+// this site's endpoints', while a node that takes only IP addresses (Envoy)
+// is connected. A failed lookup
 // keeps the addresses from the last one that worked.
 type resolver struct {
 	every   time.Duration
@@ -46,7 +47,7 @@ func newResolver(every time.Duration, log *slog.Logger, changed func()) *resolve
 		},
 		lookups: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "meshfed_xds_gateway_lookups_total",
-			Help: "DNS lookups of other sites' gateway host names, for nodes that take only IP addresses (Envoy), by result.",
+			Help: "DNS lookups of other sites' gateway host names and this site's endpoint host names, for nodes that take only IP addresses (Envoy), by result.",
 		}, []string{"result"}),
 	}
 }
@@ -95,7 +96,7 @@ func (r *resolver) run(ctx context.Context) {
 			switch {
 			case err != nil || len(addrs) == 0:
 				r.lookups.WithLabelValues("error").Inc()
-				r.log.Warn("could not look up a gateway host name; Envoy nodes keep its last addresses", "host", h, "addresses", len(old), "err", err)
+				r.log.Warn("could not look up a host name; Envoy nodes keep its last addresses", "host", h, "addresses", len(old), "err", err)
 				next[h] = old
 			default:
 				r.lookups.WithLabelValues("ok").Inc()
@@ -128,18 +129,30 @@ func sameAddrs(a, b map[string][]netip.Addr) bool {
 	return true
 }
 
-// gatewayHosts are the host names (not IP addresses) among other sites'
-// gateway addresses, sorted.
-func gatewayHosts(c *Catalog) []string {
+// hostNames are the host names (not IP addresses) a node that takes only
+// IP addresses needs looked up: other sites' gateway addresses and this
+// site's endpoints. Sorted.
+func hostNames(c *Catalog) []string {
 	seen := map[string]bool{}
+	add := func(host string) {
+		if _, err := netip.ParseAddr(host); err != nil && host != "" {
+			seen[host] = true
+		}
+	}
 	for name, s := range c.Sites {
 		if name == c.Site {
 			continue
 		}
 		for _, gw := range s.GatewayAddresses {
-			host, _, err := net.SplitHostPort(gw)
-			if _, perr := netip.ParseAddr(host); err == nil && perr != nil {
-				seen[host] = true
+			if host, _, err := net.SplitHostPort(gw); err == nil {
+				add(host)
+			}
+		}
+	}
+	for _, svc := range c.Services {
+		if svc.Site == c.Site {
+			for _, e := range svc.Endpoints {
+				add(e.Address)
 			}
 		}
 	}

@@ -458,7 +458,7 @@ func (s *Server) rebuild(keys []string, c *Catalog) {
 	}
 }
 
-// withResolved gives c the addresses of other sites' gateway host names
+// withResolved gives c the addresses of the host names in it (hostNames)
 // while a node that takes only IP addresses is connected; the resolver
 // looks them up only then.
 func (s *Server) withResolved(c *Catalog) *Catalog {
@@ -473,7 +473,7 @@ func (s *Server) withResolved(c *Catalog) *Catalog {
 		return c
 	}
 	withAddrs := *c
-	withAddrs.Resolved = s.res.resolved(gatewayHosts(c))
+	withAddrs.Resolved = s.res.resolved(hostNames(c))
 	return &withAddrs
 }
 
