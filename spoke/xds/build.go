@@ -331,9 +331,12 @@ func (b *builder) loadAssignment(f *federated, p catalog.Port, sub catalog.Split
 		sites = append(sites, site)
 		if site == b.c.Site {
 			for _, e := range eps {
-				loc := catalog.Locality{Region: e.Region, Zone: e.Zone}
-				g := groupFor(groups, site, loc)
-				for _, addr := range b.addrs(e.Address) {
+				addrs := b.addrs(e.Address)
+				if len(addrs) == 0 {
+					continue // a host name not looked up yet
+				}
+				g := groupFor(groups, site, catalog.Locality{Region: e.Region, Zone: e.Zone})
+				for _, addr := range addrs {
 					g.eps = append(g.eps, b.lbEndpoint(addr, e.Port, health(e.Health), max(e.Weight, 1), site, f, p, sub.Name))
 					g.weight += max(e.Weight, 1)
 				}

@@ -176,6 +176,9 @@ func siteEndpoints(t *testing.T, c *Catalog, site string, n Node) []string {
 			continue
 		}
 		for _, l := range cla.Endpoints {
+			if len(l.LbEndpoints) == 0 {
+				t.Errorf("node %+v: locality %v has no endpoints", n, l.Locality)
+			}
 			for _, e := range l.LbEndpoints {
 				if l.Locality.SubZone == site {
 					out = append(out, e.GetEndpoint().GetAddress().GetSocketAddress().GetAddress())
@@ -208,6 +211,9 @@ func TestIPOnlyNodesGetGatewayAddresses(t *testing.T) {
 	c.Services[0].Endpoints[0].Address = "echo-1.c.test"
 	if hosts := hostNames(c); fmt.Sprint(hosts) != "[echo-1.c.test gw.east.test]" {
 		t.Errorf("host names to look up: %v", hosts)
+	}
+	if got := siteEndpoints(t, c, "c", envoy); fmt.Sprint(got) != "[10.1.0.2]" {
+		t.Errorf("Envoy, before the lookup, gets local endpoints %v", got)
 	}
 	c.Resolved["echo-1.c.test"] = []netip.Addr{netip.MustParseAddr("10.1.0.9")}
 	if got := siteEndpoints(t, c, "c", envoy); fmt.Sprint(got) != "[10.1.0.9 10.1.0.2]" {
