@@ -141,15 +141,12 @@ func (s *adminServer) RemoveSite(ctx context.Context, req *meshfedv1.RemoveSiteR
 		st.mu.Lock()
 		defer st.mu.Unlock()
 	}
-	_, err := h.store.Get(ctx, keySites+name)
-	recorded := err == nil
-	if err != nil && !errors.Is(err, store.ErrNotFound) {
-		return nil, status.Errorf(codes.Unavailable, "remove site %s: %v", name, err)
-	}
-	if recorded {
-		if err := h.store.Apply(ctx, store.Op{Key: keySites + name, Delete: true}); err != nil {
-			return nil, status.Errorf(codes.Unavailable, "remove site %s: %v (nothing was removed)", name, err)
-		}
+	recorded := false
+	if err := h.store.Update(ctx, keySites+name, func(cur []byte) ([]byte, error) {
+		recorded = cur != nil
+		return nil, nil
+	}); err != nil {
+		return nil, status.Errorf(codes.Unavailable, "remove site %s: %v (nothing was removed)", name, err)
 	}
 	services := 0
 	if st != nil {
