@@ -431,9 +431,13 @@ func (h *Hub) load(ctx context.Context) error {
 			return fmt.Errorf("hub: stored resource %s is damaged: %w", kv.Key, err)
 		}
 		owner := federation.KeySite(r.Key)
+		if rot := r.GetRotation(); rot != nil && h.sites[rot.GetSite()] == nil {
+			leftovers[rot.GetSite()] = true // the rotation request of a removed site
+			continue
+		}
 		st := h.sites[owner]
 		if owner == "" {
-			h.table.Put(r) // hub-owned: an imported bundle
+			h.table.Put(r) // hub-owned: an imported bundle, a rotation request
 			continue
 		}
 		if st == nil {
@@ -443,6 +447,15 @@ func (h *Hub) load(ctx context.Context) error {
 		st.services += countServices(r)
 		st.endpoints += len(r.GetService().GetEndpoints())
 		h.table.Put(r)
+	}
+	tokens, err := listJSON[tokenRecord](ctx, h.store, keyTokens)
+	if err != nil {
+		return err
+	}
+	for _, t := range tokens {
+		if h.sites[t.Site] == nil {
+			leftovers[t.Site] = true
+		}
 	}
 	for _, st := range h.sites {
 		h.publishSiteLocked(st)

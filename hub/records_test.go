@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"log/slog"
-	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -188,8 +187,9 @@ func TestRemoveSite_leavesNothingBehind(t *testing.T) {
 }
 
 // TestLoad_clearsWhatARemovedSiteLeft: a hub that starts on a store with
-// keys of a site that has no record (a removal cut short) deletes them,
-// and keeps those of registered sites.
+// catalog keys, a join token or a CA rotation request of a site that has
+// no record (a removal cut short) deletes them, and keeps those of
+// registered sites.
 func TestLoad_clearsWhatARemovedSiteLeft(t *testing.T) {
 	dir := t.TempDir()
 	put := func(h *Hub, site, name string) {
@@ -208,17 +208,35 @@ func TestLoad_clearsWhatARemovedSiteLeft(t *testing.T) {
 		put(h, "west", "kept")
 		put(h, "east", "a")
 		put(h, "east", "b")
+		// north left only a join token and a CA rotation request.
+		tok, _ := json.Marshal(tokenRecord{Site: "north", SecretHash: "x", Expires: time.Now().Add(time.Hour)})
+		rot, _ := proto.Marshal(federation.RotationResource(&meshfedv1.CARotation{Site: "north"}))
+		if err := h.store.Apply(context.Background(),
+			store.Op{Key: keyTokens + "north-token", Value: tok},
+			store.Op{Key: keyResource + federation.RotationKey("north"), Value: rot}); err != nil {
+			t.Fatal(err)
+		}
 	})
 	h := RunForTest(t, Options{DataDir: dir})
-	kvs, err := h.store.List(context.Background(), keyResource+"svc/")
-	if err != nil {
-		t.Fatal(err)
-	}
 	var keys []string
-	for _, kv := range kvs {
-		keys = append(keys, kv.Key)
+	for _, prefix := range []string{keyResource, keyTokens} {
+		kvs, err := h.store.List(context.Background(), prefix)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, kv := range kvs {
+			if strings.Contains(kv.Key, "east") || strings.Contains(kv.Key, "north") {
+				keys = append(keys, kv.Key)
+			}
+		}
 	}
-	if want := []string{keyResource + federation.ServiceKey("west", "default", "kept")}; !slices.Equal(keys, want) {
-		t.Errorf("after a start the store holds %v; want %v", keys, want)
+	if len(keys) > 0 {
+		t.Errorf("after a start the store still holds the removed sites' %v", keys)
+	}
+	if _, err := h.store.Get(context.Background(), keyResource+federation.ServiceKey("west", "default", "kept")); err != nil {
+		t.Errorf("west's service, a registered site's, is gone after a start: %v", err)
+	}
+	if _, ok := h.table.Get(federation.RotationKey("north")); ok {
+		t.Error("the removed site's CA rotation request is published")
 	}
 }
