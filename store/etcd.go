@@ -1,8 +1,10 @@
 package store
 
 import (
+	"bytes"
 	"context"
 	"fmt"
+	"sync"
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -29,7 +31,21 @@ type EtcdOptions struct {
 type Etcd struct {
 	cli    *clientv3.Client
 	prefix string
+
+	mu   sync.Mutex
+	seen map[string]seenKey // see ifUnchanged
 }
+
+// seenKey is a key's value and revision as last read or written here.
+type seenKey struct {
+	val []byte
+	rev int64
+}
+
+// seenMax bounds Etcd.seen; the keys writes are conditional on are site
+// records and tokens, so it is rarely reached, and reaching it only
+// costs a read per key again.
+const seenMax = 4096
 
 // OpenEtcd connects to etcd and checks that it answers.
 func OpenEtcd(ctx context.Context, o EtcdOptions) (*Etcd, error) {
@@ -52,7 +68,7 @@ func OpenEtcd(ctx context.Context, o EtcdOptions) (*Etcd, error) {
 		cli.Close()
 		return nil, fmt.Errorf("store: etcd %v does not answer: %w (is etcd running and reachable?)", o.Endpoints, err)
 	}
-	return &Etcd{cli: cli, prefix: o.Prefix}, nil
+	return &Etcd{cli: cli, prefix: o.Prefix, seen: map[string]seenKey{}}, nil
 }
 
 // Get implements Store.
@@ -139,31 +155,73 @@ func (e *Etcd) ApplyIf(ctx context.Context, key string, cond func([]byte) error,
 // ifUnchanged reads key, has write decide what to write from its value,
 // and writes that only if key is still as read: optimistic concurrency,
 // retried when another writer moved the key's revision in between.
+//
+// The value and revision last seen here stand in for the first read, so a
+// write under a key nobody else changed takes one round trip. A stale one
+// costs a round trip, nothing wrong: the transaction's compare fails and
+// the key is read. An error from write is returned only for a value read
+// from etcd in this call.
 func (e *Etcd) ifUnchanged(ctx context.Context, key string, write func(cur []byte) ([]clientv3.Op, error)) error {
 	k := e.prefix + key
+	e.mu.Lock()
+	last, have := e.seen[k]
+	e.mu.Unlock()
+	remembered := have // last is from memory, not read in this call
 	for range 16 {
-		r, err := e.cli.Get(ctx, k)
-		if err != nil {
-			return fmt.Errorf("store: etcd get %s: %w", key, err)
+		if !have {
+			r, err := e.cli.Get(ctx, k)
+			if err != nil {
+				return fmt.Errorf("store: etcd get %s: %w", key, err)
+			}
+			last, have, remembered = seenKey{}, true, false
+			if len(r.Kvs) > 0 {
+				last = seenKey{r.Kvs[0].Value, r.Kvs[0].ModRevision}
+			}
 		}
-		var cur []byte
-		var rev int64
-		if len(r.Kvs) > 0 {
-			cur, rev = r.Kvs[0].Value, r.Kvs[0].ModRevision
+		txn, err := write(bytes.Clone(last.val)) // write may keep or change it
+		if err != nil && remembered {
+			have = false
+			continue
 		}
-		txn, err := write(cur)
 		if err != nil {
 			return err
 		}
-		tr, err := e.cli.Txn(ctx).If(clientv3.Compare(clientv3.ModRevision(k), "=", rev)).Then(txn...).Commit()
+		tr, err := e.cli.Txn(ctx).If(clientv3.Compare(clientv3.ModRevision(k), "=", last.rev)).Then(txn...).Commit()
 		if err != nil {
+			e.forget(k)
 			return fmt.Errorf("store: etcd write under %s: %w", key, err)
 		}
 		if tr.Succeeded {
+			for _, op := range txn {
+				if string(op.KeyBytes()) == k {
+					last = seenKey{op.ValueBytes(), tr.Header.Revision}
+					if op.IsDelete() {
+						last = seenKey{}
+					}
+				}
+			}
+			e.remember(k, last)
 			return nil
 		}
+		have = false // someone else wrote: read it
 	}
+	e.forget(k)
 	return fmt.Errorf("%w: %s", ErrConflict, key)
+}
+
+func (e *Etcd) remember(k string, v seenKey) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if len(e.seen) >= seenMax {
+		clear(e.seen)
+	}
+	e.seen[k] = v
+}
+
+func (e *Etcd) forget(k string) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	delete(e.seen, k)
 }
 
 // Watch implements Watcher: a listing at one revision, then etcd's watch

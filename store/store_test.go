@@ -131,3 +131,93 @@ func TestEtcd_watchSeesAnotherWriter(t *testing.T) {
 		t.Fatalf("Watch after its context ended: %v, want nil", err)
 	}
 }
+
+// TestEtcd_twoClientsWriteUnderOneKey: a client's writes conditional on a
+// key go by what another client wrote there last, not by what the first
+// one saw before (two hub replicas on one etcd).
+func TestEtcd_twoClientsWriteUnderOneKey(t *testing.T) {
+	url := harness.Etcd(t)
+	open := func() *store.Etcd {
+		s, err := store.OpenEtcd(context.Background(), store.EtcdOptions{Endpoints: []string{url}, Prefix: "/two/"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { s.Close() })
+		return s
+	}
+	ctx := context.Background()
+	a, b := open(), open()
+	gone := errors.New("no gate")
+	present := func(cur []byte) error {
+		if cur == nil {
+			return gone
+		}
+		return nil
+	}
+	if err := a.Apply(ctx, store.Op{Key: "gate", Value: []byte("open")}); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.ApplyIf(ctx, "gate", present, store.Op{Key: "out/1", Value: []byte("x")}); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Apply(ctx, store.Op{Key: "gate", Delete: true}); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.ApplyIf(ctx, "gate", present, store.Op{Key: "out/2", Value: []byte("x")}); !errors.Is(err, gone) {
+		t.Fatalf("ApplyIf after another client deleted the key = %v, want cond's error", err)
+	}
+	// a deletes the key itself, so what it saw last is "absent"; b puts it
+	// back.
+	if err := b.Apply(ctx, store.Op{Key: "gate", Value: []byte("open")}); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.Update(ctx, "gate", func([]byte) ([]byte, error) { return nil, nil }); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Apply(ctx, store.Op{Key: "gate", Value: []byte("open")}); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.ApplyIf(ctx, "gate", present, store.Op{Key: "out/3", Value: []byte("x")}); err != nil {
+		t.Fatalf("ApplyIf after another client put the key back = %v", err)
+	}
+	if _, err := a.Get(ctx, "out/2"); !errors.Is(err, store.ErrNotFound) {
+		t.Fatalf("the write refused by its condition is in the store: %v", err)
+	}
+	inc := func(s *store.Etcd) {
+		t.Helper()
+		if err := s.Update(ctx, "counter", func(cur []byte) ([]byte, error) { return append(cur, 'x'), nil }); err != nil {
+			t.Fatal(err)
+		}
+	}
+	inc(a)
+	inc(b)
+	inc(a)
+	if got, _ := b.Get(ctx, "counter"); string(got) != "xxx" {
+		t.Fatalf("after three updates by two clients counter = %q, want xxx", got)
+	}
+}
+
+// BenchmarkEtcd_ApplyIf: a hub's write for a site, conditional on the
+// site's record, against a real etcd.
+func BenchmarkEtcd_ApplyIf(b *testing.B) {
+	s, err := store.OpenEtcd(context.Background(), store.EtcdOptions{Endpoints: []string{harness.Etcd(b)}, Prefix: "/bench/"})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer s.Close()
+	ctx := context.Background()
+	if err := s.Apply(ctx, store.Op{Key: "sites/east", Value: []byte("{}")}); err != nil {
+		b.Fatal(err)
+	}
+	present := func(cur []byte) error {
+		if cur == nil {
+			return errors.New("gone")
+		}
+		return nil
+	}
+	for i := 0; b.Loop(); i++ {
+		if err := s.ApplyIf(ctx, "sites/east", present, store.Op{Key: fmt.Sprintf("catalog/svc/east/%d", i%100), Value: []byte("x")}); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
