@@ -31,12 +31,7 @@ func TestEtcd_Conformance(t *testing.T) {
 	n := 0
 	storetest.Run(t, func(t *testing.T) store.Store {
 		n++
-		s, err := store.OpenEtcd(context.Background(), store.EtcdOptions{Endpoints: []string{url}, Prefix: "/test" + strings.Repeat("x", n) + "/"})
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { s.Close() })
-		return s
+		return openEtcd(t, url, "/test"+strings.Repeat("x", n)+"/")
 	})
 }
 
@@ -85,14 +80,7 @@ func TestBolt_fileIsPrivate(t *testing.T) {
 // prefix, another's Watch reports, after a snapshot of what was there.
 func TestEtcd_watchSeesAnotherWriter(t *testing.T) {
 	url := harness.Etcd(t)
-	open := func() *store.Etcd {
-		s, err := store.OpenEtcd(context.Background(), store.EtcdOptions{Endpoints: []string{url}, Prefix: "/watch/"})
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { s.Close() })
-		return s
-	}
+	open := func() *store.Etcd { return openEtcd(t, url, "/watch/") }
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	a, b := open(), open()
@@ -137,14 +125,7 @@ func TestEtcd_watchSeesAnotherWriter(t *testing.T) {
 // one saw before (two hub replicas on one etcd).
 func TestEtcd_twoClientsWriteUnderOneKey(t *testing.T) {
 	url := harness.Etcd(t)
-	open := func() *store.Etcd {
-		s, err := store.OpenEtcd(context.Background(), store.EtcdOptions{Endpoints: []string{url}, Prefix: "/two/"})
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { s.Close() })
-		return s
-	}
+	open := func() *store.Etcd { return openEtcd(t, url, "/two/") }
 	ctx := context.Background()
 	a, b := open(), open()
 	gone := errors.New("no gate")
@@ -200,11 +181,7 @@ func TestEtcd_twoClientsWriteUnderOneKey(t *testing.T) {
 // BenchmarkEtcd_ApplyIf: a hub's write for a site, conditional on the
 // site's record, against a real etcd.
 func BenchmarkEtcd_ApplyIf(b *testing.B) {
-	s, err := store.OpenEtcd(context.Background(), store.EtcdOptions{Endpoints: []string{harness.Etcd(b)}, Prefix: "/bench/"})
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer s.Close()
+	s := openEtcd(b, harness.Etcd(b), "/bench/")
 	ctx := context.Background()
 	if err := s.Apply(ctx, store.Op{Key: "sites/east", Value: []byte("{}")}); err != nil {
 		b.Fatal(err)
@@ -220,4 +197,15 @@ func BenchmarkEtcd_ApplyIf(b *testing.B) {
 			b.Fatal(err)
 		}
 	}
+}
+
+// openEtcd opens a store on the etcd at url, closed when the test ends.
+func openEtcd(t testing.TB, url, prefix string) *store.Etcd {
+	t.Helper()
+	s, err := store.OpenEtcd(context.Background(), store.EtcdOptions{Endpoints: []string{url}, Prefix: prefix})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	return s
 }
