@@ -102,7 +102,7 @@ gateways. 'meshfed svid --dir DIR' keeps the files; --dir DIR finds them.`,
 	f.BoolVar(&envoy, "envoy", false, "print an Envoy bootstrap")
 	f.BoolVar(&grpc, "grpc", false, "print a proxyless gRPC bootstrap")
 	f.StringVar(&id, "id", "", "the node's SPIFFE ID, which its SVID must carry (required)")
-	f.StringVar(&dir, "dir", "/etc/meshfed", "where `meshfed svid` keeps the files: the default directory of the file flags")
+	f.StringVar(&dir, "dir", "/etc/meshfed", "the `directory` where 'meshfed svid' keeps the files: the default one of the file flags")
 	f.StringVar(&certFile, "cert-file", identityclient.FileSVID, "the SVID chain presented to the spoke (and, with --grpc, to services)")
 	f.StringVar(&keyFile, "key-file", identityclient.FileKey, "the SVID's key")
 	f.StringVar(&caFile, "ca-file", identityclient.FileBundle, "the site's CA bundle, which the spoke's certificate chains to")

@@ -58,7 +58,7 @@ func newHubCmd(g *globals) *cobra.Command {
 	f.StringVar(&o.HTTPListen, "http-listen", "127.0.0.1:7080", "address for /healthz, /readyz and /metrics (- disables)")
 	f.StringVar(&o.Federation, "federation", "meshfed", "federation name, also its root SPIFFE trust domain")
 	gossipFlags(f, &o.GossipListen, &o.GossipAdvertise, &o.GossipProbeInterval,
-		"join the WAN gossip pool here (UDP and TCP), e.g. :7946, so `site list` shows the pool's view (default off)",
+		"join the WAN gossip pool at this `address` (UDP and TCP), e.g. :7946, so 'meshfed site list' shows the pool's view (default off)",
 		"the address pool members reach the hub's gossip at (default --gossip-listen)")
 	f.StringVar(&o.BundleListen, "bundle-listen", "", "serve the SPIFFE bundle endpoint (https_spiffe) of every federated trust domain here, e.g. :7444 (default off)")
 	f.StringVar(&o.Advertise, "advertise", "", "host:port spokes and the CLI reach the hub at (default: the listen address)")
@@ -146,7 +146,7 @@ func newSpokeCmd(g *globals) *cobra.Command {
 	f := cmd.Flags()
 	f.StringVar(&o.Site, "site", "", "this site's name (required)")
 	f.StringVar(&o.Hub, "hub", "", "hub address host:port (needed to join)")
-	f.StringVar(&o.Token, "token", "", "one-time join token from `meshfed site token create` (first start only)")
+	f.StringVar(&o.Token, "token", "", "one-time join `token` from 'meshfed site token create' (first start only)")
 	f.StringVar(&o.DataDir, "data-dir", "", "directory for the spoke's credential and federated view (required)")
 	f.StringVar(&services, "services", "", "YAML file listing this site's services (watched for changes)")
 	f.StringVar(&kubeconfig, "kubeconfig", "", "kubeconfig of the site's cluster, when the spoke runs outside it (inside, the in-cluster config is used)")
