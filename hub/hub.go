@@ -262,6 +262,7 @@ func (h *Hub) Run(ctx context.Context) error {
 	if h.o.GossipListen != "" {
 		g.Go(func() error { return h.runGossip(ctx) })
 	}
+	g.Go(func() error { h.sweepTokensRegularly(ctx); return nil })
 	g.Go(func() error {
 		if err := srv.Serve(h.grpcLn); err != nil && !errors.Is(err, grpc.ErrServerStopped) {
 			return fmt.Errorf("hub: serve: %w", err)

@@ -139,6 +139,66 @@ type tokenRecord struct {
 	Node string `json:"node,omitempty"`
 }
 
+// Join and node tokens stay stored after use or expiry, so a replay is
+// told when the token was used; a day after it expired nobody needs that,
+// and the record goes.
+const (
+	keepTokensAfterExpiry = 24 * time.Hour
+	sweepTokensEvery      = time.Hour
+)
+
+// sweepTokens deletes the records of tokens that expired more than
+// keepTokensAfterExpiry before now, each only if it still is such a
+// record as it is deleted. It returns how many went.
+func (h *Hub) sweepTokens(ctx context.Context, now time.Time) (int, error) {
+	tokens, err := listJSON[tokenRecord](ctx, h.store, keyTokens)
+	if err != nil {
+		return 0, err
+	}
+	errKept := errors.New("kept")
+	swept := 0
+	for key, t := range tokens {
+		if !now.After(t.Expires.Add(keepTokensAfterExpiry)) {
+			continue
+		}
+		err := h.store.ApplyIf(ctx, key, func(cur []byte) error {
+			var rec tokenRecord
+			if cur == nil || json.Unmarshal(cur, &rec) != nil || !now.After(rec.Expires.Add(keepTokensAfterExpiry)) {
+				return errKept
+			}
+			return nil
+		}, store.Op{Key: key, Delete: true})
+		switch {
+		case err == nil:
+			swept++
+		case !errors.Is(err, errKept):
+			return swept, err
+		}
+	}
+	return swept, nil
+}
+
+// sweepTokensRegularly deletes spent token records at start and then every
+// sweepTokensEvery, until ctx ends.
+func (h *Hub) sweepTokensRegularly(ctx context.Context) {
+	t := time.NewTicker(sweepTokensEvery)
+	defer t.Stop()
+	for {
+		n, err := h.sweepTokens(ctx, time.Now())
+		switch {
+		case err != nil && ctx.Err() == nil:
+			h.log.Warn("could not delete long-expired tokens; the next sweep tries again", "err", err)
+		case n > 0:
+			h.log.Info("deleted the records of long-expired tokens", "tokens", n, "expired_before", time.Now().Add(-keepTokensAfterExpiry).Format(time.RFC3339))
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
 // caRecord is the federation CA as stored.
 type caRecord struct {
 	Federation string `json:"federation"`

@@ -11,6 +11,7 @@ import (
 	meshfedv1 "github.com/meshfed/meshfed/api/meshfed/v1"
 	"github.com/meshfed/meshfed/catalog"
 	"github.com/meshfed/meshfed/federation"
+	"github.com/meshfed/meshfed/hubclient"
 	"github.com/meshfed/meshfed/store"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -238,5 +239,52 @@ func TestLoad_clearsWhatARemovedSiteLeft(t *testing.T) {
 	}
 	if _, ok := h.table.Get(federation.RotationKey("north")); ok {
 		t.Error("the removed site's CA rotation request is published")
+	}
+}
+
+// TestSweepTokens_deletesOnlyLongExpired: a token record goes a day after
+// its token expired, used or not; until then a replay is told why it is
+// refused, and a live token is untouched.
+func TestSweepTokens_deletesOnlyLongExpired(t *testing.T) {
+	h := RunForTest(t, Options{})
+	ctx := context.Background()
+	admin := &adminServer{h: h}
+	if _, err := admin.AddSite(ctx, &meshfedv1.AddSiteRequest{Site: &meshfedv1.Site{Name: "east", Kind: "docker"}}); err != nil {
+		t.Fatal(err)
+	}
+	mint := func(expired time.Duration) string {
+		t.Helper()
+		r, err := admin.CreateToken(ctx, &meshfedv1.CreateTokenRequest{Site: "east"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if expired > 0 {
+			tok, _ := hubclient.ParseToken(r.GetToken())
+			if err := h.store.Update(ctx, keyTokens+tok.ID, func(cur []byte) ([]byte, error) {
+				var rec tokenRecord
+				if err := json.Unmarshal(cur, &rec); err != nil {
+					return nil, err
+				}
+				rec.Expires = time.Now().Add(-expired)
+				return json.Marshal(rec)
+			}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		return r.GetToken()
+	}
+	old, recent, live := mint(keepTokensAfterExpiry+time.Minute), mint(time.Hour), mint(0)
+	n, err := h.sweepTokens(ctx, time.Now())
+	if err != nil || n != 1 {
+		t.Fatalf("sweep = %d, %v; want the one token that expired over a day ago", n, err)
+	}
+	for _, c := range []struct{ tok, refusal string }{{old, "not known"}, {recent, "expired at"}, {live, ""}} {
+		_, _, err := h.redeem(ctx, c.tok, "east", false)
+		switch {
+		case c.refusal == "" && err != nil:
+			t.Errorf("a live token after the sweep: %v", err)
+		case c.refusal != "" && (err == nil || !strings.Contains(err.Error(), c.refusal)):
+			t.Errorf("redeeming a token that expired earlier = %v; want a refusal saying %q", err, c.refusal)
+		}
 	}
 }
