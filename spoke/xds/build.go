@@ -569,6 +569,17 @@ func (b *builder) cluster(f *federated, p catalog.Port, subset string, pol catal
 	// SNI (auto_host_sni).
 	ids := identities(f, p)
 	if b.n.GRPC {
+		if pol.OutlierDetection != nil && od.ConsecutiveFailures > 0 {
+			// gRPC has no consecutive-failure ejection (gRFC A50). The
+			// nearest it has: eject an endpoint that failed at least 85 %
+			// (the default threshold) of at least that many calls in an
+			// interval, however few endpoints the cluster has. gRPC counts
+			// every non-OK status, answers such as NotFound too, so only a
+			// policy that asks for outlier detection turns it on.
+			c.OutlierDetection.EnforcingFailurePercentage = wrapperspb.UInt32(100)
+			c.OutlierDetection.FailurePercentageMinimumHosts = wrapperspb.UInt32(1)
+			c.OutlierDetection.FailurePercentageRequestVolume = wrapperspb.UInt32(od.ConsecutiveFailures)
+		}
 		c.TransportSocket = grpcTLS(ids)
 		return c
 	}

@@ -5,6 +5,7 @@ import (
 	"net/netip"
 	"testing"
 
+	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	endpointv3 "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
@@ -221,5 +222,35 @@ func TestIPOnlyNodesGetGatewayAddresses(t *testing.T) {
 	}
 	if got := siteEndpoints(t, c, "c", Node{ID: "spiffe://c.test/x"}); fmt.Sprint(got) != "[echo-1.c.test 10.1.0.2]" {
 		t.Errorf("a meshfed proxy gets local endpoints %v", got)
+	}
+}
+
+// TestGRPCFailurePercentageOnlyWithAPolicy: gRPC counts every non-OK
+// status against an endpoint, so its failure-percentage ejection stands in
+// for consecutive failures only where a policy asks for outlier detection.
+func TestGRPCFailurePercentageOnlyWithAPolicy(t *testing.T) {
+	c := testCatalog()
+	enforced := func(n Node) map[bool]int {
+		out := map[bool]int{}
+		for _, r := range Build(c, n, SVID{})[resource.ClusterType] {
+			od := r.(*clusterv3.Cluster).GetOutlierDetection()
+			on := od.GetEnforcingFailurePercentage().GetValue() == 100 && od.GetFailurePercentageMinimumHosts().GetValue() == 1 &&
+				od.GetFailurePercentageRequestVolume().GetValue() == 3
+			out[on]++
+		}
+		return out
+	}
+	grpcNode, proxyNode := Node{ID: "spiffe://c.test/ns/default/sa/client", GRPC: true}, Node{ID: "spiffe://c.test/ns/default/sa/client"}
+	if got := enforced(grpcNode); got[true] != 0 {
+		t.Errorf("no outlier detection in the policy: %d gRPC clusters eject by failure percentage", got[true])
+	}
+	pol := c.Policies["default/echo"]
+	pol.OutlierDetection = &catalog.OutlierDetection{ConsecutiveFailures: 3}
+	c.Policies["default/echo"] = pol
+	if got := enforced(grpcNode); got[true] == 0 || got[false] != 0 {
+		t.Errorf("policy with consecutiveFailures 3: gRPC clusters with failure-percentage ejection after 3 calls %d, without %d", got[true], got[false])
+	}
+	if got := enforced(proxyNode); got[true] != 0 {
+		t.Errorf("a proxy's clusters eject by failure percentage too (%d); they count consecutive failures", got[true])
 	}
 }

@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -260,6 +261,62 @@ func TestProxylessGRPC(t *testing.T) {
 			t.Fatalf("a stream with another node ID: %v; want PermissionDenied", err)
 		}
 	})
+}
+
+// TestProxylessGRPCEjectsAFailingEndpoint: gRPC has no consecutive-failure
+// ejection, so for a gRPC node the spoke turns a policy's outlier detection
+// into gRPC's failure-percentage ejection. Of two endpoints, one answers
+// every call with an error: once it is ejected, every call is answered.
+func TestProxylessGRPCEjectsAFailingEndpoint(t *testing.T) {
+	good, _ := whoServer(t, "good")
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var sickCalls atomic.Int64
+	sick := grpc.NewServer(grpc.UnknownServiceHandler(func(any, grpc.ServerStream) error {
+		sickCalls.Add(1)
+		return status.Error(codes.Internal, "this endpoint fails every call")
+	}))
+	go func() { _ = sick.Serve(ln) }()
+	t.Cleanup(sick.Stop)
+
+	f := newFederation(t)
+	c := f.addSite("c", "r1/c-1", "services:\n- namespace: default\n  name: who\n  ports: [{name: grpc, port: 9090, protocol: TCP}]\n  endpoints:\n"+
+		whoEndpoint(good, "c-1")+whoEndpoint(ln.Addr().String(), "c-1"))
+	harness.WaitReady(t, c.http, 20*time.Second)
+	policy := filepath.Join(f.dir, "policy.yaml")
+	writeFile(t, policy, "service: default/who\noutlierDetection: {consecutiveFailures: 3, interval: 1s, baseEjectionTime: 60s, maxEjectionPercent: 50}\n")
+	f.mustCLI("policy", "apply", "-f", policy)
+	_, bootstrap, _ := f.grpcClient(t, c, "grpc-host", "")
+	resolver, err := xds.NewXDSResolverWithConfigForTesting(bootstrap)
+	if err != nil {
+		t.Fatal(err)
+	}
+	conn, err := grpc.NewClient("xds:///who.default:9090", grpc.WithResolvers(resolver), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+
+	failed := 0
+	harness.Eventually(t, 20*time.Second, "the failing endpoint ejected: 40 calls in a row answered by good", func() error {
+		for i := range 40 {
+			name, err := askWho(conn)
+			if err != nil {
+				failed++
+				return fmt.Errorf("call %d: %v", i, err)
+			}
+			if name != "good" {
+				t.Fatalf("answered by %q", name)
+			}
+		}
+		return nil
+	})
+	if sickCalls.Load() == 0 {
+		t.Fatal("the failing endpoint never got a call: nothing was ejected")
+	}
+	t.Logf("%d calls failed before the failing endpoint was ejected", failed)
 }
 
 // adsClient is an ADS client of s's xDS server that presents dir's SVID.
