@@ -81,11 +81,24 @@ func answeredBy(conn *grpc.ClientConn, want string) func() error {
 // (mTLS as the spoke's clusters say).
 func xdsConn(t *testing.T, bootstrap []byte, target string) *grpc.ClientConn {
 	t.Helper()
-	resolver, err := xds.NewXDSResolverWithConfigForTesting(bootstrap)
+	creds, err := xdscreds.NewClientCredentials(xdscreds.ClientOptions{FallbackCreds: insecure.NewCredentials()})
 	if err != nil {
 		t.Fatal(err)
 	}
-	creds, err := xdscreds.NewClientCredentials(xdscreds.ClientOptions{FallbackCreds: insecure.NewCredentials()})
+	return xdsConnWith(t, bootstrap, target, creds)
+}
+
+// plainXDSConn is a proxyless client of target with plain-text
+// credentials: gRPC then ignores the clusters' mTLS and dials the
+// endpoints (plain gRPC servers) as they are.
+func plainXDSConn(t *testing.T, bootstrap []byte, target string) *grpc.ClientConn {
+	t.Helper()
+	return xdsConnWith(t, bootstrap, target, insecure.NewCredentials())
+}
+
+func xdsConnWith(t *testing.T, bootstrap []byte, target string, creds credentials.TransportCredentials) *grpc.ClientConn {
+	t.Helper()
+	resolver, err := xds.NewXDSResolverWithConfigForTesting(bootstrap)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -156,17 +169,7 @@ func TestProxylessGRPC(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	resolver, err := xds.NewXDSResolverWithConfigForTesting(bootstrap)
-	if err != nil {
-		t.Fatal(err)
-	}
-	// Plain-text credentials: gRPC then ignores the clusters' mTLS and
-	// dials the endpoints (plain gRPC servers here) as they are.
-	conn, err := grpc.NewClient("xds:///who.default:9090", grpc.WithResolvers(resolver), grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
+	conn := plainXDSConn(t, bootstrap, "xds:///who.default:9090")
 	who := func() (string, error) { return askWho(conn) }
 	harness.Eventually(t, 20*time.Second, "first call over xds:///", func() error {
 		_, err := who()
@@ -289,15 +292,7 @@ func TestProxylessGRPCEjectsAFailingEndpoint(t *testing.T) {
 	writeFile(t, policy, "service: default/who\noutlierDetection: {consecutiveFailures: 3, interval: 1s, baseEjectionTime: 60s, maxEjectionPercent: 50}\n")
 	f.mustCLI("policy", "apply", "-f", policy)
 	_, bootstrap, _ := f.grpcClient(t, c, "grpc-host", "")
-	resolver, err := xds.NewXDSResolverWithConfigForTesting(bootstrap)
-	if err != nil {
-		t.Fatal(err)
-	}
-	conn, err := grpc.NewClient("xds:///who.default:9090", grpc.WithResolvers(resolver), grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
+	conn := plainXDSConn(t, bootstrap, "xds:///who.default:9090")
 
 	failed := 0
 	harness.Eventually(t, 20*time.Second, "the failing endpoint ejected: 40 calls in a row answered by good", func() error {
