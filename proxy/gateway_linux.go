@@ -29,6 +29,9 @@ const (
 	loopBuffer = 256 << 10 // one read, shared by every connection
 	loopBudget = 4         // reads per direction and turn (1 MiB), so no connection holds up the rest
 	yieldEvery = 5 * time.Millisecond
+	// acceptPause: out of descriptors, a loop leaves callers in the
+	// kernel's queue this long before it tries again (as HAProxy does).
+	acceptPause = 100 * time.Millisecond
 )
 
 // Epoll tokens of the loop's own descriptors; sockets get the ones after.
@@ -94,9 +97,11 @@ type gatewayLoop struct {
 	socks  map[int32]*sock
 	conns  map[*gwConn]struct{}
 	timers timers
-	again  []*gwConn
-	token  int32
-	buf    []byte
+	// acceptAt: accepting paused (out of descriptors) until then.
+	acceptAt time.Time
+	again    []*gwConn
+	token    int32
+	buf      []byte
 }
 
 // listenGateway opens the gateway listener and starts its loops, one per
@@ -270,7 +275,7 @@ func (l *gatewayLoop) run() {
 		timeout := -1
 		if len(l.again) > 0 {
 			timeout = 0
-		} else if at, ok := l.timers.next(); ok {
+		} else if at, ok := l.nextDeadline(); ok {
 			timeout = int(max(0, (time.Until(at)+time.Millisecond-1)/time.Millisecond))
 		}
 		n, err := unix.EpollWait(l.ep, events, timeout)
@@ -291,8 +296,29 @@ func (l *gatewayLoop) run() {
 			c.again = false
 			l.progress(c)
 		}
-		l.expire(time.Now())
+		now := time.Now()
+		l.expire(now)
+		if !l.acceptAt.IsZero() && !now.Before(l.acceptAt) {
+			l.acceptAt = time.Time{}
+			l.accept()
+		}
 	}
+}
+
+// nextDeadline is when the loop must wake without an event: the first
+// timer, or the end of a pause in accepting.
+func (l *gatewayLoop) nextDeadline() (time.Time, bool) {
+	at, ok := l.timers.next()
+	if !l.acceptAt.IsZero() && (!ok || l.acceptAt.Before(at)) {
+		return l.acceptAt, true
+	}
+	return at, ok
+}
+
+// outOfDescriptors: the error is this process's (or the system's) lack of
+// descriptors or memory, not the peer's doing.
+func outOfDescriptors(err error) bool {
+	return errors.Is(err, unix.EMFILE) || errors.Is(err, unix.ENFILE) || errors.Is(err, unix.ENOBUFS) || errors.Is(err, unix.ENOMEM)
 }
 
 func (l *gatewayLoop) event(ev unix.EpollEvent) {
@@ -345,8 +371,13 @@ func (l *gatewayLoop) accept() {
 		case unix.EAGAIN:
 			return
 		default:
-			// Out of descriptors, most likely: the next caller tries again.
-			l.p.log.Error("gateway could not accept a connection", "err", err)
+			// The listener is edge-triggered: callers left in the queue
+			// would wait for the next one to arrive, so try again soon.
+			if outOfDescriptors(err) {
+				l.p.m.acceptPaused.Inc()
+			}
+			l.p.log.Error("gateway could not accept a connection; trying again shortly", "err", err, "in", acceptPause)
+			l.acceptAt = time.Now().Add(acceptPause)
 			return
 		}
 		c := &gwConn{state: readingHello}
@@ -504,6 +535,10 @@ func (l *gatewayLoop) dial(c *gwConn) {
 			l.connected(c)
 			return
 		}
+		if outOfDescriptors(err) {
+			l.refuse(c, "out_of_descriptors", err) // not the endpoint's fault
+			return
+		}
 		l.p.attempted(c.r.cluster, c.u, e, err)
 	}
 	l.refuse(c, unconnected(c.tried), nil)
@@ -553,6 +588,10 @@ func (l *gatewayLoop) dialed(c *gwConn, gen, fd int, err error) {
 
 // failed records a failed attempt and tries the next endpoint.
 func (l *gatewayLoop) failed(c *gwConn, err error) {
+	if outOfDescriptors(err) {
+		l.refuse(c, "out_of_descriptors", err) // not the endpoint's fault
+		return
+	}
 	l.p.attempted(c.r.cluster, c.u, c.e, err)
 	l.drop(c.up)
 	c.up = nil

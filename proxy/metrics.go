@@ -8,6 +8,7 @@ type metrics struct {
 	inbound        *prometheus.CounterVec
 	gateway        *prometheus.CounterVec
 	gatewayLive    prometheus.Gauge
+	acceptPaused   prometheus.Counter
 	active         *prometheus.GaugeVec
 	ejections      *prometheus.CounterVec
 	nacks          *prometheus.CounterVec
@@ -24,7 +25,9 @@ func newMetrics(r prometheus.Registerer) *metrics {
 		inbound: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "meshfed_proxy_inbound_connections_total",
 			Help: "Connections to inbound listeners by listener and result (ok, denied, tls_failure, app_unreachable)."}, []string{"listener", "result"}),
 		gateway: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "meshfed_gateway_connections_total",
-			Help: "Connections to a gateway listener by result: ok, or why refused (unknown_sni, no_sni, not_tls, malformed, oversized, hello_timeout, no_endpoint, upstream_failure)."}, []string{"result"}),
+			Help: "Connections to a gateway listener by result: ok, or why refused (unknown_sni, no_sni, not_tls, malformed, oversized, hello_timeout, no_endpoint, upstream_failure, out_of_descriptors)."}, []string{"result"}),
+		acceptPaused: prometheus.NewCounter(prometheus.CounterOpts{Name: "meshfed_gateway_accept_paused_total",
+			Help: "Times a gateway listener stopped accepting for a moment because the process was out of file descriptors; callers wait in the kernel's queue meanwhile."}),
 		gatewayLive: prometheus.NewGauge(prometheus.GaugeOpts{Name: "meshfed_gateway_active_connections",
 			Help: "Connections a gateway listener holds now, from accept (hello included) to close."}),
 		active: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "meshfed_proxy_upstream_active_connections",
@@ -38,6 +41,6 @@ func newMetrics(r prometheus.Registerer) *metrics {
 		listenerErrors: prometheus.NewCounter(prometheus.CounterOpts{Name: "meshfed_proxy_listener_errors_total",
 			Help: "Listeners that could not be opened."}),
 	}
-	r.MustRegister(m.upstream, m.downstream, m.inbound, m.gateway, m.gatewayLive, m.active, m.ejections, m.nacks, m.configs, m.listenerErrors)
+	r.MustRegister(m.upstream, m.downstream, m.inbound, m.gateway, m.gatewayLive, m.acceptPaused, m.active, m.ejections, m.nacks, m.configs, m.listenerErrors)
 	return m
 }

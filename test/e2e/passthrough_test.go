@@ -5,10 +5,12 @@ import (
 	"crypto/rand"
 	"crypto/sha256"
 	"crypto/tls"
+	"errors"
 	"fmt"
 	"io"
 	"net"
 	"os"
+	"os/exec"
 	"strconv"
 	"strings"
 	"sync"
@@ -234,4 +236,94 @@ func tcpSockets() ([]tcpSocket, error) {
 		out = append(out, tcpSocket{local: port(f[1]), remote: port(f[2]), keepalive: strings.HasPrefix(f[5], "02:")})
 	}
 	return out, nil
+}
+
+// TestGatewayOutOfDescriptors: a gateway out of file descriptors (run
+// under `prlimit --nofile`) leaves new callers in the kernel's queue and
+// serves them once connections end, with no new caller to wake it, and
+// does not count the shortage against its endpoints.
+func TestGatewayOutOfDescriptors(t *testing.T) {
+	prlimit, err := exec.LookPath("prlimit")
+	if err != nil {
+		t.Fatalf("prlimit (util-linux) is needed: %v", err)
+	}
+	echo := tcpEcho(t)
+	site := harness.StartSite(t, "east", fmt.Sprintf("services:\n- namespace: default\n  name: echo\n  ports: [{port: 443}]\n  endpoints: [{address: 127.0.0.1, port: %d}]\n", echo.Port))
+	gw := harness.FreePort(t)
+	const limit = 64
+	_, gwHTTP := site.DataPlane(t, prlimit, "gw", fmt.Sprintf("--nofile=%d:%d", limit, limit), harness.Binary(t), "gateway", "--site", "east", "--listen", gw, "--hello-timeout", "1m")
+	hello := append(clientHello(t, "443.echo.default.east.bench.meshfed"), 'x')
+	// served waits for the hello and the byte to come back: nil, a
+	// timeout (the caller waits) or another error (refused).
+	served := func(c net.Conn, wait time.Duration) error {
+		_ = c.SetReadDeadline(time.Now().Add(wait))
+		_, err := io.ReadFull(c, make([]byte, len(hello)))
+		return err
+	}
+	open := func(wait time.Duration) (net.Conn, error) {
+		c, err := net.DialTimeout("tcp", gw, 5*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		if _, err := c.Write(hello); err != nil {
+			return c, err
+		}
+		return c, served(c, wait)
+	}
+	harness.Eventually(t, 20*time.Second, "a route for echo", func() error { _, err := open(2 * time.Second); return err })
+
+	var held []net.Conn
+	var waiting net.Conn
+	refused := 0
+	for waiting == nil {
+		if len(held) > limit {
+			t.Fatalf("%d connections served under a limit of %d descriptors", len(held), limit)
+		}
+		c, err := open(2 * time.Second)
+		switch {
+		case err == nil:
+			held = append(held, c)
+		case errors.Is(err, os.ErrDeadlineExceeded):
+			waiting = c
+		default:
+			// Refused: the gateway had a descriptor for the caller but
+			// none for its upstream. A caller that sends half a hello
+			// takes that last one.
+			c.Close()
+			refused++
+			half, err := net.DialTimeout("tcp", gw, 5*time.Second)
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { half.Close() })
+			if _, err := half.Write(hello[:3]); err != nil {
+				t.Fatal(err)
+			}
+			held = append(held, half)
+		}
+	}
+	t.Logf("out of descriptors after %d connections; %d refused for want of an upstream descriptor", len(held), refused)
+
+	for _, c := range held[:2] {
+		c.Close()
+	}
+	if err := served(waiting, 5*time.Second); err != nil {
+		t.Fatalf("the caller left waiting is not served after connections ended: %v", err)
+	}
+	for _, c := range held[2:] {
+		c.Close()
+	}
+	if _, err := open(5 * time.Second); err != nil {
+		t.Fatalf("a new caller after the shortage: %v", err)
+	}
+	if n, err := harness.Metric(gwHTTP, "meshfed_gateway_accept_paused_total"); err != nil || n < 1 {
+		t.Errorf("meshfed_gateway_accept_paused_total = %v (%v); want the pauses counted", n, err)
+	}
+	if n, err := harness.Metric(gwHTTP, "meshfed_gateway_connections_total", `result="out_of_descriptors"`); err != nil || int(n) != refused {
+		t.Errorf("refused for want of a descriptor: metric %v (%v), seen by callers %d", n, err, refused)
+	}
+	if n, err := harness.Metric(gwHTTP, "meshfed_proxy_upstream_connections_total", `result="connect_failure"`); err != nil || n != 0 {
+		t.Errorf("connect failures counted against the endpoint: %v (%v); want none, the shortage is the gateway's", n, err)
+	}
 }
