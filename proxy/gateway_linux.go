@@ -315,12 +315,6 @@ func (l *gatewayLoop) nextDeadline() (time.Time, bool) {
 	return at, ok
 }
 
-// outOfDescriptors: the error is this process's (or the system's) lack of
-// descriptors or memory, not the peer's doing.
-func outOfDescriptors(err error) bool {
-	return errors.Is(err, unix.EMFILE) || errors.Is(err, unix.ENFILE) || errors.Is(err, unix.ENOBUFS) || errors.Is(err, unix.ENOMEM)
-}
-
 func (l *gatewayLoop) event(ev unix.EpollEvent) {
 	switch ev.Fd {
 	case wakeToken:

@@ -21,7 +21,7 @@ func newMetrics(r prometheus.Registerer) *metrics {
 		upstream: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "meshfed_proxy_upstream_connections_total",
 			Help: "Connection attempts to upstream endpoints by cluster, site, zone and result (success, connect_failure)."}, []string{"cluster", "site", "zone", "result"}),
 		downstream: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "meshfed_proxy_outbound_connections_total",
-			Help: "App connections to outbound listeners by listener and result (ok, upstream_failure, no_cluster)."}, []string{"listener", "result"}),
+			Help: "App connections to outbound listeners by listener and result (ok, upstream_failure, no_cluster, out_of_descriptors)."}, []string{"listener", "result"}),
 		inbound: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "meshfed_proxy_inbound_connections_total",
 			Help: "Connections to inbound listeners by listener and result (ok, denied, tls_failure, app_unreachable)."}, []string{"listener", "result"}),
 		gateway: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "meshfed_gateway_connections_total",

@@ -20,6 +20,7 @@ import (
 	"strconv"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	xds "github.com/meshfed/meshfed/api/meshfed/xdsapi"
@@ -338,24 +339,44 @@ func (p *Proxy) listen(rl *runningListener, handle func(*listenerConf, net.Conn)
 	if err != nil {
 		return nil, err
 	}
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				var ne net.Error
-				if errors.As(err, &ne) && ne.Timeout() {
-					continue
-				}
-				return
-			}
-			p.track(c, true)
-			go func() {
-				defer p.track(c, false)
-				handle(rl.conf.Load(), c)
-			}()
-		}
-	}()
+	go p.accept(ln, func(c net.Conn) {
+		p.track(c, true)
+		go func() {
+			defer p.track(c, false)
+			handle(rl.conf.Load(), c)
+		}()
+	})
 	return ln, nil
+}
+
+// accept hands ln's connections to handle until ln is closed. Any other
+// error (out of file descriptors, most likely) pauses it, 5 ms at first,
+// doubling up to 1 s, as net/http does: callers wait in the kernel's queue
+// meanwhile, and are served once descriptors are free.
+func (p *Proxy) accept(ln net.Listener, handle func(net.Conn)) {
+	var pause time.Duration
+	for {
+		c, err := ln.Accept()
+		if errors.Is(err, net.ErrClosed) {
+			return
+		}
+		if err != nil {
+			pause = min(max(2*pause, 5*time.Millisecond), time.Second)
+			if pause == 5*time.Millisecond || pause == time.Second {
+				p.log.Error("could not accept a connection; trying again shortly", "listener", ln.Addr(), "err", err, "in", pause)
+			}
+			time.Sleep(pause)
+			continue
+		}
+		pause = 0
+		handle(c)
+	}
+}
+
+// outOfDescriptors: err is this process's (or the system's) lack of file
+// descriptors or memory, not a peer's doing.
+func outOfDescriptors(err error) bool {
+	return errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE) || errors.Is(err, syscall.ENOBUFS) || errors.Is(err, syscall.ENOMEM)
 }
 
 func (p *Proxy) track(c io.Closer, add bool) {
@@ -405,6 +426,9 @@ func (p *Proxy) connect(cluster string, attempts int) (net.Conn, string) {
 		}
 		tried[hostKey(e)] = true
 		up, err := p.dialUpstream(cfg, u.config(), e)
+		if outOfDescriptors(err) {
+			return nil, "out_of_descriptors" // not the endpoint's fault
+		}
 		p.attempted(cluster, u, e, err)
 		if err == nil {
 			return up, ""
