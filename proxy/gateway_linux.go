@@ -97,11 +97,13 @@ type gatewayLoop struct {
 	socks  map[int32]*sock
 	conns  map[*gwConn]struct{}
 	timers timers
-	// acceptAt: accepting paused (out of descriptors) until then.
-	acceptAt time.Time
-	again    []*gwConn
-	token    int32
-	buf      []byte
+	// acceptAt: accepting paused (out of descriptors) until then;
+	// acceptFailing since the first failure, until an accept succeeds.
+	acceptAt      time.Time
+	acceptFailing bool
+	again         []*gwConn
+	token         int32
+	buf           []byte
 }
 
 // listenGateway opens the gateway listener and starts its loops, one per
@@ -370,9 +372,16 @@ func (l *gatewayLoop) accept() {
 			if outOfDescriptors(err) {
 				l.p.m.acceptPaused.Inc()
 			}
-			l.p.log.Error("gateway could not accept a connection; trying again shortly", "err", err, "in", acceptPause)
+			if !l.acceptFailing {
+				l.p.log.Error("gateway could not accept a connection; trying again every 100ms until it can", "err", err)
+				l.acceptFailing = true
+			}
 			l.acceptAt = time.Now().Add(acceptPause)
 			return
+		}
+		if l.acceptFailing {
+			l.p.log.Info("gateway accepts connections again")
+			l.acceptFailing = false
 		}
 		c := &gwConn{state: readingHello}
 		if c.down, err = l.add(fd, c); err != nil {
