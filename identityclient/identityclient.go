@@ -179,7 +179,7 @@ func (c *Client) Run(ctx context.Context) error {
 	for {
 		s := c.SVID()
 		leaf := s.Certificates[0]
-		wait := time.Until(leaf.NotBefore.Add(leaf.NotAfter.Sub(leaf.NotBefore) / 2))
+		wait := time.Until(ca.RenewAt(leaf))
 		select {
 		case <-ctx.Done():
 			return nil

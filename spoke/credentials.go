@@ -163,7 +163,7 @@ func (c *credentials) renewAt() time.Time {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	l := c.cert.Leaf
-	return l.NotBefore.Add(l.NotAfter.Sub(l.NotBefore) / 2)
+	return ca.RenewAt(l)
 }
 
 // renew exchanges the certificate for a fresh one and stores it.

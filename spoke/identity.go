@@ -50,7 +50,7 @@ func (is *identityServer) servingCert(*tls.ClientHelloInfo) (*tls.Certificate, e
 	signer := is.s.ca.Cert()
 	// Reissued at half-life, and at once after a CA rotation: node tokens
 	// pin the CA that signs now.
-	if c := is.serving; c != nil && bytes.Equal(c.Certificate[1], signer.Raw) && time.Until(c.Leaf.NotAfter) > c.Leaf.NotAfter.Sub(c.Leaf.NotBefore)/2 {
+	if c := is.serving; c != nil && bytes.Equal(c.Certificate[1], signer.Raw) && time.Now().Before(ca.RenewAt(c.Leaf)) {
 		return c, nil
 	}
 	key, err := ca.NewKey()

@@ -169,7 +169,7 @@ func (s *Server) servingCert() func(*tls.ClientHelloInfo) (*tls.Certificate, err
 		mu.Lock()
 		defer mu.Unlock()
 		signer := s.o.CA.Cert()
-		if cur != nil && string(cur.Certificate[1]) == string(signer.Raw) && time.Until(cur.Leaf.NotAfter) > cur.Leaf.NotAfter.Sub(cur.Leaf.NotBefore)/2 {
+		if cur != nil && string(cur.Certificate[1]) == string(signer.Raw) && time.Now().Before(ca.RenewAt(cur.Leaf)) {
 			return cur, nil
 		}
 		key, err := ca.NewKey()
@@ -502,7 +502,7 @@ func (s *Server) refreshSVID(st *nodeState) error {
 		return err
 	}
 	st.svid = SVID{CertPEM: ca.EncodeCertPEM(cert, signer), KeyPEM: keyPEM}
-	st.expires = cert.NotBefore.Add(cert.NotAfter.Sub(cert.NotBefore) / 2)
+	st.expires = ca.RenewAt(cert)
 	st.signer = signer.Raw
 	return nil
 }

@@ -164,6 +164,7 @@ func TestProxylessGRPC(t *testing.T) {
 		whoEndpoint(a1, "c-1")+whoEndpoint(a2, "c-1")+whoEndpoint(b1, "c-2"), "--svid-ttl", "4s")
 	harness.WaitReady(t, c.http, 20*time.Second)
 
+	svidStarted := time.Now()
 	dir, bootstrap, svidHTTP := f.grpcClient(t, c, "grpc-host", "")
 	first, err := os.ReadFile(filepath.Join(dir, "svid.pem"))
 	if err != nil {
@@ -217,6 +218,13 @@ func TestProxylessGRPC(t *testing.T) {
 			}
 			return nil
 		})
+		// Renewed at half-life (2 s), not over and over: a 4 s SVID's
+		// NotBefore lies a minute back, before its half-life counted
+		// from the NotBefore.
+		up := time.Since(svidStarted)
+		if v, err := harness.Metric(svidHTTP, "meshfed_svid_file_writes_total", `result="ok"`); err != nil || v > 2+up.Seconds() {
+			t.Errorf("%v writes of the SVID files in %v (%v); want about one per 2 s", v, up.Round(time.Second), err)
+		}
 	})
 
 	t.Run("meshfed svid --once writes the files and exits", func(t *testing.T) {

@@ -72,7 +72,7 @@ func NewWithKeyType(td spiffeid.TrustDomain, commonName string, ttl time.Duratio
 	tmpl := &x509.Certificate{
 		SerialNumber:          serial(),
 		Subject:               pkix.Name{CommonName: commonName, Organization: []string{"meshfed"}},
-		NotBefore:             now.Add(-time.Minute),
+		NotBefore:             now.Add(-Backdate),
 		NotAfter:              now.Add(ttl),
 		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign | x509.KeyUsageDigitalSignature,
 		BasicConstraintsValid: true,
@@ -113,6 +113,22 @@ type Leaf struct {
 	IPs      []net.IP
 }
 
+// Backdate is how far before its issue a certificate's validity starts, so
+// a peer whose clock is a little behind accepts it at once.
+const Backdate = time.Minute
+
+// RenewAt is the half-life of cert counted from its issue, not from its
+// backdated NotBefore: for a certificate that lives less than twice
+// Backdate the latter lies before the issue, and renewing "at half-life"
+// would renew at once, again and again.
+func RenewAt(cert *x509.Certificate) time.Time {
+	issued := cert.NotBefore.Add(Backdate)
+	if !issued.Before(cert.NotAfter) {
+		issued = cert.NotBefore // not one of ours: not backdated
+	}
+	return issued.Add(cert.NotAfter.Sub(issued) / 2)
+}
+
 // Sign issues a certificate for l, never outliving the CA.
 func (c *CA) Sign(l Leaf) (*x509.Certificate, error) {
 	now := c.now()
@@ -123,7 +139,7 @@ func (c *CA) Sign(l Leaf) (*x509.Certificate, error) {
 	tmpl := &x509.Certificate{
 		SerialNumber: serial(),
 		Subject:      pkix.Name{CommonName: l.ID.Path(), Organization: []string{"meshfed"}},
-		NotBefore:    now.Add(-time.Minute),
+		NotBefore:    now.Add(-Backdate),
 		NotAfter:     notAfter,
 		KeyUsage:     x509.KeyUsageDigitalSignature | x509.KeyUsageKeyEncipherment,
 		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth, x509.ExtKeyUsageServerAuth},
