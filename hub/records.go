@@ -158,12 +158,12 @@ func (h *Hub) sweepTokens(ctx context.Context, now time.Time) (int, error) {
 	errKept := errors.New("kept")
 	swept := 0
 	for key, t := range tokens {
-		if !now.After(t.Expires.Add(keepTokensAfterExpiry)) {
+		if !t.sweepable(now) {
 			continue
 		}
 		err := h.store.ApplyIf(ctx, key, func(cur []byte) error {
 			var rec tokenRecord
-			if cur == nil || json.Unmarshal(cur, &rec) != nil || !now.After(rec.Expires.Add(keepTokensAfterExpiry)) {
+			if cur == nil || json.Unmarshal(cur, &rec) != nil || !rec.sweepable(now) {
 				return errKept
 			}
 			return nil
@@ -176,6 +176,11 @@ func (h *Hub) sweepTokens(ctx context.Context, now time.Time) (int, error) {
 		}
 	}
 	return swept, nil
+}
+
+// sweepable: the token expired over keepTokensAfterExpiry before now.
+func (t tokenRecord) sweepable(now time.Time) bool {
+	return now.After(t.Expires.Add(keepTokensAfterExpiry))
 }
 
 // sweepTokensRegularly deletes spent token records at start and then every
