@@ -20,46 +20,65 @@ type Dial func() (net.Conn, error)
 
 // Latency sends size-byte requests to an echo server at rate per second,
 // spread over conns persistent connections, for d, and returns every round
-// trip, sorted.
+// trip, sorted. Each connection first makes one exchange that is not
+// counted, and the timed ones start once every connection has made it: a
+// connection's first exchange pays for setting it up (a proxy's upstream
+// connection and mTLS handshake), which ConnectEach measures; this
+// measures requests on connections already open.
 func Latency(dial Dial, rate, conns, size int, d time.Duration) ([]time.Duration, error) {
 	var mu sync.Mutex
 	var out []time.Duration
 	errs := make(chan error, conns)
-	var wg sync.WaitGroup
+	var opened, wg sync.WaitGroup
+	start := make(chan time.Time)
 	interval := time.Second * time.Duration(conns) / time.Duration(rate)
+	exchange := func(c net.Conn, req, resp []byte) error {
+		if _, err := c.Write(req); err != nil {
+			return err
+		}
+		_, err := io.ReadFull(c, resp)
+		return err
+	}
+	opened.Add(conns)
 	for i := 0; i < conns; i++ {
 		wg.Add(1)
 		go func(i int) {
 			defer wg.Done()
+			req, resp := make([]byte, size), make([]byte, size)
 			c, err := dial()
+			if err == nil {
+				defer c.Close()
+				err = exchange(c, req, resp)
+			}
+			opened.Done()
+			t0 := <-start
 			if err != nil {
 				errs <- err
 				return
 			}
-			defer c.Close()
-			req, resp := make([]byte, size), make([]byte, size)
 			// Connections start spread over one interval.
-			next := time.Now().Add(interval * time.Duration(i) / time.Duration(conns))
-			end := time.Now().Add(d)
+			next := t0.Add(interval * time.Duration(i) / time.Duration(conns))
+			end := t0.Add(d)
 			var mine []time.Duration
 			for next.Before(end) {
 				time.Sleep(time.Until(next))
-				start := time.Now()
-				if _, err := c.Write(req); err != nil {
+				sent := time.Now()
+				if err := exchange(c, req, resp); err != nil {
 					errs <- err
 					return
 				}
-				if _, err := io.ReadFull(c, resp); err != nil {
-					errs <- err
-					return
-				}
-				mine = append(mine, time.Since(start))
+				mine = append(mine, time.Since(sent))
 				next = next.Add(interval)
 			}
 			mu.Lock()
 			out = append(out, mine...)
 			mu.Unlock()
 		}(i)
+	}
+	opened.Wait()
+	t0 := time.Now()
+	for range conns {
+		start <- t0
 	}
 	wg.Wait()
 	close(errs)
