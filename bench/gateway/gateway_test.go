@@ -36,7 +36,7 @@ const (
 	reqSize          = 64
 	// Requests on open connections: rate per second over conns
 	// connections, in rounds of each target in rotating order.
-	rate, conns, openRounds = 1000, 10, 5
+	rate, conns, openRounds = 1000, 10, 10
 )
 
 // backend is a TLS server (the workload terminates TLS; the proxies in
@@ -163,15 +163,25 @@ backend sink
 		b.Fatalf("latency on open connections: %v", err)
 	}
 	for i, t := range targets {
-		lat[t.name] = open[i]
+		lat[t.name] = load.Pooled(open[i])
 	}
 	fmt.Printf("%d B request/response on %d open TLS connections at %d req/s, %d rounds of 1 s each, rotating: direct p50 %.3f ms p99 %.3f ms\n",
 		reqSize, conns, rate, openRounds, load.Ms(p(lat["direct"], 50)), load.Ms(p(lat["direct"], 99)))
 	for _, name := range []string{"haproxy", "gateway"} {
 		fmt.Printf("  %-8s p50 %.3f ms p99 %.3f ms; added p50 %.3f ms p99 %.3f ms\n", name, load.Ms(p(lat[name], 50)), load.Ms(p(lat[name], 99)), load.Ms(added(name, 50)), load.Ms(added(name, 99)))
 	}
-	fmt.Printf("gateway p99 / haproxy p99 on open connections: %.2fx (target <= 1.0x: %s)\n", float64(p(lat["gateway"], 99))/float64(p(lat["haproxy"], 99)), load.Verdict(p(lat["gateway"], 99) <= p(lat["haproxy"], 99)))
-	b.ReportMetric(float64(p(lat["gateway"], 99))/float64(p(lat["haproxy"], 99)), "open-p99-ratio")
+	// A stall of the whole host (several connections held up at once for
+	// milliseconds, whichever target is running) can set a pooled p99;
+	// the verdict is on the median of the rounds' ratios, as for
+	// throughput.
+	ratios := make([]float64, openRounds)
+	for r := range ratios {
+		ratios[r] = float64(p(open[2][r], 99)) / float64(p(open[1][r], 99))
+	}
+	ratio := load.Median(ratios)
+	fmt.Printf("gateway p99 / haproxy p99 on open connections: median of %d rounds %.2fx (rounds %.2f..%.2f; pooled %.2fx) (target <= 1.0x: %s)\n",
+		openRounds, ratio, slices.Min(ratios), slices.Max(ratios), float64(p(lat["gateway"], 99))/float64(p(lat["haproxy"], 99)), load.Verdict(ratio <= 1))
+	b.ReportMetric(ratio, "open-p99-ratio")
 }
 
 // cpuPerGB prints the CPU time each target costs per GB passed on over n
