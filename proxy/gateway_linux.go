@@ -29,9 +29,6 @@ const (
 	loopBuffer = 256 << 10 // one read, shared by every connection
 	loopBudget = 4         // reads per direction and turn (1 MiB), so no connection holds up the rest
 	yieldEvery = 5 * time.Millisecond
-	// acceptPause: out of descriptors, a loop leaves callers in the
-	// kernel's queue this long before it tries again (as HAProxy does).
-	acceptPause = 100 * time.Millisecond
 )
 
 // Epoll tokens of the loop's own descriptors; sockets get the ones after.
@@ -62,7 +59,10 @@ type gwConn struct {
 	u     *upstream
 	e     endpointConf
 	tried map[string]bool
-	again bool // waits in the loop's again list
+	// fdWait: out of descriptors to connect upstream with, the caller
+	// waits until then; zero while it has not had to.
+	fdWait time.Time
+	again  bool // waits in the loop's again list
 }
 
 // sock is one non-blocking socket and what the loop knows of it.
@@ -376,7 +376,7 @@ func (l *gatewayLoop) accept() {
 				l.p.log.Error("gateway could not accept a connection; trying again every 100ms until it can", "err", err)
 				l.acceptFailing = true
 			}
-			l.acceptAt = time.Now().Add(acceptPause)
+			l.acceptAt = time.Now().Add(descriptorPause)
 			return
 		}
 		if l.acceptFailing {
@@ -539,12 +539,37 @@ func (l *gatewayLoop) dial(c *gwConn) {
 			return
 		}
 		if outOfDescriptors(err) {
-			l.refuse(c, "out_of_descriptors", err) // not the endpoint's fault
+			l.waitForDescriptor(c, err)
 			return
 		}
 		l.p.attempted(c.r.cluster, c.u, e, err)
 	}
 	l.refuse(c, unconnected(c.tried), nil)
+}
+
+// waitForDescriptor keeps a routed caller while the process has no
+// descriptor to connect upstream with (not the endpoint's fault): the
+// same endpoint choice comes again after a pause, for as long as a
+// connect may take; then the caller is refused.
+func (l *gatewayLoop) waitForDescriptor(c *gwConn, err error) {
+	now := time.Now()
+	if c.fdWait.IsZero() {
+		c.fdWait = now.Add(c.u.config().connectTimeout)
+	}
+	if !now.Before(c.fdWait) {
+		l.refuse(c, "out_of_descriptors", err)
+		return
+	}
+	l.p.m.fdWaits.Inc()
+	delete(c.tried, hostKey(c.e))
+	l.drop(c.up)
+	c.up = nil
+	c.gen++
+	at := now.Add(descriptorPause)
+	if at.After(c.fdWait) {
+		at = c.fdWait
+	}
+	heap.Push(&l.timers, timer{at: at, c: c, gen: c.gen, redial: true})
 }
 
 func (l *gatewayLoop) connect(c *gwConn, ap netip.AddrPort) error {
@@ -592,7 +617,7 @@ func (l *gatewayLoop) dialed(c *gwConn, gen, fd int, err error) {
 // failed records a failed attempt and tries the next endpoint.
 func (l *gatewayLoop) failed(c *gwConn, err error) {
 	if outOfDescriptors(err) {
-		l.refuse(c, "out_of_descriptors", err) // not the endpoint's fault
+		l.waitForDescriptor(c, err)
 		return
 	}
 	l.p.attempted(c.r.cluster, c.u, c.e, err)
@@ -718,7 +743,11 @@ func (l *gatewayLoop) expire(now time.Time) {
 		case readingHello:
 			l.refuse(t.c, "hello_timeout", errors.New("no whole ClientHello in time"))
 		case connecting:
-			l.failed(t.c, errors.New("connect timed out"))
+			if t.redial {
+				l.dial(t.c)
+			} else {
+				l.failed(t.c, errors.New("connect timed out"))
+			}
 		}
 	}
 }
@@ -727,6 +756,8 @@ type timer struct {
 	at  time.Time
 	c   *gwConn
 	gen int
+	// redial: the caller waited for a descriptor; try to connect again.
+	redial bool
 }
 
 // timers is a min-heap by deadline; stale ones are dropped when they come

@@ -9,6 +9,7 @@ type metrics struct {
 	gateway        *prometheus.CounterVec
 	gatewayLive    prometheus.Gauge
 	acceptPaused   prometheus.Counter
+	fdWaits        prometheus.Counter
 	active         *prometheus.GaugeVec
 	ejections      *prometheus.CounterVec
 	nacks          *prometheus.CounterVec
@@ -28,6 +29,8 @@ func newMetrics(r prometheus.Registerer) *metrics {
 			Help: "Connections to a gateway listener by result: ok, or why refused (unknown_sni, no_sni, not_tls, malformed, oversized, hello_timeout, no_endpoint, upstream_failure, out_of_descriptors)."}, []string{"result"}),
 		acceptPaused: prometheus.NewCounter(prometheus.CounterOpts{Name: "meshfed_gateway_accept_paused_total",
 			Help: "Times a gateway listener stopped accepting for a moment because the process was out of file descriptors; callers wait in the kernel's queue meanwhile."}),
+		fdWaits: prometheus.NewCounter(prometheus.CounterOpts{Name: "meshfed_proxy_upstream_descriptor_waits_total",
+			Help: "Times a caller (of an outbound listener or the gateway) waited 100ms for a file descriptor to connect upstream with; once the cluster's connect timeout has passed it is refused as out_of_descriptors."}),
 		gatewayLive: prometheus.NewGauge(prometheus.GaugeOpts{Name: "meshfed_gateway_active_connections",
 			Help: "Connections a gateway listener holds now, from accept (hello included) to close."}),
 		active: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "meshfed_proxy_upstream_active_connections",
@@ -41,6 +44,6 @@ func newMetrics(r prometheus.Registerer) *metrics {
 		listenerErrors: prometheus.NewCounter(prometheus.CounterOpts{Name: "meshfed_proxy_listener_errors_total",
 			Help: "Listeners that could not be opened."}),
 	}
-	r.MustRegister(m.upstream, m.downstream, m.inbound, m.gateway, m.gatewayLive, m.acceptPaused, m.active, m.ejections, m.nacks, m.configs, m.listenerErrors)
+	r.MustRegister(m.upstream, m.downstream, m.inbound, m.gateway, m.gatewayLive, m.acceptPaused, m.fdWaits, m.active, m.ejections, m.nacks, m.configs, m.listenerErrors)
 	return m
 }

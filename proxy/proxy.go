@@ -373,6 +373,12 @@ func (p *Proxy) accept(ln net.Listener, handle func(net.Conn)) {
 	}
 }
 
+// descriptorPause is how long a caller waits before the next try when the
+// process is out of file descriptors: accepting pauses (callers wait in the
+// kernel's queue, as HAProxy has them), and a caller already accepted
+// waits to connect upstream.
+const descriptorPause = 100 * time.Millisecond
+
 // outOfDescriptors: err is this process's (or the system's) lack of file
 // descriptors or memory, not a peer's doing.
 func outOfDescriptors(err error) bool {
@@ -419,6 +425,7 @@ func (p *Proxy) connect(cluster string, attempts int) (net.Conn, string) {
 		return nil, "no_cluster"
 	}
 	tried := map[string]bool{}
+	var fdWait time.Time
 	for attempt := 0; attempt < max(attempts, 1); attempt++ {
 		e, ok := u.pick(tried, time.Now())
 		if !ok {
@@ -427,7 +434,20 @@ func (p *Proxy) connect(cluster string, attempts int) (net.Conn, string) {
 		tried[hostKey(e)] = true
 		up, err := p.dialUpstream(cfg, u.config(), e)
 		if outOfDescriptors(err) {
-			return nil, "out_of_descriptors" // not the endpoint's fault
+			// Not the endpoint's fault: wait for a descriptor, as long as
+			// a connect may take.
+			if fdWait.IsZero() {
+				fdWait = time.Now().Add(u.config().connectTimeout)
+			}
+			pause := min(descriptorPause, time.Until(fdWait))
+			if pause <= 0 {
+				return nil, "out_of_descriptors"
+			}
+			p.m.fdWaits.Inc()
+			time.Sleep(pause)
+			delete(tried, hostKey(e))
+			attempt--
+			continue
 		}
 		p.attempted(cluster, u, e, err)
 		if err == nil {

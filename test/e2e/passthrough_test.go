@@ -239,9 +239,11 @@ func tcpSockets() ([]tcpSocket, error) {
 }
 
 // TestGatewayOutOfDescriptors: a gateway out of file descriptors (run
-// under `prlimit --nofile`) leaves new callers in the kernel's queue and
-// serves them once connections end, with no new caller to wake it, and
-// does not count the shortage against its endpoints.
+// under `prlimit --nofile`) leaves new callers in the kernel's queue, and
+// keeps a caller it accepted with its last descriptor waiting for one to
+// connect upstream with; both are served once connections end, with no
+// new caller to wake it. A caller that waits longer than the connect
+// timeout is refused. None of it counts against the endpoints.
 func TestGatewayOutOfDescriptors(t *testing.T) {
 	prlimit, err := exec.LookPath("prlimit")
 	if err != nil {
@@ -251,7 +253,7 @@ func TestGatewayOutOfDescriptors(t *testing.T) {
 	site := harness.StartSite(t, "east", fmt.Sprintf("services:\n- namespace: default\n  name: echo\n  ports: [{port: 443}]\n  endpoints: [{address: 127.0.0.1, port: %d}]\n", echo.Port))
 	gw := harness.FreePort(t)
 	const limit = 64
-	_, gwHTTP := site.DataPlane(t, prlimit, "gw", fmt.Sprintf("--nofile=%d:%d", limit, limit), harness.Binary(t), "gateway", "--site", "east", "--listen", gw, "--hello-timeout", "1m")
+	proc, gwHTTP := site.DataPlane(t, prlimit, "gw", fmt.Sprintf("--nofile=%d:%d", limit, limit), harness.Binary(t), "gateway", "--site", "east", "--listen", gw, "--hello-timeout", "1m")
 	hello := append(clientHello(t, "443.echo.default.east.bench.meshfed"), 'x')
 	// served waits for the hello and the byte to come back: nil, a
 	// timeout (the caller waits) or another error (refused).
@@ -260,70 +262,112 @@ func TestGatewayOutOfDescriptors(t *testing.T) {
 		_, err := io.ReadFull(c, make([]byte, len(hello)))
 		return err
 	}
-	open := func(wait time.Duration) (net.Conn, error) {
+	dial := func() net.Conn {
 		c, err := net.DialTimeout("tcp", gw, 5*time.Second)
 		if err != nil {
 			t.Fatal(err)
 		}
 		t.Cleanup(func() { c.Close() })
+		return c
+	}
+	open := func(wait time.Duration) (net.Conn, error) {
+		c := dial()
 		if _, err := c.Write(hello); err != nil {
 			return c, err
 		}
 		return c, served(c, wait)
 	}
 	harness.Eventually(t, 20*time.Second, "a route for echo", func() error { _, err := open(2 * time.Second); return err })
-
-	var held []net.Conn
-	var waiting net.Conn
-	refused := 0
-	for waiting == nil {
-		if len(held) > limit {
-			t.Fatalf("%d connections served under a limit of %d descriptors", len(held), limit)
+	metrics := func() (paused, waits, refused, failures float64) {
+		var errs [4]error
+		paused, errs[0] = harness.Metric(gwHTTP, "meshfed_gateway_accept_paused_total")
+		waits, errs[1] = harness.Metric(gwHTTP, "meshfed_proxy_upstream_descriptor_waits_total")
+		refused, errs[2] = harness.Metric(gwHTTP, "meshfed_gateway_connections_total", `result="out_of_descriptors"`)
+		failures, errs[3] = harness.Metric(gwHTTP, "meshfed_proxy_upstream_connections_total", `result="connect_failure"`)
+		if err := errors.Join(errs[:]...); err != nil {
+			t.Fatalf("gateway metrics: %v", err)
 		}
-		c, err := open(2 * time.Second)
-		switch {
-		case err == nil:
-			held = append(held, c)
-		case errors.Is(err, os.ErrDeadlineExceeded):
-			waiting = c
-		default:
-			// Refused: the gateway had a descriptor for the caller but
-			// none for its upstream. A caller that sends half a hello
-			// takes that last one.
-			c.Close()
-			refused++
-			half, err := net.DialTimeout("tcp", gw, 5*time.Second)
-			if err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() { half.Close() })
-			if _, err := half.Write(hello[:3]); err != nil {
-				t.Fatal(err)
-			}
-			held = append(held, half)
-		}
+		return paused, waits, refused, failures
 	}
-	t.Logf("out of descriptors after %d connections; %d refused for want of an upstream descriptor", len(held), refused)
+	if p, w, r, f := metrics(); p+w+r+f != 0 {
+		t.Fatalf("before any shortage: paused %v, waits %v, refused %v, failures %v", p, w, r, f)
+	}
 
-	for _, c := range held[:2] {
-		c.Close()
+	// Callers that send half a hello hold one descriptor each, until the
+	// gateway has one left: it counts the numbers below the limit in
+	// /proc (one it inherited may lie above).
+	free := func() int {
+		fds, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", proc.Pid()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		n := limit
+		for _, f := range fds {
+			if fd, err := strconv.Atoi(f.Name()); err == nil && fd < limit {
+				n--
+			}
+		}
+		return n
 	}
+	var halves []net.Conn
+	for have := free(); have > 1; have-- {
+		half := dial()
+		if _, err := half.Write(hello[:3]); err != nil {
+			t.Fatal(err)
+		}
+		halves = append(halves, half)
+		harness.Eventually(t, 5*time.Second, "the half caller accepted", func() error {
+			if n := free(); n != have-1 {
+				return fmt.Errorf("%d descriptors free, want %d", n, have-1)
+			}
+			return nil
+		})
+	}
+	closeHalf := func() {
+		halves[0].Close()
+		halves = halves[1:]
+	}
+
+	// The last descriptor goes to a caller, which waits for another to
+	// connect upstream with; a half caller leaving gives it one.
+	waiting, err := open(time.Second)
+	if !errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("a caller accepted with the last descriptor: %v; want it to wait", err)
+	}
+	closeHalf()
 	if err := served(waiting, 5*time.Second); err != nil {
-		t.Fatalf("the caller left waiting is not served after connections ended: %v", err)
+		t.Fatalf("the caller waiting to connect upstream is not served once a descriptor is free: %v", err)
 	}
-	for _, c := range held[2:] {
+	// None left: the next caller waits in the kernel's queue, and is
+	// served when a connection ends.
+	queued, err := open(time.Second)
+	if !errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("a caller with no descriptor left: %v; want it to wait", err)
+	}
+	waiting.Close()
+	if err := served(queued, 5*time.Second); err != nil {
+		t.Fatalf("the caller left in the kernel's queue is not served after a connection ended: %v", err)
+	}
+	// One left again, and nothing ends: the caller that takes it is
+	// refused once the connect timeout (2s by default) has passed.
+	closeHalf()
+	start := time.Now()
+	if _, err := open(10 * time.Second); err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("a caller that cannot connect upstream within the connect timeout: %v; want it refused", err)
+	} else if waited := time.Since(start); waited < 1500*time.Millisecond {
+		t.Fatalf("refused after %v; want it to wait for a descriptor up to the connect timeout", waited)
+	}
+
+	queued.Close()
+	for _, c := range halves {
 		c.Close()
 	}
 	if _, err := open(5 * time.Second); err != nil {
 		t.Fatalf("a new caller after the shortage: %v", err)
 	}
-	if n, err := harness.Metric(gwHTTP, "meshfed_gateway_accept_paused_total"); err != nil || n < 1 {
-		t.Errorf("meshfed_gateway_accept_paused_total = %v (%v); want the pauses counted", n, err)
-	}
-	if n, err := harness.Metric(gwHTTP, "meshfed_gateway_connections_total", `result="out_of_descriptors"`); err != nil || int(n) != refused {
-		t.Errorf("refused for want of a descriptor: metric %v (%v), seen by callers %d", n, err, refused)
-	}
-	if n, err := harness.Metric(gwHTTP, "meshfed_proxy_upstream_connections_total", `result="connect_failure"`); err != nil || n != 0 {
-		t.Errorf("connect failures counted against the endpoint: %v (%v); want none, the shortage is the gateway's", n, err)
+	paused, waits, refused, failures := metrics()
+	if paused < 1 || waits < 2 || refused != 1 || failures != 0 {
+		t.Errorf("accept paused %v times (want some), callers waited for a descriptor %v times (want several), refused for want of one %v (want 1), connect failures counted against the endpoint %v (want none, the shortage is the gateway's)",
+			paused, waits, refused, failures)
 	}
 }
