@@ -96,16 +96,19 @@ func TestConnectWaitsForADescriptor(t *testing.T) {
 	if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &low); err != nil {
 		t.Fatal(err)
 	}
-	for {
-		f, err := os.Open(os.DevNull)
-		if err != nil {
-			if !outOfDescriptors(err) {
-				t.Fatal(err)
+	exhaust := func() {
+		for {
+			f, err := os.Open(os.DevNull)
+			if err != nil {
+				if !outOfDescriptors(err) {
+					t.Fatal(err)
+				}
+				return
 			}
-			break
+			held = append(held, f)
 		}
-		held = append(held, f)
 	}
+	exhaust()
 
 	type result struct {
 		c   net.Conn
@@ -129,13 +132,7 @@ func TestConnectWaitsForADescriptor(t *testing.T) {
 
 	// Nothing frees one: refused once the connect timeout has passed.
 	u.conf.connectTimeout = 300 * time.Millisecond
-	for {
-		f, err := os.Open(os.DevNull)
-		if err != nil {
-			break
-		}
-		held = append(held, f)
-	}
+	exhaust()
 	start := time.Now()
 	if c, why := p.connect("c", 1); c != nil || why != "out_of_descriptors" {
 		t.Fatalf("connect with no descriptor for longer than the connect timeout: %v, %q; want out_of_descriptors", c, why)
