@@ -548,9 +548,9 @@ func (l *gatewayLoop) dial(c *gwConn) {
 }
 
 // waitForDescriptor keeps a routed caller while the process has no
-// descriptor to connect upstream with (not the endpoint's fault): the
-// same endpoint choice comes again after a pause, for as long as a
-// connect may take; then the caller is refused.
+// descriptor to connect upstream with: the endpoint does not count as
+// tried (the shortage is not its fault), and dialling starts again after
+// a pause, for as long as a connect may take; then the caller is refused.
 func (l *gatewayLoop) waitForDescriptor(c *gwConn, err error) {
 	now := time.Now()
 	if c.fdWait.IsZero() {
