@@ -373,10 +373,11 @@ func (p *Proxy) accept(ln net.Listener, handle func(net.Conn)) {
 	}
 }
 
-// descriptorPause is how long a caller waits before the next try when the
-// process is out of file descriptors: accepting pauses (callers wait in the
-// kernel's queue, as HAProxy has them), and a caller already accepted
-// waits to connect upstream.
+// descriptorPause is how long the process waits before the next try when
+// it is out of file descriptors: a gateway loop's accepting pauses (callers
+// wait in the kernel's queue, as HAProxy has them), and a caller already
+// accepted, by a gateway or an outbound listener, waits to connect
+// upstream. (A proxy listener's accept loop backs off on its own, above.)
 const descriptorPause = 100 * time.Millisecond
 
 // outOfDescriptors: err is this process's (or the system's) lack of file

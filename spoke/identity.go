@@ -1,7 +1,6 @@
 package spoke
 
 import (
-	"bytes"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
@@ -50,8 +49,8 @@ func (is *identityServer) servingCert(*tls.ClientHelloInfo) (*tls.Certificate, e
 	signer := is.s.ca.Cert()
 	// Reissued at half-life, and at once after a CA rotation: node tokens
 	// pin the CA that signs now.
-	if c := is.serving; c != nil && bytes.Equal(c.Certificate[1], signer.Raw) && time.Now().Before(ca.RenewAt(c.Leaf)) {
-		return c, nil
+	if ca.Current(is.serving, signer, time.Now()) {
+		return is.serving, nil
 	}
 	key, err := ca.NewKey()
 	if err != nil {

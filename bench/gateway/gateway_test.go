@@ -144,44 +144,48 @@ backend sink
 	if err != nil {
 		b.Fatalf("latency: %v", err)
 	}
-	lat := map[string][]time.Duration{}
-	for i, t := range targets {
-		lat[t.name] = rounds[i]
-	}
-	p := load.Percentile
-	added := func(name string, q int) time.Duration { return p(lat[name], q) - p(lat["direct"], q) }
-	fmt.Printf("new TLS connection + %d B request/response, %d each, interleaved (CPU steal by the host meanwhile %.1f%%): direct p50 %.3f ms p99 %.3f ms\n",
-		reqSize, requests, 100*steal(), load.Ms(p(lat["direct"], 50)), load.Ms(p(lat["direct"], 99)))
-	for _, name := range []string{"haproxy", "gateway"} {
-		fmt.Printf("  %-8s p50 %.3f ms p99 %.3f ms; added p50 %.3f ms p99 %.3f ms\n", name, load.Ms(p(lat[name], 50)), load.Ms(p(lat[name], 99)), load.Ms(added(name, 50)), load.Ms(added(name, 99)))
-	}
-	fmt.Printf("gateway p99 / haproxy p99: %.2fx (target <= 1.0x: %s)\n", float64(p(lat["gateway"], 99))/float64(p(lat["haproxy"], 99)), load.Verdict(p(lat["gateway"], 99) <= p(lat["haproxy"], 99)))
-	b.ReportMetric(float64(p(lat["gateway"], 99))/float64(p(lat["haproxy"], 99)), "p99-ratio")
+	ratio := latencyTable(fmt.Sprintf("new TLS connection + %d B request/response, %d each, interleaved (CPU steal by the host meanwhile %.1f%%)",
+		reqSize, requests, 100*steal()), targets, rounds)
+	fmt.Printf("gateway p99 / haproxy p99: %.2fx (target <= 1.0x: %s)\n", ratio, load.Verdict(ratio <= 1))
+	b.ReportMetric(ratio, "p99-ratio")
 
 	open, err := load.LatencyRounds(dials, rate, conns, reqSize, time.Second, openRounds)
 	if err != nil {
 		b.Fatalf("latency on open connections: %v", err)
 	}
-	for i, t := range targets {
-		lat[t.name] = load.Pooled(open[i])
+	pooled := make([][]time.Duration, len(open))
+	for i := range open {
+		pooled[i] = load.Pooled(open[i])
 	}
-	fmt.Printf("%d B request/response on %d open TLS connections at %d req/s, %d rounds of 1 s each, rotating: direct p50 %.3f ms p99 %.3f ms\n",
-		reqSize, conns, rate, openRounds, load.Ms(p(lat["direct"], 50)), load.Ms(p(lat["direct"], 99)))
-	for _, name := range []string{"haproxy", "gateway"} {
-		fmt.Printf("  %-8s p50 %.3f ms p99 %.3f ms; added p50 %.3f ms p99 %.3f ms\n", name, load.Ms(p(lat[name], 50)), load.Ms(p(lat[name], 99)), load.Ms(added(name, 50)), load.Ms(added(name, 99)))
-	}
+	pooledRatio := latencyTable(fmt.Sprintf("%d B request/response on %d open TLS connections at %d req/s, %d rounds of 1 s each, rotating",
+		reqSize, conns, rate, openRounds), targets, pooled)
 	// A stall of the whole host (several connections held up at once for
 	// milliseconds, whichever target is running) can set a pooled p99;
 	// the verdict is on the median of the rounds' ratios, as for
 	// throughput.
 	ratios := make([]float64, openRounds)
 	for r := range ratios {
-		ratios[r] = float64(p(open[2][r], 99)) / float64(p(open[1][r], 99))
+		ratios[r] = float64(load.Percentile(open[2][r], 99)) / float64(load.Percentile(open[1][r], 99))
 	}
-	ratio := load.Median(ratios)
+	ratio = load.Median(ratios)
 	fmt.Printf("gateway p99 / haproxy p99 on open connections: median of %d rounds %.2fx (rounds %.2f..%.2f; pooled %.2fx) (target <= 1.0x: %s)\n",
-		openRounds, ratio, slices.Min(ratios), slices.Max(ratios), float64(p(lat["gateway"], 99))/float64(p(lat["haproxy"], 99)), load.Verdict(ratio <= 1))
+		openRounds, ratio, slices.Min(ratios), slices.Max(ratios), pooledRatio, load.Verdict(ratio <= 1))
 	b.ReportMetric(ratio, "open-p99-ratio")
+}
+
+// latencyTable prints header with the direct target's p50 and p99, then
+// each proxy's and what it adds to direct; it returns the gateway's p99
+// over HAProxy's. lat holds each target's sorted round trips, in targets'
+// order (direct, haproxy, gateway).
+func latencyTable(header string, targets []target, lat [][]time.Duration) float64 {
+	p, ms := load.Percentile, load.Ms
+	direct := lat[0]
+	fmt.Printf("%s: direct p50 %.3f ms p99 %.3f ms\n", header, ms(p(direct, 50)), ms(p(direct, 99)))
+	for i, t := range targets[1:] {
+		l := lat[i+1]
+		fmt.Printf("  %-8s p50 %.3f ms p99 %.3f ms; added p50 %.3f ms p99 %.3f ms\n", t.name, ms(p(l, 50)), ms(p(l, 99)), ms(p(l, 50)-p(direct, 50)), ms(p(l, 99)-p(direct, 99)))
+	}
+	return float64(p(lat[2], 99)) / float64(p(lat[1], 99))
 }
 
 // cpuPerGB prints the CPU time each target costs per GB passed on over n

@@ -169,7 +169,7 @@ func (s *Server) servingCert() func(*tls.ClientHelloInfo) (*tls.Certificate, err
 		mu.Lock()
 		defer mu.Unlock()
 		signer := s.o.CA.Cert()
-		if cur != nil && string(cur.Certificate[1]) == string(signer.Raw) && time.Now().Before(ca.RenewAt(cur.Leaf)) {
+		if ca.Current(cur, signer, time.Now()) {
 			return cur, nil
 		}
 		key, err := ca.NewKey()

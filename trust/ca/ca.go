@@ -8,12 +8,14 @@
 package ca
 
 import (
+	"bytes"
 	"crypto"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/rsa"
 	"crypto/sha256"
+	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/hex"
@@ -127,6 +129,13 @@ func RenewAt(cert *x509.Certificate) time.Time {
 		issued = cert.NotBefore // not one of ours: not backdated
 	}
 	return issued.Add(cert.NotAfter.Sub(issued) / 2)
+}
+
+// Current: c, a serving certificate whose chain ends in its signer, was
+// signed by signer and is not due for renewal yet. After a CA rotation it
+// is due at once.
+func Current(c *tls.Certificate, signer *x509.Certificate, now time.Time) bool {
+	return c != nil && len(c.Certificate) > 1 && bytes.Equal(c.Certificate[1], signer.Raw) && now.Before(RenewAt(c.Leaf))
 }
 
 // Sign issues a certificate for l, never outliving the CA.
