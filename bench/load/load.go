@@ -26,9 +26,23 @@ type Dial func() (net.Conn, error)
 // connection and mTLS handshake), which ConnectEach measures; this
 // measures requests on connections already open.
 func Latency(dial Dial, rate, conns, size int, d time.Duration) ([]time.Duration, error) {
+	out, err := LatencyTogether([]Dial{dial}, rate, conns, size, d)
+	if err != nil {
+		return nil, err
+	}
+	return out[0], nil
+}
+
+// LatencyTogether runs Latency against every dialer at the same time, each
+// at rate per second, their requests taking turns: one request every
+// 1/(rate*len(dials)) seconds, to each dialer in turn. A slow spell of the
+// machine then falls on every dialer's requests alike. It returns each
+// dialer's round trips, sorted.
+func LatencyTogether(dials []Dial, rate, conns, size int, d time.Duration) ([][]time.Duration, error) {
+	n := len(dials)
 	var mu sync.Mutex
-	var out []time.Duration
-	errs := make(chan error, conns)
+	out := make([][]time.Duration, n)
+	errs := make(chan error, n*conns)
 	var opened, wg sync.WaitGroup
 	start := make(chan time.Time)
 	interval := time.Second * time.Duration(conns) / time.Duration(rate)
@@ -39,13 +53,14 @@ func Latency(dial Dial, rate, conns, size int, d time.Duration) ([]time.Duration
 		_, err := io.ReadFull(c, resp)
 		return err
 	}
-	opened.Add(conns)
-	for i := 0; i < conns; i++ {
+	opened.Add(n * conns)
+	for i := range n * conns {
 		wg.Add(1)
 		go func(i int) {
 			defer wg.Done()
+			target := i % n
 			req, resp := make([]byte, size), make([]byte, size)
-			c, err := dial()
+			c, err := dials[target]()
 			if err == nil {
 				defer c.Close()
 				err = exchange(c, req, resp)
@@ -56,8 +71,9 @@ func Latency(dial Dial, rate, conns, size int, d time.Duration) ([]time.Duration
 				errs <- err
 				return
 			}
-			// Connections start spread over one interval.
-			next := t0.Add(interval * time.Duration(i) / time.Duration(conns))
+			// Connections start spread over one interval, the
+			// dialers' taking turns.
+			next := t0.Add(interval * time.Duration(i) / time.Duration(n*conns))
 			end := t0.Add(d)
 			var mine []time.Duration
 			for next.Before(end) {
@@ -71,13 +87,13 @@ func Latency(dial Dial, rate, conns, size int, d time.Duration) ([]time.Duration
 				next = next.Add(interval)
 			}
 			mu.Lock()
-			out = append(out, mine...)
+			out[target] = append(out[target], mine...)
 			mu.Unlock()
 		}(i)
 	}
 	opened.Wait()
 	t0 := time.Now()
-	for range conns {
+	for range n * conns {
 		start <- t0
 	}
 	wg.Wait()
@@ -85,7 +101,9 @@ func Latency(dial Dial, rate, conns, size int, d time.Duration) ([]time.Duration
 	if err := <-errs; err != nil {
 		return nil, err
 	}
-	slices.Sort(out)
+	for _, l := range out {
+		slices.Sort(l)
+	}
 	return out, nil
 }
 
@@ -272,11 +290,11 @@ func Median(v []float64) float64 {
 }
 
 // Percentile returns the q-th percentile of sorted durations.
-func Percentile(l []time.Duration, q int) time.Duration {
+func Percentile(l []time.Duration, q float64) time.Duration {
 	if len(l) == 0 {
 		return 0
 	}
-	return l[min(len(l)-1, len(l)*q/100)]
+	return l[min(len(l)-1, int(float64(len(l))*q/100))]
 }
 
 // Ms renders a duration in milliseconds.
