@@ -530,7 +530,7 @@ func (p *Proxy) dialUpstream(cfg *config, c *clusterConf, e endpointConf) (net.C
 			return fmt.Errorf("upstream presented %s, which is not an identity of this service", id)
 		},
 	}
-	tlsConn := tls.Client(raw, tc)
+	tlsConn := tlsClient(raw, tc)
 	_ = raw.SetDeadline(deadline)
 	if err := tlsConn.Handshake(); err != nil {
 		raw.Close()
@@ -579,7 +579,7 @@ func (p *Proxy) inbound(lc *listenerConf, raw net.Conn) {
 		c.GetConfigForClient, c.NextProtos = nil, hello.SupportedProtos[:1]
 		return c, nil
 	}
-	down := tls.Server(raw, tc)
+	down := tlsServer(raw, tc)
 	_ = raw.SetDeadline(time.Now().Add(10 * time.Second))
 	if err := down.Handshake(); err != nil {
 		p.m.inbound.WithLabelValues(lc.name, "tls_failure").Inc()
@@ -610,9 +610,9 @@ func (p *Proxy) inbound(lc *listenerConf, raw net.Conn) {
 }
 
 // Copy buffers: every direction of a connection starts with a small one;
-// one whose plain-text reads fill it (bulk data) moves to a large one, so
-// each read syscall brings more. A TLS source gives at most one 16 KiB
-// record per read, so it keeps the small buffer.
+// one whose reads fill it (bulk data) moves to a large one, so each read
+// brings more: a plain-text read, more bytes per system call; a TLS read,
+// the records already read off the network (batchedTLS).
 var (
 	smallBuffers = sync.Pool{New: func() any { b := make([]byte, 16<<10); return &b }}
 	largeBuffers = sync.Pool{New: func() any { b := make([]byte, 128<<10); return &b }}
@@ -623,7 +623,11 @@ func copyConn(dst io.Writer, src net.Conn) {
 	pool := &smallBuffers
 	buf := pool.Get().(*[]byte)
 	defer func() { pool.Put(buf) }()
-	_, grow := src.(*net.TCPConn)
+	var grow bool
+	switch src.(type) {
+	case *net.TCPConn, *batchedTLS:
+		grow = true
+	}
 	for {
 		n, err := src.Read(*buf)
 		if n > 0 {

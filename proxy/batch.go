@@ -1,0 +1,112 @@
+package proxy
+
+import (
+	"crypto/tls"
+	"net"
+	"sync"
+	"time"
+)
+
+// A TLS record holds at most 16 KiB of data, and crypto/tls makes one
+// system call per record both ways: a 128 KiB copy-buffer write leaves in
+// eight writes on the TLS side, and eight reads of the TLS side reach the
+// app as eight writes. batchedTLS moves bulk data a buffer at a time
+// instead: what one Write encrypts leaves in one system call, and a Read
+// that gets a full record also takes the records already in hand (not
+// waiting for more). Small messages pass as before.
+const maxRecord = 16 << 10
+
+// batchedTLS is a TLS connection over a batchConn.
+type batchedTLS struct {
+	*tls.Conn
+	raw *batchConn
+}
+
+// tlsClient and tlsServer start TLS over raw, batched.
+func tlsClient(raw net.Conn, tc *tls.Config) *batchedTLS {
+	b := &batchConn{Conn: raw}
+	return &batchedTLS{Conn: tls.Client(b, tc), raw: b}
+}
+
+func tlsServer(raw net.Conn, tc *tls.Config) *batchedTLS {
+	b := &batchConn{Conn: raw}
+	return &batchedTLS{Conn: tls.Server(b, tc), raw: b}
+}
+
+// Write encrypts p and sends its records in one write.
+func (c *batchedTLS) Write(p []byte) (int, error) {
+	if len(p) <= maxRecord {
+		return c.Conn.Write(p)
+	}
+	c.raw.hold()
+	n, err := c.Conn.Write(p)
+	if ferr := c.raw.flush(); err == nil {
+		err = ferr
+	}
+	return n, err
+}
+
+// longAgo is a read deadline that has passed: a read then takes only what
+// crypto/tls already holds.
+var longAgo = time.Unix(1, 0)
+
+// Read returns one record's data, and after a full record also the
+// records crypto/tls has already read off the network, up to len(p).
+func (c *batchedTLS) Read(p []byte) (int, error) {
+	n, err := c.Conn.Read(p)
+	if err != nil || n < maxRecord || n == len(p) {
+		return n, err
+	}
+	_ = c.Conn.SetReadDeadline(longAgo)
+	for n < len(p) {
+		// The deadline ends this at the first record still on the
+		// network; any other error is crypto/tls's to give again on
+		// the next Read.
+		m, err := c.Conn.Read(p[n:])
+		n += m
+		if err != nil {
+			break
+		}
+	}
+	_ = c.Conn.SetReadDeadline(time.Time{})
+	return n, nil
+}
+
+// batchConn holds what is written between hold and flush, and sends it
+// in one write at flush. crypto/tls may write from the reading goroutine
+// as well (a key update): mu keeps the order.
+type batchConn struct {
+	net.Conn
+	mu      sync.Mutex
+	holding bool
+	buf     *[]byte
+}
+
+var batchBuffers = sync.Pool{New: func() any { b := make([]byte, 0, 136<<10); return &b }}
+
+func (b *batchConn) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if !b.holding {
+		return b.Conn.Write(p)
+	}
+	*b.buf = append(*b.buf, p...)
+	return len(p), nil
+}
+
+func (b *batchConn) hold() {
+	b.mu.Lock()
+	b.holding, b.buf = true, batchBuffers.Get().(*[]byte)
+	b.mu.Unlock()
+}
+
+func (b *batchConn) flush() error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	buf := b.buf
+	b.holding, b.buf = false, nil
+	_, err := b.Conn.Write(*buf)
+	*buf = (*buf)[:0]
+	batchBuffers.Put(buf)
+	return err
+}
