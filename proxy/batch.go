@@ -74,12 +74,44 @@ func (c *batchedTLS) Read(p []byte) (int, error) {
 
 // batchConn holds what is written between hold and flush, and sends it
 // in one write at flush. crypto/tls may write from the reading goroutine
-// as well (a key update): mu keeps the order.
+// as well (a key update): mu keeps the order. It reads ahead up to
+// readAhead bytes a system call (crypto/tls asks for little more than a
+// record), into a buffer it holds only while it has bytes in it.
 type batchConn struct {
 	net.Conn
 	mu      sync.Mutex
 	holding bool
 	buf     *[]byte
+
+	in           *[]byte
+	inPos, inEnd int
+}
+
+const readAhead = 64 << 10
+
+var readBuffers = sync.Pool{New: func() any { b := make([]byte, readAhead); return &b }}
+
+func (b *batchConn) Read(p []byte) (int, error) {
+	if b.in == nil {
+		if len(p) >= readAhead {
+			return b.Conn.Read(p)
+		}
+		in := readBuffers.Get().(*[]byte)
+		n, err := b.Conn.Read(*in)
+		if n == 0 {
+			readBuffers.Put(in)
+			return 0, err
+		}
+		// An error with data comes again on the next read.
+		b.in, b.inPos, b.inEnd = in, 0, n
+	}
+	n := copy(p, (*b.in)[b.inPos:b.inEnd])
+	b.inPos += n
+	if b.inPos == b.inEnd {
+		readBuffers.Put(b.in)
+		b.in = nil
+	}
+	return n, nil
 }
 
 var batchBuffers = sync.Pool{New: func() any { b := make([]byte, 0, 136<<10); return &b }}
