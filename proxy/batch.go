@@ -7,10 +7,11 @@ import (
 	"time"
 )
 
-// A TLS record holds at most 16 KiB of data, and crypto/tls makes one
-// system call per record both ways: a 128 KiB copy-buffer write leaves in
-// eight writes on the TLS side, and eight reads of the TLS side reach the
-// app as eight writes. batchedTLS moves bulk data a buffer at a time
+// A TLS record holds at most 16 KiB of data. crypto/tls writes each
+// record in a system call of its own, reads little more than the record
+// it needs, and returns one record a Read: a 128 KiB copy-buffer write
+// leaves in eight writes on the TLS side, and the other end hands it to
+// the app in eight writes. batchedTLS moves bulk data a buffer at a time
 // instead: what one Write encrypts leaves in one system call, and a Read
 // that gets a full record also takes the records already in hand (not
 // waiting for more). Small messages pass as before.
