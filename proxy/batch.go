@@ -73,16 +73,15 @@ func (c *batchedTLS) Read(p []byte) (int, error) {
 	return n, nil
 }
 
-// batchConn holds what is written between hold and flush, and sends it
-// in one write at flush. crypto/tls may write from the reading goroutine
+// batchConn holds what is written between hold and flush (in buf, nil
+// otherwise), and sends it in one write at flush. crypto/tls may write from the reading goroutine
 // as well (a key update): mu keeps the order. It reads ahead up to
 // readAhead bytes a system call (crypto/tls asks for little more than a
 // record), into a buffer it holds only while it has bytes in it.
 type batchConn struct {
 	net.Conn
-	mu      sync.Mutex
-	holding bool
-	buf     *[]byte
+	mu  sync.Mutex
+	buf *[]byte
 
 	in           *[]byte
 	inPos, inEnd int
@@ -120,7 +119,7 @@ var batchBuffers = sync.Pool{New: func() any { b := make([]byte, 0, 136<<10); re
 func (b *batchConn) Write(p []byte) (int, error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	if !b.holding {
+	if b.buf == nil {
 		return b.Conn.Write(p)
 	}
 	*b.buf = append(*b.buf, p...)
@@ -129,7 +128,7 @@ func (b *batchConn) Write(p []byte) (int, error) {
 
 func (b *batchConn) hold() {
 	b.mu.Lock()
-	b.holding, b.buf = true, batchBuffers.Get().(*[]byte)
+	b.buf = batchBuffers.Get().(*[]byte)
 	b.mu.Unlock()
 }
 
@@ -137,7 +136,7 @@ func (b *batchConn) flush() error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	buf := b.buf
-	b.holding, b.buf = false, nil
+	b.buf = nil
 	_, err := b.Conn.Write(*buf)
 	*buf = (*buf)[:0]
 	batchBuffers.Put(buf)

@@ -110,22 +110,18 @@ func LatencyTogether(dials []Dial, rate, conns, size int, d time.Duration) ([][]
 // LatencyRounds runs Latency against every dialer for each in turn,
 // rounds times, the order rotating each round, so a slow spell of the
 // machine (CPU steal on a shared host) falls on all of them alike; it
-// returns each dialer's round trips, sorted, round by round.
-func LatencyRounds(dials []Dial, rate, conns, size int, each time.Duration, rounds int) ([][][]time.Duration, error) {
-	out := make([][][]time.Duration, len(dials))
+// returns each dialer's round trips, sorted.
+func LatencyRounds(dials []Dial, rate, conns, size int, each time.Duration, rounds int) ([][]time.Duration, error) {
+	out := make([][]time.Duration, len(dials))
 	err := rotating(len(dials), rounds, func(i int) error {
 		l, err := Latency(dials[i], rate, conns, size, each)
-		out[i] = append(out[i], l)
+		out[i] = append(out[i], l...)
 		return err
 	})
+	for _, l := range out {
+		slices.Sort(l)
+	}
 	return out, err
-}
-
-// Pooled merges rounds of round trips into one sorted list.
-func Pooled(rounds [][]time.Duration) []time.Duration {
-	all := slices.Concat(rounds...)
-	slices.Sort(all)
-	return all
 }
 
 // rotating calls measure with each of n targets in turn, rounds times, the

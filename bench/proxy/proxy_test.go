@@ -99,7 +99,7 @@ func BenchmarkProxyPair(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	direct, proxied, peer := load.Pooled(lat[0]), load.Pooled(lat[1]), load.Pooled(lat[2])
+	direct, proxied, peer := lat[0], lat[1], lat[2]
 	fmt.Printf("latency on open connections (each made one exchange first, not counted): %d rounds of %v per target, in rotating order; CPU steal by the host meanwhile %.1f%% (shared hosts: spikes of it show in p99)\n",
 		latencyRounds, duration/latencyRounds, 100*steal())
 	pct, ms, verdict := load.Percentile, load.Ms, load.Verdict
