@@ -142,3 +142,11 @@ func (b *batchConn) flush() error {
 	batchBuffers.Put(buf)
 	return err
 }
+
+// release returns the read-ahead buffer when the connection is done with.
+func (b *batchConn) release() {
+	if b.in != nil {
+		readBuffers.Put(b.in)
+		b.in = nil
+	}
+}

@@ -5,11 +5,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"net/netip"
 	"runtime"
-	"sync"
 	"syscall"
 	"time"
 
@@ -17,94 +15,11 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// On Linux a gateway listener's connections run on event loops, one per
-// CPU Go uses: non-blocking sockets in an edge-triggered epoll set per
-// loop, with no goroutine per connection. Passthrough does no work per
-// byte but copy, so what a connection costs is mostly waking up for it; a
-// loop wakes once for a batch of ready sockets, where goroutines hand each
-// wakeup from thread to thread (the gateway made about 9 futex calls per
-// connection that way).
-
-const (
-	loopBuffer = 256 << 10 // one read, shared by every connection
-	loopBudget = 4         // reads per direction and turn (1 MiB), so no connection holds up the rest
-	yieldEvery = 5 * time.Millisecond
-)
-
-// Epoll tokens of the loop's own descriptors; sockets get the ones after.
-const (
-	wakeToken int32 = iota
-	listenToken
-	firstToken
-)
-
-type connState int
-
-const (
-	readingHello connState = iota
-	connecting
-	relaying
-	closed
-)
-
-// gwConn is one caller's connection and, once routed, its upstream.
-type gwConn struct {
-	down, up *sock
-	state    connState
-	// gen changes with every state and connection attempt; timers and
-	// dials from before are ignored.
-	gen   int
-	hello []byte // what the caller sent before it was routed, replayed upstream
-	r     route
-	u     *upstream
-	e     endpointConf
-	tried map[string]bool
-	// fdWait: out of descriptors to connect upstream with, the caller
-	// waits until then; zero while it has not had to.
-	fdWait time.Time
-	again  bool // waits in the loop's again list
-}
-
-// sock is one non-blocking socket and what the loop knows of it.
-type sock struct {
-	fd, token int32
-	c         *gwConn
-	// pending was read from this socket and waits for the other one;
-	// borrowed: it lies in the loop's shared buffer.
-	pending  []byte
-	borrowed bool
-	spare    []byte
-	// readable and writable until a call says otherwise (edge-triggered);
-	// hup: the peer closed or reset, so read to the end whatever a read
-	// returns.
-	readable, writable, hup bool
-	eof                     bool // a read returned the end of the stream
-	shut                    bool // writing to it was shut down
-}
-
-type gatewayLoop struct {
-	p    *Proxy
-	rl   *runningListener
-	addr net.Addr
-	ep   int
-	lfd  int // -1 once no longer accepting
-	wake int // eventfd that posted work rings
-
-	mu     sync.Mutex
-	posted []func()
-	done   bool
-
-	socks  map[int32]*sock
-	conns  map[*gwConn]struct{}
-	timers timers
-	// acceptAt: accepting paused (out of descriptors) until then;
-	// acceptFailing since the first failure, until an accept succeeds.
-	acceptAt      time.Time
-	acceptFailing bool
-	again         []*gwConn
-	token         int32
-	buf           []byte
-}
+// On Linux a gateway listener's connections run on event loops (see
+// eventLoop), one per CPU Go uses, each with a listening socket of its own
+// on the same port. A connection's hello is read, routed by its SNI and
+// passed upstream, all on the loop; only a host name to resolve takes a
+// goroutine.
 
 // listenGateway opens the gateway listener and starts its loops, one per
 // CPU Go uses, each on a listening socket of its own on the same port
@@ -138,7 +53,7 @@ func (p *Proxy) listenGateway(rl *runningListener, addr string) (listener, error
 }
 
 // loopGroup is a gateway listener's loops.
-type loopGroup []*gatewayLoop
+type loopGroup []*eventLoop
 
 func (g loopGroup) Addr() net.Addr { return g[0].addr }
 
@@ -151,24 +66,19 @@ func (g loopGroup) Close() error {
 }
 
 func (p *Proxy) startLoop(rl *runningListener, ln *net.TCPListener, group *loopGroup) error {
-	l := &gatewayLoop{p: p, rl: rl, addr: ln.Addr(), ep: -1, lfd: -1, wake: -1,
-		socks: map[int32]*sock{}, conns: map[*gwConn]struct{}{}, token: firstToken, buf: make([]byte, loopBuffer)}
-	var err error
+	l, err := p.newLoop(gatewayBuffer)
+	if err != nil {
+		ln.Close()
+		return err
+	}
+	l.rl, l.addr = rl, ln.Addr()
 	if l.lfd, err = detach(ln); err == nil {
 		// Accepted once the hello is there: one wakeup, not two. A caller
 		// that sends nothing waits in the kernel's queue up to the hello
 		// timeout before its own hello timeout starts.
 		_ = unix.SetsockoptInt(l.lfd, unix.IPPROTO_TCP, unix.TCP_DEFER_ACCEPT, int(max(1, p.o.HelloTimeout/time.Second)))
 		tune(l.lfd) // accepted sockets inherit it
-		l.ep, err = unix.EpollCreate1(unix.EPOLL_CLOEXEC)
-	}
-	if err == nil {
-		l.wake, err = unix.Eventfd(0, unix.EFD_NONBLOCK|unix.EFD_CLOEXEC)
-	}
-	if err == nil {
-		err = errors.Join(
-			unix.EpollCtl(l.ep, unix.EPOLL_CTL_ADD, l.wake, &unix.EpollEvent{Events: unix.EPOLLIN, Fd: wakeToken}),
-			unix.EpollCtl(l.ep, unix.EPOLL_CTL_ADD, l.lfd, &unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLET, Fd: listenToken}))
+		err = unix.EpollCtl(l.ep, unix.EPOLL_CTL_ADD, l.lfd, &unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLET, Fd: listenToken})
 	}
 	if err != nil {
 		l.closeFDs()
@@ -177,47 +87,16 @@ func (p *Proxy) startLoop(rl *runningListener, ln *net.TCPListener, group *loopG
 	// The loop counts as one live connection until its last one ends; the
 	// drain timeout aborts them all through it.
 	p.conns.Add(1)
-	p.live[loopConns{l}] = struct{}{}
+	p.live[loopCloser{l}] = struct{}{}
 	*group = append(*group, l)
 	go l.run()
 	return nil
 }
 
-// tune sets what Go's net package sets on its TCP connections: no Nagle
-// delay, and keepalive probes (after 15s idle, every 15s, 9 of them), so a
-// peer that vanished without a word is found and its connection closed.
-func tune(fd int) {
-	for _, o := range [...]struct{ level, opt, v int }{
-		{unix.IPPROTO_TCP, unix.TCP_NODELAY, 1},
-		{unix.SOL_SOCKET, unix.SO_KEEPALIVE, 1},
-		{unix.IPPROTO_TCP, unix.TCP_KEEPIDLE, 15},
-		{unix.IPPROTO_TCP, unix.TCP_KEEPINTVL, 15},
-		{unix.IPPROTO_TCP, unix.TCP_KEEPCNT, 9},
-	} {
-		_ = unix.SetsockoptInt(fd, o.level, o.opt, o.v)
-	}
-}
-
-// detach takes a socket's descriptor from Go's poller: a duplicate that
-// stays non-blocking, the original closed.
-func detach(c interface {
-	syscall.Conn
-	io.Closer
-}) (int, error) {
-	fd := -1
-	rc, err := c.SyscallConn()
-	if err == nil {
-		cerr := rc.Control(func(s uintptr) { fd, err = unix.FcntlInt(s, unix.F_DUPFD_CLOEXEC, 0) })
-		err = errors.Join(err, cerr)
-	}
-	c.Close()
-	return fd, err
-}
-
 // loopConns lets the drain timeout end a loop's live connections.
-type loopConns struct{ l *gatewayLoop }
+type loopCloser struct{ l *eventLoop }
 
-func (lc loopConns) Close() error {
+func (lc loopCloser) Close() error {
 	lc.l.post(func() {
 		l := lc.l
 		l.stopAccepting()
@@ -228,136 +107,14 @@ func (lc loopConns) Close() error {
 	return nil
 }
 
-// post runs f on the loop; false once the loop has ended.
-func (l *gatewayLoop) post(f func()) bool {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	if l.done {
-		return false
-	}
-	l.posted = append(l.posted, f)
-	one := [8]byte{1}
-	_, _ = unix.Write(l.wake, one[:])
-	return true
-}
-
-func (l *gatewayLoop) stopAccepting() {
+func (l *eventLoop) stopAccepting() {
 	if l.lfd >= 0 {
 		unix.Close(l.lfd)
 		l.lfd = -1
 	}
 }
 
-func (l *gatewayLoop) closeFDs() {
-	for _, fd := range []int{l.lfd, l.ep, l.wake} {
-		if fd >= 0 {
-			unix.Close(fd)
-		}
-	}
-}
-
-func (l *gatewayLoop) run() {
-	defer func() {
-		l.mu.Lock()
-		l.done = true
-		l.mu.Unlock()
-		l.closeFDs()
-		l.p.track(loopConns{l}, false)
-	}()
-	events := make([]unix.EpollEvent, 128)
-	yielded := time.Now()
-	for l.lfd >= 0 || len(l.conns) > 0 {
-		// Go's scheduler preempts a goroutine that has not been through it
-		// for 10ms, system calls or not, whatever it is doing then. The
-		// loop goes through it itself between batches, before that comes.
-		if now := time.Now(); now.Sub(yielded) > yieldEvery {
-			runtime.Gosched()
-			yielded = now
-		}
-		timeout := -1
-		if len(l.again) > 0 {
-			timeout = 0
-		} else if at, ok := l.nextDeadline(); ok {
-			timeout = int(max(0, (time.Until(at)+time.Millisecond-1)/time.Millisecond))
-		}
-		n, err := unix.EpollWait(l.ep, events, timeout)
-		if err != nil && err != unix.EINTR {
-			l.p.log.Error("gateway event loop failed; its connections end", "err", err)
-			l.stopAccepting()
-			for c := range l.conns {
-				l.close(c)
-			}
-			return
-		}
-		for _, ev := range events[:max(n, 0)] {
-			l.event(ev)
-		}
-		again := l.again
-		l.again = nil
-		for _, c := range again {
-			c.again = false
-			l.progress(c)
-		}
-		now := time.Now()
-		l.expire(now)
-		if !l.acceptAt.IsZero() && !now.Before(l.acceptAt) {
-			l.acceptAt = time.Time{}
-			l.accept()
-		}
-	}
-}
-
-// nextDeadline is when the loop must wake without an event: the first
-// timer, or the end of a pause in accepting.
-func (l *gatewayLoop) nextDeadline() (time.Time, bool) {
-	at, ok := l.timers.next()
-	if !l.acceptAt.IsZero() && (!ok || l.acceptAt.Before(at)) {
-		return l.acceptAt, true
-	}
-	return at, ok
-}
-
-func (l *gatewayLoop) event(ev unix.EpollEvent) {
-	switch ev.Fd {
-	case wakeToken:
-		var b [8]byte
-		_, _ = unix.Read(l.wake, b[:])
-		l.mu.Lock()
-		posted := l.posted
-		l.posted = nil
-		l.mu.Unlock()
-		for _, f := range posted {
-			f()
-		}
-	case listenToken:
-		l.accept()
-	default:
-		s := l.socks[ev.Fd]
-		if s == nil {
-			return
-		}
-		const gone = unix.EPOLLRDHUP | unix.EPOLLHUP | unix.EPOLLERR
-		s.readable = s.readable || ev.Events&(unix.EPOLLIN|gone) != 0
-		s.writable = s.writable || ev.Events&(unix.EPOLLOUT|unix.EPOLLHUP|unix.EPOLLERR) != 0
-		s.hup = s.hup || ev.Events&gone != 0
-		l.progress(s.c)
-	}
-}
-
-func (l *gatewayLoop) progress(c *gwConn) {
-	switch c.state {
-	case readingHello:
-		l.readHello(c)
-	case connecting:
-		if c.up != nil && c.up.writable {
-			l.connected(c)
-		}
-	case relaying:
-		l.relay(c)
-	}
-}
-
-func (l *gatewayLoop) accept() {
+func (l *eventLoop) accept() {
 	for l.lfd >= 0 {
 		fd, _, err := unix.Accept4(l.lfd, unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC)
 		switch err {
@@ -383,7 +140,7 @@ func (l *gatewayLoop) accept() {
 			l.p.log.Info("gateway accepts connections again")
 			l.acceptFailing = false
 		}
-		c := &gwConn{state: readingHello}
+		c := &loopConn{state: readingHello}
 		if c.down, err = l.add(fd, c); err != nil {
 			unix.Close(fd)
 			l.p.log.Error("gateway could not watch a connection", "err", err)
@@ -397,42 +154,8 @@ func (l *gatewayLoop) accept() {
 	}
 }
 
-// add watches fd for c.
-func (l *gatewayLoop) add(fd int, c *gwConn) (*sock, error) {
-	for l.socks[l.token] != nil || l.token < firstToken {
-		l.token++ // wrapped around
-	}
-	s := &sock{fd: int32(fd), token: l.token, c: c}
-	l.token++
-	ev := unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLOUT | unix.EPOLLRDHUP | unix.EPOLLET, Fd: s.token}
-	if err := unix.EpollCtl(l.ep, unix.EPOLL_CTL_ADD, fd, &ev); err != nil {
-		return nil, err
-	}
-	l.socks[s.token] = s
-	return s, nil
-}
-
-// drop closes a socket, which also takes it out of the epoll set.
-func (l *gatewayLoop) drop(s *sock) {
-	if s != nil {
-		delete(l.socks, s.token)
-		unix.Close(int(s.fd))
-	}
-}
-
-func (l *gatewayLoop) close(c *gwConn) {
-	if c.state == closed {
-		return
-	}
-	l.drop(c.down)
-	l.drop(c.up)
-	c.state = closed
-	delete(l.conns, c)
-	l.p.m.gatewayLive.Dec()
-}
-
 // refuse closes a connection that gets no route, counting why.
-func (l *gatewayLoop) refuse(c *gwConn, result string, err error) {
+func (l *eventLoop) refuse(c *loopConn, result string, err error) {
 	l.p.refused(result, err, func() net.Addr { return peerAddr(int(c.down.fd)) })
 	l.close(c)
 }
@@ -453,7 +176,7 @@ func peerAddr(fd int) net.Addr {
 
 // readHello collects the caller's bytes until they hold a ClientHello,
 // then routes the connection by its SNI.
-func (l *gatewayLoop) readHello(c *gwConn) {
+func (l *eventLoop) readHello(c *loopConn) {
 	s := c.down
 	for s.readable {
 		n, err := unix.Read(int(s.fd), l.buf[:clienthello.MaxSize-len(c.hello)])
@@ -487,7 +210,7 @@ func (l *gatewayLoop) readHello(c *gwConn) {
 	}
 }
 
-func (l *gatewayLoop) route(c *gwConn, name string) {
+func (l *eventLoop) route(c *loopConn, name string) {
 	r, ok := l.rl.conf.Load().sni[name]
 	if !ok {
 		l.p.refusedSNI(name, peerAddr(int(c.down.fd)))
@@ -507,7 +230,7 @@ func (l *gatewayLoop) route(c *gwConn, name string) {
 
 // dial starts a connection to the next endpoint to try: non-blocking
 // connect for an IP, a goroutine for a host name (which needs resolving).
-func (l *gatewayLoop) dial(c *gwConn) {
+func (l *eventLoop) dial(c *loopConn) {
 	for len(c.tried) < max(c.r.attempts, 1) {
 		e, ok := c.u.pick(c.tried, time.Now())
 		if !ok {
@@ -551,7 +274,7 @@ func (l *gatewayLoop) dial(c *gwConn) {
 // descriptor to connect upstream with: the endpoint does not count as
 // tried (the shortage is not its fault), and dialling starts again after
 // a pause, for as long as a connect may take; then the caller is refused.
-func (l *gatewayLoop) waitForDescriptor(c *gwConn, err error) {
+func (l *eventLoop) waitForDescriptor(c *loopConn, err error) {
 	now := time.Now()
 	if c.fdWait.IsZero() {
 		c.fdWait = now.Add(c.u.config().connectTimeout)
@@ -572,7 +295,7 @@ func (l *gatewayLoop) waitForDescriptor(c *gwConn, err error) {
 	heap.Push(&l.timers, timer{at: at, c: c, gen: c.gen, redial: true})
 }
 
-func (l *gatewayLoop) connect(c *gwConn, ap netip.AddrPort) error {
+func (l *eventLoop) connect(c *loopConn, ap netip.AddrPort) error {
 	var sa unix.Sockaddr = &unix.SockaddrInet6{Port: int(ap.Port()), Addr: ap.Addr().As16()}
 	family := unix.AF_INET6
 	if ap.Addr().Unmap().Is4() {
@@ -594,7 +317,7 @@ func (l *gatewayLoop) connect(c *gwConn, ap netip.AddrPort) error {
 }
 
 // dialed takes a goroutine's connection to a host name.
-func (l *gatewayLoop) dialed(c *gwConn, gen, fd int, err error) {
+func (l *eventLoop) dialed(c *loopConn, gen, fd int, err error) {
 	if c.state != connecting || c.gen != gen {
 		if err == nil {
 			unix.Close(fd)
@@ -615,7 +338,7 @@ func (l *gatewayLoop) dialed(c *gwConn, gen, fd int, err error) {
 }
 
 // failed records a failed attempt and tries the next endpoint.
-func (l *gatewayLoop) failed(c *gwConn, err error) {
+func (l *eventLoop) failed(c *loopConn, err error) {
 	if outOfDescriptors(err) {
 		l.waitForDescriptor(c, err)
 		return
@@ -630,7 +353,7 @@ func (l *gatewayLoop) failed(c *gwConn, err error) {
 // write that succeeds means the connect has (on loopback it has before
 // connect returns, which saves waiting for the loop's next turn); EAGAIN
 // means it is still under way.
-func (l *gatewayLoop) connected(c *gwConn) {
+func (l *eventLoop) connected(c *loopConn) {
 	n, err := unix.Write(int(c.up.fd), c.hello)
 	for err == unix.EINTR {
 		n, err = unix.Write(int(c.up.fd), c.hello)
@@ -652,88 +375,8 @@ func (l *gatewayLoop) connected(c *gwConn) {
 	l.relay(c)
 }
 
-func (l *gatewayLoop) relay(c *gwConn) {
-	more1, ok1 := l.pump(c.down, c.up)
-	more2, ok2 := l.pump(c.up, c.down)
-	switch {
-	case !ok1 || !ok2:
-		l.close(c)
-	case c.down.shut && c.up.shut:
-		l.close(c)
-	case (more1 || more2) && !c.again:
-		c.again = true
-		l.again = append(l.again, c)
-	}
-}
-
-// pump moves what src has to dst, up to loopBudget reads, and passes an
-// end of stream on as a half-close. more: the budget ran out with src
-// still readable; ok false: a socket failed, so the connection ends.
-func (l *gatewayLoop) pump(src, dst *sock) (more, ok bool) {
-	for reads := 0; ; {
-		if len(src.pending) > 0 {
-			if !dst.writable {
-				break
-			}
-			n, err := unix.Write(int(dst.fd), src.pending)
-			if n > 0 {
-				src.pending = src.pending[n:]
-			}
-			switch {
-			case err == unix.EAGAIN || err == nil && len(src.pending) > 0:
-				dst.writable = false
-			case err == unix.EINTR || err == nil:
-				continue
-			default:
-				return false, false
-			}
-			break
-		}
-		if src.eof {
-			if !dst.shut {
-				_ = unix.Shutdown(int(dst.fd), unix.SHUT_WR)
-				dst.shut = true
-			}
-			break
-		}
-		if !src.readable {
-			break
-		}
-		if reads == loopBudget {
-			return true, true
-		}
-		n, err := unix.Read(int(src.fd), l.buf)
-		reads++
-		switch {
-		case err == unix.EAGAIN:
-			src.readable = false
-			return false, true
-		case err == unix.EINTR:
-			continue
-		case err != nil:
-			return false, false
-		case n == 0:
-			src.eof = true
-			continue
-		}
-		if n < len(l.buf) && !src.hup {
-			src.readable = false
-		}
-		src.pending, src.borrowed = l.buf[:n], true
-	}
-	// What dst could not take yet moves out of the shared buffer.
-	if src.borrowed {
-		if len(src.pending) > 0 {
-			src.spare = append(src.spare[:0], src.pending...)
-			src.pending = src.spare
-		}
-		src.borrowed = false
-	}
-	return false, true
-}
-
 // expire ends hellos and connection attempts that ran out of time.
-func (l *gatewayLoop) expire(now time.Time) {
+func (l *eventLoop) expire(now time.Time) {
 	for len(l.timers) > 0 && !l.timers[0].at.After(now) {
 		t := heap.Pop(&l.timers).(timer)
 		if t.gen != t.c.gen {
@@ -750,39 +393,4 @@ func (l *gatewayLoop) expire(now time.Time) {
 			}
 		}
 	}
-}
-
-type timer struct {
-	at  time.Time
-	c   *gwConn
-	gen int
-	// redial: the caller waited for a descriptor; try to connect again.
-	redial bool
-}
-
-// timers is a min-heap by deadline; stale ones are dropped when they come
-// up.
-type timers []timer
-
-func (t timers) Len() int           { return len(t) }
-func (t timers) Less(i, j int) bool { return t[i].at.Before(t[j].at) }
-func (t timers) Swap(i, j int)      { t[i], t[j] = t[j], t[i] }
-func (t *timers) Push(x any)        { *t = append(*t, x.(timer)) }
-func (t *timers) Pop() any {
-	old := *t
-	x := old[len(old)-1]
-	*t = old[:len(old)-1]
-	return x
-}
-
-// next is the earliest deadline still in force.
-func (t *timers) next() (time.Time, bool) {
-	for len(*t) > 0 {
-		top := (*t)[0]
-		if top.gen == top.c.gen && (top.c.state == readingHello || top.c.state == connecting) {
-			return top.at, true
-		}
-		heap.Pop(t)
-	}
-	return time.Time{}, false
 }

@@ -41,5 +41,5 @@ func (p *Proxy) passthrough(lc *listenerConf, down net.Conn) {
 		return
 	}
 	p.m.gateway.WithLabelValues("ok").Inc()
-	pipe(down, up)
+	p.relay(down, up)
 }

@@ -86,7 +86,8 @@ type Proxy struct {
 	upstreams map[string]*upstream
 	conns     sync.WaitGroup
 	// live: what the drain timeout closes.
-	live map[io.Closer]struct{}
+	live       map[io.Closer]struct{}
+	relayLoops loopSet
 }
 
 type runningListener struct {
@@ -237,6 +238,7 @@ func (p *Proxy) Run(ctx context.Context) error {
 	p.log.Info("proxy running", "id", xc.node.GetId(), "xds", p.o.XDS, "http", p.HTTPAddr())
 	err = g.Wait()
 	p.drain()
+	p.stopRelayLoops()
 	return err
 }
 
@@ -410,7 +412,7 @@ func (p *Proxy) outbound(lc *listenerConf, down net.Conn) {
 	}
 	p.m.downstream.WithLabelValues(lc.name, "ok").Inc()
 	p.m.active.WithLabelValues(cluster).Inc()
-	pipe(down, up)
+	p.relay(down, up)
 	p.m.active.WithLabelValues(cluster).Dec()
 }
 
@@ -606,7 +608,7 @@ func (p *Proxy) inbound(lc *listenerConf, raw net.Conn) {
 		return
 	}
 	p.m.inbound.WithLabelValues(lc.name, "ok").Inc()
-	pipe(down, up)
+	p.relay(down, up)
 }
 
 // Copy buffers: every direction of a connection starts with a small one;

@@ -2,14 +2,20 @@ package e2e
 
 import (
 	"bufio"
+	"bytes"
+	"crypto/rand"
+	"crypto/sha256"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net"
+	"os"
 	"path/filepath"
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -260,6 +266,21 @@ func TestDataPlane(t *testing.T) {
 		}
 	})
 
+	t.Run("bulk data and half-closes pass unchanged", func(t *testing.T) {
+		// Callers at once, each sending 4 MiB and half-closing; half of
+		// them read slowly, so the proxies' writes meet full sockets.
+		const callers, size = 8, 4 << 20
+		errs := make(chan error, callers)
+		for i := range callers {
+			go func() { errs <- bulkEcho(echo, "east", size, i%2 == 1) }()
+		}
+		for range callers {
+			if err := <-errs; err != nil {
+				t.Error(err)
+			}
+		}
+	})
+
 	t.Run("failover to the next priority", func(t *testing.T) {
 		eastProxy.p.Kill()
 		got := calls(echo, 200, 1)
@@ -294,7 +315,90 @@ func TestDataPlane(t *testing.T) {
 			t.Fatalf("2000 calls: %v; want 90%% ±3 to east (v1) and none failed", got)
 		}
 	})
+
+	t.Run("SIGTERM: live connections go on until the drain timeout", func(t *testing.T) {
+		live, err := net.Dial("tcp", echo)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer live.Close()
+		r := bufio.NewReader(live)
+		if _, err := r.ReadString('\n'); err != nil {
+			t.Fatal(err)
+		}
+		client.p.Signal(syscall.SIGTERM)
+		harness.Eventually(t, 5*time.Second, "the listener closed", func() error {
+			c, err := net.Dial("tcp", echo)
+			if err == nil {
+				c.Close()
+				return errors.New("still accepting")
+			}
+			return nil
+		})
+		_ = live.SetDeadline(time.Now().Add(5 * time.Second))
+		if _, err := fmt.Fprintln(live, "still here"); err != nil {
+			t.Fatal(err)
+		}
+		if got, err := r.ReadString('\n'); err != nil || got != "still here\n" {
+			t.Fatalf("the live connection during the drain: %q, %v", got, err)
+		}
+		// The drain timeout (1s) closes it, and the proxy exits.
+		if b, err := r.ReadByte(); err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
+			t.Fatalf("the live connection after the drain timeout: %q, %v; want it closed", b, err)
+		}
+		select {
+		case <-client.p.Done():
+		case <-time.After(5 * time.Second):
+			t.Fatal("the proxy has not exited 5s after its drain timeout")
+		}
+	})
 	_ = westProxy
+}
+
+// bulkEcho sends size random bytes through addr to the echoApp named
+// want and half-closes; it expects the greeting, the same bytes back and
+// the end of the stream. A slow reader pauses 2ms every 32 KiB.
+func bulkEcho(addr, want string, size int, slow bool) error {
+	c, err := net.DialTimeout("tcp", addr, 5*time.Second)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(60 * time.Second))
+	sent := make([]byte, size)
+	_, _ = rand.Read(sent)
+	werr := make(chan error, 1)
+	go func() {
+		_, err := c.Write(sent)
+		if err == nil {
+			err = c.(*net.TCPConn).CloseWrite()
+		}
+		werr <- err
+	}()
+	r := bufio.NewReader(c)
+	if greeting, err := r.ReadString('\n'); greeting != want+"\n" {
+		return fmt.Errorf("greeting %q, %v; want %s", greeting, err, want)
+	}
+	var got bytes.Buffer
+	for {
+		n, err := got.ReadFrom(io.LimitReader(r, 32<<10))
+		if err != nil {
+			return fmt.Errorf("read after %d of %d bytes: %w", got.Len(), size, err)
+		}
+		if n == 0 {
+			break
+		}
+		if slow {
+			time.Sleep(2 * time.Millisecond)
+		}
+	}
+	if err := <-werr; err != nil {
+		return fmt.Errorf("write: %w", err)
+	}
+	if !bytes.Equal(got.Bytes(), sent) {
+		return fmt.Errorf("got %d bytes back (sha256 %x), sent %d (sha256 %x)", got.Len(), sha256.Sum256(got.Bytes()), size, sha256.Sum256(sent))
+	}
+	return nil
 }
 
 type bufConn struct {

@@ -70,6 +70,9 @@ func (p *Process) Log() string {
 	return string(b)
 }
 
+// Done is closed when the process has exited.
+func (p *Process) Done() <-chan struct{} { return p.done }
+
 // Kill sends SIGKILL and waits for the process to go.
 func (p *Process) Kill() { p.Signal(syscall.SIGKILL) }
 

@@ -1,0 +1,199 @@
+package proxy
+
+import (
+	"io"
+	"net"
+	"os"
+	"runtime"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// On Linux a proxy's connections, once connected and past their TLS
+// handshake, are relayed by event loops (see eventLoop). crypto/tls is
+// driven there without blocking: a read with nothing to give fails as a
+// passed deadline does, and crypto/tls keeps what it has and can be read
+// again. A request and its response then cost each proxy one wakeup of
+// one thread, not a hand-off from the netpoller to a goroutine and back.
+
+// relay carries a's and b's bytes both ways until both are done, passing
+// half-closes on, and then closes them.
+func (p *Proxy) relay(a, b net.Conn) {
+	fa, fb := loopable(a), loopable(b)
+	if fa == nil || fb == nil {
+		pipe(a, b)
+		return
+	}
+	da, erra := detach(fa)
+	db, errb := detach(fb)
+	done := make(chan struct{})
+	c := &loopConn{state: relaying, done: done}
+	adopt := func(l *eventLoop) {
+		if err := l.adopt(c, da, a, db, b); err != nil {
+			p.log.Error("could not relay a connection; it is closed", "err", err)
+			close(done)
+		}
+	}
+	var l *eventLoop
+	if erra == nil && errb == nil {
+		l = p.onLoop(adopt)
+	}
+	if l == nil {
+		for _, fd := range []int{da, db} {
+			if fd >= 0 {
+				unix.Close(fd)
+			}
+		}
+		return
+	}
+	closer := relayed{l: l, c: c}
+	p.track(closer, true)
+	<-done
+	p.track(closer, false)
+}
+
+// loopable is the TCP connection under c, if a loop can relay c: plain
+// TCP, or batched TLS over TCP with its handshake done.
+func loopable(c net.Conn) *net.TCPConn {
+	switch c := c.(type) {
+	case *net.TCPConn:
+		return c
+	case *batchedTLS:
+		tc, _ := c.raw.Conn.(*net.TCPConn)
+		return tc
+	}
+	return nil
+}
+
+// loopSet is the proxy's relay loops, one per CPU Go uses; p.mu guards it.
+type loopSet struct {
+	loops []*eventLoop
+	next  int
+}
+
+// onLoop runs adopt on one of the proxy's relay loops, taking turns, and
+// starts the loop when it is not running yet. Nil: no loop could be made.
+func (p *Proxy) onLoop(adopt func(*eventLoop)) *eventLoop {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	ls := &p.relayLoops
+	if ls.loops == nil {
+		ls.loops = make([]*eventLoop, max(1, runtime.GOMAXPROCS(0)))
+	}
+	i := ls.next % len(ls.loops)
+	ls.next++
+	if l := ls.loops[i]; l != nil && l.post(func() { adopt(l) }) {
+		return l
+	}
+	l, err := p.newLoop(relayBuffer)
+	if err != nil {
+		p.log.Error("could not start an event loop to relay a connection; it is closed", "err", err)
+		return nil
+	}
+	l.keep = true
+	ls.loops[i] = l
+	l.post(func() { adopt(l) })
+	go l.run()
+	return l
+}
+
+// stopRelayLoops lets the relay loops end once their connections have.
+func (p *Proxy) stopRelayLoops() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, l := range p.relayLoops.loops {
+		if l != nil {
+			l.post(func() { l.keep = false })
+		}
+	}
+	p.relayLoops.loops = nil
+}
+
+// adopt takes a connection whose sockets (da, db; a and b as they were)
+// were detached for the loop.
+func (l *eventLoop) adopt(c *loopConn, da int, a net.Conn, db int, b net.Conn) error {
+	var err error
+	if c.down, err = l.add(da, c); err != nil {
+		unix.Close(da)
+		unix.Close(db)
+		return err
+	}
+	if c.up, err = l.add(db, c); err != nil {
+		l.drop(c.down)
+		unix.Close(db)
+		return err
+	}
+	l.conns[c] = struct{}{}
+	for _, s := range []struct {
+		s *sock
+		c net.Conn
+	}{{c.down, a}, {c.up, b}} {
+		s.s.readable, s.s.writable = true, true
+		if t, ok := s.c.(*batchedTLS); ok {
+			s.s.tls, s.s.buffered = t, true
+			t.raw.Conn = &sockConn{Conn: t.raw.Conn, s: s.s}
+		}
+	}
+	l.relay(c)
+	return nil
+}
+
+// relayed lets the drain timeout end a relayed connection.
+type relayed struct {
+	l *eventLoop
+	c *loopConn
+}
+
+func (r relayed) Close() error {
+	r.l.post(func() { r.l.close(r.c) })
+	return nil
+}
+
+// sockConn is a TLS side's socket as crypto/tls sees it on a loop: a read
+// with nothing to return fails as a passed deadline does (crypto/tls keeps
+// what it has read and can be read again), and a write takes everything,
+// keeping what the socket does not take in the sock's out.
+type sockConn struct {
+	net.Conn // the one detached, closed: its addresses
+	s        *sock
+}
+
+func (c *sockConn) Read(p []byte) (int, error) {
+	s := c.s
+	if !s.readable {
+		return 0, os.ErrDeadlineExceeded
+	}
+	n, err := s.readFD(p)
+	if err == unix.EAGAIN {
+		return 0, os.ErrDeadlineExceeded
+	}
+	return n, err
+}
+
+func (c *sockConn) Write(p []byte) (int, error) {
+	s := c.s
+	total := len(p)
+	if len(s.out) == 0 && s.writable {
+		n, err := unix.Write(int(s.fd), p)
+		for err == unix.EINTR {
+			n, err = unix.Write(int(s.fd), p)
+		}
+		if err != nil && err != unix.EAGAIN {
+			return 0, err
+		}
+		p = p[max(n, 0):]
+	}
+	if len(p) > 0 {
+		s.out = append(s.out, p...)
+		s.writable = false
+	}
+	return total, nil
+}
+
+func (c *sockConn) Close() error                       { return nil }
+func (c *sockConn) SetDeadline(t time.Time) error      { return nil }
+func (c *sockConn) SetReadDeadline(t time.Time) error  { return nil }
+func (c *sockConn) SetWriteDeadline(t time.Time) error { return nil }
+
+var _ io.ReadWriter = (*sockConn)(nil)
