@@ -35,6 +35,8 @@ const (
 	newConns  = 200
 	reqSize   = 128
 	bulkBytes = 256 << 20
+	// cpuDuration is how long each pair's CPU per request is measured.
+	cpuDuration = 3 * time.Second
 )
 
 // apps: an echo server (latency) and a sink that counts what it got
@@ -116,9 +118,23 @@ func BenchmarkProxyPair(b *testing.B) {
 	}
 	fmt.Printf("new connection + first %d B request/response, %d each, interleaved: direct p50 %.3f ms p99 %.3f ms; meshfed pair p50 %.3f ms p99 %.3f ms; haproxy pair p50 %.3f ms p99 %.3f ms\n",
 		reqSize, newConns, ms(pct(first[0], 50)), ms(pct(first[0], 99)), ms(pct(first[1], 50)), ms(pct(first[1], 99)), ms(pct(first[2], 50)), ms(pct(first[2], 99)))
+	// CPU per request/response of the two proxies (and of the two
+	// HAProxies), at the same rate on open connections, one pair after the
+	// other: what a wakeup costs, which is most of a small request's cost.
+	cpu := func(pids ...int) time.Duration { return harness.CPUTime(b, pids...) }
+	perRequest := func(dial load.Dial, pids ...int) float64 {
+		before := cpu(pids...)
+		n, err := load.Latency(dial, rate, conns, reqSize, cpuDuration)
+		if err != nil {
+			b.Fatal(err)
+		}
+		return float64((cpu(pids...) - before).Microseconds()) / float64(len(n))
+	}
+	pxReq, hpReq := perRequest(tcp(pEcho), client.Pid(), server.Pid()), perRequest(tcp(hEcho), haproxies...)
+	fmt.Printf("CPU per %d B request/response at %d req/s, %v each (not a target): the two proxies %.0f µs, the two HAProxies %.0f µs (%.2fx)\n",
+		reqSize, rate, cpuDuration, pxReq, hpReq, pxReq/hpReq)
 	// CPU seconds per GB: of this process (the app's two ends) and of the
 	// two proxies, to show where a proxied byte's cost goes.
-	cpu := func(pids ...int) time.Duration { return harness.CPUTime(b, pids...) }
 	perGB := func(d time.Duration) float64 { return d.Seconds() / (float64(bulkBytes) / 1e9) }
 	for _, n := range []int{1, 4} {
 		app0 := cpu(os.Getpid())
