@@ -111,6 +111,12 @@ type eventLoop struct {
 	posted []func()
 	done   bool
 
+	// state guards what follows, and the sockets and connections: the
+	// loop holds it but while it waits for events. A proxy's connection
+	// goroutine takes it to hand its connection over and make the first
+	// turn itself, sparing a wakeup of the loop's thread.
+	state sync.Mutex
+
 	socks  map[int32]*sock
 	conns  map[*loopConn]struct{}
 	timers timers
@@ -187,6 +193,13 @@ func (l *eventLoop) post(f func()) bool {
 	return true
 }
 
+// ended: the loop has stopped and takes no more work.
+func (l *eventLoop) ended() bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.done
+}
+
 func (l *eventLoop) closeFDs() {
 	for _, fd := range []int{l.lfd, l.ep, l.wake} {
 		if fd >= 0 {
@@ -196,11 +209,13 @@ func (l *eventLoop) closeFDs() {
 }
 
 func (l *eventLoop) run() {
+	l.state.Lock()
 	defer func() {
 		l.mu.Lock()
 		l.done = true
 		l.mu.Unlock()
 		l.closeFDs()
+		l.state.Unlock()
 		if l.rl != nil {
 			l.p.track(loopCloser{l}, false)
 		}
@@ -221,7 +236,9 @@ func (l *eventLoop) run() {
 		} else if at, ok := l.nextDeadline(); ok {
 			timeout = int(max(0, (time.Until(at)+time.Millisecond-1)/time.Millisecond))
 		}
+		l.state.Unlock()
 		n, err := unix.EpollWait(l.ep, events, timeout)
+		l.state.Lock()
 		if err != nil && err != unix.EINTR {
 			l.p.log.Error("event loop failed; its connections end", "err", err)
 			l.stopAccepting()

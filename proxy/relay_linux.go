@@ -72,29 +72,39 @@ type loopSet struct {
 	next  int
 }
 
-// onLoop runs adopt on one of the proxy's relay loops, taking turns, and
-// starts the loop when it is not running yet. Nil: no loop could be made.
+// onLoop runs adopt on one of the proxy's relay loops, taking turns, on
+// the calling goroutine with the loop's state held; it starts the loop
+// when it is not running. Nil: no loop could take it.
 func (p *Proxy) onLoop(adopt func(*eventLoop)) *eventLoop {
 	p.mu.Lock()
-	defer p.mu.Unlock()
 	ls := &p.relayLoops
 	if ls.loops == nil {
 		ls.loops = make([]*eventLoop, max(1, runtime.GOMAXPROCS(0)))
 	}
 	i := ls.next % len(ls.loops)
 	ls.next++
-	if l := ls.loops[i]; l != nil && l.post(func() { adopt(l) }) {
-		return l
+	l := ls.loops[i]
+	if l == nil {
+		var err error
+		if l, err = p.newLoop(relayBuffer); err != nil {
+			p.mu.Unlock()
+			p.log.Error("could not start an event loop to relay a connection; it is closed", "err", err)
+			return nil
+		}
+		l.keep = true
+		ls.loops[i] = l
+		go l.run()
 	}
-	l, err := p.newLoop(relayBuffer)
-	if err != nil {
-		p.log.Error("could not start an event loop to relay a connection; it is closed", "err", err)
-		return nil
+	p.mu.Unlock()
+	l.state.Lock()
+	defer l.state.Unlock()
+	if l.ended() {
+		return nil // the proxy has stopped
 	}
-	l.keep = true
-	ls.loops[i] = l
-	l.post(func() { adopt(l) })
-	go l.run()
+	adopt(l)
+	if len(l.again) > 0 {
+		l.post(func() {}) // the loop waits for events; it has work now
+	}
 	return l
 }
 
