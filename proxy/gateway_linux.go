@@ -93,7 +93,7 @@ func (p *Proxy) startLoop(rl *runningListener, ln *net.TCPListener, group *loopG
 	return nil
 }
 
-// loopConns lets the drain timeout end a loop's live connections.
+// loopCloser lets the drain timeout end a gateway loop's live connections.
 type loopCloser struct{ l *eventLoop }
 
 func (lc loopCloser) Close() error {

@@ -29,7 +29,7 @@ const (
 	// records that leave in one write (see batchedTLS).
 	gatewayBuffer = 256 << 10
 	relayBuffer   = 128 << 10
-	loopBudget    = 4 // reads per direction and turn (1 MiB), so no connection holds up the rest
+	loopBudget    = 4 // reads per direction and turn, so no connection holds up the rest
 	yieldEvery    = 5 * time.Millisecond
 )
 

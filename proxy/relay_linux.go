@@ -1,7 +1,7 @@
 package proxy
 
 import (
-	"io"
+	"errors"
 	"net"
 	"os"
 	"runtime"
@@ -27,19 +27,8 @@ func (p *Proxy) relay(a, b net.Conn) {
 	}
 	da, erra := detach(fa)
 	db, errb := detach(fb)
-	done := make(chan struct{})
-	c := &loopConn{state: relaying, done: done}
-	adopt := func(l *eventLoop) {
-		if err := l.adopt(c, da, a, db, b); err != nil {
-			p.log.Error("could not relay a connection; it is closed", "err", err)
-			close(done)
-		}
-	}
-	var l *eventLoop
-	if erra == nil && errb == nil {
-		l = p.onLoop(adopt)
-	}
-	if l == nil {
+	l := p.relayLoop()
+	if erra != nil || errb != nil || l == nil {
 		for _, fd := range []int{da, db} {
 			if fd >= 0 {
 				unix.Close(fd)
@@ -47,9 +36,14 @@ func (p *Proxy) relay(a, b net.Conn) {
 		}
 		return
 	}
+	c := &loopConn{state: relaying, done: make(chan struct{})}
+	if err := l.adopt(c, da, a, db, b); err != nil {
+		p.log.Error("could not relay a connection; it is closed", "err", err)
+		return
+	}
 	closer := relayed{l: l, c: c}
 	p.track(closer, true)
-	<-done
+	<-c.done
 	p.track(closer, false)
 }
 
@@ -72,22 +66,20 @@ type loopSet struct {
 	next  int
 }
 
-// onLoop runs adopt on one of the proxy's relay loops, taking turns, on
-// the calling goroutine with the loop's state held; it starts the loop
-// when it is not running. Nil: no loop could take it.
-func (p *Proxy) onLoop(adopt func(*eventLoop)) *eventLoop {
+// relayLoop is one of the proxy's relay loops, taking turns; it starts
+// the loop when it is not running. Nil: no loop could be made.
+func (p *Proxy) relayLoop() *eventLoop {
 	p.mu.Lock()
+	defer p.mu.Unlock()
 	ls := &p.relayLoops
 	if ls.loops == nil {
 		ls.loops = make([]*eventLoop, max(1, runtime.GOMAXPROCS(0)))
 	}
 	i := ls.next % len(ls.loops)
 	ls.next++
-	l := ls.loops[i]
-	if l == nil {
-		var err error
-		if l, err = p.newLoop(relayBuffer); err != nil {
-			p.mu.Unlock()
+	if ls.loops[i] == nil {
+		l, err := p.newLoop(relayBuffer)
+		if err != nil {
 			p.log.Error("could not start an event loop to relay a connection; it is closed", "err", err)
 			return nil
 		}
@@ -95,17 +87,7 @@ func (p *Proxy) onLoop(adopt func(*eventLoop)) *eventLoop {
 		ls.loops[i] = l
 		go l.run()
 	}
-	p.mu.Unlock()
-	l.state.Lock()
-	defer l.state.Unlock()
-	if l.ended() {
-		return nil // the proxy has stopped
-	}
-	adopt(l)
-	if len(l.again) > 0 {
-		l.post(func() {}) // the loop waits for events; it has work now
-	}
-	return l
+	return ls.loops[i]
 }
 
 // stopRelayLoops lets the relay loops end once their connections have.
@@ -121,8 +103,18 @@ func (p *Proxy) stopRelayLoops() {
 }
 
 // adopt takes a connection whose sockets (da, db; a and b as they were)
-// were detached for the loop.
+// were detached for the loop, and makes its first turn on the calling
+// goroutine, under the loop's state lock: handing it over to the loop's
+// own thread would cost a wakeup of that thread before the first byte
+// moved. The sockets are closed if it cannot.
 func (l *eventLoop) adopt(c *loopConn, da int, a net.Conn, db int, b net.Conn) error {
+	l.state.Lock()
+	defer l.state.Unlock()
+	if l.ended() {
+		unix.Close(da)
+		unix.Close(db)
+		return errors.New("the proxy has stopped")
+	}
 	var err error
 	if c.down, err = l.add(da, c); err != nil {
 		unix.Close(da)
@@ -146,6 +138,9 @@ func (l *eventLoop) adopt(c *loopConn, da int, a net.Conn, db int, b net.Conn) e
 		}
 	}
 	l.relay(c)
+	if len(l.again) > 0 {
+		l.post(func() {}) // the loop waits for events; it has work now
+	}
 	return nil
 }
 
@@ -201,9 +196,7 @@ func (c *sockConn) Write(p []byte) (int, error) {
 	return total, nil
 }
 
-func (c *sockConn) Close() error                       { return nil }
-func (c *sockConn) SetDeadline(t time.Time) error      { return nil }
-func (c *sockConn) SetReadDeadline(t time.Time) error  { return nil }
-func (c *sockConn) SetWriteDeadline(t time.Time) error { return nil }
-
-var _ io.ReadWriter = (*sockConn)(nil)
+func (c *sockConn) Close() error                     { return nil }
+func (c *sockConn) SetDeadline(time.Time) error      { return nil }
+func (c *sockConn) SetReadDeadline(time.Time) error  { return nil }
+func (c *sockConn) SetWriteDeadline(time.Time) error { return nil }
