@@ -76,10 +76,11 @@ type sock struct {
 	fd, token int32
 	c         *loopConn
 	// pending was read from this socket and waits for the other one;
-	// borrowed: it lies in the loop's shared buffer.
+	// borrowed: it lies in the loop's shared buffer; else, when it was
+	// read there, in spare, the loop's until pending is written.
 	pending  []byte
 	borrowed bool
-	spare    []byte
+	spare    *[]byte
 	// readable and writable until a call says otherwise (edge-triggered);
 	// hup: the peer closed or reset, so read to the end whatever a read
 	// returns.
@@ -127,6 +128,7 @@ type eventLoop struct {
 	again         []*loopConn
 	token         int32
 	buf           []byte
+	spares        sync.Pool // of *[]byte as long as buf
 }
 
 // newLoop makes an event loop with no sockets yet, reading buf bytes at
@@ -134,6 +136,7 @@ type eventLoop struct {
 func (p *Proxy) newLoop(buf int) (*eventLoop, error) {
 	l := &eventLoop{p: p, ep: -1, lfd: -1, wake: -1,
 		socks: map[int32]*sock{}, conns: map[*loopConn]struct{}{}, token: firstToken, buf: make([]byte, buf)}
+	l.spares.New = func() any { b := make([]byte, buf); return &b }
 	var err error
 	l.ep, err = unix.EpollCreate1(unix.EPOLL_CLOEXEC)
 	if err == nil {
@@ -348,6 +351,7 @@ func (l *eventLoop) drop(s *sock) {
 	if s != nil {
 		delete(l.socks, s.token)
 		unix.Close(int(s.fd))
+		l.release(s)
 		if s.tls != nil {
 			s.tls.raw.release()
 			s.out = nil
@@ -401,6 +405,9 @@ func (l *eventLoop) pump(src, dst *sock) (more, ok bool) {
 			if n > 0 {
 				src.pending = src.pending[n:]
 			}
+			if len(src.pending) == 0 {
+				l.release(src)
+			}
 			switch {
 			case err == unix.EAGAIN || err == nil && len(src.pending) > 0:
 				dst.writable = false
@@ -441,15 +448,24 @@ func (l *eventLoop) pump(src, dst *sock) (more, ok bool) {
 			return false, false
 		}
 	}
-	// What dst could not take yet moves out of the shared buffer.
+	// What dst could not take yet moves out of the shared buffer, into a
+	// spare one: a connection holds a buffer only while its peer is slow.
 	if src.borrowed {
 		if len(src.pending) > 0 {
-			src.spare = append(src.spare[:0], src.pending...)
-			src.pending = src.spare
+			src.spare = l.spares.Get().(*[]byte)
+			src.pending = (*src.spare)[:copy(*src.spare, src.pending)]
 		}
 		src.borrowed = false
 	}
 	return false, true
+}
+
+// release gives s's spare buffer back.
+func (l *eventLoop) release(s *sock) {
+	if s.spare != nil {
+		l.spares.Put(s.spare)
+		s.spare = nil
+	}
 }
 
 // read reads what s has into buf: unix.EAGAIN when it has nothing now,
