@@ -26,16 +26,23 @@ func (c *countingConn) Write(p []byte) (int, error) {
 	return c.Conn.Write(p)
 }
 
-// TestBatchedTLS: bulk data crosses a real TLS connection intact, each
-// large write leaving in one system call, reads taking several records
-// at once, and the end of the stream coming after the last byte.
-func TestBatchedTLS(t *testing.T) {
+// selfSigned is a certificate for the name "batch".
+func selfSigned(t *testing.T) tls.Certificate {
+	t.Helper()
 	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour), DNSNames: []string{"batch"}}
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, key.Public(), key)
 	if err != nil {
 		t.Fatal(err)
 	}
+	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}
+}
+
+// TestBatchedTLS: bulk data crosses a real TLS connection intact, each
+// large write leaving in one system call, reads taking several records
+// at once, and the end of the stream coming after the last byte.
+func TestBatchedTLS(t *testing.T) {
+	cert := selfSigned(t)
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -62,7 +69,7 @@ func TestBatchedTLS(t *testing.T) {
 			return
 		}
 		defer raw.Close()
-		c := tlsServer(raw, &tls.Config{Certificates: []tls.Certificate{{Certificate: [][]byte{der}, PrivateKey: key}}})
+		c := tlsServer(raw, &tls.Config{Certificates: []tls.Certificate{cert}})
 		buf := make([]byte, size)
 		for {
 			n, err := c.Read(buf)
