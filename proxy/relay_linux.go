@@ -151,7 +151,11 @@ type relayed struct {
 }
 
 func (r relayed) Close() error {
-	r.l.post(func() { r.l.close(r.c) })
+	select {
+	case <-r.c.done: // ended already (track closes it once more): no wakeup
+	default:
+		r.l.post(func() { r.l.close(r.c) })
+	}
 	return nil
 }
 

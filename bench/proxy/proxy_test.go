@@ -124,11 +124,11 @@ func BenchmarkProxyPair(b *testing.B) {
 	cpu := func(pids ...int) time.Duration { return harness.CPUTime(b, pids...) }
 	perRequest := func(dial load.Dial, pids ...int) float64 {
 		before := cpu(pids...)
-		n, err := load.Latency(dial, rate, conns, reqSize, cpuDuration)
+		trips, err := load.Latency(dial, rate, conns, reqSize, cpuDuration)
 		if err != nil {
 			b.Fatal(err)
 		}
-		return float64((cpu(pids...) - before).Microseconds()) / float64(len(n))
+		return float64((cpu(pids...) - before).Microseconds()) / float64(len(trips))
 	}
 	pxReq, hpReq := perRequest(tcp(pEcho), client.Pid(), server.Pid()), perRequest(tcp(hEcho), haproxies...)
 	fmt.Printf("CPU per %d B request/response at %d req/s, %v each (not a target): the two proxies %.0f µs, the two HAProxies %.0f µs (%.2fx)\n",

@@ -4,7 +4,6 @@ import (
 	"bufio"
 	"bytes"
 	"crypto/rand"
-	"crypto/sha256"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -367,14 +366,7 @@ func bulkEcho(addr, want string, size int, slow bool) error {
 	_ = c.SetDeadline(time.Now().Add(60 * time.Second))
 	sent := make([]byte, size)
 	_, _ = rand.Read(sent)
-	werr := make(chan error, 1)
-	go func() {
-		_, err := c.Write(sent)
-		if err == nil {
-			err = c.(*net.TCPConn).CloseWrite()
-		}
-		werr <- err
-	}()
+	werr := halfCloseAfter(c, sent)
 	r := bufio.NewReader(c)
 	if greeting, err := r.ReadString('\n'); greeting != want+"\n" {
 		return fmt.Errorf("greeting %q, %v; want %s", greeting, err, want)
@@ -395,10 +387,7 @@ func bulkEcho(addr, want string, size int, slow bool) error {
 	if err := <-werr; err != nil {
 		return fmt.Errorf("write: %w", err)
 	}
-	if !bytes.Equal(got.Bytes(), sent) {
-		return fmt.Errorf("got %d bytes back (sha256 %x), sent %d (sha256 %x)", got.Len(), sha256.Sum256(got.Bytes()), size, sha256.Sum256(sent))
-	}
-	return nil
+	return sameBytes(got.Bytes(), sent)
 }
 
 type bufConn struct {

@@ -40,6 +40,33 @@ func tcpEcho(t *testing.T) *net.TCPAddr {
 	return ln.Addr().(*net.TCPAddr)
 }
 
+// halfCloseAfter writes parts to c one write each, then half-closes it,
+// on a goroutine; the outcome comes on the channel.
+func halfCloseAfter(c net.Conn, parts ...[]byte) <-chan error {
+	werr := make(chan error, 1)
+	go func() {
+		var err error
+		for _, p := range parts {
+			if _, err = c.Write(p); err != nil {
+				break
+			}
+		}
+		if err == nil {
+			err = c.(*net.TCPConn).CloseWrite()
+		}
+		werr <- err
+	}()
+	return werr
+}
+
+// sameBytes says how got differs from sent, if it does.
+func sameBytes(got, sent []byte) error {
+	if !bytes.Equal(got, sent) {
+		return fmt.Errorf("got %d bytes back (sha256 %x), sent %d (sha256 %x)", len(got), sha256.Sum256(got), len(sent), sha256.Sum256(sent))
+	}
+	return nil
+}
+
 // clientHello is the ClientHello crypto/tls sends for sni.
 func clientHello(t *testing.T, sni string) []byte {
 	a, b := net.Pipe()
@@ -96,23 +123,15 @@ func TestGatewayPassesBytesUnchanged(t *testing.T) {
 		sent := make([]byte, size)
 		_, _ = rand.Read(sent)
 		sent = append(bytes.Clone(hellos[svc]), sent...)
-		werr := make(chan error, 1)
-		go func() {
-			var err error
-			rest := sent
-			if slowHello { // one byte per segment
-				for ; err == nil && len(rest) > size; rest = rest[1:] {
-					_, err = c.Write(rest[:1])
-				}
+		parts := [][]byte{sent}
+		if slowHello { // one byte per segment
+			parts = nil
+			for i := range len(sent) - size {
+				parts = append(parts, sent[i:i+1])
 			}
-			if err == nil {
-				_, err = c.Write(rest)
-			}
-			if err == nil {
-				err = c.(*net.TCPConn).CloseWrite()
-			}
-			werr <- err
-		}()
+			parts = append(parts, sent[len(sent)-size:])
+		}
+		werr := halfCloseAfter(c, parts...)
 		got, rerr := io.ReadAll(c)
 		if err := <-werr; err != nil {
 			return fmt.Errorf("write: %w", err)
@@ -120,10 +139,7 @@ func TestGatewayPassesBytesUnchanged(t *testing.T) {
 		if rerr != nil {
 			return fmt.Errorf("read after %d of %d bytes: %w", len(got), len(sent), rerr)
 		}
-		if !bytes.Equal(got, sent) {
-			return fmt.Errorf("got %d bytes back (sha256 %x), sent %d (sha256 %x)", len(got), sha256.Sum256(got), len(sent), sha256.Sum256(sent))
-		}
-		return nil
+		return sameBytes(got, sent)
 	}
 	for _, svc := range []string{"byip", "byname"} {
 		harness.Eventually(t, 20*time.Second, "a route for "+svc, func() error { return roundTrip(svc, 10, false) })
