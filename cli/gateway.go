@@ -15,6 +15,7 @@ func newGatewayCmd(g *globals) *cobra.Command {
 	var o gateway.Options
 	var ido identityclient.Options
 	var xdsAddr string
+	var concurrency func() error
 	cmd := &cobra.Command{
 		Use:   "gateway --site SITE",
 		Short: "Run the site's east-west gateway: TLS passthrough by SNI to exported services, never an open relay",
@@ -35,6 +36,9 @@ pool, stops accepting, and lets live connections finish (--drain-timeout).`,
 			// A gateway's heap is small and short-lived per connection:
 			// collecting less often costs some memory, saves latency.
 			proxycmd.SetGCPercent(400)
+			if err := concurrency(); err != nil {
+				return err
+			}
 			id, err := proxycmd.Attest(ctx, ido, logger())
 			if err != nil {
 				return err
@@ -48,6 +52,7 @@ pool, stops accepting, and lets live connections finish (--drain-timeout).`,
 		},
 	}
 	proxycmd.IdentityFlags(cmd, &ido, &o.Proxy, "127.0.0.1:15091")
+	concurrency = proxycmd.ConcurrencyFlag(cmd, 0) // a gateway has its host to itself
 	f := cmd.Flags()
 	f.StringVar(&o.Site, "site", "", "the gateway's site (required)")
 	f.StringVar(&o.Listen, "listen", ":15443", "where other sites connect: what the site's --gateway-address leads to")

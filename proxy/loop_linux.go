@@ -212,8 +212,10 @@ func (l *eventLoop) closeFDs() {
 }
 
 func (l *eventLoop) run() {
+	l.p.m.loops.Inc()
 	l.state.Lock()
 	defer func() {
+		l.p.m.loops.Dec()
 		l.mu.Lock()
 		l.done = true
 		l.mu.Unlock()

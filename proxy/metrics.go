@@ -8,6 +8,7 @@ type metrics struct {
 	inbound        *prometheus.CounterVec
 	gateway        *prometheus.CounterVec
 	gatewayLive    prometheus.Gauge
+	loops          prometheus.Gauge
 	acceptPaused   prometheus.Counter
 	fdWaits        prometheus.Counter
 	active         *prometheus.GaugeVec
@@ -33,6 +34,8 @@ func newMetrics(r prometheus.Registerer) *metrics {
 			Help: "Times a caller (of an outbound listener or the gateway) waited 100ms for a file descriptor to connect upstream with; once the cluster's connect timeout has passed it is refused as out_of_descriptors."}),
 		gatewayLive: prometheus.NewGauge(prometheus.GaugeOpts{Name: "meshfed_gateway_active_connections",
 			Help: "Connections a gateway listener holds now, from accept (hello included) to close."}),
+		loops: prometheus.NewGauge(prometheus.GaugeOpts{Name: "meshfed_proxy_event_loops",
+			Help: "Event loops running (Linux): a gateway listener's, and those relaying connections past their TLS handshake; each is one thread, at most --concurrency of each kind."}),
 		active: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "meshfed_proxy_upstream_active_connections",
 			Help: "Live outbound connections by cluster."}, []string{"cluster"}),
 		ejections: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "meshfed_proxy_outlier_ejections_total",
@@ -44,6 +47,6 @@ func newMetrics(r prometheus.Registerer) *metrics {
 		listenerErrors: prometheus.NewCounter(prometheus.CounterOpts{Name: "meshfed_proxy_listener_errors_total",
 			Help: "Listeners that could not be opened."}),
 	}
-	r.MustRegister(m.upstream, m.downstream, m.inbound, m.gateway, m.gatewayLive, m.acceptPaused, m.fdWaits, m.active, m.ejections, m.nacks, m.configs, m.listenerErrors)
+	r.MustRegister(m.upstream, m.downstream, m.inbound, m.gateway, m.gatewayLive, m.loops, m.acceptPaused, m.fdWaits, m.active, m.ejections, m.nacks, m.configs, m.listenerErrors)
 	return m
 }

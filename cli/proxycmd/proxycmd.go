@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"runtime"
 	"runtime/debug"
 	"strconv"
 	"strings"
@@ -63,6 +64,7 @@ func New(logger func() *slog.Logger) *cobra.Command {
 	var pf Flags
 	var o proxy.Options
 	var ido identityclient.Options
+	var concurrency func() error
 	cmd := &cobra.Command{
 		Use:   "proxy",
 		Short: "Run the built-in data plane: outbound listeners per service, inbound mTLS with authorization",
@@ -85,6 +87,9 @@ configuration over xDS and carries its workload's traffic with mTLS:
 			// A sidecar's live heap is a few MB: collecting at half again
 			// keeps the proxy within its 20 MB budget for little CPU.
 			SetGCPercent(50)
+			if err := concurrency(); err != nil {
+				return err
+			}
 			in, err := pf.Inbound()
 			if err != nil {
 				return err
@@ -105,6 +110,9 @@ configuration over xDS and carries its workload's traffic with mTLS:
 	}
 	pf.Register(cmd)
 	IdentityFlags(cmd, &ido, &o, "127.0.0.1:15090")
+	// A sidecar shares its pod's CPUs with the app: two, as Istio's
+	// sidecars default to, unless Go sees fewer.
+	concurrency = ConcurrencyFlag(cmd, 2)
 	cmd.Flags().StringVar(&ido.Workload, "workload", "", "run as this workload's SPIFFE ID (the host must run one of its endpoints); default: the node's ID")
 	return cmd
 }
@@ -114,6 +122,29 @@ configuration over xDS and carries its workload's traffic with mTLS:
 func SetGCPercent(p int) {
 	if os.Getenv("GOGC") == "" {
 		debug.SetGCPercent(p)
+	}
+}
+
+// ConcurrencyFlag registers --concurrency, the CPUs the process uses: its
+// event loops (one thread each) and the goroutines' threads (GOMAXPROCS).
+// The default def (0: as many as Go sees, the container's CPU limit or
+// else the host's CPUs) never raises Go's own count, and GOMAXPROCS in the
+// environment stands unless the flag is given. The returned func applies
+// it; call it before anything starts.
+func ConcurrencyFlag(cmd *cobra.Command, def int) func() error {
+	n := cmd.Flags().Int("concurrency", def, "CPUs to use: event loops, and goroutine threads (GOMAXPROCS); 0 for as many as the container's CPU limit or the host has")
+	return func() error {
+		given := cmd.Flags().Changed("concurrency")
+		switch {
+		case *n < 0:
+			return fmt.Errorf("--concurrency %d: want 0 (as many CPUs as there are) or more", *n)
+		case *n == 0, !given && os.Getenv("GOMAXPROCS") != "":
+			return nil
+		case !given:
+			*n = min(*n, runtime.GOMAXPROCS(0))
+		}
+		runtime.GOMAXPROCS(*n)
+		return nil
 	}
 }
 

@@ -11,6 +11,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -197,7 +198,9 @@ func TestDataPlane(t *testing.T) {
 	}
 	eastProxy := serverProxy(east, eastIn, eastApp)
 	westProxy := serverProxy(west, westIn, westApp)
-	client := f.startProxy(t, c, "client-host", "--outbound-prefix", "127.100.0.0/16")
+	// More CPUs than the machine's two: the flag, not the default, sets
+	// how many event loops the client relays on.
+	client := f.startProxy(t, c, "client-host", "--outbound-prefix", "127.100.0.0/16", "--concurrency", "3")
 	echo := client.listener(t, "echo.default:9080")
 
 	t.Run("closer priority first", func(t *testing.T) {
@@ -276,6 +279,16 @@ func TestDataPlane(t *testing.T) {
 		for range callers {
 			if err := <-errs; err != nil {
 				t.Error(err)
+			}
+		}
+		// The callers took turns over the loops: every one is running.
+		for _, pp := range []struct {
+			name string
+			p    *proxyProc
+			want float64
+		}{{"client (--concurrency 3)", client, 3}, {"east's (default: 2 at most)", eastProxy, float64(min(2, runtime.GOMAXPROCS(0)))}} {
+			if n, err := harness.Metric(pp.p.http, "meshfed_proxy_event_loops"); n != pp.want {
+				t.Errorf("%s proxy runs %v event loops (%v); want %v", pp.name, n, err, pp.want)
 			}
 		}
 	})

@@ -278,12 +278,15 @@ func TestGatewayIsNoOpenRelay(t *testing.T) {
 	host, port, _ := net.SplitHostPort(eastIn)
 	f.startProxy(t, east, "east-host", "--workload", "spiffe://east.test.meshfed/ns/default/sa/echo",
 		"--address", host, "--inbound", port+"="+app.addr, "--outbound-prefix", "-")
-	gw := f.startDataPlane(t, east, "gateway", "east-gw", "--site", "east", "--listen", eastGW, "--hello-timeout", "1s")
+	gw := f.startDataPlane(t, east, "gateway", "east-gw", "--site", "east", "--listen", eastGW, "--hello-timeout", "1s", "--concurrency", "1")
 	exported := "9080.echo.default.east.test.meshfed"
 	// The route exists once the gateway has its configuration.
 	harness.Eventually(t, 20*time.Second, "a route for "+exported, func() error {
 		return hello(eastGW, exported)
 	})
+	if n, err := harness.Metric(gw.http, "meshfed_proxy_event_loops"); n != 1 {
+		t.Errorf("a gateway with --concurrency 1 runs %v event loops (%v); want 1, its listener's", n, err)
+	}
 	before := app.conns.Load()
 	refused := map[string]string{
 		"unknown":                  "example.com",
