@@ -32,6 +32,10 @@ tools:
 
 test: tools lint check-generate
 	$(GO) test -count=1 -timeout 20m ./...
+	# The unit tests again under the race detector (which needs cgo). The
+	# e2e tests are left out: they time real failovers, and race builds of
+	# the binaries run too slowly for those targets.
+	CGO_ENABLED=1 $(GO) test -race -count=1 -timeout 10m $$($(GO) list ./... | grep -v -e /test/e2e -e /bench/)
 	# A short fuzzing run of the gateway's ClientHello parser, on top of
 	# its committed seed corpus (go test above replays that corpus); short
 	# minimizing keeps the time for new inputs.

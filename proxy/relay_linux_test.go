@@ -9,6 +9,8 @@ import (
 	"net"
 	"testing"
 	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
 )
 
 // TestRelayDrivesTLSOnALoop: a plain client's bytes cross a connection
@@ -41,7 +43,7 @@ func TestRelayDrivesTLSOnALoop(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer appLn.Close()
-	p := &Proxy{log: slog.New(slog.DiscardHandler), live: map[io.Closer]struct{}{}}
+	p := &Proxy{log: slog.New(slog.DiscardHandler), m: newMetrics(prometheus.NewRegistry()), live: map[io.Closer]struct{}{}}
 	defer p.stopRelayLoops()
 	relayed := make(chan error, 1)
 	go func() {

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Installs the real parts meshfed's tests and `make generate` run against,
-# when they are missing: etcd (Debian's etcd-server), curl, HAProxy (for make bench), protoc (Debian's
+# when they are missing: etcd (Debian's etcd-server), curl, gcc (for -race), HAProxy (for make bench), protoc (Debian's
 # protobuf-compiler 3.21.12, which the committed code was made with), and
 # the well-known .proto files (libprotobuf-dev), and the pinned kube-apiserver, built once into a cache dir (test/kube.sh).
 set -euo pipefail
 need=()
 command -v etcd >/dev/null || need+=(etcd-server)
 command -v curl >/dev/null || need+=(curl)
+# The race detector (make test runs the unit tests with -race) needs cgo.
+command -v gcc >/dev/null || need+=(gcc libc6-dev)
 # HAProxy 2.6, the peer `make bench` measures the gateway against.
 command -v haproxy >/dev/null || need+=(haproxy)
 command -v protoc >/dev/null || need+=(protobuf-compiler)
