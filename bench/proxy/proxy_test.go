@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"testing"
 	"time"
@@ -75,17 +76,17 @@ func BenchmarkProxyPair(b *testing.B) {
 	server, serverHTTP := site.DataPlane(b, bin, "server", "--workload", "spiffe://east.bench.meshfed/ns/default/sa/app", "--address", "127.0.0.31",
 		"--inbound", echoPort+"="+echo, "--inbound", sinkPort+"="+sink, "--outbound-prefix", "-")
 	client, clientHTTP := site.DataPlane(b, bin, "client", "--outbound-prefix", "127.110.0.0/16")
-	var ls map[string]string
-	deadline := time.Now().Add(30 * time.Second)
-	for ls["echo.default:9080"] == "" || ls["sink.default:9081"] == "" {
-		if time.Now().After(deadline) {
-			b.Fatalf("the client proxy has no listeners for echo and sink: %v", ls)
-		}
-		time.Sleep(50 * time.Millisecond)
-		body, _ := harness.GetText("http://" + clientHTTP + "/v1/listeners")
-		_ = json.Unmarshal([]byte(body), &ls)
-	}
+	ls := listeners(b, clientHTTP)
 	pEcho, pSink := ls["echo.default:9080"], ls["sink.default:9081"]
+	// A second client proxy that offers only X25519 for the key exchange,
+	// as HAProxy's OpenSSL 3.0 does; Go offers X25519MLKEM768
+	// (post-quantum) first. It shows what that costs a new connection.
+	envBin, err := exec.LookPath("env")
+	if err != nil {
+		b.Fatal(err)
+	}
+	_, classicHTTP := site.DataPlane(b, envBin, "client-x25519", "GODEBUG=tlsmlkem=0", bin, "--outbound-prefix", "127.111.0.0/16")
+	cEcho := listeners(b, classicHTTP)["echo.default:9080"]
 	// The first connections through the pair make its handshakes.
 	if _, err := load.Latency(tcp(pEcho), rate, conns, reqSize, 200*time.Millisecond); err != nil {
 		b.Fatalf("through the proxies: %v", err)
@@ -112,12 +113,13 @@ func BenchmarkProxyPair(b *testing.B) {
 		verdict(added99 <= time.Millisecond), ms(pct(peer, 50)-pct(direct, 50)), ms(pct(peer, 99)-pct(direct, 99)))
 	// A new connection's first exchange also pays for the pair's upstream
 	// connection and mTLS handshake (the HAProxy pair's too).
-	first, err := load.ConnectEach([]load.Dial{tcp(echo), tcp(pEcho), tcp(hEcho)}, newConns, reqSize)
+	first, err := load.ConnectEach([]load.Dial{tcp(echo), tcp(pEcho), tcp(hEcho), tcp(cEcho)}, newConns, reqSize)
 	if err != nil {
 		b.Fatal(err)
 	}
 	fmt.Printf("new connection + first %d B request/response, %d each, interleaved: direct p50 %.3f ms p99 %.3f ms; meshfed pair p50 %.3f ms p99 %.3f ms; haproxy pair p50 %.3f ms p99 %.3f ms\n",
 		reqSize, newConns, ms(pct(first[0], 50)), ms(pct(first[0], 99)), ms(pct(first[1], 50)), ms(pct(first[1], 99)), ms(pct(first[2], 50)), ms(pct(first[2], 99)))
+	fmt.Printf("  meshfed pair with X25519 alone (GODEBUG=tlsmlkem=0, as the HAProxy pair negotiates): p50 %.3f ms p99 %.3f ms\n", ms(pct(first[3], 50)), ms(pct(first[3], 99)))
 	// CPU per request/response of the two proxies (and of the two
 	// HAProxies), at the same rate on open connections, one pair after the
 	// other: what a wakeup costs, which is most of a small request's cost.
@@ -176,6 +178,22 @@ func BenchmarkProxyPair(b *testing.B) {
 			pr.name, float64(rss)/1e6, float64(peak)/1e6, verdict(peak <= 20e6), float64(file)/1e6, heap/1e6, sys/1e6)
 	}
 	b.ReportMetric(ms(added99), "added-p99-ms")
+}
+
+// listeners waits until the proxy serving /v1/listeners at http has the
+// echo and sink listeners, and returns its listeners' addresses by name.
+func listeners(b *testing.B, http string) map[string]string {
+	var ls map[string]string
+	deadline := time.Now().Add(30 * time.Second)
+	for ls["echo.default:9080"] == "" || ls["sink.default:9081"] == "" {
+		if time.Now().After(deadline) {
+			b.Fatalf("the client proxy has no listeners for echo and sink: %v", ls)
+		}
+		time.Sleep(50 * time.Millisecond)
+		body, _ := harness.GetText("http://" + http + "/v1/listeners")
+		_ = json.Unmarshal([]byte(body), &ls)
+	}
+	return ls
 }
 
 // haproxyPair starts two HAProxy processes that do what the proxy pair
