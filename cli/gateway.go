@@ -15,7 +15,7 @@ func newGatewayCmd(g *globals) *cobra.Command {
 	var o gateway.Options
 	var ido identityclient.Options
 	var xdsAddr string
-	var concurrency func() error
+	var concurrency func() (int, error)
 	cmd := &cobra.Command{
 		Use:   "gateway --site SITE",
 		Short: "Run the site's east-west gateway: TLS passthrough by SNI to exported services, never an open relay",
@@ -36,13 +36,15 @@ pool, stops accepting, and lets live connections finish (--drain-timeout).`,
 			// A gateway's heap is small and short-lived per connection:
 			// collecting less often costs some memory, saves latency.
 			proxycmd.SetGCPercent(400)
-			if err := concurrency(); err != nil {
+			loops, err := concurrency()
+			if err != nil {
 				return err
 			}
 			id, err := proxycmd.Attest(ctx, ido, logger())
 			if err != nil {
 				return err
 			}
+			o.Proxy.Loops = loops
 			o.Proxy.XDS, o.Proxy.Identity, o.Logger = xdsAddr, id, logger()
 			g, err := gateway.New(o)
 			if err != nil {

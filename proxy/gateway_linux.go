@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
-	"runtime"
 	"syscall"
 	"time"
 
@@ -16,13 +15,13 @@ import (
 )
 
 // On Linux a gateway listener's connections run on event loops (see
-// eventLoop), one per CPU Go uses, each with a listening socket of its own
+// eventLoop), Options.Loops of them, each with a listening socket of its own
 // on the same port. A connection's hello is read, routed by its SNI and
 // passed upstream, all on the loop; only a host name to resolve takes a
 // goroutine.
 
-// listenGateway opens the gateway listener and starts its loops, one per
-// CPU Go uses, each on a listening socket of its own on the same port
+// listenGateway opens the gateway listener and starts its loops,
+// Options.Loops of them, each on a listening socket of its own on the same port
 // (SO_REUSEPORT: the kernel spreads connections over them). p.mu is held.
 func (p *Proxy) listenGateway(rl *runningListener, addr string) (listener, error) {
 	lc := net.ListenConfig{Control: func(_, _ string, c syscall.RawConn) error {
@@ -39,7 +38,7 @@ func (p *Proxy) listenGateway(rl *runningListener, addr string) (listener, error
 	addr = probe.Addr().String() // the port picked, when addr asks for any
 	probe.Close()
 	var group loopGroup
-	for range runtime.GOMAXPROCS(0) {
+	for range max(1, p.o.Loops) {
 		ln, err := lc.Listen(context.Background(), "tcp", addr)
 		if err == nil {
 			err = p.startLoop(rl, ln.(*net.TCPListener), &group)

@@ -17,6 +17,7 @@ import (
 	"math/rand/v2"
 	"net"
 	"net/http"
+	"runtime"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -67,8 +68,12 @@ type Options struct {
 	HTTPListen string
 	// DrainTimeout bounds how long live connections may finish at shutdown.
 	DrainTimeout time.Duration
-	Logger       *slog.Logger
-	Registry     *prometheus.Registry
+	// Loops is how many event loops (one thread each) relay connections,
+	// and how many a gateway listener accepts on (Linux). Default: one per
+	// CPU Go uses (GOMAXPROCS).
+	Loops    int
+	Logger   *slog.Logger
+	Registry *prometheus.Registry
 }
 
 // Proxy is a running data plane.
@@ -122,6 +127,9 @@ func New(o Options) (*Proxy, error) {
 	}
 	if o.HelloTimeout == 0 {
 		o.HelloTimeout = 5 * time.Second
+	}
+	if o.Loops <= 0 {
+		o.Loops = runtime.GOMAXPROCS(0)
 	}
 	if o.DrainTimeout == 0 {
 		o.DrainTimeout = 10 * time.Second

@@ -4,7 +4,6 @@ import (
 	"errors"
 	"net"
 	"os"
-	"runtime"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -60,7 +59,7 @@ func loopable(c net.Conn) *net.TCPConn {
 	return nil
 }
 
-// loopSet is the proxy's relay loops, one per CPU Go uses; p.mu guards it.
+// loopSet is the proxy's relay loops, Options.Loops of them; p.mu guards it.
 type loopSet struct {
 	loops []*eventLoop
 	next  int
@@ -73,7 +72,7 @@ func (p *Proxy) relayLoop() *eventLoop {
 	defer p.mu.Unlock()
 	ls := &p.relayLoops
 	if ls.loops == nil {
-		ls.loops = make([]*eventLoop, max(1, runtime.GOMAXPROCS(0)))
+		ls.loops = make([]*eventLoop, max(1, p.o.Loops))
 	}
 	i := ls.next % len(ls.loops)
 	ls.next++

@@ -64,7 +64,7 @@ func New(logger func() *slog.Logger) *cobra.Command {
 	var pf Flags
 	var o proxy.Options
 	var ido identityclient.Options
-	var concurrency func() error
+	var concurrency func() (int, error)
 	cmd := &cobra.Command{
 		Use:   "proxy",
 		Short: "Run the built-in data plane: outbound listeners per service, inbound mTLS with authorization",
@@ -87,7 +87,8 @@ configuration over xDS and carries its workload's traffic with mTLS:
 			// A sidecar's live heap is a few MB: collecting at half again
 			// keeps the proxy within its 20 MB budget for little CPU.
 			SetGCPercent(50)
-			if err := concurrency(); err != nil {
+			loops, err := concurrency()
+			if err != nil {
 				return err
 			}
 			in, err := pf.Inbound()
@@ -100,7 +101,7 @@ configuration over xDS and carries its workload's traffic with mTLS:
 			}
 			o.XDS, o.Identity, o.Address, o.Inbound, o.OutboundPrefix = pf.XDS, id, pf.Address, in, pf.Outbound
 			o.Locality = catalog.Locality{Region: pf.Region, Zone: pf.Zone}
-			o.Logger = logger()
+			o.Logger, o.Loops = logger(), loops
 			p, err := proxy.New(o)
 			if err != nil {
 				return err
@@ -126,25 +127,29 @@ func SetGCPercent(p int) {
 }
 
 // ConcurrencyFlag registers --concurrency, the CPUs the process uses: its
-// event loops (one thread each) and the goroutines' threads (GOMAXPROCS).
-// The default def (0: as many as Go sees, the container's CPU limit or
-// else the host's CPUs) never raises Go's own count, and GOMAXPROCS in the
+// event loops (one thread each), and as many goroutine threads
+// (GOMAXPROCS), but never fewer than 2, Go's own floor under a CPU limit:
+// with a single P every wait of a loop hands the P to another thread and
+// back, which doubled the proxies' CPU per request in bench/proxy. The
+// default def (0: as many as Go uses, the container's CPU limit or else
+// the host's CPUs) never makes more loops than Go's own count, and
+// GOMAXPROCS in the
 // environment stands unless the flag is given. The returned func applies
-// it; call it before anything starts.
-func ConcurrencyFlag(cmd *cobra.Command, def int) func() error {
-	n := cmd.Flags().Int("concurrency", def, "CPUs to use: event loops, and goroutine threads (GOMAXPROCS); 0 for as many as the container's CPU limit or the host has")
-	return func() error {
+// it and returns the number of loops; call it before anything starts.
+func ConcurrencyFlag(cmd *cobra.Command, def int) func() (int, error) {
+	n := cmd.Flags().Int("concurrency", def, "CPUs to use: event loops, and goroutine threads (GOMAXPROCS, 2 at least); 0 for as many as the container's CPU limit or the host has")
+	return func() (int, error) {
 		given := cmd.Flags().Changed("concurrency")
 		switch {
 		case *n < 0:
-			return fmt.Errorf("--concurrency %d: want 0 (as many CPUs as there are) or more", *n)
+			return 0, fmt.Errorf("--concurrency %d: want 0 (as many CPUs as there are) or more", *n)
 		case *n == 0, !given && os.Getenv("GOMAXPROCS") != "":
-			return nil
+			return runtime.GOMAXPROCS(0), nil
 		case !given:
 			*n = min(*n, runtime.GOMAXPROCS(0))
 		}
-		runtime.GOMAXPROCS(*n)
-		return nil
+		runtime.GOMAXPROCS(max(*n, 2))
+		return *n, nil
 	}
 }
 

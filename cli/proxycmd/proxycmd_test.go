@@ -9,22 +9,24 @@ import (
 
 func TestConcurrencyFlag(t *testing.T) {
 	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(0))
-	goDefault := runtime.GOMAXPROCS(0)
+	const goDefault = 4 // as if Go saw four CPUs
 	for _, tc := range []struct {
-		name    string
-		def     int
-		args    []string
-		env     string
-		want    int
-		wantErr bool
+		name       string
+		def        int
+		args       []string
+		env        string
+		loops      int
+		gomaxprocs int
+		wantErr    bool
 	}{
-		{name: "a default never raises Go's count", def: goDefault + 5, want: goDefault},
-		{name: "a default lowers it", def: 1, want: 1},
-		{name: "0 leaves Go's count", def: 0, want: goDefault},
-		{name: "GOMAXPROCS in the environment stands over a default", def: 1, env: "3", want: goDefault},
-		{name: "the flag stands over the environment", def: 1, env: "3", args: []string{"--concurrency", "5"}, want: 5},
-		{name: "the flag may raise it", def: 0, args: []string{"--concurrency", "7"}, want: 7},
-		{name: "negative", def: 0, args: []string{"--concurrency", "-1"}, wantErr: true, want: goDefault},
+		{name: "a default makes no more loops than Go's count", def: 6, loops: 4, gomaxprocs: 4},
+		{name: "a default lowers it", def: 3, loops: 3, gomaxprocs: 3},
+		{name: "0 leaves Go's count", def: 0, loops: 4, gomaxprocs: 4},
+		{name: "GOMAXPROCS in the environment stands over a default", def: 3, env: "4", loops: 4, gomaxprocs: 4},
+		{name: "the flag stands over the environment", def: 3, env: "4", args: []string{"--concurrency", "5"}, loops: 5, gomaxprocs: 5},
+		{name: "the flag may raise it", def: 0, args: []string{"--concurrency", "7"}, loops: 7, gomaxprocs: 7},
+		{name: "one loop keeps two Ps", def: 0, args: []string{"--concurrency", "1"}, loops: 1, gomaxprocs: 2},
+		{name: "negative", def: 0, args: []string{"--concurrency", "-1"}, wantErr: true, gomaxprocs: 4},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			runtime.GOMAXPROCS(goDefault)
@@ -34,11 +36,12 @@ func TestConcurrencyFlag(t *testing.T) {
 			if err := cmd.ParseFlags(tc.args); err != nil {
 				t.Fatal(err)
 			}
-			if err := apply(); (err != nil) != tc.wantErr {
+			loops, err := apply()
+			if (err != nil) != tc.wantErr {
 				t.Fatalf("apply: %v; want an error: %v", err, tc.wantErr)
 			}
-			if got := runtime.GOMAXPROCS(0); got != tc.want {
-				t.Fatalf("GOMAXPROCS %d, want %d", got, tc.want)
+			if got := runtime.GOMAXPROCS(0); loops != tc.loops || got != tc.gomaxprocs {
+				t.Fatalf("%d loops, GOMAXPROCS %d; want %d and %d", loops, got, tc.loops, tc.gomaxprocs)
 			}
 		})
 	}

@@ -284,8 +284,13 @@ func TestGatewayIsNoOpenRelay(t *testing.T) {
 	harness.Eventually(t, 20*time.Second, "a route for "+exported, func() error {
 		return hello(eastGW, exported)
 	})
+	// One loop, and two Ps: with one, each wait of the loop would hand it
+	// to another thread and back.
 	if n, err := harness.Metric(gw.http, "meshfed_proxy_event_loops"); n != 1 {
 		t.Errorf("a gateway with --concurrency 1 runs %v event loops (%v); want 1, its listener's", n, err)
+	}
+	if n, err := harness.Metric(gw.http, "go_sched_gomaxprocs_threads"); n != 2 {
+		t.Errorf("a gateway with --concurrency 1 has GOMAXPROCS %v (%v); want 2", n, err)
 	}
 	before := app.conns.Load()
 	refused := map[string]string{
