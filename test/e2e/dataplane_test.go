@@ -229,18 +229,10 @@ func TestDataPlane(t *testing.T) {
 	})
 
 	t.Run("config push keeps live connections", func(t *testing.T) {
-		var live []net.Conn
+		var live []*bufConn
 		for i := 0; i < 10; i++ {
-			conn, err := net.Dial("tcp", echo)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer conn.Close()
-			r := bufio.NewReader(conn)
-			if _, err := r.ReadString('\n'); err != nil {
-				t.Fatal(err)
-			}
-			live = append(live, &bufConn{Conn: conn, r: r})
+			conn, _ := greeted(t, echo)
+			live = append(live, conn)
 		}
 		// A changed policy (a changed listener), then a new service (a new
 		// listener), while the connections are open.
@@ -261,7 +253,7 @@ func TestDataPlane(t *testing.T) {
 			if _, err := io.WriteString(conn, msg); err != nil {
 				t.Fatalf("connection %d cut by the push: %v", i, err)
 			}
-			got, err := conn.(*bufConn).r.ReadString('\n')
+			got, err := conn.r.ReadString('\n')
 			if err != nil || got != msg {
 				t.Fatalf("connection %d after the push: %q, %v", i, got, err)
 			}
@@ -329,15 +321,7 @@ func TestDataPlane(t *testing.T) {
 	})
 
 	t.Run("SIGTERM: live connections go on until the drain timeout", func(t *testing.T) {
-		live, err := net.Dial("tcp", echo)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer live.Close()
-		r := bufio.NewReader(live)
-		if _, err := r.ReadString('\n'); err != nil {
-			t.Fatal(err)
-		}
+		live, _ := greeted(t, echo)
 		client.p.Signal(syscall.SIGTERM)
 		harness.Eventually(t, 5*time.Second, "the listener closed", func() error {
 			c, err := net.Dial("tcp", echo)
@@ -347,15 +331,9 @@ func TestDataPlane(t *testing.T) {
 			}
 			return nil
 		})
-		_ = live.SetDeadline(time.Now().Add(5 * time.Second))
-		if _, err := fmt.Fprintln(live, "still here"); err != nil {
-			t.Fatal(err)
-		}
-		if got, err := r.ReadString('\n'); err != nil || got != "still here\n" {
-			t.Fatalf("the live connection during the drain: %q, %v", got, err)
-		}
+		stillEchoes(t, live)
 		// The drain timeout (1s) closes it, and the proxy exits.
-		if b, err := r.ReadByte(); err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
+		if b, err := live.r.ReadByte(); err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
 			t.Fatalf("the live connection after the drain timeout: %q, %v; want it closed", b, err)
 		}
 		select {
@@ -403,7 +381,40 @@ func bulkEcho(addr, want string, size int, slow bool) error {
 	return sameBytes(got.Bytes(), sent)
 }
 
+// bufConn is a connection to an echoApp with the reader that read its
+// greeting.
 type bufConn struct {
 	net.Conn
 	r *bufio.Reader
+}
+
+// greeted connects to an echoApp through addr and reads its greeting; it
+// returns the connection, closed when the test ends, and the greeting
+// (the app's site and a newline).
+func greeted(t *testing.T, addr string) (*bufConn, string) {
+	t.Helper()
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	bc := &bufConn{Conn: c, r: bufio.NewReader(c)}
+	greeting, err := bc.r.ReadString('\n')
+	if err != nil {
+		t.Fatal(err)
+	}
+	return bc, greeting
+}
+
+// stillEchoes checks that a live connection still carries a line both
+// ways while its proxy or gateway drains.
+func stillEchoes(t *testing.T, c *bufConn) {
+	t.Helper()
+	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+	if _, err := fmt.Fprintln(c, "still here"); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := c.r.ReadString('\n'); err != nil || got != "still here\n" {
+		t.Fatalf("the live connection during the drain: %q, %v", got, err)
+	}
 }

@@ -1,7 +1,6 @@
 package e2e
 
 import (
-	"bufio"
 	"crypto/tls"
 	"encoding/json"
 	"fmt"
@@ -210,13 +209,8 @@ func TestGatewayFailover(t *testing.T) {
 	restart()
 
 	t.Run("SIGTERM drains: live connections finish, new ones go to west", func(t *testing.T) {
-		live, err := net.Dial("tcp", echo)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer live.Close()
-		r := bufio.NewReader(live)
-		if site, _ := r.ReadString('\n'); site != "east\n" {
+		live, site := greeted(t, echo)
+		if site != "east\n" {
 			t.Fatalf("the live connection reached %q", site)
 		}
 		eastGateway.p.Signal(syscall.SIGTERM)
@@ -225,13 +219,7 @@ func TestGatewayFailover(t *testing.T) {
 		if site, err := call(echo); err != nil || site != "west" {
 			t.Fatalf("a new call during the drain: %q, %v", site, err)
 		}
-		_ = live.SetDeadline(time.Now().Add(5 * time.Second))
-		if _, err := fmt.Fprintln(live, "still here"); err != nil {
-			t.Fatal(err)
-		}
-		if got, err := r.ReadString('\n'); err != nil || got != "still here\n" {
-			t.Fatalf("the live connection during the drain: %q, %v", got, err)
-		}
+		stillEchoes(t, live)
 	})
 	restart()
 
