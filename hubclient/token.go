@@ -1,7 +1,7 @@
 package hubclient
 
 import (
-	"fmt"
+	"errors"
 	"strings"
 )
 
@@ -25,7 +25,7 @@ func (t Token) String() string {
 func ParseToken(s string) (Token, error) {
 	parts := strings.Split(strings.TrimSpace(s), ".")
 	if len(parts) != 4 || parts[0] != tokenPrefix || parts[1] == "" || parts[2] == "" || len(parts[3]) != 64 {
-		return Token{}, fmt.Errorf("join token is malformed: want mf1.<id>.<secret>.<ca-pin> as printed by `meshfed site token create`")
+		return Token{}, errors.New("token is malformed: want mf1.<id>.<secret>.<ca-pin>, as `meshfed site token create` (for a spoke) or `meshfed vm token create` (for a node) prints it")
 	}
 	return Token{ID: parts[1], Secret: parts[2], CAPin: parts[3]}, nil
 }
