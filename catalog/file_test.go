@@ -8,10 +8,7 @@ import (
 )
 
 func TestParseServicesFile(t *testing.T) {
-	tests := []struct {
-		name, yaml, err string
-		services        int
-	}{
+	checkParse(t, catalog.ParseServicesFile, []parseCase{
 		{"a valid file parses", "services:\n- {namespace: default, name: echo, endpoints: [{address: 10.0.0.1, port: 80}]}\n", "", 1},
 		{"an empty file is an empty catalog", "", "", 0},
 		{"an unknown field is an error", "services:\n- {namespace: default, name: echo, endpoints: [{address: 10.0.0.1, port: 80, helth: ok}]}\n", "field helth not found", 0},
@@ -22,18 +19,29 @@ func TestParseServicesFile(t *testing.T) {
 		{"a bad identity is an error", "services:\n- {namespace: a, name: b, endpoints: [{address: 10.0.0.1, port: 80, identity: nope}]}\n", "SPIFFE", 0},
 		{"a hostname address is fine", "services:\n- {namespace: a, name: b, endpoints: [{address: db.example.com, port: 5432}]}\n", "", 1},
 		{"the site field is the spoke's", "services:\n- {site: x, namespace: a, name: b, endpoints: []}\n", "site field", 0},
-	}
-	for _, tc := range tests {
+	})
+}
+
+// parseCase is one input to a parser: the error it must give (a part of
+// its text), or else how many items it must return.
+type parseCase struct {
+	name, yaml, err string
+	n               int
+}
+
+func checkParse[T any](t *testing.T, parse func([]byte) ([]T, error), cases []parseCase) {
+	t.Helper()
+	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			got, err := catalog.ParseServicesFile([]byte(tc.yaml))
+			got, err := parse([]byte(tc.yaml))
 			if tc.err != "" {
 				if err == nil || !strings.Contains(err.Error(), tc.err) {
 					t.Fatalf("err = %v, want one saying %q", err, tc.err)
 				}
 				return
 			}
-			if err != nil || len(got) != tc.services {
-				t.Fatalf("got %d services, %v; want %d", len(got), err, tc.services)
+			if err != nil || len(got) != tc.n {
+				t.Fatalf("got %d, %v; want %d", len(got), err, tc.n)
 			}
 		})
 	}

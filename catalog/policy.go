@@ -49,9 +49,10 @@ type Split struct {
 }
 
 // OutlierDetection ejects endpoints after consecutive connect failures,
-// for BaseEjectionTime times the number of ejections so far.
+// for BaseEjectionTime times the number of ejections so far. A field left
+// out (or 0) takes the default the spoke applies without a policy.
 type OutlierDetection struct {
-	ConsecutiveFailures uint32   `json:"consecutiveFailures" yaml:"consecutiveFailures"`
+	ConsecutiveFailures uint32   `json:"consecutiveFailures,omitempty" yaml:"consecutiveFailures,omitempty"`
 	Interval            Duration `json:"interval,omitempty" yaml:"interval,omitempty"`
 	BaseEjectionTime    Duration `json:"baseEjectionTime,omitempty" yaml:"baseEjectionTime,omitempty"`
 	MaxEjectionPercent  uint32   `json:"maxEjectionPercent,omitempty" yaml:"maxEjectionPercent,omitempty"`
@@ -159,9 +160,6 @@ func ValidatePolicy(p Policy) error {
 		return fmt.Errorf("%s: retries %d is more than 10: a connect failure should not fan out that far", p.Service, *p.Retries)
 	}
 	if o := p.OutlierDetection; o != nil {
-		if o.ConsecutiveFailures == 0 {
-			return fmt.Errorf("%s: outlierDetection.consecutiveFailures must be at least 1", p.Service)
-		}
 		if o.MaxEjectionPercent > 100 {
 			return fmt.Errorf("%s: outlierDetection.maxEjectionPercent %d is more than 100", p.Service, o.MaxEjectionPercent)
 		}

@@ -1,6 +1,7 @@
 package cli
 
 import (
+	"cmp"
 	"fmt"
 	"io"
 	"os"
@@ -9,6 +10,7 @@ import (
 	meshfedv1 "github.com/meshfed/meshfed/api/meshfed/v1"
 	"github.com/meshfed/meshfed/catalog"
 	"github.com/meshfed/meshfed/federation"
+	"github.com/meshfed/meshfed/spoke/xds"
 	"github.com/spf13/cobra"
 )
 
@@ -91,7 +93,7 @@ func newPolicyCmd(g *globals) *cobra.Command {
 					}
 					outlier := ""
 					if o := p.OutlierDetection; o != nil {
-						outlier = fmt.Sprintf("%d failures", o.ConsecutiveFailures)
+						outlier = fmt.Sprintf("%d failures", cmp.Or(o.ConsecutiveFailures, xds.DefaultConsecutiveFailures))
 					}
 					row(w, p.Service, strings.Join(p.Failover, ","), strings.Join(split, ","), retries(p.Retries), outlier, len(p.Allow))
 				}

@@ -533,7 +533,9 @@ func (b *builder) cluster(f *federated, p catalog.Port, subset string, pol catal
 		BaseEjectionTime: catalog.Duration(DefaultBaseEjectionTime), MaxEjectionPercent: DefaultMaxEjectionPercent,
 	}
 	if o := pol.OutlierDetection; o != nil {
-		od.ConsecutiveFailures = o.ConsecutiveFailures
+		if o.ConsecutiveFailures > 0 {
+			od.ConsecutiveFailures = o.ConsecutiveFailures
+		}
 		if o.Interval > 0 {
 			od.Interval = o.Interval
 		}
@@ -569,7 +571,7 @@ func (b *builder) cluster(f *federated, p catalog.Port, subset string, pol catal
 	// SNI (auto_host_sni).
 	ids := identities(f, p)
 	if b.n.GRPC {
-		if pol.OutlierDetection != nil && od.ConsecutiveFailures > 0 {
+		if pol.OutlierDetection != nil {
 			// gRPC has no consecutive-failure ejection (gRFC A50). The
 			// nearest it has: eject an endpoint that failed at least 85 %
 			// (the default threshold) of at least that many calls in an

@@ -254,3 +254,23 @@ func TestGRPCFailurePercentageOnlyWithAPolicy(t *testing.T) {
 		t.Errorf("a proxy's clusters eject by failure percentage too (%d); they count consecutive failures", got[true])
 	}
 }
+
+// TestOutlierDetectionDefaultsFillThePolicy: a policy that sets one field
+// of outlierDetection gets the defaults for the rest.
+func TestOutlierDetectionDefaultsFillThePolicy(t *testing.T) {
+	c := testCatalog()
+	pol := c.Policies["default/echo"]
+	pol.OutlierDetection = &catalog.OutlierDetection{MaxEjectionPercent: 50}
+	c.Policies["default/echo"] = pol
+	clusters := Build(c, Node{ID: "spiffe://c.test/ns/default/sa/client"}, SVID{})[resource.ClusterType]
+	if len(clusters) == 0 {
+		t.Fatal("no clusters")
+	}
+	for _, r := range clusters {
+		od := r.(*clusterv3.Cluster).GetOutlierDetection()
+		if od.GetConsecutiveLocalOriginFailure().GetValue() != DefaultConsecutiveFailures || od.GetInterval().AsDuration() != DefaultOutlierInterval ||
+			od.GetBaseEjectionTime().AsDuration() != DefaultBaseEjectionTime || od.GetMaxEjectionPercent().GetValue() != 50 {
+			t.Errorf("cluster %s: outlier detection %v; want the defaults with max ejection 50%%", r.(*clusterv3.Cluster).GetName(), od)
+		}
+	}
+}
