@@ -54,7 +54,7 @@ pool, stops accepting, and lets live connections finish (--drain-timeout).`,
 		},
 	}
 	proxycmd.IdentityFlags(cmd, &ido, &o.Proxy, "127.0.0.1:15091")
-	concurrency = proxycmd.ConcurrencyFlag(cmd, 0) // a gateway has its host to itself
+	concurrency = proxycmd.ConcurrencyFlag(cmd, 0, true) // a gateway has its host to itself
 	f := cmd.Flags()
 	f.StringVar(&o.Site, "site", "", "the gateway's site (required)")
 	f.StringVar(&o.Listen, "listen", ":15443", "where other sites connect: what the site's --gateway-address leads to")

@@ -70,7 +70,7 @@ func (p *Proxy) startLoop(rl *runningListener, ln *net.TCPListener, group *loopG
 		ln.Close()
 		return err
 	}
-	l.rl, l.addr = rl, ln.Addr()
+	l.rl, l.addr, l.keepP = rl, ln.Addr(), true
 	if l.lfd, err = detach(ln); err == nil {
 		// Accepted once the hello is there: one wakeup, not two. A caller
 		// that sends nothing waits in the kernel's queue up to the hello

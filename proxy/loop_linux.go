@@ -11,6 +11,7 @@ import (
 	"sync"
 	"syscall"
 	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -125,10 +126,14 @@ type eventLoop struct {
 	// acceptFailing since the first failure, until an accept succeeds.
 	acceptAt      time.Time
 	acceptFailing bool
-	again         []*loopConn
-	token         int32
-	buf           []byte
-	spares        sync.Pool // of *[]byte as long as buf
+	// keepP: a gateway loop, which keeps its P while it waits within
+	// busyFor of lastEvent, its last event (see wait).
+	keepP     bool
+	lastEvent time.Time
+	again     []*loopConn
+	token     int32
+	buf       []byte
+	spares    sync.Pool // of *[]byte as long as buf
 }
 
 // newLoop makes an event loop with no sockets yet, reading buf bytes at
@@ -242,7 +247,7 @@ func (l *eventLoop) run() {
 			timeout = int(max(0, (time.Until(at)+time.Millisecond-1)/time.Millisecond))
 		}
 		l.state.Unlock()
-		n, err := unix.EpollWait(l.ep, events, timeout)
+		n, err := l.wait(events, timeout)
 		l.state.Lock()
 		if err != nil && err != unix.EINTR {
 			l.p.log.Error("event loop failed; its connections end", "err", err)
@@ -268,6 +273,43 @@ func (l *eventLoop) run() {
 			l.accept()
 		}
 	}
+}
+
+// busyFor: how long after its last event a gateway loop waits unseen by
+// Go's scheduler (see wait).
+const busyFor = time.Second
+
+// wait waits for events on the loop's set for up to timeout ms (-1: no
+// limit). A gateway loop that had an event within busyFor waits in a
+// system call Go's scheduler does not see: the loop keeps its P, so the
+// runtime's monitor thread (sysmon) finds no P to take back and hand on,
+// and is not woken each time the loop wakes. Waiting through the
+// scheduler, sysmon woke every 20µs while connections came and went:
+// bench/gateway counted 17–20 times on a CPU per new connection for the
+// gateway (HAProxy 9.2–9.5) and 1.4× HAProxy's CPU; waiting this way, 9.5–9.7
+// and 1.1×. Idle for longer, the loop waits through the scheduler, so an
+// idle gateway sleeps. Sysmon still preempts a loop that keeps its P for
+// over 10ms (the wait ends with EINTR), and the gateway runs one P more
+// than it has loops (proxycmd.ConcurrencyFlag), so goroutines have one.
+// A proxy's relay loops wait through the scheduler: mTLS handshakes run on
+// goroutines there and need the Ps.
+func (l *eventLoop) wait(events []unix.EpollEvent, timeout int) (n int, err error) {
+	raw := int((busyFor - time.Since(l.lastEvent)) / time.Millisecond)
+	if timeout >= 0 {
+		raw = min(raw, timeout)
+	}
+	if l.keepP && (raw > 0 || timeout == 0) {
+		r, _, e := unix.RawSyscall6(unix.SYS_EPOLL_PWAIT, uintptr(l.ep), uintptr(unsafe.Pointer(&events[0])), uintptr(len(events)), uintptr(max(raw, 0)), 0, 0)
+		if n = int(r); e != 0 {
+			n, err = -1, e
+		}
+	} else {
+		n, err = unix.EpollWait(l.ep, events, timeout)
+	}
+	if n > 0 {
+		l.lastEvent = time.Now()
+	}
+	return n, err
 }
 
 // idle: the loop has nothing left to do, neither a listener nor a

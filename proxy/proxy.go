@@ -70,7 +70,9 @@ type Options struct {
 	DrainTimeout time.Duration
 	// Loops is how many event loops (one thread each) relay connections,
 	// and how many a gateway listener accepts on (Linux). Default: one per
-	// CPU Go uses (GOMAXPROCS).
+	// CPU Go uses (GOMAXPROCS). A gateway's loops keep their P while they
+	// wait for a busy moment: leave goroutines a P of their own
+	// (GOMAXPROCS one above Loops, as `meshfed gateway` runs).
 	Loops    int
 	Logger   *slog.Logger
 	Registry *prometheus.Registry

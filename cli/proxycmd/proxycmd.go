@@ -113,7 +113,7 @@ configuration over xDS and carries its workload's traffic with mTLS:
 	IdentityFlags(cmd, &ido, &o, "127.0.0.1:15090")
 	// A sidecar shares its pod's CPUs with the app: two, as Istio's
 	// sidecars default to, unless Go sees fewer.
-	concurrency = ConcurrencyFlag(cmd, 2)
+	concurrency = ConcurrencyFlag(cmd, 2, false)
 	cmd.Flags().StringVar(&ido.Workload, "workload", "", "run as this workload's SPIFFE ID (the host must run one of its endpoints); default: the node's ID")
 	return cmd
 }
@@ -130,25 +130,38 @@ func SetGCPercent(p int) {
 // event loops (one thread each), and as many goroutine threads
 // (GOMAXPROCS), but never fewer than 2, Go's own floor under a CPU limit:
 // with a single P every wait of a loop hands the P to another thread and
-// back, which doubled the proxies' CPU per request in bench/proxy. The
-// default def (0: as many as Go uses, the container's CPU limit or else
-// the host's CPUs) never makes more loops than Go's own count, and
-// GOMAXPROCS in the
-// environment stands unless the flag is given. The returned func applies
-// it and returns the number of loops; call it before anything starts.
-func ConcurrencyFlag(cmd *cobra.Command, def int) func() (int, error) {
-	n := cmd.Flags().Int("concurrency", def, "CPUs to use: event loops, and goroutine threads (GOMAXPROCS, 2 at least); 0 for as many as the container's CPU limit or the host has")
+// back, which doubled the proxies' CPU per request in bench/proxy. With
+// spareP (the gateway, whose loops keep their P while they wait; see
+// proxy's eventLoop.wait) GOMAXPROCS is one above the loops' count, so
+// goroutines have a P of their own. The default def (0: as many as Go
+// uses, the container's CPU limit or else the host's CPUs) never makes
+// more loops than Go's own count, and GOMAXPROCS in the environment sets
+// the loops' count unless the flag is given. The returned func applies it
+// and returns the number of loops; call it before anything starts.
+func ConcurrencyFlag(cmd *cobra.Command, def int, spareP bool) func() (int, error) {
+	threads := "goroutine threads (GOMAXPROCS, 2 at least)"
+	if spareP {
+		threads = "one goroutine thread (GOMAXPROCS) more"
+	}
+	n := cmd.Flags().Int("concurrency", def, "CPUs to use: event loops, and "+threads+"; 0 for as many as the container's CPU limit or the host has")
 	return func() (int, error) {
 		given := cmd.Flags().Changed("concurrency")
 		switch {
 		case *n < 0:
 			return 0, fmt.Errorf("--concurrency %d: want 0 (as many CPUs as there are) or more", *n)
 		case *n == 0, !given && os.Getenv("GOMAXPROCS") != "":
-			return runtime.GOMAXPROCS(0), nil
+			*n = runtime.GOMAXPROCS(0)
+			if !spareP {
+				return *n, nil
+			}
 		case !given:
 			*n = min(*n, runtime.GOMAXPROCS(0))
 		}
-		runtime.GOMAXPROCS(max(*n, 2))
+		if spareP {
+			runtime.GOMAXPROCS(*n + 1)
+		} else {
+			runtime.GOMAXPROCS(max(*n, 2))
+		}
 		return *n, nil
 	}
 }

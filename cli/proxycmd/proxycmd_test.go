@@ -13,6 +13,7 @@ func TestConcurrencyFlag(t *testing.T) {
 	for _, tc := range []struct {
 		name       string
 		def        int
+		spareP     bool
 		args       []string
 		env        string
 		loops      int
@@ -27,12 +28,16 @@ func TestConcurrencyFlag(t *testing.T) {
 		{name: "the flag may raise it", def: 0, args: []string{"--concurrency", "7"}, loops: 7, gomaxprocs: 7},
 		{name: "one loop keeps two Ps", def: 0, args: []string{"--concurrency", "1"}, loops: 1, gomaxprocs: 2},
 		{name: "negative", def: 0, args: []string{"--concurrency", "-1"}, wantErr: true, gomaxprocs: 4},
+		{name: "a spare P: 0 is Go's count of loops", def: 0, spareP: true, loops: 4, gomaxprocs: 5},
+		{name: "a spare P: the environment sets the loops", def: 2, spareP: true, env: "4", loops: 4, gomaxprocs: 5},
+		{name: "a spare P: one loop", def: 0, spareP: true, args: []string{"--concurrency", "1"}, loops: 1, gomaxprocs: 2},
+		{name: "a spare P: a default", def: 6, spareP: true, loops: 4, gomaxprocs: 5},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			runtime.GOMAXPROCS(goDefault)
 			t.Setenv("GOMAXPROCS", tc.env)
 			cmd := &cobra.Command{}
-			apply := ConcurrencyFlag(cmd, tc.def)
+			apply := ConcurrencyFlag(cmd, tc.def, tc.spareP)
 			if err := cmd.ParseFlags(tc.args); err != nil {
 				t.Fatal(err)
 			}

@@ -197,3 +197,35 @@ func cpuTime(pid int) (time.Duration, error) {
 	}
 	return time.Duration(utime+stime) * 10 * time.Millisecond, nil
 }
+
+// Sched is what the kernel's scheduler counted for a process's threads:
+// CPU time (to the nanosecond, unlike CPUTime's ticks) and how many times
+// a thread was put on a CPU, which is about how many times it woke up.
+type Sched struct {
+	CPU    time.Duration
+	Slices int64
+}
+
+// SchedStat sums /proc/PID/task/*/schedstat over pid's threads (threads
+// that have ended are not counted).
+func SchedStat(t testing.TB, pid int) Sched {
+	t.Helper()
+	files, err := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/schedstat", pid))
+	if err != nil || len(files) == 0 {
+		t.Fatalf("scheduler stats of process %d: %v (none found)", pid, err)
+	}
+	var s Sched
+	for _, f := range files {
+		data, err := os.ReadFile(f)
+		if err != nil {
+			continue // the thread ended
+		}
+		var run, wait, slices int64
+		if _, err := fmt.Sscan(string(data), &run, &wait, &slices); err != nil {
+			t.Fatalf("%s: %v", f, err)
+		}
+		s.CPU += time.Duration(run)
+		s.Slices += slices
+	}
+	return s
+}
