@@ -236,7 +236,8 @@ func (l *eventLoop) run() {
 		// Go's scheduler preempts a goroutine that has not been through it
 		// for 10ms, system calls or not, whatever it is doing then. The
 		// loop goes through it itself between batches, before that comes.
-		if now := time.Now(); now.Sub(yielded) > yieldEvery {
+		now := time.Now()
+		if now.Sub(yielded) > yieldEvery {
 			runtime.Gosched()
 			yielded = now
 		}
@@ -244,10 +245,10 @@ func (l *eventLoop) run() {
 		if len(l.again) > 0 {
 			timeout = 0
 		} else if at, ok := l.nextDeadline(); ok {
-			timeout = int(max(0, (time.Until(at)+time.Millisecond-1)/time.Millisecond))
+			timeout = int(max(0, (at.Sub(now)+time.Millisecond-1)/time.Millisecond))
 		}
 		l.state.Unlock()
-		n, err := l.wait(events, timeout)
+		n, err := l.wait(events, timeout, now)
 		l.state.Lock()
 		if err != nil && err != unix.EINTR {
 			l.p.log.Error("event loop failed; its connections end", "err", err)
@@ -266,7 +267,10 @@ func (l *eventLoop) run() {
 			c.again = false
 			l.progress(c)
 		}
-		now := time.Now()
+		now = time.Now()
+		if n > 0 {
+			l.lastEvent = now
+		}
 		l.expire(now)
 		if !l.acceptAt.IsZero() && !now.Before(l.acceptAt) {
 			l.acceptAt = time.Time{}
@@ -280,7 +284,7 @@ func (l *eventLoop) run() {
 const busyFor = time.Second
 
 // wait waits for events on the loop's set for up to timeout ms (-1: no
-// limit). A gateway loop that had an event within busyFor waits in a
+// limit); now is the loop's turn's time. A gateway loop that had an event within busyFor waits in a
 // system call Go's scheduler does not see: the loop keeps its P, so the
 // runtime's monitor thread (sysmon) finds no P to take back and hand on,
 // and is not woken each time the loop wakes. Waiting through the
@@ -293,23 +297,22 @@ const busyFor = time.Second
 // than it has loops (proxycmd.ConcurrencyFlag), so goroutines have one.
 // A proxy's relay loops wait through the scheduler: mTLS handshakes run on
 // goroutines there and need the Ps.
-func (l *eventLoop) wait(events []unix.EpollEvent, timeout int) (n int, err error) {
-	raw := int((busyFor - time.Since(l.lastEvent)) / time.Millisecond)
+func (l *eventLoop) wait(events []unix.EpollEvent, timeout int, now time.Time) (int, error) {
+	if !l.keepP {
+		return unix.EpollWait(l.ep, events, timeout)
+	}
+	raw := int((busyFor - now.Sub(l.lastEvent)) / time.Millisecond)
 	if timeout >= 0 {
 		raw = min(raw, timeout)
 	}
-	if l.keepP && (raw > 0 || timeout == 0) {
-		r, _, e := unix.RawSyscall6(unix.SYS_EPOLL_PWAIT, uintptr(l.ep), uintptr(unsafe.Pointer(&events[0])), uintptr(len(events)), uintptr(max(raw, 0)), 0, 0)
-		if n = int(r); e != 0 {
-			n, err = -1, e
-		}
-	} else {
-		n, err = unix.EpollWait(l.ep, events, timeout)
+	if raw <= 0 && timeout != 0 {
+		return unix.EpollWait(l.ep, events, timeout)
 	}
-	if n > 0 {
-		l.lastEvent = time.Now()
+	r, _, e := unix.RawSyscall6(unix.SYS_EPOLL_PWAIT, uintptr(l.ep), uintptr(unsafe.Pointer(&events[0])), uintptr(len(events)), uintptr(max(raw, 0)), 0, 0)
+	if e != 0 {
+		return -1, e
 	}
-	return n, err
+	return int(r), nil
 }
 
 // idle: the loop has nothing left to do, neither a listener nor a
