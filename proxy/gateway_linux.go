@@ -115,7 +115,7 @@ func (l *eventLoop) stopAccepting() {
 
 func (l *eventLoop) accept() {
 	for l.lfd >= 0 {
-		fd, _, err := unix.Accept4(l.lfd, unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC)
+		fd, err := accept4(l.lfd)
 		switch err {
 		case nil:
 		case unix.EINTR, unix.ECONNABORTED:
@@ -151,6 +151,17 @@ func (l *eventLoop) accept() {
 		c.down.readable = true // the hello often comes with the handshake
 		l.readHello(c)
 	}
+}
+
+// accept4 accepts a connection without asking for its peer's address,
+// which unix.Accept4 would decode at the cost of a getsockopt call per
+// connection (peerAddr asks, for a refused one).
+func accept4(lfd int) (int, error) {
+	fd, _, e := unix.Syscall6(unix.SYS_ACCEPT4, uintptr(lfd), 0, 0, unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0, 0)
+	if e != 0 {
+		return -1, e
+	}
+	return int(fd), nil
 }
 
 // refuse closes a connection that gets no route, counting why.
@@ -304,15 +315,17 @@ func (l *eventLoop) connect(c *loopConn, ap netip.AddrPort) error {
 	if err != nil {
 		return err
 	}
-	tune(fd)
+	noDelay(fd)
 	if err = unix.Connect(fd, sa); err != nil && err != unix.EINPROGRESS {
 		unix.Close(fd)
 		return err
 	}
 	if c.up, err = l.add(fd, c); err != nil {
 		unix.Close(fd)
+		return err
 	}
-	return err
+	l.probeLater(c.up)
+	return nil
 }
 
 // dialed takes a goroutine's connection to a host name.

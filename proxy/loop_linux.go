@@ -131,9 +131,13 @@ type eventLoop struct {
 	keepP     bool
 	lastEvent time.Time
 	again     []*loopConn
-	token     int32
-	buf       []byte
-	spares    sync.Pool // of *[]byte as long as buf
+	// unprobed: sockets that get keepalive probes at probeAt (see
+	// probeLater).
+	unprobed []*sock
+	probeAt  time.Time
+	token    int32
+	buf      []byte
+	spares   sync.Pool // of *[]byte as long as buf
 }
 
 // newLoop makes an event loop with no sockets yet, reading buf bytes at
@@ -161,8 +165,14 @@ func (p *Proxy) newLoop(buf int) (*eventLoop, error) {
 // delay, and keepalive probes (after 15s idle, every 15s, 9 of them), so a
 // peer that vanished without a word is found and its connection closed.
 func tune(fd int) {
+	noDelay(fd)
+	keepAlive(fd)
+}
+
+func noDelay(fd int) { _ = unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1) }
+
+func keepAlive(fd int) {
 	for _, o := range [...]struct{ level, opt, v int }{
-		{unix.IPPROTO_TCP, unix.TCP_NODELAY, 1},
 		{unix.SOL_SOCKET, unix.SO_KEEPALIVE, 1},
 		{unix.IPPROTO_TCP, unix.TCP_KEEPIDLE, 15},
 		{unix.IPPROTO_TCP, unix.TCP_KEEPINTVL, 15},
@@ -170,6 +180,32 @@ func tune(fd int) {
 	} {
 		_ = unix.SetsockoptInt(fd, o.level, o.opt, o.v)
 	}
+}
+
+// keepaliveAfter: how long a gateway's upstream connection lasts before it
+// gets its keepalive probes (four system calls); most of its connections
+// end sooner and are spared them. Probes start after 15s idle anyway.
+const keepaliveAfter = time.Second
+
+// probeLater gives s keepalive probes at the first turn after
+// keepaliveAfter, if it is still open then.
+func (l *eventLoop) probeLater(s *sock) {
+	if len(l.unprobed) == 0 {
+		l.probeAt = time.Now().Add(keepaliveAfter)
+	}
+	l.unprobed = append(l.unprobed, s)
+}
+
+// probe sets keepalive probes on the sockets waiting for them that are
+// still open.
+func (l *eventLoop) probe() {
+	for _, s := range l.unprobed {
+		if l.socks[s.token] == s {
+			keepAlive(int(s.fd))
+		}
+	}
+	clear(l.unprobed)
+	l.unprobed = l.unprobed[:0]
 }
 
 // detach takes a socket's descriptor from Go's poller: a duplicate that
@@ -272,6 +308,9 @@ func (l *eventLoop) run() {
 			l.lastEvent = now
 		}
 		l.expire(now)
+		if len(l.unprobed) > 0 && !now.Before(l.probeAt) {
+			l.probe()
+		}
 		if !l.acceptAt.IsZero() && !now.Before(l.acceptAt) {
 			l.acceptAt = time.Time{}
 			l.accept()
@@ -329,11 +368,18 @@ func (l *eventLoop) idle() bool {
 }
 
 // nextDeadline is when the loop must wake without an event: the first
-// timer, or the end of a pause in accepting.
+// timer, the end of a pause in accepting, or when sockets get keepalive
+// probes.
 func (l *eventLoop) nextDeadline() (time.Time, bool) {
 	at, ok := l.timers.next()
-	if !l.acceptAt.IsZero() && (!ok || l.acceptAt.Before(at)) {
-		return l.acceptAt, true
+	earlier := func(t time.Time) {
+		if !t.IsZero() && (!ok || t.Before(at)) {
+			at, ok = t, true
+		}
+	}
+	earlier(l.acceptAt)
+	if len(l.unprobed) > 0 {
+		earlier(l.probeAt)
 	}
 	return at, ok
 }
@@ -467,7 +513,12 @@ func (l *eventLoop) pump(src, dst *sock) (more, ok bool) {
 		}
 		if src.eof {
 			if !dst.shut {
-				dst.shutWrite()
+				// A plain side whose peer has ended too, with
+				// nothing left to pass on, is closed this turn,
+				// which sends its FIN.
+				if dst.tls != nil || !dst.eof || len(dst.pending) > 0 {
+					dst.shutWrite()
+				}
 				dst.shut = true
 			}
 			break
