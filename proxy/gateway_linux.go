@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"bytes"
 	"container/heap"
 	"context"
 	"errors"
@@ -206,9 +207,16 @@ func (l *eventLoop) readHello(c *loopConn) {
 		if n < clienthello.MaxSize-len(c.hello) && !s.hup {
 			s.readable = false // a short read took all there was
 		}
-		c.hello = append(c.hello, l.buf[:n]...)
+		if c.hello == nil {
+			// Most hellos come whole in one read: they stay in the
+			// loop's buffer if they leave at once.
+			c.hello, c.helloBorrowed = l.buf[:n:n], true
+		} else {
+			c.hello = append(c.hello, l.buf[:n]...)
+		}
 		name, _, err := clienthello.Parse(c.hello)
 		if errors.Is(err, clienthello.ErrIncomplete) {
+			c.ownHello()
 			continue
 		}
 		if err != nil {
@@ -216,7 +224,18 @@ func (l *eventLoop) readHello(c *loopConn) {
 			return
 		}
 		l.route(c, name)
+		if c.state == connecting {
+			c.ownHello() // the loop reads into its buffer again before the hello leaves
+		}
 		return
+	}
+}
+
+// ownHello copies a hello that lies in the loop's buffer into one of
+// the connection's own.
+func (c *loopConn) ownHello() {
+	if c.helloBorrowed {
+		c.hello, c.helloBorrowed = bytes.Clone(c.hello), false
 	}
 }
 
@@ -382,7 +401,8 @@ func (l *eventLoop) connected(c *loopConn) {
 	l.p.m.gateway.WithLabelValues("ok").Inc()
 	c.state = relaying
 	c.gen++
-	c.down.pending, c.hello = c.hello[n:], nil
+	c.down.pending, c.down.borrowed = c.hello[n:], c.helloBorrowed
+	c.hello, c.helloBorrowed = nil, false
 	c.u, c.tried = nil, nil
 	l.relay(c)
 }

@@ -57,12 +57,16 @@ type loopConn struct {
 	state    connState
 	// gen changes with every state and connection attempt; timers and
 	// dials from before are ignored.
-	gen   int
-	hello []byte // what the caller sent before it was routed, replayed upstream
-	r     route
-	u     *upstream
-	e     endpointConf
-	tried map[string]bool
+	gen int
+	// hello: what the caller sent before it was routed, replayed
+	// upstream; borrowed: it lies in the loop's shared buffer (see
+	// ownHello).
+	hello         []byte
+	helloBorrowed bool
+	r             route
+	u             *upstream
+	e             endpointConf
+	tried         map[string]bool
 	// fdWait: out of descriptors to connect upstream with, the caller
 	// waits until then; zero while it has not had to.
 	fdWait time.Time

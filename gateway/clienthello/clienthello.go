@@ -80,7 +80,11 @@ func Parse(b []byte) (serverName string, n int, err error) {
 		if len(hdr) < 5+size {
 			return "", n + 5 + size, ErrIncomplete
 		}
-		msg = append(msg, hdr[5:5+size]...)
+		if msg == nil {
+			msg = hdr[5 : 5+size : 5+size] // no copy while one record holds it
+		} else {
+			msg = append(msg, hdr[5:5+size]...)
+		}
 		n += 5 + size
 		if need < 0 && len(msg) >= 4 {
 			if msg[0] != 1 { // client_hello
