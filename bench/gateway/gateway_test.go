@@ -2,7 +2,9 @@
 // HAProxy (Debian's 2.6, req.ssl_sni passthrough) on loopback in the same
 // run: throughput over 1 and 64 TLS connections, and the latency of a small
 // request/response, on a new TLS connection each and on open ones, each
-// against a direct connection to the same backends. `make bench` runs it once.
+// against a direct connection to the same backends; and what a new
+// connection costs the proxies without the TLS ends. `make bench` runs it
+// once.
 package gateway
 
 import (
@@ -15,6 +17,7 @@ import (
 	"crypto/x509/pkix"
 	"errors"
 	"fmt"
+	"io"
 	"math/big"
 	"net"
 	"os"
@@ -75,13 +78,23 @@ type target struct {
 
 func BenchmarkGatewayVsHAProxy(b *testing.B) {
 	echo, sink := backend(b, load.Echo), backend(b, load.Sink)
+	// A plain echo server: the new-connection cost of the proxies alone,
+	// without the TLS ends' handshakes.
+	plainLn, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { plainLn.Close() })
+	go load.Serve(plainLn, load.Echo)
+	plain := plainLn.Addr().String()
 	ep := func(addr string) string {
 		host, port, _ := net.SplitHostPort(addr)
 		return fmt.Sprintf("  endpoints: [{address: %s, port: %s}]\n", host, port)
 	}
 	site := harness.StartSite(b, "east", "services:\n- namespace: default\n  name: echo\n  ports: [{port: 443}]\n"+ep(echo)+
-		"- namespace: default\n  name: sink\n  ports: [{port: 444}]\n"+ep(sink))
-	echoSNI, sinkSNI := "443.echo.default.east.bench.meshfed", "444.sink.default.east.bench.meshfed"
+		"- namespace: default\n  name: sink\n  ports: [{port: 444}]\n"+ep(sink)+
+		"- namespace: default\n  name: plain\n  ports: [{port: 445}]\n"+ep(plain))
+	echoSNI, sinkSNI, plainSNI := "443.echo.default.east.bench.meshfed", "444.sink.default.east.bench.meshfed", "445.plain.default.east.bench.meshfed"
 	gw := harness.FreePort(b)
 	gwProc, _ := site.DataPlane(b, harness.Binary(b), "gw", "gateway", "--site", "east", "--listen", gw)
 
@@ -92,11 +105,14 @@ func BenchmarkGatewayVsHAProxy(b *testing.B) {
   tcp-request content accept if { req.ssl_hello_type 1 }
   use_backend echo if { req.ssl_sni -i %s }
   use_backend sink if { req.ssl_sni -i %s }
+  use_backend plain if { req.ssl_sni -i %s }
 backend echo
   server echo %s
 backend sink
   server sink %s
-`, hp, echoSNI, sinkSNI, echo, sink))
+backend plain
+  server plain %s
+`, hp, echoSNI, sinkSNI, plainSNI, echo, sink, plain))
 
 	// Both pass traffic before anything is measured.
 	for name, addr := range map[string]string{"gateway": gw, "haproxy": hp} {
@@ -139,26 +155,18 @@ backend sink
 	for _, t := range targets {
 		dials = append(dials, tlsDial(cmp.Or(t.addr, echo), echoSNI))
 	}
-	steal := load.Steal()
-	sched0 := schedStats(b, targets)
-	rounds, err := load.ConnectEach(dials, requests, reqSize)
-	if err != nil {
-		b.Fatalf("latency: %v", err)
-	}
-	sched1 := schedStats(b, targets)
-	ratio := latencyTable(fmt.Sprintf("new TLS connection + %d B request/response, %d each, interleaved (CPU steal by the host meanwhile %.1f%%)",
-		reqSize, requests, 100*steal()), targets, rounds)
-	// The scheduler's count of CPU time and of times a thread was put on a
-	// CPU (about its wakeups), per connection: steadier than the tail.
-	cpu, on := make([]float64, len(targets)), make([]float64, len(targets))
-	for i := range targets[1:] {
-		cpu[i+1] = float64((sched1[i+1].CPU - sched0[i+1].CPU).Microseconds()) / requests
-		on[i+1] = float64(sched1[i+1].Slices-sched0[i+1].Slices) / requests
-	}
-	fmt.Printf("  per new connection (not a target): haproxy %.0f µs of CPU, on a CPU %.1f times; gateway %.0f µs (%.2fx), %.1f times\n",
-		cpu[1], on[1], cpu[2], cpu[2]/cpu[1], on[2])
+	ratio := newConnections(b, fmt.Sprintf("new TLS connection + %d B request/response", reqSize), targets, dials)
 	fmt.Printf("gateway p99 / haproxy p99: %.2fx (target <= 1.0x: %s)\n", ratio, load.Verdict(ratio <= 1))
 	b.ReportMetric(ratio, "p99-ratio")
+	// The same with a ClientHello that no TLS server answers: a plain echo
+	// server sends it back, then the request. What is left is the proxy's
+	// own work per connection, without the handshakes' CPU and noise.
+	hello := clientHello(b, plainSNI)
+	var plainDials []load.Dial
+	for _, t := range targets {
+		plainDials = append(plainDials, helloDial(cmp.Or(t.addr, plain), hello))
+	}
+	newConnections(b, fmt.Sprintf("not a target: new connection passing a %d B ClientHello to a plain echo server and back, then %d B each way", len(hello), reqSize), targets, plainDials)
 
 	// All three at once, their requests taking turns, so a stall of the
 	// whole host (every connection held up for milliseconds) falls on each
@@ -172,6 +180,69 @@ backend sink
 		reqSize, conns, rate, openTime), targets, open)
 	fmt.Printf("gateway p99 / haproxy p99 on open connections: %.2fx (target <= 1.0x: %s)\n", ratio, load.Verdict(ratio <= 1))
 	b.ReportMetric(ratio, "open-p99-ratio")
+}
+
+// newConnections makes requests new connections through each target in
+// turn, one request/response on each, and prints their latency and what
+// each proxy spent on one; it returns the gateway's p99 over HAProxy's.
+func newConnections(b *testing.B, what string, targets []target, dials []load.Dial) float64 {
+	steal := load.Steal()
+	sched0 := schedStats(b, targets)
+	rounds, err := load.ConnectEach(dials, requests, reqSize)
+	if err != nil {
+		b.Fatalf("%s: %v", what, err)
+	}
+	sched1 := schedStats(b, targets)
+	ratio := latencyTable(fmt.Sprintf("%s, %d each, interleaved (CPU steal by the host meanwhile %.1f%%)", what, requests, 100*steal()), targets, rounds)
+	// The scheduler's count of CPU time and of times a thread was put on a
+	// CPU (about its wakeups), per connection: steadier than the tail.
+	cpu, on := make([]float64, len(targets)), make([]float64, len(targets))
+	for i := range targets[1:] {
+		cpu[i+1] = float64((sched1[i+1].CPU - sched0[i+1].CPU).Microseconds()) / requests
+		on[i+1] = float64(sched1[i+1].Slices-sched0[i+1].Slices) / requests
+	}
+	fmt.Printf("  per new connection (not a target): haproxy %.0f µs of CPU, on a CPU %.1f times; gateway %.0f µs (%.2fx), %.1f times\n",
+		cpu[1], on[1], cpu[2], cpu[2]/cpu[1], on[2])
+	return ratio
+}
+
+// clientHello is the first record a TLS client sends for sni.
+func clientHello(b *testing.B, sni string) []byte {
+	client, server := net.Pipe()
+	defer server.Close()
+	go func() {
+		_ = tls.Client(client, &tls.Config{ServerName: sni}).Handshake()
+		client.Close()
+	}()
+	hdr := make([]byte, 5)
+	if _, err := io.ReadFull(server, hdr); err != nil {
+		b.Fatal(err)
+	}
+	body := make([]byte, int(hdr[3])<<8|int(hdr[4]))
+	if _, err := io.ReadFull(server, body); err != nil {
+		b.Fatal(err)
+	}
+	return append(hdr, body...)
+}
+
+// helloDial connects to addr, sends hello and reads it back from the echo
+// server behind.
+func helloDial(addr string, hello []byte) load.Dial {
+	return func() (net.Conn, error) {
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			return nil, err
+		}
+		back := make([]byte, len(hello))
+		if _, err = c.Write(hello); err == nil {
+			_, err = io.ReadFull(c, back)
+		}
+		if err != nil {
+			c.Close()
+			return nil, err
+		}
+		return c, nil
+	}
 }
 
 // schedStats reads the scheduler's counts of each proxy target.
