@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"math/rand/v2"
+	"slices"
 	"sync"
 	"time"
 )
@@ -24,6 +25,18 @@ type hostState struct {
 }
 
 func hostKey(e endpointConf) string { return e.key }
+
+// triedSet holds the host keys a connection has tried, a few at most: a
+// slice costs less to make than a map.
+type triedSet []string
+
+func (t triedSet) has(key string) bool { return slices.Contains(t, key) }
+
+func (t *triedSet) add(key string) { *t = append(*t, key) }
+
+func (t *triedSet) remove(key string) {
+	*t = slices.DeleteFunc(*t, func(k string) bool { return k == key })
+}
 
 func (u *upstream) setConf(c *clusterConf) {
 	u.mu.Lock()
@@ -63,12 +76,12 @@ func (u *upstream) host(e endpointConf) *hostState {
 // overprovisioning factor), the rest spills to the next; within a priority,
 // weighted random among usable endpoints. Endpoints in tried are skipped.
 // With no usable endpoint anywhere, any untried one is used (panic mode).
-func (u *upstream) pick(tried map[string]bool, now time.Time) (endpointConf, bool) {
+func (u *upstream) pick(tried triedSet, now time.Time) (endpointConf, bool) {
 	u.mu.Lock()
 	defer u.mu.Unlock()
 	c := u.conf
 	usable := func(e endpointConf) bool {
-		if tried[hostKey(e)] || !e.healthy {
+		if tried.has(hostKey(e)) || !e.healthy {
 			return false
 		}
 		h := u.hosts[hostKey(e)]
@@ -114,7 +127,7 @@ func (u *upstream) pick(tried map[string]bool, now time.Time) (endpointConf, boo
 		}
 	}
 	for _, p := range c.priorities {
-		if e, ok := weighted(p, func(e endpointConf) bool { return !tried[hostKey(e)] }); ok {
+		if e, ok := weighted(p, func(e endpointConf) bool { return !tried.has(hostKey(e)) }); ok {
 			return e, true
 		}
 	}

@@ -2,7 +2,6 @@ package proxy
 
 import (
 	"bytes"
-	"container/heap"
 	"context"
 	"errors"
 	"fmt"
@@ -148,7 +147,7 @@ func (l *eventLoop) accept() {
 		}
 		l.conns[c] = struct{}{}
 		l.p.m.gatewayLive.Inc()
-		heap.Push(&l.timers, timer{at: time.Now().Add(l.p.o.HelloTimeout), c: c, gen: c.gen})
+		l.timers.push(timer{at: time.Now().Add(l.p.o.HelloTimeout), c: c, gen: c.gen})
 		c.down.readable = true // the hello often comes with the handshake
 		l.readHello(c)
 	}
@@ -253,7 +252,7 @@ func (l *eventLoop) route(c *loopConn, name string) {
 		l.refuse(c, "no_cluster", nil)
 		return
 	}
-	c.r, c.tried, c.state = r, map[string]bool{}, connecting
+	c.r, c.tried, c.state = r, nil, connecting
 	l.dial(c)
 }
 
@@ -265,11 +264,11 @@ func (l *eventLoop) dial(c *loopConn) {
 		if !ok {
 			break
 		}
-		c.tried[hostKey(e)] = true
+		c.tried.add(hostKey(e))
 		c.e = e
 		c.gen++
 		timeout := c.u.config().connectTimeout
-		heap.Push(&l.timers, timer{at: time.Now().Add(timeout), c: c, gen: c.gen})
+		l.timers.push(timer{at: time.Now().Add(timeout), c: c, gen: c.gen})
 		ap, err := netip.ParseAddrPort(e.addr)
 		if err != nil {
 			gen := c.gen
@@ -313,7 +312,7 @@ func (l *eventLoop) waitForDescriptor(c *loopConn, err error) {
 		return
 	}
 	l.p.m.fdWaits.Inc()
-	delete(c.tried, hostKey(c.e))
+	c.tried.remove(hostKey(c.e))
 	l.drop(c.up)
 	c.up = nil
 	c.gen++
@@ -321,14 +320,16 @@ func (l *eventLoop) waitForDescriptor(c *loopConn, err error) {
 	if at.After(c.fdWait) {
 		at = c.fdWait
 	}
-	heap.Push(&l.timers, timer{at: at, c: c, gen: c.gen, redial: true})
+	l.timers.push(timer{at: at, c: c, gen: c.gen, redial: true})
 }
 
 func (l *eventLoop) connect(c *loopConn, ap netip.AddrPort) error {
-	var sa unix.Sockaddr = &unix.SockaddrInet6{Port: int(ap.Port()), Addr: ap.Addr().As16()}
+	var sa unix.Sockaddr
 	family := unix.AF_INET6
 	if ap.Addr().Unmap().Is4() {
 		sa, family = &unix.SockaddrInet4{Port: int(ap.Port()), Addr: ap.Addr().Unmap().As4()}, unix.AF_INET
+	} else {
+		sa = &unix.SockaddrInet6{Port: int(ap.Port()), Addr: ap.Addr().As16()}
 	}
 	fd, err := unix.Socket(family, unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
@@ -410,7 +411,7 @@ func (l *eventLoop) connected(c *loopConn) {
 // expire ends hellos and connection attempts that ran out of time.
 func (l *eventLoop) expire(now time.Time) {
 	for len(l.timers) > 0 && !l.timers[0].at.After(now) {
-		t := heap.Pop(&l.timers).(timer)
+		t := l.timers.pop()
 		if t.gen != t.c.gen {
 			continue
 		}

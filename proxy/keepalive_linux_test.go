@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"net"
+	"slices"
 	"testing"
 	"time"
 
@@ -71,5 +72,22 @@ func TestKeepaliveComesLater(t *testing.T) {
 	}
 	if _, ok := l.nextDeadline(); ok || len(l.unprobed) != 0 {
 		t.Errorf("after probe the loop still waits to set keepalive on %d sockets", len(l.unprobed))
+	}
+}
+
+// TestTimersPopInDeadlineOrder: the loop's timer heap gives its timers
+// back earliest first, whatever order they came in.
+func TestTimersPopInDeadlineOrder(t *testing.T) {
+	base := time.Now()
+	var h timers
+	for _, ms := range []int{50, 10, 40, 10, 90, 0, 70, 20, 60, 30} {
+		h.push(timer{at: base.Add(time.Duration(ms) * time.Millisecond), gen: ms})
+	}
+	var got []int
+	for len(h) > 0 {
+		got = append(got, h.pop().gen)
+	}
+	if want := []int{0, 10, 10, 20, 30, 40, 50, 60, 70, 90}; !slices.Equal(got, want) {
+		t.Fatalf("popped %v; want %v", got, want)
 	}
 }

@@ -1,7 +1,6 @@
 package proxy
 
 import (
-	"container/heap"
 	"errors"
 	"fmt"
 	"io"
@@ -66,7 +65,7 @@ type loopConn struct {
 	r             route
 	u             *upstream
 	e             endpointConf
-	tried         map[string]bool
+	tried         triedSet
 	// fdWait: out of descriptors to connect upstream with, the caller
 	// waits until then; zero while it has not had to.
 	fdWait time.Time
@@ -653,18 +652,44 @@ type timer struct {
 }
 
 // timers is a min-heap by deadline; stale ones are dropped when they come
-// up.
+// up. Its own push and pop spare container/heap's boxing of each timer in
+// an interface value, an allocation apiece.
 type timers []timer
 
-func (t timers) Len() int           { return len(t) }
-func (t timers) Less(i, j int) bool { return t[i].at.Before(t[j].at) }
-func (t timers) Swap(i, j int)      { t[i], t[j] = t[j], t[i] }
-func (t *timers) Push(x any)        { *t = append(*t, x.(timer)) }
-func (t *timers) Pop() any {
-	old := *t
-	x := old[len(old)-1]
-	*t = old[:len(old)-1]
-	return x
+func (t *timers) push(x timer) {
+	h := append(*t, x)
+	for i := len(h) - 1; i > 0; {
+		up := (i - 1) / 2
+		if !h[i].at.Before(h[up].at) {
+			break
+		}
+		h[i], h[up] = h[up], h[i]
+		i = up
+	}
+	*t = h
+}
+
+func (t *timers) pop() timer {
+	h := *t
+	top, last := h[0], len(h)-1
+	h[0], h[last] = h[last], timer{}
+	h = h[:last]
+	for i := 0; ; {
+		low := 2*i + 1
+		if low >= len(h) {
+			break
+		}
+		if low+1 < len(h) && h[low+1].at.Before(h[low].at) {
+			low++
+		}
+		if !h[low].at.Before(h[i].at) {
+			break
+		}
+		h[i], h[low] = h[low], h[i]
+		i = low
+	}
+	*t = h
+	return top
 }
 
 // next is the earliest deadline still in force.
@@ -674,7 +699,7 @@ func (t *timers) next() (time.Time, bool) {
 		if top.gen == top.c.gen && (top.c.state == readingHello || top.c.state == connecting) {
 			return top.at, true
 		}
-		heap.Pop(t)
+		t.pop()
 	}
 	return time.Time{}, false
 }

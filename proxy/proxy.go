@@ -437,14 +437,14 @@ func (p *Proxy) connect(cluster string, attempts int) (net.Conn, string) {
 	if u == nil {
 		return nil, "no_cluster"
 	}
-	tried := map[string]bool{}
+	var tried triedSet
 	var fdWait time.Time
 	for attempt := 0; attempt < max(attempts, 1); attempt++ {
 		e, ok := u.pick(tried, time.Now())
 		if !ok {
 			break
 		}
-		tried[hostKey(e)] = true
+		tried.add(hostKey(e))
 		up, err := p.dialUpstream(cfg, u.config(), e)
 		if outOfDescriptors(err) {
 			// Not the endpoint's fault: wait for a descriptor, as long as
@@ -458,7 +458,7 @@ func (p *Proxy) connect(cluster string, attempts int) (net.Conn, string) {
 			}
 			p.m.fdWaits.Inc()
 			time.Sleep(pause)
-			delete(tried, hostKey(e))
+			tried.remove(hostKey(e))
 			attempt--
 			continue
 		}
@@ -484,7 +484,7 @@ func (p *Proxy) attempted(cluster string, u *upstream, e endpointConf, err error
 
 // unconnected says why attempts at the endpoints in tried gave no
 // connection.
-func unconnected(tried map[string]bool) string {
+func unconnected(tried triedSet) string {
 	if len(tried) == 0 {
 		return "no_endpoint"
 	}

@@ -196,13 +196,14 @@ func newConnections(b *testing.B, what string, targets []target, dials []load.Di
 	ratio := latencyTable(fmt.Sprintf("%s, %d each, interleaved (CPU steal by the host meanwhile %.1f%%)", what, requests, 100*steal()), targets, rounds)
 	// The scheduler's count of CPU time and of times a thread was put on a
 	// CPU (about its wakeups), per connection: steadier than the tail.
-	cpu, on := make([]float64, len(targets)), make([]float64, len(targets))
+	cpu, on, faults := make([]float64, len(targets)), make([]float64, len(targets)), make([]float64, len(targets))
 	for i := range targets[1:] {
 		cpu[i+1] = float64((sched1[i+1].CPU - sched0[i+1].CPU).Microseconds()) / requests
 		on[i+1] = float64(sched1[i+1].Slices-sched0[i+1].Slices) / requests
+		faults[i+1] = float64(sched1[i+1].Faults-sched0[i+1].Faults) / requests
 	}
-	fmt.Printf("  per new connection (not a target): haproxy %.0f µs of CPU, on a CPU %.1f times; gateway %.0f µs (%.2fx), %.1f times\n",
-		cpu[1], on[1], cpu[2], cpu[2]/cpu[1], on[2])
+	fmt.Printf("  per new connection (not a target): haproxy %.0f µs of CPU, on a CPU %.1f times, %.2f page faults; gateway %.0f µs (%.2fx), %.1f times, %.2f page faults\n",
+		cpu[1], on[1], faults[1], cpu[2], cpu[2]/cpu[1], on[2], faults[2])
 	return ratio
 }
 

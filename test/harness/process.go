@@ -180,15 +180,24 @@ func CPUTime(t testing.TB, pids ...int) time.Duration {
 	return sum
 }
 
-func cpuTime(pid int) (time.Duration, error) {
+// stat is /proc/PID/stat's fields after the command name (which may hold
+// spaces): the process state first.
+func stat(pid int) ([]string, error) {
 	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
 	if err != nil {
-		return 0, err
+		return nil, err
 	}
-	// The command name (field 2) may hold spaces; fields count from its ')'.
 	f := strings.Fields(string(data[bytes.LastIndexByte(data, ')')+1:]))
 	if len(f) < 13 {
-		return 0, fmt.Errorf("short /proc/%d/stat", pid)
+		return nil, fmt.Errorf("short /proc/%d/stat", pid)
+	}
+	return f, nil
+}
+
+func cpuTime(pid int) (time.Duration, error) {
+	f, err := stat(pid)
+	if err != nil {
+		return 0, err
 	}
 	utime, err1 := strconv.ParseInt(f[11], 10, 64)
 	stime, err2 := strconv.ParseInt(f[12], 10, 64)
@@ -198,12 +207,14 @@ func cpuTime(pid int) (time.Duration, error) {
 	return time.Duration(utime+stime) * 10 * time.Millisecond, nil
 }
 
-// Sched is what the kernel's scheduler counted for a process's threads:
-// CPU time (to the nanosecond, unlike CPUTime's ticks) and how many times
-// a thread was put on a CPU, which is about how many times it woke up.
+// Sched is what the kernel counted for a process's threads: CPU time (to
+// the nanosecond, unlike CPUTime's ticks), how many times a thread was put
+// on a CPU, which is about how many times it woke up, and page faults
+// (minor: a page first touched or given back to the kernel before).
 type Sched struct {
 	CPU    time.Duration
 	Slices int64
+	Faults int64
 }
 
 // SchedStat sums /proc/PID/task/*/schedstat over pid's threads (threads
@@ -226,6 +237,13 @@ func SchedStat(t testing.TB, pid int) Sched {
 		}
 		s.CPU += time.Duration(run)
 		s.Slices += slices
+	}
+	f, err := stat(pid)
+	if err == nil {
+		s.Faults, err = strconv.ParseInt(f[7], 10, 64)
+	}
+	if err != nil {
+		t.Fatalf("page faults of process %d: %v", pid, err)
 	}
 	return s
 }
