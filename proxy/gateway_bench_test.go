@@ -1,7 +1,6 @@
 package proxy
 
 import (
-	"crypto/tls"
 	"io"
 	"log/slog"
 	"net"
@@ -9,26 +8,15 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/meshfed/meshfed/test/harness"
 )
 
 // BenchmarkGatewayConnection: new connections through a gateway event
 // loop, each passing a ClientHello to a plain echo server and back.
 func BenchmarkGatewayConnection(b *testing.B) {
-	echo, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer echo.Close()
-	go func() {
-		for {
-			c, err := echo.Accept()
-			if err != nil {
-				return
-			}
-			go func() { defer c.Close(); _, _ = io.Copy(c, c) }()
-		}
-	}()
-	e := endpointConf{key: echo.Addr().String(), addr: echo.Addr().String(), healthy: true, weight: 1}
+	echo := harness.TCPEcho(b).String()
+	e := endpointConf{key: echo, addr: echo, healthy: true, weight: 1}
 	u := &upstream{conf: &clusterConf{name: "c", connectTimeout: 2 * time.Second, opf: 140, priorities: [][]endpointConf{{e}}}, hosts: map[string]*hostState{}}
 	p := &Proxy{log: slog.New(slog.DiscardHandler), m: newMetrics(prometheus.NewRegistry()), upstreams: map[string]*upstream{"c": u}, live: map[io.Closer]struct{}{}}
 	p.o.HelloTimeout = 10 * time.Second
@@ -46,14 +34,7 @@ func BenchmarkGatewayConnection(b *testing.B) {
 	}
 	defer group.Close()
 
-	client, server := net.Pipe()
-	go func() { _ = tls.Client(client, &tls.Config{ServerName: "bench"}).Handshake(); client.Close() }()
-	hello := make([]byte, 5)
-	_, _ = io.ReadFull(server, hello)
-	hello = append(hello, make([]byte, int(hello[3])<<8|int(hello[4]))...)
-	_, _ = io.ReadFull(server, hello[5:])
-	server.Close()
-
+	hello := harness.ClientHello(b, "bench")
 	back := make([]byte, len(hello))
 	b.ReportAllocs()
 	for b.Loop() {

@@ -161,7 +161,7 @@ backend plain
 	// The same with a ClientHello that no TLS server answers: a plain echo
 	// server sends it back, then the request. What is left is the proxy's
 	// own work per connection, without the handshakes' CPU and noise.
-	hello := clientHello(b, plainSNI)
+	hello := harness.ClientHello(b, plainSNI)
 	var plainDials []load.Dial
 	for _, t := range targets {
 		plainDials = append(plainDials, helloDial(cmp.Or(t.addr, plain), hello))
@@ -205,25 +205,6 @@ func newConnections(b *testing.B, what string, targets []target, dials []load.Di
 	fmt.Printf("  per new connection (not a target): haproxy %.0f µs of CPU, on a CPU %.1f times, %.2f page faults; gateway %.0f µs (%.2fx), %.1f times, %.2f page faults\n",
 		cpu[1], on[1], faults[1], cpu[2], cpu[2]/cpu[1], on[2], faults[2])
 	return ratio
-}
-
-// clientHello is the first record a TLS client sends for sni.
-func clientHello(b *testing.B, sni string) []byte {
-	client, server := net.Pipe()
-	defer server.Close()
-	go func() {
-		_ = tls.Client(client, &tls.Config{ServerName: sni}).Handshake()
-		client.Close()
-	}()
-	hdr := make([]byte, 5)
-	if _, err := io.ReadFull(server, hdr); err != nil {
-		b.Fatal(err)
-	}
-	body := make([]byte, int(hdr[3])<<8|int(hdr[4]))
-	if _, err := io.ReadFull(server, body); err != nil {
-		b.Fatal(err)
-	}
-	return append(hdr, body...)
 }
 
 // helloDial connects to addr, sends hello and reads it back from the echo

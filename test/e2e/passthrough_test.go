@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"crypto/rand"
 	"crypto/sha256"
-	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -19,26 +18,6 @@ import (
 
 	"github.com/meshfed/meshfed/test/harness"
 )
-
-// tcpEcho echoes each connection to its end, then closes: it sees the
-// caller's half-close only if the gateway passes it on.
-func tcpEcho(t *testing.T) *net.TCPAddr {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() { defer c.Close(); _, _ = io.Copy(c, c) }()
-		}
-	}()
-	return ln.Addr().(*net.TCPAddr)
-}
 
 // halfCloseAfter writes parts to c one write each, then half-closes it,
 // on a goroutine; the outcome comes on the channel.
@@ -67,33 +46,13 @@ func sameBytes(got, sent []byte) error {
 	return nil
 }
 
-// clientHello is the ClientHello crypto/tls sends for sni.
-func clientHello(t *testing.T, sni string) []byte {
-	a, b := net.Pipe()
-	defer a.Close()
-	go func() {
-		_ = tls.Client(b, &tls.Config{ServerName: sni}).Handshake()
-		b.Close()
-	}()
-	_ = a.SetReadDeadline(time.Now().Add(5 * time.Second))
-	hdr := make([]byte, 5)
-	if _, err := io.ReadFull(a, hdr); err != nil {
-		t.Fatal(err)
-	}
-	body := make([]byte, int(hdr[3])<<8|int(hdr[4]))
-	if _, err := io.ReadFull(a, body); err != nil {
-		t.Fatal(err)
-	}
-	return append(hdr, body...)
-}
-
 // TestGatewayPassesBytesUnchanged: many callers at once send a ClientHello
 // and a few MiB after it through the gateway to a plain TCP echo, then
 // half-close; each gets back exactly what it sent, then the end of the
 // stream. Endpoints given as an IP and as a host name both work, and so
 // does a ClientHello that arrives a byte at a time.
 func TestGatewayPassesBytesUnchanged(t *testing.T) {
-	echo := tcpEcho(t)
+	echo := harness.TCPEcho(t)
 	site := harness.StartSite(t, "east", fmt.Sprintf(`services:
 - namespace: default
   name: byip
@@ -108,7 +67,7 @@ func TestGatewayPassesBytesUnchanged(t *testing.T) {
 	_, gwHTTP := site.DataPlane(t, harness.Binary(t), "gw", "gateway", "--site", "east", "--listen", gw)
 	hellos := map[string][]byte{}
 	for _, svc := range []string{"byip", "byname"} {
-		hellos[svc] = clientHello(t, "443."+svc+".default.east.bench.meshfed")
+		hellos[svc] = harness.ClientHello(t, "443."+svc+".default.east.bench.meshfed")
 	}
 
 	// roundTrip sends a hello for svc and size random bytes after it,
@@ -265,12 +224,12 @@ func TestGatewayOutOfDescriptors(t *testing.T) {
 	if err != nil {
 		t.Fatalf("prlimit (util-linux) is needed: %v", err)
 	}
-	echo := tcpEcho(t)
+	echo := harness.TCPEcho(t)
 	site := harness.StartSite(t, "east", fmt.Sprintf("services:\n- namespace: default\n  name: echo\n  ports: [{port: 443}]\n  endpoints: [{address: 127.0.0.1, port: %d}]\n", echo.Port))
 	gw := harness.FreePort(t)
 	const limit = 64
 	proc, gwHTTP := site.DataPlane(t, prlimit, "gw", fmt.Sprintf("--nofile=%d:%d", limit, limit), harness.Binary(t), "gateway", "--site", "east", "--listen", gw, "--hello-timeout", "1m")
-	hello := append(clientHello(t, "443.echo.default.east.bench.meshfed"), 'x')
+	hello := append(harness.ClientHello(t, "443.echo.default.east.bench.meshfed"), 'x')
 	// served waits for the hello and the byte to come back: nil, a
 	// timeout (the caller waits) or another error (refused).
 	served := func(c net.Conn, wait time.Duration) error {
