@@ -11,7 +11,8 @@ import (
 
 // TestKeepaliveComesLater: a gateway's upstream socket gets no keepalive
 // probes when it connects; the loop wakes for them about a second later
-// and sets them on the sockets still open, and only on those.
+// and sets them on the sockets still open (a closed one's descriptor may
+// be another's by then), and waits for no more.
 func TestKeepaliveComesLater(t *testing.T) {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
