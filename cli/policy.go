@@ -1,7 +1,6 @@
 package cli
 
 import (
-	"cmp"
 	"fmt"
 	"io"
 	"os"
@@ -93,7 +92,7 @@ func newPolicyCmd(g *globals) *cobra.Command {
 					}
 					outlier := ""
 					if o := p.OutlierDetection; o != nil {
-						outlier = fmt.Sprintf("%d failures", cmp.Or(o.ConsecutiveFailures, xds.DefaultConsecutiveFailures))
+						outlier = fmt.Sprintf("%d failures", xds.OutlierDetection(o).ConsecutiveFailures)
 					}
 					row(w, p.Service, strings.Join(p.Failover, ","), strings.Join(split, ","), retries(p.Retries), outlier, len(p.Allow))
 				}

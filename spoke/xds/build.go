@@ -523,29 +523,27 @@ func (b *builder) lbEndpoint(addr string, port uint32, h corev3.HealthStatus, we
 	}
 }
 
+// OutlierDetection is the outlier detection a policy's block (nil: none)
+// comes to: each field it leaves out (or 0) takes its default.
+func OutlierDetection(o *catalog.OutlierDetection) catalog.OutlierDetection {
+	var set catalog.OutlierDetection
+	if o != nil {
+		set = *o
+	}
+	return catalog.OutlierDetection{
+		ConsecutiveFailures: cmp.Or(set.ConsecutiveFailures, DefaultConsecutiveFailures),
+		Interval:            cmp.Or(set.Interval, catalog.Duration(DefaultOutlierInterval)),
+		BaseEjectionTime:    cmp.Or(set.BaseEjectionTime, catalog.Duration(DefaultBaseEjectionTime)),
+		MaxEjectionPercent:  cmp.Or(set.MaxEjectionPercent, DefaultMaxEjectionPercent),
+	}
+}
+
 func (b *builder) cluster(f *federated, p catalog.Port, subset string, pol catalog.Policy, cn string, sites []string) *clusterv3.Cluster {
 	timeout := DefaultConnectTimeout
 	if pol.ConnectTimeout > 0 {
 		timeout = time.Duration(pol.ConnectTimeout)
 	}
-	od := catalog.OutlierDetection{
-		ConsecutiveFailures: DefaultConsecutiveFailures, Interval: catalog.Duration(DefaultOutlierInterval),
-		BaseEjectionTime: catalog.Duration(DefaultBaseEjectionTime), MaxEjectionPercent: DefaultMaxEjectionPercent,
-	}
-	if o := pol.OutlierDetection; o != nil {
-		if o.ConsecutiveFailures > 0 {
-			od.ConsecutiveFailures = o.ConsecutiveFailures
-		}
-		if o.Interval > 0 {
-			od.Interval = o.Interval
-		}
-		if o.BaseEjectionTime > 0 {
-			od.BaseEjectionTime = o.BaseEjectionTime
-		}
-		if o.MaxEjectionPercent > 0 {
-			od.MaxEjectionPercent = o.MaxEjectionPercent
-		}
-	}
+	od := OutlierDetection(pol.OutlierDetection)
 	c := &clusterv3.Cluster{
 		Name:                 cn,
 		ClusterDiscoveryType: &clusterv3.Cluster_Type{Type: clusterv3.Cluster_EDS},
