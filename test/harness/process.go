@@ -218,7 +218,8 @@ type Sched struct {
 }
 
 // SchedStat sums /proc/PID/task/*/schedstat over pid's threads (threads
-// that have ended are not counted).
+// that have ended are not counted); the page faults are the process's, from
+// /proc/PID/stat.
 func SchedStat(t testing.TB, pid int) Sched {
 	t.Helper()
 	files, err := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/schedstat", pid))
