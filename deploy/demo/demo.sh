@@ -14,7 +14,11 @@ GRPC_APP=${GRPC_APP:-bin/proxyless-grpc}
 DEMO=$(mktemp -d /tmp/meshfed-demo.XXXXXX)
 PIDS=()
 cleanup() {
-  trap - EXIT INT TERM
+  # A second Ctrl-C or TERM while cleaning up would leave $DEMO behind:
+  # cleanup is short (each process stops within its drain timeout), so it
+  # ignores them.
+  trap '' INT TERM
+  trap - EXIT
   echo; echo "stopping the demo…"
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
