@@ -1,9 +1,11 @@
 package cli
 
 import (
+	"log/slog"
 	"time"
 
 	"github.com/meshfed/meshfed/cli/proxycmd"
+	"github.com/meshfed/meshfed/cpuslice"
 	"github.com/meshfed/meshfed/gateway"
 	"github.com/meshfed/meshfed/identityclient"
 	"github.com/spf13/cobra"
@@ -16,6 +18,7 @@ func newGatewayCmd(g *globals) *cobra.Command {
 	var ido identityclient.Options
 	var xdsAddr string
 	var concurrency func() (int, error)
+	var slice func(*slog.Logger) error
 	cmd := &cobra.Command{
 		Use:   "gateway --site SITE",
 		Short: "Run the site's east-west gateway: TLS passthrough by SNI to exported services, never an open relay",
@@ -40,6 +43,9 @@ pool, stops accepting, and lets live connections finish (--drain-timeout).`,
 			if err != nil {
 				return err
 			}
+			if err := slice(logger()); err != nil {
+				return err
+			}
 			id, err := proxycmd.Attest(ctx, ido, logger())
 			if err != nil {
 				return err
@@ -55,6 +61,7 @@ pool, stops accepting, and lets live connections finish (--drain-timeout).`,
 	}
 	proxycmd.IdentityFlags(cmd, &ido, &o.Proxy, "127.0.0.1:15091")
 	concurrency = proxycmd.ConcurrencyFlag(cmd, 0, true) // a gateway has its host to itself
+	slice = proxycmd.SliceFlag(cmd, cpuslice.Min)
 	f := cmd.Flags()
 	f.StringVar(&o.Site, "site", "", "the gateway's site (required)")
 	f.StringVar(&o.Listen, "listen", ":15443", "where other sites connect: what the site's --gateway-address leads to")

@@ -6,6 +6,7 @@ package proxycmd
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"os"
@@ -16,6 +17,7 @@ import (
 	"time"
 
 	"github.com/meshfed/meshfed/catalog"
+	"github.com/meshfed/meshfed/cpuslice"
 	"github.com/meshfed/meshfed/identityclient"
 	"github.com/meshfed/meshfed/proxy"
 	"github.com/spf13/cobra"
@@ -65,6 +67,7 @@ func New(logger func() *slog.Logger) *cobra.Command {
 	var o proxy.Options
 	var ido identityclient.Options
 	var concurrency func() (int, error)
+	var slice func(*slog.Logger) error
 	cmd := &cobra.Command{
 		Use:   "proxy",
 		Short: "Run the built-in data plane: outbound listeners per service, inbound mTLS with authorization",
@@ -91,6 +94,9 @@ configuration over xDS and carries its workload's traffic with mTLS:
 			if err != nil {
 				return err
 			}
+			if err := slice(logger()); err != nil {
+				return err
+			}
 			in, err := pf.Inbound()
 			if err != nil {
 				return err
@@ -114,6 +120,7 @@ configuration over xDS and carries its workload's traffic with mTLS:
 	// A sidecar shares its pod's CPUs with the app: two, as Istio's
 	// sidecars default to, unless Go sees fewer.
 	concurrency = ConcurrencyFlag(cmd, 2, false)
+	slice = SliceFlag(cmd, 0)
 	cmd.Flags().StringVar(&ido.Workload, "workload", "", "run as this workload's SPIFFE ID (the host must run one of its endpoints); default: the node's ID")
 	return cmd
 }
@@ -163,6 +170,32 @@ func ConcurrencyFlag(cmd *cobra.Command, def int, spareP bool) func() (int, erro
 			runtime.GOMAXPROCS(max(*n, 2))
 		}
 		return *n, nil
+	}
+}
+
+// SliceFlag registers --cpu-slice: the CPU time slice the process asks
+// Linux for on each of its threads (package cpuslice). The returned func
+// applies it, before anything starts, and logs what the kernel granted; a
+// kernel that takes no slice leaves its own, which is no error.
+func SliceFlag(cmd *cobra.Command, def time.Duration) func(*slog.Logger) error {
+	d := cmd.Flags().Duration("cpu-slice", def, fmt.Sprintf("CPU time slice to ask Linux 6.12+ for, %v to %v: a short one lets traffic that wakes the process preempt CPU-bound work on its CPUs; 0 keeps the kernel's", cpuslice.Min, cpuslice.Max))
+	return func(log *slog.Logger) error {
+		switch {
+		case *d < 0:
+			return fmt.Errorf("--cpu-slice %v: want 0 (the kernel's) or %v to %v", *d, cpuslice.Min, cpuslice.Max)
+		case *d == 0:
+			return nil
+		}
+		granted, err := cpuslice.Set(*d)
+		switch {
+		case errors.Is(err, cpuslice.ErrUnsupported):
+			log.Info("running with the kernel's CPU slice", "reason", err)
+		case err != nil:
+			log.Warn("could not set the CPU slice of every thread; those named run with the kernel's", "err", err)
+		default:
+			log.Info("CPU slice set", "asked", *d, "granted", granted)
+		}
+		return nil
 	}
 }
 

@@ -1,6 +1,8 @@
 package proxycmd
 
 import (
+	"bytes"
+	"log/slog"
 	"runtime"
 	"testing"
 
@@ -49,5 +51,30 @@ func TestConcurrencyFlag(t *testing.T) {
 				t.Fatalf("%d loops, GOMAXPROCS %d; want %d and %d", loops, got, tc.loops, tc.gomaxprocs)
 			}
 		})
+	}
+}
+
+func TestSliceFlag(t *testing.T) {
+	for _, tc := range []struct {
+		args    []string
+		wantErr bool
+	}{
+		{args: nil},
+		{args: []string{"--cpu-slice", "0"}},
+		{args: []string{"--cpu-slice", "-1ms"}, wantErr: true},
+	} {
+		cmd := &cobra.Command{}
+		apply := SliceFlag(cmd, 0)
+		if err := cmd.ParseFlags(tc.args); err != nil {
+			t.Fatal(err)
+		}
+		var log bytes.Buffer
+		err := apply(slog.New(slog.NewTextHandler(&log, nil)))
+		if (err != nil) != tc.wantErr {
+			t.Errorf("%v: %v; want an error: %v", tc.args, err, tc.wantErr)
+		}
+		if log.Len() > 0 {
+			t.Errorf("%v: logged %q; a slice left to the kernel is not worth a line", tc.args, log.String())
+		}
 	}
 }

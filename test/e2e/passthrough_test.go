@@ -16,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/meshfed/meshfed/cpuslice"
 	"github.com/meshfed/meshfed/test/harness"
 )
 
@@ -64,7 +65,23 @@ func TestGatewayPassesBytesUnchanged(t *testing.T) {
   endpoints: [{address: localhost, port: %[1]d}]
 `, echo.Port))
 	gw := harness.FreePort(t)
-	_, gwHTTP := site.DataPlane(t, harness.Binary(t), "gw", "gateway", "--site", "east", "--listen", gw)
+	gwProc, gwHTTP := site.DataPlane(t, harness.Binary(t), "gw", "gateway", "--site", "east", "--listen", gw)
+	// By default the gateway asks for the kernel's shortest CPU slice on
+	// every thread (package cpuslice), where the kernel has slices to give
+	// (this process's own threads report none where it has not).
+	want := cpuslice.Min
+	if own, err := cpuslice.Of(os.Getpid()); err != nil || own[0] == 0 {
+		want = 0
+	}
+	slices, err := cpuslice.Of(gwProc.Pid())
+	if err != nil {
+		t.Fatalf("the gateway's CPU slices: %v", err)
+	}
+	for i, d := range slices {
+		if d != want {
+			t.Errorf("the gateway's thread %d of %d has a CPU slice of %v; want %v", i+1, len(slices), d, want)
+		}
+	}
 	hellos := map[string][]byte{}
 	for _, svc := range []string{"byip", "byname"} {
 		hellos[svc] = harness.ClientHello(t, "443."+svc+".default.east.bench.meshfed")
