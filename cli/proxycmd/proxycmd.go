@@ -191,7 +191,7 @@ func SliceFlag(cmd *cobra.Command, def time.Duration) func(*slog.Logger) error {
 		case errors.Is(err, cpuslice.ErrUnsupported):
 			log.Info("running with the kernel's CPU slice", "reason", err)
 		case err != nil:
-			log.Warn("could not set the CPU slice of every thread; those named run with the kernel's", "err", err)
+			log.Warn("could not set the CPU slice of some threads; they keep theirs", "err", err)
 		default:
 			log.Info("CPU slice set", "asked", *d, "granted", granted)
 		}
