@@ -17,7 +17,6 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"time"
 
 	"github.com/meshfed/meshfed/catalog"
@@ -133,7 +132,7 @@ func (b *bench) startHub() error {
 	b.hubAddr = freeAddr()
 	b.hub = exec.Command(b.bin, "hub", "--data-dir", filepath.Join(b.dir, "hub"), "--listen", b.hubAddr, "--http-listen", "-", "--log-level", "warn")
 	b.hub.Stderr = os.Stderr
-	b.hub.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	b.hub.SysProcAttr = harness.ProcAttr()
 	if err := b.hub.Start(); err != nil {
 		return fmt.Errorf("start hub %s: %w (run `make build` first)", b.bin, err)
 	}
