@@ -28,9 +28,8 @@ type ServicesFile struct {
 // by namespace/name, and a service listed twice is an error.
 func ParseServicesFile(data []byte) ([]Service, error) {
 	dec := yaml.NewDecoder(bytes.NewReader(data))
-	dec.KnownFields(true)
 	var f ServicesFile
-	if err := dec.Decode(&f); err != nil && !errors.Is(err, io.EOF) {
+	if err := decodeStrict(dec, &f); err != nil && !errors.Is(err, io.EOF) {
 		return nil, fmt.Errorf("services file: %w", err)
 	}
 	seen := map[string]bool{}

@@ -11,7 +11,7 @@ func TestParseServicesFile(t *testing.T) {
 	checkParse(t, catalog.ParseServicesFile, []parseCase{
 		{"a valid file parses", "services:\n- {namespace: default, name: echo, endpoints: [{address: 10.0.0.1, port: 80}]}\n", "", 1},
 		{"an empty file is an empty catalog", "", "", 0},
-		{"an unknown field is an error", "services:\n- {namespace: default, name: echo, endpoints: [{address: 10.0.0.1, port: 80, helth: ok}]}\n", "field helth not found", 0},
+		{"an unknown field is an error", "services:\n- {namespace: default, name: echo, endpoints: [{address: 10.0.0.1, port: 80, helth: ok}]}\n", `line 2: unknown field "helth" (the fields there: site, address, port, `, 0},
 		{"an invalid namespace is an error", "services:\n- {namespace: Default, name: echo, endpoints: []}\n", "DNS-1123", 0},
 		{"a service listed twice is an error", "services:\n- {namespace: a, name: b, endpoints: []}\n- {namespace: a, name: b, endpoints: []}\n", "listed twice", 0},
 		{"a port out of range is an error", "services:\n- {namespace: a, name: b, endpoints: [{address: 10.0.0.1, port: 70000}]}\n", "out of range", 0},

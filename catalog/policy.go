@@ -88,12 +88,11 @@ func (d *Duration) UnmarshalText(b []byte) error {
 // ---) and validates each. Unknown fields are errors.
 func ParsePolicies(data []byte) ([]Policy, error) {
 	dec := yaml.NewDecoder(bytes.NewReader(data))
-	dec.KnownFields(true)
 	var out []Policy
 	seen := map[string]bool{}
 	for i := 1; ; i++ {
 		var p Policy
-		err := dec.Decode(&p)
+		err := decodeStrict(dec, &p)
 		if errors.Is(err, io.EOF) {
 			break
 		}

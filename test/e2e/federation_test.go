@@ -377,8 +377,8 @@ func testFederation(t *testing.T, storeArgs ...string) {
 			}
 			return nil
 		})
-		if !strings.Contains(c.p.Log(), "field helth not found") {
-			t.Errorf("spoke log does not name the unknown field:\n%s", c.p.Log())
+		if log := c.p.Log(); !strings.Contains(log, "unknown field") || !strings.Contains(log, "helth") {
+			t.Errorf("spoke log does not name the unknown field:\n%s", log)
 		}
 		f.converged(5*time.Second, wantCatalog(currentRev(t, a.file)))
 		writeFile(t, c.file, siteC)
