@@ -146,7 +146,7 @@ func newSpokeCmd(g *globals) *cobra.Command {
 	f := cmd.Flags()
 	f.StringVar(&o.Site, "site", "", "this site's name (required)")
 	f.StringVar(&o.Hub, "hub", "", "hub address host:port (needed to join)")
-	f.StringVar(&o.Token, "token", "", "one-time join `token` from 'meshfed site token create' (first start only)")
+	f.StringVar(&o.Token, "token", "", "one-time join `token` from 'meshfed site token create', first start only (or MESHFED_TOKEN, which ps does not show)")
 	f.StringVar(&o.DataDir, "data-dir", "", "directory for the spoke's credential and federated view (required)")
 	f.StringVar(&services, "services", "", "YAML file listing this site's services (watched for changes)")
 	f.StringVar(&kubeconfig, "kubeconfig", "", "kubeconfig of the site's cluster, when the spoke runs outside it (inside, the in-cluster config is used)")

@@ -203,7 +203,7 @@ func SliceFlag(cmd *cobra.Command, def time.Duration) func(*slog.Logger) error {
 func AttestFlags(cmd *cobra.Command, ido *identityclient.Options) {
 	f := cmd.Flags()
 	f.StringVar(&ido.Addr, "identity", "127.0.0.1:7181", "the spoke's identity (SVID) API")
-	f.StringVar(&ido.Token, "token", "", "one-time node `token` from 'meshfed vm token create' (or MESHFED_TOKEN)")
+	f.StringVar(&ido.Token, "token", "", "one-time node `token` from 'meshfed vm token create' (or MESHFED_TOKEN, which ps does not show)")
 	f.StringVar(&ido.KubernetesTokenFile, "kubernetes-token-file", "", "in a pod, instead of --token: a projected ServiceAccount token with audience meshfed")
 	f.StringVar(&ido.CAFile, "ca-file", "", "with --kubernetes-token-file: the site's CA certificates (the spoke's ConfigMap meshfed-system/meshfed-site-bundle)")
 }

@@ -62,7 +62,9 @@ for site in east west central; do
   step "joining site $site with a one-time token"
   token=$("$BIN" site token create --site "$site" --ttl 10m)
   echo "token: ${token:0:12}… (single-use, pins the hub's CA)"
-  "$BIN" spoke --site "$site" --hub "$HUB" --token "$token" --data-dir "$DEMO/$site" \
+  # The token goes in the environment, not on the command line, where
+  # any local user's ps would show it.
+  MESHFED_TOKEN=$token "$BIN" spoke --site "$site" --hub "$HUB" --data-dir "$DEMO/$site" \
     "${services[@]}" --http-listen "127.0.0.1:$port" --identity-listen "127.0.0.1:$idport" --xds-listen "127.0.0.1:$((idport + 10))" \
     --gossip-listen "127.0.0.1:$((port + 130))" >"$DEMO/$site.log" 2>&1 &
   PIDS+=($!)
@@ -96,7 +98,7 @@ dataplane() { # dataplane NAME SITE COMMAND ARGS...
   local name=$1 site=$2; shift 2
   local token
   token=$("$BIN" vm token create --site "$site" --node "$name")
-  "$BIN" "$@" --token "$token" >"$DEMO/$name.log" 2>&1 &
+  MESHFED_TOKEN=$token "$BIN" "$@" >"$DEMO/$name.log" 2>&1 &
   PIDS+=($!)
 }
 i=0
@@ -126,7 +128,7 @@ svid_files() {
   local token sid
   sid=$(case $site in east) echo 17190 ;; west) echo 17191 ;; *) echo 17192 ;; esac)
   token=$("$BIN" vm token create --site "$site" --node "$name")
-  "$BIN" svid --identity "127.0.0.1:$sid" --token "$token" --dir "$DEMO/$name" --http-listen "127.0.0.1:$http" "$@" >"$DEMO/$name-svid.log" 2>&1 &
+  MESHFED_TOKEN=$token "$BIN" svid --identity "127.0.0.1:$sid" --dir "$DEMO/$name" --http-listen "127.0.0.1:$http" "$@" >"$DEMO/$name-svid.log" 2>&1 &
   PIDS+=($!)
   wait_http "http://127.0.0.1:$http/readyz" "meshfed svid for $name" "$name-svid"
 }
