@@ -25,6 +25,7 @@ allow: [spiffe://c.meshfed/ns/default/sa/client, "spiffe://east.meshfed/ns/payme
 		{"an empty file is an error", "", "no policy in the file", 0},
 		{"a service without namespace", "service: echo\n", "want namespace/name", 0},
 		{"an unknown field", "service: default/a\nfailovr: [east]\n", `line 2: unknown field "failovr" (the fields there: service, failover, split, `, 0},
+		{"an unknown field in a nested block", "service: default/a\noutlierDetection:\n  consecutiveFailure: 3\n", `line 3: unknown field "consecutiveFailure" (the fields there: consecutiveFailures, interval, baseEjectionTime, maxEjectionPercent)`, 0},
 		{"a failover site twice", "service: default/a\nfailover: [east, east]\n", "lists site east twice", 0},
 		{"a failover site that is no name", "service: default/a\nfailover: [East Coast]\n", "DNS-1123", 0},
 		{"weights over 100", "service: default/a\nsplit:\n- {name: a, weight: 90, labels: {v: '1'}}\n- {name: b, weight: 20, labels: {v: '2'}}\n", "add up to 110", 0},

@@ -42,11 +42,11 @@ func yamlFields(t reflect.Type, known map[string][]string) {
 	case reflect.Pointer, reflect.Slice, reflect.Array, reflect.Map:
 		yamlFields(t.Elem(), known)
 	case reflect.Struct:
-		if known[t.String()] != nil {
-			return
+		if _, done := known[t.String()]; done {
+			return // a type met before, or one that holds itself
 		}
-		names := []string{}
-		known[t.String()] = names
+		known[t.String()] = nil
+		var names []string
 		for f := range t.Fields() {
 			name, _, _ := strings.Cut(f.Tag.Get("yaml"), ",")
 			if !f.IsExported() || name == "-" {
