@@ -39,7 +39,7 @@ test: tools lint check-generate
 	# A short fuzzing run of the gateway's ClientHello parser, on top of
 	# its committed seed corpus (go test above replays that corpus); short
 	# minimizing keeps the time for new inputs.
-	$(GO) test -run '^$$' -fuzz FuzzRead -fuzztime 15s -fuzzminimizetime 2s ./gateway/clienthello
+	$(GO) test -run '^$$' -fuzz FuzzRead -fuzztime 15s -fuzzminimizetime 2s ./dataplane/sni
 
 demo: build
 	deploy/demo/demo.sh

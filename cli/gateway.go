@@ -2,7 +2,6 @@ package cli
 
 import (
 	"log/slog"
-	"time"
 
 	"github.com/meshfed/meshfed/cli/proxycmd"
 	"github.com/meshfed/meshfed/cpuslice"
@@ -14,9 +13,8 @@ import (
 // newGatewayCmd returns the gateway command.
 func newGatewayCmd(g *globals) *cobra.Command {
 	logger := g.logger
-	var o gateway.Options
+	o := gateway.DefaultOptions()
 	var ido identityclient.Options
-	var xdsAddr string
 	var concurrency func() (int, error)
 	var slice func(*slog.Logger) error
 	cmd := &cobra.Command{
@@ -50,8 +48,7 @@ pool, stops accepting, and lets live connections finish (--drain-timeout).`,
 			if err != nil {
 				return err
 			}
-			o.Proxy.Loops = loops
-			o.Proxy.XDS, o.Proxy.Identity, o.Logger = xdsAddr, id, logger()
+			o.Loops, o.Identity, o.Logger = loops, id, logger()
 			g, err := gateway.New(o)
 			if err != nil {
 				return err
@@ -59,17 +56,17 @@ pool, stops accepting, and lets live connections finish (--drain-timeout).`,
 			return g.Run(ctx)
 		},
 	}
-	proxycmd.IdentityFlags(cmd, &ido, &o.Proxy, "127.0.0.1:15091")
+	proxycmd.IdentityFlags(cmd, &ido, &o.HTTPListen, &o.DrainTimeout)
 	concurrency = proxycmd.ConcurrencyFlag(cmd, 0, true) // a gateway has its host to itself
 	slice = proxycmd.SliceFlag(cmd, cpuslice.Min)
 	f := cmd.Flags()
 	f.StringVar(&o.Site, "site", "", "the gateway's site (required)")
-	f.StringVar(&o.Listen, "listen", ":15443", "where other sites connect: what the site's --gateway-address leads to")
-	f.StringVar(&xdsAddr, "xds", "127.0.0.1:7182", "the spoke's xDS address")
+	f.StringVar(&o.Listen, "listen", o.Listen, "where other sites connect: what the site's --gateway-address leads to")
+	f.StringVar(&o.XDS, "xds", "127.0.0.1:7182", "the spoke's xDS address")
 	gossipFlags(f, &o.GossipListen, &o.GossipAdvertise, &o.GossipProbeInterval,
 		"join the WAN gossip pool here (UDP and TCP), e.g. :7947",
 		"where pool members reach this gateway (default --gossip-listen)")
-	f.DurationVar(&o.Proxy.HelloTimeout, "hello-timeout", 5*time.Second, "how long a caller may take to send its ClientHello")
+	f.DurationVar(&o.HelloTimeout, "hello-timeout", o.HelloTimeout, "how long a caller may take to send its ClientHello")
 	_ = cmd.MarkFlagRequired("site")
 	return cmd
 }

@@ -64,7 +64,7 @@ func (pf *Flags) Inbound() (map[uint32]string, error) {
 // New returns the proxy command; logger is the CLI's.
 func New(logger func() *slog.Logger) *cobra.Command {
 	var pf Flags
-	var o proxy.Options
+	o := proxy.DefaultOptions()
 	var ido identityclient.Options
 	var concurrency func() (int, error)
 	var slice func(*slog.Logger) error
@@ -116,7 +116,7 @@ configuration over xDS and carries its workload's traffic with mTLS:
 		},
 	}
 	pf.Register(cmd)
-	IdentityFlags(cmd, &ido, &o, "127.0.0.1:15090")
+	IdentityFlags(cmd, &ido, &o.HTTPListen, &o.DrainTimeout)
 	// A sidecar shares its pod's CPUs with the app: two, as Istio's
 	// sidecars default to, unless Go sees fewer.
 	concurrency = ConcurrencyFlag(cmd, 2, false)
@@ -209,12 +209,13 @@ func AttestFlags(cmd *cobra.Command, ido *identityclient.Options) {
 }
 
 // IdentityFlags registers what the proxy and the gateway share: how they
-// attest, and their HTTP and drain settings.
-func IdentityFlags(cmd *cobra.Command, ido *identityclient.Options, o *proxy.Options, httpDefault string) {
+// attest, and their HTTP and drain settings (defaults: what httpListen and
+// drain hold).
+func IdentityFlags(cmd *cobra.Command, ido *identityclient.Options, httpListen *string, drain *time.Duration) {
 	AttestFlags(cmd, ido)
 	f := cmd.Flags()
-	f.StringVar(&o.HTTPListen, "http-listen", httpDefault, "address for /healthz, /readyz and /metrics (- disables)")
-	f.DurationVar(&o.DrainTimeout, "drain-timeout", 10*time.Second, "how long live connections may finish after SIGTERM")
+	f.StringVar(httpListen, "http-listen", *httpListen, "address for /healthz, /readyz and /metrics (- disables)")
+	f.DurationVar(drain, "drain-timeout", *drain, "how long live connections may finish after SIGTERM")
 }
 
 // Attest gets the process's SVID from its spoke with a node token or a

@@ -1,4 +1,4 @@
-package clienthello
+package sni
 
 import (
 	"bytes"

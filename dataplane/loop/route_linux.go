@@ -1,29 +1,31 @@
-package proxy
+package loop
 
 import (
 	"bytes"
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"net/netip"
 	"syscall"
 	"time"
 
-	"github.com/meshfed/meshfed/gateway/clienthello"
+	"github.com/meshfed/meshfed/dataplane/upstream"
+	"github.com/meshfed/meshfed/dataplane/xdsclient"
 	"golang.org/x/sys/unix"
 )
 
-// On Linux a gateway listener's connections run on event loops (see
-// eventLoop), Options.Loops of them, each with a listening socket of its own
-// on the same port. A connection's hello is read, routed by its SNI and
-// passed upstream, all on the loop; only a host name to resolve takes a
-// goroutine.
+// On Linux a routed listener's connections run on event loops (see
+// eventLoop), RouterOptions.Loops of them, each with a listening socket of
+// its own on the same port. A connection's first bytes are read, routed
+// and passed upstream, all on the loop; only a host name to resolve takes
+// a goroutine.
 
-// listenGateway opens the gateway listener and starts its loops,
-// Options.Loops of them, each on a listening socket of its own on the same port
-// (SO_REUSEPORT: the kernel spreads connections over them). p.mu is held.
-func (p *Proxy) listenGateway(rl *runningListener, addr string) (listener, error) {
+// ListenRouted opens a routed listener at addr and starts its loops, each
+// on a listening socket of its own on the same port (SO_REUSEPORT: the
+// kernel spreads connections over them).
+func ListenRouted(addr string, o *RouterOptions) (Listener, error) {
 	lc := net.ListenConfig{Control: func(_, _ string, c syscall.RawConn) error {
 		var err error
 		cerr := c.Control(func(fd uintptr) { err = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEPORT, 1) })
@@ -38,10 +40,10 @@ func (p *Proxy) listenGateway(rl *runningListener, addr string) (listener, error
 	addr = probe.Addr().String() // the port picked, when addr asks for any
 	probe.Close()
 	var group loopGroup
-	for range max(1, p.o.Loops) {
+	for range max(1, o.Loops) {
 		ln, err := lc.Listen(context.Background(), "tcp", addr)
 		if err == nil {
-			err = p.startLoop(rl, ln.(*net.TCPListener), &group)
+			err = startLoop(o, ln.(*net.TCPListener), &group)
 		}
 		if err != nil {
 			group.Close()
@@ -51,7 +53,7 @@ func (p *Proxy) listenGateway(rl *runningListener, addr string) (listener, error
 	return group, nil
 }
 
-// loopGroup is a gateway listener's loops.
+// loopGroup is a routed listener's loops.
 type loopGroup []*eventLoop
 
 func (g loopGroup) Addr() net.Addr { return g[0].addr }
@@ -64,18 +66,18 @@ func (g loopGroup) Close() error {
 	return nil
 }
 
-func (p *Proxy) startLoop(rl *runningListener, ln *net.TCPListener, group *loopGroup) error {
-	l, err := p.newLoop(gatewayBuffer)
+func startLoop(o *RouterOptions, ln *net.TCPListener, group *loopGroup) error {
+	l, err := newLoop(gatewayBuffer, o.Logger, o.Gauge)
 	if err != nil {
 		ln.Close()
 		return err
 	}
-	l.rl, l.addr, l.keepP = rl, ln.Addr(), true
+	l.rt, l.addr, l.keepP = o, ln.Addr(), true
 	if l.lfd, err = detach(ln); err == nil {
 		// Accepted once the hello is there: one wakeup, not two. A caller
 		// that sends nothing waits in the kernel's queue up to the hello
 		// timeout before its own hello timeout starts.
-		_ = unix.SetsockoptInt(l.lfd, unix.IPPROTO_TCP, unix.TCP_DEFER_ACCEPT, int(max(1, p.o.HelloTimeout/time.Second)))
+		_ = unix.SetsockoptInt(l.lfd, unix.IPPROTO_TCP, unix.TCP_DEFER_ACCEPT, int(max(1, o.HelloTimeout/time.Second)))
 		tune(l.lfd) // accepted sockets inherit it
 		err = unix.EpollCtl(l.ep, unix.EPOLL_CTL_ADD, l.lfd, &unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLET, Fd: listenToken})
 	}
@@ -85,8 +87,7 @@ func (p *Proxy) startLoop(rl *runningListener, ln *net.TCPListener, group *loopG
 	}
 	// The loop counts as one live connection until its last one ends; the
 	// drain timeout aborts them all through it.
-	p.conns.Add(1)
-	p.live[loopCloser{l}] = struct{}{}
+	o.Tracker.Add(loopCloser{l})
 	*group = append(*group, l)
 	go l.run()
 	return nil
@@ -125,29 +126,29 @@ func (l *eventLoop) accept() {
 		default:
 			// The listener is edge-triggered: callers left in the queue
 			// would wait for the next one to arrive, so try again soon.
-			if outOfDescriptors(err) {
-				l.p.m.acceptPaused.Inc()
+			if upstream.OutOfDescriptors(err) {
+				l.rt.AcceptPaused.Inc()
 			}
 			if !l.acceptFailing {
-				l.p.log.Error("gateway could not accept a connection; trying again every 100ms until it can", "err", err)
+				l.log.Error("gateway could not accept a connection; trying again every 100ms until it can", "err", err)
 				l.acceptFailing = true
 			}
-			l.acceptAt = time.Now().Add(descriptorPause)
+			l.acceptAt = time.Now().Add(upstream.DescriptorPause)
 			return
 		}
 		if l.acceptFailing {
-			l.p.log.Info("gateway accepts connections again")
+			l.log.Info("gateway accepts connections again")
 			l.acceptFailing = false
 		}
 		c := &loopConn{state: readingHello}
 		if c.down, err = l.add(fd, c); err != nil {
 			unix.Close(fd)
-			l.p.log.Error("gateway could not watch a connection", "err", err)
+			l.log.Error("gateway could not watch a connection", "err", err)
 			continue
 		}
 		l.conns[c] = struct{}{}
-		l.p.m.gatewayLive.Inc()
-		l.timers.push(timer{at: time.Now().Add(l.p.o.HelloTimeout), c: c, gen: c.gen})
+		l.rt.Live.Inc()
+		l.timers.push(timer{at: time.Now().Add(l.rt.HelloTimeout), c: c, gen: c.gen})
 		c.down.readable = true // the hello often comes with the handshake
 		l.readHello(c)
 	}
@@ -166,7 +167,10 @@ func accept4(lfd int) (int, error) {
 
 // refuse closes a connection that gets no route, counting why.
 func (l *eventLoop) refuse(c *loopConn, result string, err error) {
-	l.p.refused(result, err, func() net.Addr { return peerAddr(int(c.down.fd)) })
+	l.rt.Results.WithLabelValues(result).Inc()
+	if l.log.Enabled(context.Background(), slog.LevelDebug) {
+		l.log.Debug("gateway refused a connection", "remote", peerAddr(int(c.down.fd)), "reason", result, "err", err)
+	}
 	l.close(c)
 }
 
@@ -189,7 +193,7 @@ func peerAddr(fd int) net.Addr {
 func (l *eventLoop) readHello(c *loopConn) {
 	s := c.down
 	for s.readable {
-		n, err := unix.Read(int(s.fd), l.buf[:clienthello.MaxSize-len(c.hello)])
+		n, err := unix.Read(int(s.fd), l.buf[:l.rt.MaxHello-len(c.hello)])
 		switch {
 		case err == unix.EAGAIN:
 			s.readable = false
@@ -203,7 +207,7 @@ func (l *eventLoop) readHello(c *loopConn) {
 			l.refuse(c, "malformed", errors.New("connection closed before a whole ClientHello"))
 			return
 		}
-		if n < clienthello.MaxSize-len(c.hello) && !s.hup {
+		if n < l.rt.MaxHello-len(c.hello) && !s.hup {
 			s.readable = false // a short read took all there was
 		}
 		if c.hello == nil {
@@ -213,16 +217,16 @@ func (l *eventLoop) readHello(c *loopConn) {
 		} else {
 			c.hello = append(c.hello, l.buf[:n]...)
 		}
-		name, _, err := clienthello.Parse(c.hello)
-		if errors.Is(err, clienthello.ErrIncomplete) {
+		r, err := l.rt.Route(c.hello, func() net.Addr { return peerAddr(int(c.down.fd)) })
+		if errors.Is(err, ErrMore) {
 			c.ownHello()
 			continue
 		}
 		if err != nil {
-			l.refuse(c, helloResult(err), err)
+			l.refuse(c, refusalReason(err), err)
 			return
 		}
-		l.route(c, name)
+		l.route(c, r)
 		if c.state == connecting {
 			c.ownHello() // the loop reads into its buffer again before the hello leaves
 		}
@@ -238,16 +242,8 @@ func (c *loopConn) ownHello() {
 	}
 }
 
-func (l *eventLoop) route(c *loopConn, name string) {
-	r, ok := l.rl.conf.Load().sni[name]
-	if !ok {
-		l.p.refusedSNI(name, peerAddr(int(c.down.fd)))
-		l.close(c)
-		return
-	}
-	l.p.mu.Lock()
-	c.u = l.p.upstreams[r.cluster]
-	l.p.mu.Unlock()
+func (l *eventLoop) route(c *loopConn, r xdsclient.Route) {
+	c.u = l.rt.Upstreams.Get(r.Cluster)
 	if c.u == nil {
 		l.refuse(c, "no_cluster", nil)
 		return
@@ -259,22 +255,22 @@ func (l *eventLoop) route(c *loopConn, name string) {
 // dial starts a connection to the next endpoint to try: non-blocking
 // connect for an IP, a goroutine for a host name (which needs resolving).
 func (l *eventLoop) dial(c *loopConn) {
-	for len(c.tried) < max(c.r.attempts, 1) {
-		e, ok := c.u.pick(c.tried, time.Now())
+	for len(c.tried) < max(c.r.Attempts, 1) {
+		e, ok := c.u.Pick(c.tried, time.Now())
 		if !ok {
 			break
 		}
-		c.tried.add(hostKey(e))
+		c.tried.Add(upstream.Key(e))
 		c.e = e
 		c.gen++
-		timeout := c.u.config().connectTimeout
+		timeout := c.u.Config().ConnectTimeout
 		l.timers.push(timer{at: time.Now().Add(timeout), c: c, gen: c.gen})
-		ap, err := netip.ParseAddrPort(e.addr)
+		ap, err := netip.ParseAddrPort(e.Addr)
 		if err != nil {
 			gen := c.gen
 			go func() {
 				var fd int
-				conn, err := (&net.Dialer{Timeout: timeout}).Dial("tcp", e.addr)
+				conn, err := (&net.Dialer{Timeout: timeout}).Dial("tcp", e.Addr)
 				if err == nil {
 					fd, err = detach(conn.(*net.TCPConn))
 				}
@@ -289,13 +285,13 @@ func (l *eventLoop) dial(c *loopConn) {
 			l.connected(c)
 			return
 		}
-		if outOfDescriptors(err) {
+		if upstream.OutOfDescriptors(err) {
 			l.waitForDescriptor(c, err)
 			return
 		}
-		l.p.attempted(c.r.cluster, c.u, e, err)
+		l.rt.Upstreams.Attempted(c.r.Cluster, c.u, e, err)
 	}
-	l.refuse(c, unconnected(c.tried), nil)
+	l.refuse(c, upstream.Unconnected(c.tried), nil)
 }
 
 // waitForDescriptor keeps a routed caller while the process has no
@@ -305,18 +301,18 @@ func (l *eventLoop) dial(c *loopConn) {
 func (l *eventLoop) waitForDescriptor(c *loopConn, err error) {
 	now := time.Now()
 	if c.fdWait.IsZero() {
-		c.fdWait = now.Add(c.u.config().connectTimeout)
+		c.fdWait = now.Add(c.u.Config().ConnectTimeout)
 	}
 	if !now.Before(c.fdWait) {
 		l.refuse(c, "out_of_descriptors", err)
 		return
 	}
-	l.p.m.fdWaits.Inc()
-	c.tried.remove(hostKey(c.e))
+	l.rt.Upstreams.WaitedForDescriptor()
+	c.tried.Remove(upstream.Key(c.e))
 	l.drop(c.up)
 	c.up = nil
 	c.gen++
-	at := now.Add(descriptorPause)
+	at := now.Add(upstream.DescriptorPause)
 	if at.After(c.fdWait) {
 		at = c.fdWait
 	}
@@ -371,11 +367,11 @@ func (l *eventLoop) dialed(c *loopConn, gen, fd int, err error) {
 
 // failed records a failed attempt and tries the next endpoint.
 func (l *eventLoop) failed(c *loopConn, err error) {
-	if outOfDescriptors(err) {
+	if upstream.OutOfDescriptors(err) {
 		l.waitForDescriptor(c, err)
 		return
 	}
-	l.p.attempted(c.r.cluster, c.u, c.e, err)
+	l.rt.Upstreams.Attempted(c.r.Cluster, c.u, c.e, err)
 	l.drop(c.up)
 	c.up = nil
 	l.dial(c)
@@ -398,8 +394,8 @@ func (l *eventLoop) connected(c *loopConn) {
 		l.failed(c, err)
 		return
 	}
-	l.p.attempted(c.r.cluster, c.u, c.e, nil)
-	l.p.m.gateway.WithLabelValues("ok").Inc()
+	l.rt.Upstreams.Attempted(c.r.Cluster, c.u, c.e, nil)
+	l.rt.Results.WithLabelValues("ok").Inc()
 	c.state = relaying
 	c.gen++
 	c.down.pending, c.down.borrowed = c.hello[n:], c.helloBorrowed

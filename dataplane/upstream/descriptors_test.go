@@ -1,4 +1,4 @@
-package proxy
+package upstream
 
 import (
 	"log/slog"
@@ -8,54 +8,18 @@ import (
 	"testing"
 	"time"
 
+	"github.com/meshfed/meshfed/dataplane/xdsclient"
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
 )
 
-// outOfFDs is a listener whose first accepts fail for want of file
-// descriptors, then hands out one connection, then is closed.
-type outOfFDs struct {
-	fails int
-	conn  net.Conn
-}
-
-func (l *outOfFDs) Accept() (net.Conn, error) {
-	switch {
-	case l.fails > 0:
-		l.fails--
-		return nil, &net.OpError{Op: "accept", Net: "tcp", Err: os.NewSyscallError("accept4", syscall.EMFILE)}
-	case l.conn != nil:
-		c := l.conn
-		l.conn = nil
-		return c, nil
+// TestOutOfDescriptors: a shortage of descriptors is told apart from a
+// peer's refusal.
+func TestOutOfDescriptors(t *testing.T) {
+	if !OutOfDescriptors(&net.OpError{Op: "accept", Err: os.NewSyscallError("accept4", syscall.EMFILE)}) {
+		t.Error("EMFILE is not taken for a shortage of descriptors")
 	}
-	return nil, net.ErrClosed
-}
-func (l *outOfFDs) Close() error   { return nil }
-func (l *outOfFDs) Addr() net.Addr { return &net.TCPAddr{} }
-
-// TestAcceptGoesOnWhenOutOfDescriptors: a listener that runs out of file
-// descriptors pauses and accepts again, rather than stop for good.
-func TestAcceptGoesOnWhenOutOfDescriptors(t *testing.T) {
-	a, b := net.Pipe()
-	defer b.Close()
-	ln := &outOfFDs{fails: 3, conn: a}
-	p := &Proxy{log: slog.New(slog.DiscardHandler)}
-	var got []net.Conn
-	done := make(chan struct{})
-	go func() {
-		p.accept(ln, func(c net.Conn) { got = append(got, c) })
-		close(done)
-	}()
-	select {
-	case <-done:
-	case <-time.After(10 * time.Second):
-		t.Fatal("accept did not end when its listener was closed")
-	}
-	if len(got) != 1 || got[0] != a {
-		t.Fatalf("after 3 accepts failed with EMFILE, handled %v; want the connection that came next", got)
-	}
-	if outOfDescriptors(&net.OpError{Op: "dial", Err: os.NewSyscallError("socket", syscall.ECONNREFUSED)}) {
+	if OutOfDescriptors(&net.OpError{Op: "dial", Err: os.NewSyscallError("socket", syscall.ECONNREFUSED)}) {
 		t.Error("a refused connection is taken for a shortage of descriptors")
 	}
 }
@@ -70,10 +34,14 @@ func TestConnectWaitsForADescriptor(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer ln.Close()
-	e := endpointConf{key: ln.Addr().String(), addr: ln.Addr().String(), healthy: true, weight: 1}
-	u := &upstream{conf: &clusterConf{name: "c", connectTimeout: 2 * time.Second, opf: 140, priorities: [][]endpointConf{{e}}}, hosts: map[string]*hostState{}}
-	p := &Proxy{log: slog.New(slog.DiscardHandler), m: newMetrics(prometheus.NewRegistry()), upstreams: map[string]*upstream{"c": u}}
-	p.cfg.Store(&config{})
+	e := xdsclient.Endpoint{Key: ln.Addr().String(), Addr: ln.Addr().String(), Healthy: true, Weight: 1}
+	cluster := &xdsclient.Cluster{Name: "c", ConnectTimeout: 2 * time.Second, OPF: 140, Priorities: [][]xdsclient.Endpoint{{e}}}
+	m := NewMetrics(prometheus.NewRegistry())
+	s := NewSet(m, slog.New(slog.DiscardHandler))
+	s.Apply(map[string]*xdsclient.Cluster{"c": cluster})
+	dial := func(c *xdsclient.Cluster, e xdsclient.Endpoint) (net.Conn, error) {
+		return net.DialTimeout("tcp", e.Addr, c.ConnectTimeout)
+	}
 
 	// Use up the descriptors under a lowered limit.
 	var was syscall.Rlimit
@@ -100,7 +68,7 @@ func TestConnectWaitsForADescriptor(t *testing.T) {
 		for {
 			f, err := os.Open(os.DevNull)
 			if err != nil {
-				if !outOfDescriptors(err) {
+				if !OutOfDescriptors(err) {
 					t.Fatal(err)
 				}
 				return
@@ -115,9 +83,9 @@ func TestConnectWaitsForADescriptor(t *testing.T) {
 		why string
 	}
 	got := make(chan result, 1)
-	go func() { c, why := p.connect("c", 1); got <- result{c, why} }()
+	go func() { c, why := s.Connect("c", 1, dial); got <- result{c, why} }()
 	deadline := time.Now().Add(10 * time.Second)
-	for value(p.m.fdWaits) < 2 {
+	for value(m.FDWaits) < 2 {
 		if time.Now().After(deadline) {
 			t.Fatal("connect does not wait for a descriptor")
 		}
@@ -131,16 +99,16 @@ func TestConnectWaitsForADescriptor(t *testing.T) {
 	r.c.Close()
 
 	// Nothing frees one: refused once the connect timeout has passed.
-	u.conf.connectTimeout = 300 * time.Millisecond
+	cluster.ConnectTimeout = 300 * time.Millisecond
 	exhaust()
 	start := time.Now()
-	if c, why := p.connect("c", 1); c != nil || why != "out_of_descriptors" {
+	if c, why := s.Connect("c", 1, dial); c != nil || why != "out_of_descriptors" {
 		t.Fatalf("connect with no descriptor for longer than the connect timeout: %v, %q; want out_of_descriptors", c, why)
 	}
 	if waited := time.Since(start); waited < 250*time.Millisecond {
 		t.Errorf("refused after %v; want it to wait up to the connect timeout", waited)
 	}
-	if n := value(p.m.upstream.WithLabelValues("c", "", "", "connect_failure")); n != 0 {
+	if n := value(m.Attempts.WithLabelValues("c", "", "", "connect_failure")); n != 0 {
 		t.Errorf("%v connect failures counted against the endpoint; want none", n)
 	}
 }

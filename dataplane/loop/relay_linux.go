@@ -1,9 +1,10 @@
-package proxy
+package loop
 
 import (
 	"errors"
 	"net"
 	"os"
+	"sync"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -16,9 +17,10 @@ import (
 // again. A request and its response then cost each proxy one wakeup of
 // one thread, not a hand-off from the netpoller to a goroutine and back.
 
-// relay carries a's and b's bytes both ways until both are done, passing
-// half-closes on, and then closes them.
-func (p *Proxy) relay(a, b net.Conn) {
+// Relay carries a's and b's bytes both ways until both are done, passing
+// half-closes on, and then closes them. It blocks until then, with the
+// connection counted live in the options' Tracker.
+func (r *Relayer) Relay(a, b net.Conn) {
 	fa, fb := loopable(a), loopable(b)
 	if fa == nil || fb == nil {
 		pipe(a, b)
@@ -26,7 +28,7 @@ func (p *Proxy) relay(a, b net.Conn) {
 	}
 	da, erra := detach(fa)
 	db, errb := detach(fb)
-	l := p.relayLoop()
+	l := r.loop()
 	if erra != nil || errb != nil || l == nil {
 		for _, fd := range []int{da, db} {
 			if fd >= 0 {
@@ -37,13 +39,10 @@ func (p *Proxy) relay(a, b net.Conn) {
 	}
 	c := &loopConn{state: relaying, done: make(chan struct{})}
 	if err := l.adopt(c, da, a, db, b); err != nil {
-		p.log.Error("could not relay a connection; it is closed", "err", err)
+		r.o.Logger.Error("could not relay a connection; it is closed", "err", err)
 		return
 	}
-	closer := relayed{l: l, c: c}
-	p.track(closer, true)
-	<-c.done
-	p.track(closer, false)
+	r.o.Tracker.Track(relayed{l: l, c: c}, func() { <-c.done })
 }
 
 // loopable is the TCP connection under c, if a loop can relay c: plain
@@ -52,53 +51,55 @@ func loopable(c net.Conn) *net.TCPConn {
 	switch c := c.(type) {
 	case *net.TCPConn:
 		return c
-	case *batchedTLS:
+	case *TLSConn:
 		tc, _ := c.raw.Conn.(*net.TCPConn)
 		return tc
 	}
 	return nil
 }
 
-// loopSet is the proxy's relay loops, Options.Loops of them; p.mu guards it.
-type loopSet struct {
+// Relayer is a node's relay loops, RelayOptions.Loops of them, started as
+// connections come; mu guards them.
+type Relayer struct {
+	o     RelayOptions
+	mu    sync.Mutex
 	loops []*eventLoop
 	next  int
 }
 
-// relayLoop is one of the proxy's relay loops, taking turns; it starts
-// the loop when it is not running. Nil: no loop could be made.
-func (p *Proxy) relayLoop() *eventLoop {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	ls := &p.relayLoops
-	if ls.loops == nil {
-		ls.loops = make([]*eventLoop, max(1, p.o.Loops))
+// loop is one of the relay loops, taking turns; it starts the loop when
+// it is not running. Nil: no loop could be made.
+func (r *Relayer) loop() *eventLoop {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.loops == nil {
+		r.loops = make([]*eventLoop, max(1, r.o.Loops))
 	}
-	i := ls.next % len(ls.loops)
-	ls.next++
-	if ls.loops[i] == nil {
-		l, err := p.newLoop(relayBuffer)
+	i := r.next % len(r.loops)
+	r.next++
+	if r.loops[i] == nil {
+		l, err := newLoop(relayBuffer, r.o.Logger, r.o.Gauge)
 		if err != nil {
-			p.log.Error("could not start an event loop to relay a connection; it is closed", "err", err)
+			r.o.Logger.Error("could not start an event loop to relay a connection; it is closed", "err", err)
 			return nil
 		}
 		l.keep = true
-		ls.loops[i] = l
+		r.loops[i] = l
 		go l.run()
 	}
-	return ls.loops[i]
+	return r.loops[i]
 }
 
-// stopRelayLoops lets the relay loops end once their connections have.
-func (p *Proxy) stopRelayLoops() {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	for _, l := range p.relayLoops.loops {
+// Stop lets the relay loops end once their connections have.
+func (r *Relayer) Stop() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, l := range r.loops {
 		if l != nil {
 			l.post(func() { l.keep = false })
 		}
 	}
-	p.relayLoops.loops = nil
+	r.loops = nil
 }
 
 // adopt takes a connection whose sockets (da, db; a and b as they were)
@@ -131,7 +132,7 @@ func (l *eventLoop) adopt(c *loopConn, da int, a net.Conn, db int, b net.Conn) e
 		c net.Conn
 	}{{c.down, a}, {c.up, b}} {
 		s.s.readable, s.s.writable = true, true
-		if t, ok := s.c.(*batchedTLS); ok {
+		if t, ok := s.c.(*TLSConn); ok {
 			s.s.tls, s.s.buffered = t, true
 			t.raw.Conn = &sockConn{Conn: t.raw.Conn, s: s.s}
 		}

@@ -1,7 +1,8 @@
-package proxy
+package xdsclient
 
 import (
 	"context"
+	"crypto/tls"
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
@@ -10,13 +11,13 @@ import (
 
 	xds "github.com/meshfed/meshfed/api/meshfed/xdsapi"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/keepalive"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
 )
 
-// The xDS resource types the proxy asks for, and the ADS method. The proxy
-// decodes Envoy's resources with the subset of Envoy's API in xdsapi, which
-// keeps Envoy's hundreds of message types out of its memory.
+// The xDS resource types a node asks for, and the ADS method.
 const (
 	listenerType = "type.googleapis.com/envoy.config.listener.v3.Listener"
 	clusterType  = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
@@ -33,19 +34,40 @@ type resources struct {
 	secrets   map[string]*xds.Secret
 }
 
-// xdsClient keeps one ADS stream (state of the world) to the spoke and
-// hands every complete, consistent set of resources to update.
-type xdsClient struct {
-	conn   *grpc.ClientConn
-	node   *xds.Node
-	log    *slog.Logger
-	update func(*resources) error
-	onNack func(typ string)
-	// secrets are the SDS names to ask for: all the spoke may send.
-	secrets []string
+// Client keeps one ADS stream (state of the world) to the spoke and hands
+// every complete, consistent set of resources, translated, to Update.
+type Client struct {
+	// Conn is the connection to the spoke's xDS server (see Dial).
+	Conn *grpc.ClientConn
+	// Node is what the node says of itself in every request.
+	Node *xds.Node
+	Log  *slog.Logger
+	// Update is given each configuration; an error is logged, and the
+	// node keeps what it runs.
+	Update func(*Config) error
+	// Metrics count refusals and configurations applied; NewMetrics
+	// registers them. Required.
+	Metrics *Metrics
+	// Secrets are the SDS names to ask for: all the spoke may send.
+	Secrets []string
 }
 
-func (c *xdsClient) run(ctx context.Context) error {
+// Dial connects to the spoke's xDS server at addr with tc (the node's
+// SVID; the spoke's identity checked).
+func Dial(addr string, tc *tls.Config) (*grpc.ClientConn, error) {
+	conn, err := grpc.NewClient("passthrough:///"+addr,
+		grpc.WithTransportCredentials(credentials.NewTLS(tc)),
+		grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: 20 * time.Second, Timeout: 10 * time.Second}),
+	)
+	if err != nil {
+		return nil, fmt.Errorf("dial spoke xDS %s: %w", addr, err)
+	}
+	return conn, nil
+}
+
+// Run keeps the stream until ctx ends, reconnecting with backoff; the
+// node keeps its last configuration meanwhile.
+func (c *Client) Run(ctx context.Context) error {
 	backoff := 100 * time.Millisecond
 	for {
 		start := time.Now()
@@ -56,7 +78,7 @@ func (c *xdsClient) run(ctx context.Context) error {
 		if time.Since(start) > 10*time.Second {
 			backoff = 100 * time.Millisecond
 		}
-		c.log.Warn("xDS stream ended; keeping the last configuration and retrying", "err", err, "retry_in", backoff)
+		c.Log.Warn("xDS stream ended; keeping the last configuration and retrying", "err", err, "retry_in", backoff)
 		select {
 		case <-ctx.Done():
 			return nil
@@ -71,10 +93,10 @@ type typeState struct {
 	names          []string
 }
 
-func (c *xdsClient) session(ctx context.Context) error {
+func (c *Client) session(ctx context.Context) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	stream, err := c.conn.NewStream(ctx, &grpc.StreamDesc{ServerStreams: true, ClientStreams: true}, adsMethod)
+	stream, err := c.Conn.NewStream(ctx, &grpc.StreamDesc{ServerStreams: true, ClientStreams: true}, adsMethod)
 	if err != nil {
 		return err
 	}
@@ -84,12 +106,12 @@ func (c *xdsClient) session(ctx context.Context) error {
 	}
 	state := map[string]*typeState{
 		listenerType: {}, clusterType: {},
-		secretType: {names: c.secrets}, endpointType: {},
+		secretType: {names: c.Secrets}, endpointType: {},
 	}
 	send := func(typ string, nack *xds.Status) error {
 		st := state[typ]
 		return stream.SendMsg(&xds.DiscoveryRequest{
-			Node: c.node, TypeUrl: typ, VersionInfo: st.version, ResponseNonce: st.nonce,
+			Node: c.Node, TypeUrl: typ, VersionInfo: st.version, ResponseNonce: st.nonce,
 			ResourceNames: st.names, ErrorDetail: nack,
 		})
 	}
@@ -110,10 +132,8 @@ func (c *xdsClient) session(ctx context.Context) error {
 		}
 		st.nonce = resp.GetNonce()
 		if err := decode(res, typ, resp); err != nil {
-			c.log.Error("refused an xDS response", "type", typ, "err", err)
-			if c.onNack != nil {
-				c.onNack(typ)
-			}
+			c.Log.Error("refused an xDS response", "type", typ, "err", err)
+			c.nack(typ)
 			if err := send(typ, &xds.Status{Code: 3, Message: err.Error()}); err != nil {
 				return err
 			}
@@ -140,12 +160,27 @@ func (c *xdsClient) session(ctx context.Context) error {
 			}
 		}
 		if complete(res) {
-			if err := c.update(res); err != nil {
-				c.log.Error("could not apply the configuration", "err", err)
-			}
+			c.apply(res)
 		}
 	}
 }
+
+// apply translates a complete set of resources and hands it to Update.
+func (c *Client) apply(res *resources) {
+	cfg, err := translate(res)
+	if err != nil {
+		c.nack("config")
+		c.Log.Error("could not apply the configuration", "err", err)
+		return
+	}
+	if err := c.Update(cfg); err != nil {
+		c.Log.Error("could not apply the configuration", "err", err)
+		return
+	}
+	c.Metrics.Configs.Inc()
+}
+
+func (c *Client) nack(typ string) { c.Metrics.Nacks.WithLabelValues(typ).Inc() }
 
 func edsNames(cs map[string]*xds.Cluster) []string {
 	var out []string

@@ -1,4 +1,4 @@
-package proxy
+package loop
 
 import (
 	"crypto/tls"
@@ -11,31 +11,33 @@ import (
 // record in a system call of its own, reads little more than the record
 // it needs, and returns one record a Read: a 128 KiB copy-buffer write
 // leaves in eight writes on the TLS side, and the other end hands it to
-// the app in eight writes. batchedTLS moves bulk data a buffer at a time
+// the app in eight writes. TLSConn moves bulk data a buffer at a time
 // instead: what one Write encrypts leaves in one system call, and a Read
 // that gets a full record also takes the records already in hand (not
 // waiting for more). Small messages pass as before.
 const maxRecord = 16 << 10
 
-// batchedTLS is a TLS connection over a batchConn.
-type batchedTLS struct {
+// TLSConn is a TLS connection over a batchConn: what a relay loop can
+// carry once its handshake is done.
+type TLSConn struct {
 	*tls.Conn
 	raw *batchConn
 }
 
-// tlsClient and tlsServer start TLS over raw, batched.
-func tlsClient(raw net.Conn, tc *tls.Config) *batchedTLS {
+// TLSClient starts TLS over raw as its client, batched.
+func TLSClient(raw net.Conn, tc *tls.Config) *TLSConn {
 	b := &batchConn{Conn: raw}
-	return &batchedTLS{Conn: tls.Client(b, tc), raw: b}
+	return &TLSConn{Conn: tls.Client(b, tc), raw: b}
 }
 
-func tlsServer(raw net.Conn, tc *tls.Config) *batchedTLS {
+// TLSServer starts TLS over raw as its server, batched.
+func TLSServer(raw net.Conn, tc *tls.Config) *TLSConn {
 	b := &batchConn{Conn: raw}
-	return &batchedTLS{Conn: tls.Server(b, tc), raw: b}
+	return &TLSConn{Conn: tls.Server(b, tc), raw: b}
 }
 
 // Write encrypts p and sends its records in one write.
-func (c *batchedTLS) Write(p []byte) (int, error) {
+func (c *TLSConn) Write(p []byte) (int, error) {
 	if len(p) <= maxRecord {
 		return c.Conn.Write(p)
 	}
@@ -53,7 +55,7 @@ var longAgo = time.Unix(1, 0)
 
 // Read returns one record's data, and after a full record also the
 // records crypto/tls has already read off the network, up to len(p).
-func (c *batchedTLS) Read(p []byte) (int, error) {
+func (c *TLSConn) Read(p []byte) (int, error) {
 	n, err := c.Conn.Read(p)
 	if err != nil || n < maxRecord || n == len(p) {
 		return n, err

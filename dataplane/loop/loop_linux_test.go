@@ -1,11 +1,13 @@
-package proxy
+package loop
 
 import (
+	"log/slog"
 	"net"
 	"slices"
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sys/unix"
 )
 
@@ -19,7 +21,7 @@ func TestKeepaliveComesLater(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer ln.Close()
-	l, err := (&Proxy{}).newLoop(4 << 10)
+	l, err := newLoop(4<<10, slog.New(slog.DiscardHandler), prometheus.NewGauge(prometheus.GaugeOpts{Name: "loops"}))
 	if err != nil {
 		t.Fatal(err)
 	}

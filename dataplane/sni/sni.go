@@ -1,7 +1,7 @@
-// Package clienthello reads the server name (SNI) from a TLS ClientHello
+// Package sni reads the server name (SNI) from a TLS ClientHello
 // without decrypting anything, so a gateway can route a connection and pass
 // its bytes on unchanged.
-package clienthello
+package sni
 
 import (
 	"encoding/binary"

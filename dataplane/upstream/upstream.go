@@ -1,21 +1,27 @@
-package proxy
+// Package upstream holds the data plane's view of its clusters: per
+// endpoint, outlier detection's state, and the choice of endpoint the way
+// Envoy makes it (priorities, health, weights), with the retries of
+// connect failures the proxy and the gateway both make.
+package upstream
 
 import (
 	"math/rand/v2"
 	"slices"
 	"sync"
 	"time"
+
+	"github.com/meshfed/meshfed/dataplane/xdsclient"
 )
 
-// upstream is one cluster's live state: its configuration and, per
+// Upstream is one cluster's live state: its configuration and, per
 // endpoint, outlier detection's counters. It survives configuration
 // pushes, so an ejected endpoint stays ejected.
-type upstream struct {
+type Upstream struct {
 	mu    sync.Mutex
-	conf  *clusterConf
+	conf  *xdsclient.Cluster
 	hosts map[string]*hostState
 	// ejected is called when an endpoint is ejected.
-	ejected func(c *clusterConf, e endpointConf)
+	ejected func(c *xdsclient.Cluster, e xdsclient.Endpoint)
 }
 
 type hostState struct {
@@ -24,28 +30,31 @@ type hostState struct {
 	ejections    int
 }
 
-func hostKey(e endpointConf) string { return e.key }
+// Key identifies e in outlier state.
+func Key(e xdsclient.Endpoint) string { return e.Key }
 
-// triedSet holds the host keys a connection has tried, a few at most: a
+// Tried holds the host keys a connection has tried, a few at most: a
 // slice costs less to make than a map.
-type triedSet []string
+type Tried []string
 
-func (t triedSet) has(key string) bool { return slices.Contains(t, key) }
+func (t Tried) has(key string) bool { return slices.Contains(t, key) }
 
-func (t *triedSet) add(key string) { *t = append(*t, key) }
+// Add records key as tried.
+func (t *Tried) Add(key string) { *t = append(*t, key) }
 
-func (t *triedSet) remove(key string) {
+// Remove forgets key (an attempt that was not the endpoint's fault).
+func (t *Tried) Remove(key string) {
 	*t = slices.DeleteFunc(*t, func(k string) bool { return k == key })
 }
 
-func (u *upstream) setConf(c *clusterConf) {
+func (u *Upstream) setConf(c *xdsclient.Cluster) {
 	u.mu.Lock()
 	defer u.mu.Unlock()
 	u.conf = c
 	keep := map[string]bool{}
-	for _, p := range c.priorities {
+	for _, p := range c.Priorities {
 		for _, e := range p {
-			keep[hostKey(e)] = true
+			keep[Key(e)] = true
 		}
 	}
 	for k := range u.hosts {
@@ -55,14 +64,15 @@ func (u *upstream) setConf(c *clusterConf) {
 	}
 }
 
-func (u *upstream) config() *clusterConf {
+// Config is the cluster's configuration now.
+func (u *Upstream) Config() *xdsclient.Cluster {
 	u.mu.Lock()
 	defer u.mu.Unlock()
 	return u.conf
 }
 
-func (u *upstream) host(e endpointConf) *hostState {
-	k := hostKey(e)
+func (u *Upstream) host(e xdsclient.Endpoint) *hostState {
+	k := Key(e)
 	h := u.hosts[k]
 	if h == nil {
 		h = &hostState{}
@@ -71,25 +81,25 @@ func (u *upstream) host(e endpointConf) *hostState {
 	return h
 }
 
-// pick chooses an endpoint the way Envoy does: each priority takes the
+// Pick chooses an endpoint the way Envoy does: each priority takes the
 // share of traffic its health allows (healthy fraction times the
 // overprovisioning factor), the rest spills to the next; within a priority,
 // weighted random among usable endpoints. Endpoints in tried are skipped.
 // With no usable endpoint anywhere, any untried one is used (panic mode).
-func (u *upstream) pick(tried triedSet, now time.Time) (endpointConf, bool) {
+func (u *Upstream) Pick(tried Tried, now time.Time) (xdsclient.Endpoint, bool) {
 	u.mu.Lock()
 	defer u.mu.Unlock()
 	c := u.conf
-	usable := func(e endpointConf) bool {
-		if tried.has(hostKey(e)) || !e.healthy {
+	usable := func(e xdsclient.Endpoint) bool {
+		if tried.has(Key(e)) || !e.Healthy {
 			return false
 		}
-		h := u.hosts[hostKey(e)]
+		h := u.hosts[Key(e)]
 		return h == nil || !now.Before(h.ejectedUntil)
 	}
-	health := make([]float64, len(c.priorities))
+	health := make([]float64, len(c.Priorities))
 	sum := 0.0
-	for i, p := range c.priorities {
+	for i, p := range c.Priorities {
 		if len(p) == 0 {
 			continue
 		}
@@ -99,7 +109,7 @@ func (u *upstream) pick(tried triedSet, now time.Time) (endpointConf, bool) {
 				n++
 			}
 		}
-		health[i] = min(100, float64(c.opf)/100*100*float64(n)/float64(len(p)))
+		health[i] = min(100, float64(c.OPF)/100*100*float64(n)/float64(len(p)))
 		sum += health[i]
 	}
 	if sum > 0 {
@@ -114,53 +124,53 @@ func (u *upstream) pick(tried triedSet, now time.Time) (endpointConf, bool) {
 		r := rand.Float64() * (100 - max(left, 0))
 		for i, l := range loads {
 			if r < l || i == len(loads)-1 {
-				if e, ok := weighted(c.priorities[i], usable); ok {
+				if e, ok := weighted(c.Priorities[i], usable); ok {
 					return e, true
 				}
 			}
 			r -= l
 		}
-		for i := range c.priorities {
-			if e, ok := weighted(c.priorities[i], usable); ok {
+		for i := range c.Priorities {
+			if e, ok := weighted(c.Priorities[i], usable); ok {
 				return e, true
 			}
 		}
 	}
-	for _, p := range c.priorities {
-		if e, ok := weighted(p, func(e endpointConf) bool { return !tried.has(hostKey(e)) }); ok {
+	for _, p := range c.Priorities {
+		if e, ok := weighted(p, func(e xdsclient.Endpoint) bool { return !tried.has(Key(e)) }); ok {
 			return e, true
 		}
 	}
-	return endpointConf{}, false
+	return xdsclient.Endpoint{}, false
 }
 
-func weighted(eps []endpointConf, ok func(endpointConf) bool) (endpointConf, bool) {
+func weighted(eps []xdsclient.Endpoint, ok func(xdsclient.Endpoint) bool) (xdsclient.Endpoint, bool) {
 	total := uint32(0)
 	for _, e := range eps {
 		if ok(e) {
-			total += e.weight
+			total += e.Weight
 		}
 	}
 	if total == 0 {
-		return endpointConf{}, false
+		return xdsclient.Endpoint{}, false
 	}
 	r := rand.Uint32N(total)
 	for _, e := range eps {
 		if !ok(e) {
 			continue
 		}
-		if r < e.weight {
+		if r < e.Weight {
 			return e, true
 		}
-		r -= e.weight
+		r -= e.Weight
 	}
-	return endpointConf{}, false
+	return xdsclient.Endpoint{}, false
 }
 
 // result records a connection attempt for outlier detection: consecutive
 // failures eject the endpoint for the base ejection time times the number
 // of its ejections, while fewer than the maximum share are ejected.
-func (u *upstream) result(e endpointConf, ok bool, now time.Time) {
+func (u *Upstream) result(e xdsclient.Endpoint, ok bool, now time.Time) {
 	u.mu.Lock()
 	c := u.conf
 	h := u.host(e)
@@ -171,20 +181,20 @@ func (u *upstream) result(e endpointConf, ok bool, now time.Time) {
 	}
 	h.consecutive++
 	eject := false
-	if c.outlier.consecutive > 0 && h.consecutive >= c.outlier.consecutive && !now.Before(h.ejectedUntil) {
+	if c.Outlier.Consecutive > 0 && h.consecutive >= c.Outlier.Consecutive && !now.Before(h.ejectedUntil) {
 		total, ejected := 0, 0
-		for _, p := range c.priorities {
+		for _, p := range c.Priorities {
 			for _, x := range p {
 				total++
-				if hs := u.hosts[hostKey(x)]; hs != nil && now.Before(hs.ejectedUntil) {
+				if hs := u.hosts[Key(x)]; hs != nil && now.Before(hs.ejectedUntil) {
 					ejected++
 				}
 			}
 		}
 		// Envoy ejects at least one endpoint whatever the percentage.
-		if ejected == 0 || float64(ejected+1)*100 <= float64(c.outlier.maxPercent)*float64(total) {
+		if ejected == 0 || float64(ejected+1)*100 <= float64(c.Outlier.MaxPercent)*float64(total) {
 			h.ejections++
-			h.ejectedUntil = now.Add(c.outlier.baseEjection * time.Duration(h.ejections))
+			h.ejectedUntil = now.Add(c.Outlier.BaseEjection * time.Duration(h.ejections))
 			h.consecutive = 0
 			eject = true
 		}

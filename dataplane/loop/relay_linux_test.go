@@ -1,4 +1,4 @@
-package proxy
+package loop
 
 import (
 	"bytes"
@@ -43,8 +43,8 @@ func TestRelayDrivesTLSOnALoop(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer appLn.Close()
-	p := &Proxy{log: slog.New(slog.DiscardHandler), m: newMetrics(prometheus.NewRegistry()), live: map[io.Closer]struct{}{}}
-	defer p.stopRelayLoops()
+	r := NewRelayer(RelayOptions{Loops: 1, Tracker: &Tracker{}, Gauge: prometheus.NewGauge(prometheus.GaugeOpts{Name: "loops"}), Logger: slog.New(slog.DiscardHandler)})
+	defer r.Stop()
 	relayed := make(chan error, 1)
 	go func() {
 		a, err := appLn.Accept()
@@ -58,14 +58,14 @@ func TestRelayDrivesTLSOnALoop(t *testing.T) {
 			relayed <- err
 			return
 		}
-		b := tlsClient(raw, &tls.Config{ServerName: "batch", InsecureSkipVerify: true})
+		b := TLSClient(raw, &tls.Config{ServerName: "batch", InsecureSkipVerify: true})
 		if err := b.Handshake(); err != nil {
 			a.Close()
 			raw.Close()
 			relayed <- err
 			return
 		}
-		p.relay(a, b)
+		r.Relay(a, b)
 		relayed <- nil
 	}()
 

@@ -1,17 +1,18 @@
-package proxy
+package loop
 
 import (
-	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
-	"os"
 	"runtime"
 	"sync"
-	"syscall"
 	"time"
 	"unsafe"
 
+	"github.com/meshfed/meshfed/dataplane/upstream"
+	"github.com/meshfed/meshfed/dataplane/xdsclient"
+	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sys/unix"
 )
 
@@ -20,13 +21,14 @@ import (
 // costs little next to waking up for them: a loop wakes once for a batch of
 // ready sockets, where goroutines hand each wakeup from thread to thread
 // (the gateway made about 9 futex calls per connection that way). The
-// gateway runs its listeners on loops; a proxy hands its connections to
-// loops of its own once they are connected and past their TLS handshake.
+// gateway runs its listeners on loops (ListenRouted); a proxy hands its
+// connections to loops of its own once they are connected and past their
+// TLS handshake (Relayer).
 
 const (
 	// One read, shared by every connection of a loop; a proxy's relay
 	// loops read half as much, which a TLS side encrypts into eight
-	// records that leave in one write (see batchedTLS).
+	// records that leave in one write (see TLSConn).
 	gatewayBuffer = 256 << 10
 	relayBuffer   = 128 << 10
 	loopBudget    = 4 // reads per direction and turn, so no connection holds up the rest
@@ -62,10 +64,10 @@ type loopConn struct {
 	// ownHello).
 	hello         []byte
 	helloBorrowed bool
-	r             route
-	u             *upstream
-	e             endpointConf
-	tried         triedSet
+	r             xdsclient.Route
+	u             *upstream.Upstream
+	e             xdsclient.Endpoint
+	tried         upstream.Tried
 	// fdWait: out of descriptors to connect upstream with, the caller
 	// waits until then; zero while it has not had to.
 	fdWait time.Time
@@ -95,15 +97,17 @@ type sock struct {
 	// side that it terminates or originates); buffered: crypto/tls may
 	// hold data the socket no longer has; out: bytes it wrote that the
 	// socket did not take yet.
-	tls      *batchedTLS
+	tls      *TLSConn
 	buffered bool
 	out      []byte
 }
 
 // eventLoop is one loop: its epoll set, sockets and connections.
 type eventLoop struct {
-	p    *Proxy
-	rl   *runningListener
+	log   *slog.Logger
+	gauge prometheus.Gauge // running loops
+	// rt: a routing loop's options (nil for a relay loop).
+	rt   *RouterOptions
 	addr net.Addr
 	ep   int
 	lfd  int // -1 once no longer accepting
@@ -144,9 +148,9 @@ type eventLoop struct {
 }
 
 // newLoop makes an event loop with no sockets yet, reading buf bytes at
-// a time.
-func (p *Proxy) newLoop(buf int) (*eventLoop, error) {
-	l := &eventLoop{p: p, ep: -1, lfd: -1, wake: -1,
+// a time; it logs to log and counts itself in gauge while it runs.
+func newLoop(buf int, log *slog.Logger, gauge prometheus.Gauge) (*eventLoop, error) {
+	l := &eventLoop{log: log, gauge: gauge, ep: -1, lfd: -1, wake: -1,
 		socks: map[int32]*sock{}, conns: map[*loopConn]struct{}{}, token: firstToken, buf: make([]byte, buf)}
 	l.spares.New = func() any { b := make([]byte, buf); return &b }
 	var err error
@@ -162,69 +166,6 @@ func (p *Proxy) newLoop(buf int) (*eventLoop, error) {
 		return nil, fmt.Errorf("event loop: %w", err)
 	}
 	return l, nil
-}
-
-// tune sets what Go's net package sets on its TCP connections: no Nagle
-// delay, and keepalive probes (after 15s idle, every 15s, 9 of them), so a
-// peer that vanished without a word is found and its connection closed.
-func tune(fd int) {
-	noDelay(fd)
-	keepAlive(fd)
-}
-
-func noDelay(fd int) { _ = unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1) }
-
-func keepAlive(fd int) {
-	for _, o := range [...]struct{ level, opt, v int }{
-		{unix.SOL_SOCKET, unix.SO_KEEPALIVE, 1},
-		{unix.IPPROTO_TCP, unix.TCP_KEEPIDLE, 15},
-		{unix.IPPROTO_TCP, unix.TCP_KEEPINTVL, 15},
-		{unix.IPPROTO_TCP, unix.TCP_KEEPCNT, 9},
-	} {
-		_ = unix.SetsockoptInt(fd, o.level, o.opt, o.v)
-	}
-}
-
-// keepaliveAfter: how long a gateway's upstream connection lasts before it
-// gets its keepalive probes (four system calls); most of its connections
-// end sooner and are spared them. Probes start after 15s idle anyway.
-const keepaliveAfter = time.Second
-
-// probeLater gives s keepalive probes at the first turn after
-// keepaliveAfter, if it is still open then.
-func (l *eventLoop) probeLater(s *sock) {
-	if len(l.unprobed) == 0 {
-		l.probeAt = time.Now().Add(keepaliveAfter)
-	}
-	l.unprobed = append(l.unprobed, s)
-}
-
-// probe sets keepalive probes on the sockets waiting for them that are
-// still open.
-func (l *eventLoop) probe() {
-	for _, s := range l.unprobed {
-		if l.socks[s.token] == s {
-			keepAlive(int(s.fd))
-		}
-	}
-	clear(l.unprobed)
-	l.unprobed = l.unprobed[:0]
-}
-
-// detach takes a socket's descriptor from Go's poller: a duplicate that
-// stays non-blocking, the original closed.
-func detach(c interface {
-	syscall.Conn
-	io.Closer
-}) (int, error) {
-	fd := -1
-	rc, err := c.SyscallConn()
-	if err == nil {
-		cerr := rc.Control(func(s uintptr) { fd, err = unix.FcntlInt(s, unix.F_DUPFD_CLOEXEC, 0) })
-		err = errors.Join(err, cerr)
-	}
-	c.Close()
-	return fd, err
 }
 
 // post runs f on the loop; false once the loop has ended.
@@ -256,17 +197,17 @@ func (l *eventLoop) closeFDs() {
 }
 
 func (l *eventLoop) run() {
-	l.p.m.loops.Inc()
+	l.gauge.Inc()
 	l.state.Lock()
 	defer func() {
-		l.p.m.loops.Dec()
+		l.gauge.Dec()
 		l.mu.Lock()
 		l.done = true
 		l.mu.Unlock()
 		l.closeFDs()
 		l.state.Unlock()
-		if l.rl != nil {
-			l.p.track(loopCloser{l}, false)
+		if l.rt != nil {
+			l.rt.Tracker.Done(loopCloser{l})
 		}
 	}()
 	events := make([]unix.EpollEvent, 128)
@@ -290,7 +231,7 @@ func (l *eventLoop) run() {
 		n, err := l.wait(events, timeout, now)
 		l.state.Lock()
 		if err != nil && err != unix.EINTR {
-			l.p.log.Error("event loop failed; its connections end", "err", err)
+			l.log.Error("event loop failed; its connections end", "err", err)
 			l.stopAccepting()
 			for c := range l.conns {
 				l.close(c)
@@ -467,7 +408,7 @@ func (l *eventLoop) close(c *loopConn) {
 		close(c.done)
 		return
 	}
-	l.p.m.gatewayLive.Dec()
+	l.rt.Live.Dec()
 }
 
 func (l *eventLoop) relay(c *loopConn) {
@@ -567,139 +508,4 @@ func (l *eventLoop) release(s *sock) {
 		l.spares.Put(s.spare)
 		s.spare = nil
 	}
-}
-
-// read reads what s has into buf: unix.EAGAIN when it has nothing now,
-// io.EOF at the end of the stream.
-func (s *sock) read(buf []byte) (int, error) {
-	if s.tls != nil {
-		n, err := s.tls.Read(buf)
-		s.buffered = n > 0 && err == nil
-		if errors.Is(err, os.ErrDeadlineExceeded) {
-			err = unix.EAGAIN
-		}
-		return n, err
-	}
-	return s.readFD(buf)
-}
-
-// readFD reads from the socket itself.
-func (s *sock) readFD(buf []byte) (int, error) {
-	for {
-		n, err := unix.Read(int(s.fd), buf)
-		switch {
-		case err == unix.EINTR:
-			continue
-		case err != nil:
-			if err == unix.EAGAIN {
-				s.readable = false
-			}
-			return 0, err
-		case n == 0:
-			return 0, io.EOF
-		case n < len(buf) && !s.hup:
-			s.readable = false // a short read took all there was
-		}
-		return n, nil
-	}
-}
-
-// write writes p to s; a TLS side takes all of p (what its socket does
-// not take waits in out).
-func (s *sock) write(p []byte) (int, error) {
-	if s.tls != nil {
-		return s.tls.Write(p)
-	}
-	return unix.Write(int(s.fd), p)
-}
-
-// shutWrite passes an end of stream on: a close_notify alert on a TLS
-// side, a TCP half-close otherwise.
-func (s *sock) shutWrite() {
-	if s.tls != nil {
-		_ = s.tls.CloseWrite()
-		return
-	}
-	_ = unix.Shutdown(int(s.fd), unix.SHUT_WR)
-}
-
-// flush writes what a TLS side holds in out, as far as its socket takes
-// it.
-func (s *sock) flush() error {
-	for len(s.out) > 0 && s.writable {
-		n, err := unix.Write(int(s.fd), s.out)
-		switch {
-		case err == unix.EAGAIN:
-			s.writable = false
-		case err == unix.EINTR:
-		case err != nil:
-			return err
-		case n == len(s.out):
-			s.out = nil // a connection holds no buffer while its socket keeps up
-		default:
-			s.out = s.out[:copy(s.out, s.out[n:])]
-		}
-	}
-	return nil
-}
-
-type timer struct {
-	at  time.Time
-	c   *loopConn
-	gen int
-	// redial: the caller waited for a descriptor; try to connect again.
-	redial bool
-}
-
-// timers is a min-heap by deadline; stale ones are dropped when they come
-// up. Its own push and pop spare container/heap's boxing of each timer in
-// an interface value, an allocation apiece.
-type timers []timer
-
-func (t *timers) push(x timer) {
-	h := append(*t, x)
-	for i := len(h) - 1; i > 0; {
-		up := (i - 1) / 2
-		if !h[i].at.Before(h[up].at) {
-			break
-		}
-		h[i], h[up] = h[up], h[i]
-		i = up
-	}
-	*t = h
-}
-
-func (t *timers) pop() timer {
-	h := *t
-	top, last := h[0], len(h)-1
-	h[0], h[last] = h[last], timer{}
-	h = h[:last]
-	for i := 0; ; {
-		low := 2*i + 1
-		if low >= len(h) {
-			break
-		}
-		if low+1 < len(h) && h[low+1].at.Before(h[low].at) {
-			low++
-		}
-		if !h[low].at.Before(h[i].at) {
-			break
-		}
-		h[i], h[low] = h[low], h[i]
-		i = low
-	}
-	*t = h
-	return top
-}
-
-// next is the earliest deadline still in force.
-func (t *timers) next() (time.Time, bool) {
-	for len(*t) > 0 {
-		top := (*t)[0]
-		if top.gen == top.c.gen && (top.c.state == readingHello || top.c.state == connecting) {
-			return top.at, true
-		}
-		t.pop()
-	}
-	return time.Time{}, false
 }

@@ -1,4 +1,4 @@
-package proxy
+package loop
 
 import (
 	"bytes"
@@ -69,7 +69,7 @@ func TestBatchedTLS(t *testing.T) {
 			return
 		}
 		defer raw.Close()
-		c := tlsServer(raw, &tls.Config{Certificates: []tls.Certificate{cert}})
+		c := TLSServer(raw, &tls.Config{Certificates: []tls.Certificate{cert}})
 		buf := make([]byte, size)
 		for {
 			n, err := c.Read(buf)
@@ -92,7 +92,7 @@ func TestBatchedTLS(t *testing.T) {
 		t.Fatal(err)
 	}
 	raw := &countingConn{Conn: tcp}
-	c := tlsClient(raw, &tls.Config{ServerName: "batch", InsecureSkipVerify: true})
+	c := TLSClient(raw, &tls.Config{ServerName: "batch", InsecureSkipVerify: true})
 	defer c.Close()
 	if err := c.Handshake(); err != nil {
 		t.Fatal(err)
