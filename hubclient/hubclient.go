@@ -16,6 +16,7 @@ import (
 
 	"github.com/meshfed/meshfed/atomicfile"
 	"github.com/meshfed/meshfed/trust/ca"
+	"github.com/meshfed/meshfed/trust/mtls"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/keepalive"
@@ -95,19 +96,11 @@ func (c *Config) Dial() (*grpc.ClientConn, error) {
 }
 
 // DialPinned connects to the hub at addr without a client certificate,
-// trusting the server only if its CA's key has the given pin: the way a
-// spoke first reaches the hub to redeem its join token.
+// trusting the server only if its CA's key has the given pin and it is the
+// hub of that CA's trust domain: the way a spoke first reaches the hub to
+// redeem its join token.
 func DialPinned(addr, pin string) (*grpc.ClientConn, error) {
-	tc := &tls.Config{
-		MinVersion: tls.VersionTLS13,
-		// The chain is checked against the pin below instead of system roots.
-		InsecureSkipVerify: true,
-		VerifyPeerCertificate: func(raw [][]byte, _ [][]*x509.Certificate) error {
-			_, err := ca.VerifyPinned(raw, pin)
-			return err
-		},
-	}
-	return DialTLS(addr, tc)
+	return DialTLS(addr, mtls.PinnedClientConfig(pin, mtls.AuthorizePath(ca.HubPath)))
 }
 
 // DialTLS connects to the hub at addr with tc.

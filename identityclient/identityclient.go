@@ -18,6 +18,7 @@ import (
 	meshfedv1 "github.com/meshfed/meshfed/api/meshfed/v1"
 	"github.com/meshfed/meshfed/hubclient"
 	"github.com/meshfed/meshfed/trust/ca"
+	"github.com/meshfed/meshfed/trust/mtls"
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
@@ -92,7 +93,8 @@ func (c *Client) attest(ctx context.Context) error {
 		if err != nil {
 			return fmt.Errorf("node token: %w", err)
 		}
-		if conn, err = hubclient.DialPinned(c.o.Addr, tok.CAPin); err != nil {
+		tc := mtls.PinnedClientConfig(tok.CAPin, mtls.AuthorizePath(ca.SiteSpokePath))
+		if conn, err = grpc.NewClient("passthrough:///"+c.o.Addr, grpc.WithTransportCredentials(credentials.NewTLS(tc))); err != nil {
 			return err
 		}
 		cred = &meshfedv1.AttestRequest{Credential: &meshfedv1.AttestRequest_NodeToken{NodeToken: c.o.Token}}
@@ -138,10 +140,8 @@ func spokeTLS(pem []byte) (*tls.Config, error) {
 		return nil, fmt.Errorf("the site's CA certificate names no trust domain: %w", err)
 	}
 	bundle := x509bundle.FromX509Authorities(td.TrustDomain(), certs)
-	spoke := spiffeid.RequireFromPath(td.TrustDomain(), "/meshfed/spoke")
-	tc := tlsconfig.TLSClientConfig(bundle, tlsconfig.AuthorizeID(spoke))
-	tc.MinVersion = tls.VersionTLS13
-	return tc, nil
+	spoke := spiffeid.RequireFromPath(td.TrustDomain(), ca.SiteSpokePath)
+	return mtls.ClientConfig(nil, bundle, tlsconfig.AuthorizeID(spoke)), nil
 }
 
 // SVID is the current SVID.
@@ -168,10 +168,8 @@ func (c *Client) TrustDomain() spiffeid.TrustDomain {
 // ClientTLS is a TLS config that presents the current SVID and accepts only
 // the site's spoke (spiffe://<td>/meshfed/spoke).
 func (c *Client) ClientTLS() *tls.Config {
-	spoke := spiffeid.RequireFromPath(c.TrustDomain(), "/meshfed/spoke")
-	tc := tlsconfig.MTLSClientConfig(svidSource{c}, bundleSource{c}, tlsconfig.AuthorizeID(spoke))
-	tc.MinVersion = tls.VersionTLS13
-	return tc
+	spoke := spiffeid.RequireFromPath(c.TrustDomain(), ca.SiteSpokePath)
+	return mtls.ClientConfig(svidSource{c}, bundleSource{c}, tlsconfig.AuthorizeID(spoke))
 }
 
 // Run renews the SVID at half-life until ctx ends.

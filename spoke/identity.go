@@ -14,7 +14,6 @@ import (
 	meshfedv1 "github.com/meshfed/meshfed/api/meshfed/v1"
 	"github.com/meshfed/meshfed/catalog"
 	"github.com/meshfed/meshfed/federation"
-	"github.com/meshfed/meshfed/spoke/kube"
 	"github.com/meshfed/meshfed/trust/ca"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/grpc"
@@ -56,7 +55,7 @@ func (is *identityServer) servingCert(*tls.ClientHelloInfo) (*tls.Certificate, e
 	if err != nil {
 		return nil, err
 	}
-	id := spiffeid.RequireFromPath(is.s.ca.TrustDomain(), "/meshfed/spoke")
+	id := spiffeid.RequireFromPath(is.s.ca.TrustDomain(), ca.SiteSpokePath)
 	leaf, err := is.s.ca.SignSVID(key.Public(), id, 0)
 	if err != nil {
 		return nil, err
@@ -112,11 +111,11 @@ func (is *identityServer) Attest(ctx context.Context, req *meshfedv1.AttestReque
 // attestKubernetes checks a ServiceAccount token with the cluster's
 // TokenReview and issues spiffe://<td>/ns/<namespace>/sa/<name>.
 func (is *identityServer) attestKubernetes(ctx context.Context, token string, csr []byte) (*meshfedv1.SVIDResponse, error) {
-	if is.s.o.Kube == nil {
+	if is.s.o.Attestor == nil {
 		return nil, status.Error(codes.FailedPrecondition, "this spoke has no Kubernetes cluster to check the token with (start it with --kubeconfig, or in the cluster)")
 	}
-	sa, err := kube.ReviewToken(ctx, is.s.o.Kube, token, kube.Audience)
-	if errors.Is(err, kube.ErrNotAuthenticated) {
+	sa, err := is.s.o.Attestor.Review(ctx, token)
+	if errors.Is(err, ErrNotAuthenticated) {
 		is.s.m.svids.WithLabelValues("attest", "refused").Inc()
 		return nil, status.Error(codes.Unauthenticated, err.Error())
 	}

@@ -176,7 +176,7 @@ func (s *Server) servingCert() func(*tls.ClientHelloInfo) (*tls.Certificate, err
 		if err != nil {
 			return nil, err
 		}
-		leaf := ca.Leaf{ID: spiffeid.RequireFromPath(s.o.CA.TrustDomain(), "/meshfed/spoke"), Key: key.Public(), DNSNames: []string{"localhost"}}
+		leaf := ca.Leaf{ID: spiffeid.RequireFromPath(s.o.CA.TrustDomain(), ca.SiteSpokePath), Key: key.Public(), DNSNames: []string{"localhost"}}
 		if h, err := os.Hostname(); err == nil {
 			leaf.DNSNames = append(leaf.DNSNames, h)
 		}

@@ -11,7 +11,11 @@ import (
 const (
 	spokePrefix = "/meshfed/spoke/"
 	adminPath   = "/meshfed/admin"
-	hubPath     = "/meshfed/hub"
+	// HubPath is the hub's SPIFFE ID path (in the federation's trust
+	// domain); SiteSpokePath a spoke's in its own site's trust domain,
+	// where it serves its identity and xDS APIs.
+	HubPath       = "/meshfed/hub"
+	SiteSpokePath = "/meshfed/spoke"
 )
 
 // SpokeID is the identity of site's spoke.
@@ -26,7 +30,7 @@ func AdminID(federation spiffeid.TrustDomain) spiffeid.ID {
 
 // HubID is the identity of the hub.
 func HubID(federation spiffeid.TrustDomain) spiffeid.ID {
-	return spiffeid.RequireFromPath(federation, hubPath)
+	return spiffeid.RequireFromPath(federation, HubPath)
 }
 
 // SiteOfSpoke returns the site a spoke ID is for, or an error when id is
