@@ -72,7 +72,7 @@ func newHubCmd(g *globals) *cobra.Command {
 
 func newSpokeCmd(g *globals) *cobra.Command {
 	var o spoke.Options
-	var services, kubeconfig, kubeContext, caSecret, credSecret string
+	var services, kubeconfig, kubeContext, caSecret, credSecret, bundleConfigMap string
 	var poll time.Duration
 	cmd := &cobra.Command{
 		Use:   "spoke",
@@ -106,35 +106,45 @@ func newSpokeCmd(g *globals) *cobra.Command {
 				o.Source = src
 			}
 			inCluster := os.Getenv("KUBERNETES_SERVICE_HOST") != ""
+			// kc: the site's cluster, when the spoke has one.
+			var kc kubernetes.Interface
 			if kubeconfig != "" || inCluster {
 				rc, err := kube.RESTConfig(kubeconfig, kubeContext)
 				if err != nil {
 					return err
 				}
-				if o.Kube, err = kubernetes.NewForConfig(rc); err != nil {
+				if kc, err = kubernetes.NewForConfig(rc); err != nil {
 					return err
 				}
+				o.Attestor = kube.Attestor{Client: kc}
 				mcs, err := mcsclient.NewForConfig(rc)
 				if err != nil {
 					return err
 				}
 				if o.Source == nil {
 					// No services file: the cluster's exported services.
-					o.Source = kubesource.New(kubesource.Options{Client: o.Kube, MCS: mcs, Logger: o.Logger.With("component", "kubesource")})
-					o.Importer = kubeimport.New(kubeimport.Options{Client: o.Kube, MCS: mcs, Logger: o.Logger.With("component", "kubeimport")})
+					o.Source = kubesource.New(kubesource.Options{Client: kc, MCS: mcs, Logger: o.Logger.With("component", "kubesource")})
+					o.Importer = kubeimport.New(kubeimport.Options{Client: kc, MCS: mcs, Logger: o.Logger.With("component", "kubeimport")})
 				}
 			}
-			if o.Credentials, err = secretStorage(o, "credential-secret", credSecret, inCluster, "meshfed-system/meshfed-spoke-credential"); err != nil {
+			if o.Credentials, err = secretStorage(kc, "credential-secret", credSecret, inCluster, "meshfed-system/meshfed-spoke-credential"); err != nil {
 				return err
 			}
-			if o.CA.Storage, err = secretStorage(o, "ca-secret", caSecret, inCluster, "meshfed-system/meshfed-site-ca"); err != nil {
+			if o.CA.Storage, err = secretStorage(kc, "ca-secret", caSecret, inCluster, "meshfed-system/meshfed-site-ca"); err != nil {
 				return err
 			}
-			if o.BundleConfigMap == "" && inCluster {
-				o.BundleConfigMap = "meshfed-system/meshfed-site-bundle"
+			if bundleConfigMap == "" && inCluster {
+				bundleConfigMap = "meshfed-system/meshfed-site-bundle"
 			}
-			if o.BundleConfigMap != "" && o.Kube == nil {
-				return fmt.Errorf("--ca-configmap needs a cluster: pass --kubeconfig or run the spoke in the cluster")
+			if bundleConfigMap != "" {
+				if kc == nil {
+					return fmt.Errorf("--ca-configmap needs a cluster: pass --kubeconfig or run the spoke in the cluster")
+				}
+				ns, name, err := kube.ParseSecretRef(bundleConfigMap)
+				if err != nil {
+					return fmt.Errorf("--ca-configmap %q: want namespace/name", bundleConfigMap)
+				}
+				o.Bundles = kube.BundleConfigMap{Client: kc, Namespace: ns, Name: name}
 			}
 			sp, err = spoke.New(ctx, o)
 			if err != nil {
@@ -152,7 +162,7 @@ func newSpokeCmd(g *globals) *cobra.Command {
 	f.StringVar(&kubeconfig, "kubeconfig", "", "kubeconfig of the site's cluster, when the spoke runs outside it (inside, the in-cluster config is used)")
 	f.StringVar(&kubeContext, "context", "", "kubeconfig context")
 	f.StringVar(&credSecret, "credential-secret", "", "keep the spoke's hub credential in this Kubernetes Secret, namespace/name (default in a cluster: meshfed-system/meshfed-spoke-credential; outside: spoke.conf under --data-dir)")
-	f.StringVar(&o.BundleConfigMap, "ca-configmap", "", "publish the site's CA certificates in this ConfigMap, namespace/name, for pods that attest with ServiceAccount tokens (default in a cluster: meshfed-system/meshfed-site-bundle)")
+	f.StringVar(&bundleConfigMap, "ca-configmap", "", "publish the site's CA certificates in this ConfigMap, namespace/name, for pods that attest with ServiceAccount tokens (default in a cluster: meshfed-system/meshfed-site-bundle)")
 	f.StringVar(&caSecret, "ca-secret", "", "keep the site CA in this Kubernetes Secret, namespace/name (default in a cluster: meshfed-system/meshfed-site-ca; outside: files under --data-dir)")
 	f.DurationVar(&poll, "services-poll", time.Second, "how often to check the services file for changes")
 	f.StringVar(&o.HTTPListen, "http-listen", "127.0.0.1:7180", "address for /healthz, /readyz, /metrics and /v1/catalog (- disables)")
@@ -173,19 +183,19 @@ func newSpokeCmd(g *globals) *cobra.Command {
 
 // secretStorage is the Secret named by --flag (ref, or def in a cluster),
 // or nil when there is none: the spoke then uses files in its data dir.
-func secretStorage(o spoke.Options, flag, ref string, inCluster bool, def string) (siteca.Storage, error) {
+func secretStorage(kc kubernetes.Interface, flag, ref string, inCluster bool, def string) (siteca.Storage, error) {
 	if ref == "" && inCluster {
 		ref = def
 	}
 	if ref == "" {
 		return nil, nil
 	}
-	if o.Kube == nil {
+	if kc == nil {
 		return nil, fmt.Errorf("--%s needs a cluster: pass --kubeconfig or run the spoke in the cluster", flag)
 	}
 	ns, name, err := kube.ParseSecretRef(ref)
 	if err != nil {
 		return nil, fmt.Errorf("--%s: %w", flag, err)
 	}
-	return kube.SecretStorage{Client: o.Kube, Namespace: ns, Name: name}, nil
+	return kube.SecretStorage{Client: kc, Namespace: ns, Name: name}, nil
 }

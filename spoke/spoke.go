@@ -21,7 +21,6 @@ import (
 	"github.com/meshfed/meshfed/federation"
 	"github.com/meshfed/meshfed/gossip"
 	"github.com/meshfed/meshfed/hubclient"
-	"github.com/meshfed/meshfed/spoke/kube"
 	"github.com/meshfed/meshfed/spoke/xds"
 	"github.com/meshfed/meshfed/telemetry"
 	"github.com/meshfed/meshfed/trust/ca"
@@ -30,7 +29,6 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"golang.org/x/sync/errgroup"
 	"google.golang.org/grpc"
-	"k8s.io/client-go/kubernetes"
 )
 
 // Options configures a Spoke. Zero values take the documented defaults.
@@ -61,14 +59,14 @@ type Options struct {
 	// CA configures the site CA (its Dir and TrustDomain are set by the
 	// spoke: <data dir>/ca and the site's trust domain from the hub).
 	CA siteca.Options
-	// Kube is the site's cluster, for Kubernetes attestation (and, later,
-	// its catalog source). Nil: not a Kubernetes site.
-	Kube kubernetes.Interface
-	// BundleConfigMap ("namespace/name") receives the site's CA
-	// certificates whenever they change, for pods that attest with their
-	// ServiceAccount token (gateways, proxies) to trust the spoke. Needs
-	// Kube. Empty: not published.
-	BundleConfigMap string
+	// Attestor checks workloads' platform tokens (a Kubernetes site's
+	// ServiceAccount tokens: spoke/kube). Nil: the site attests hosts by
+	// node token only.
+	Attestor WorkloadAttestor
+	// Bundles, when set, receives the site's CA certificates whenever
+	// they change, for pods that attest with their ServiceAccount token
+	// (gateways, proxies) to trust the spoke (spoke/kube's ConfigMap).
+	Bundles BundlePublisher
 	// IdentityListen serves the SVID API (Identity) to the site's hosts and
 	// workloads. Default "127.0.0.1:7181"; "-" disables.
 	IdentityListen string
@@ -111,11 +109,6 @@ type Spoke struct {
 func New(ctx context.Context, o Options) (*Spoke, error) {
 	if err := catalog.ValidateName("site name", o.Site); err != nil {
 		return nil, fmt.Errorf("spoke: --site: %w", err)
-	}
-	if o.BundleConfigMap != "" {
-		if _, _, err := kube.ParseSecretRef(o.BundleConfigMap); err != nil {
-			return nil, fmt.Errorf("spoke: CA ConfigMap %q: want namespace/name", o.BundleConfigMap)
-		}
 	}
 	if o.DataDir == "" {
 		return nil, errors.New("spoke: --data-dir is required")
@@ -495,13 +488,12 @@ func kindOf(key string) string {
 	return "service"
 }
 
-// publishBundle writes the site's CA certificates to --ca-configmap.
+// publishBundle hands the site's CA certificates to the publisher.
 func (s *Spoke) publishBundle(ctx context.Context) error {
-	if s.o.BundleConfigMap == "" || s.o.Kube == nil {
+	if s.o.Bundles == nil {
 		return nil
 	}
-	ns, name, _ := kube.ParseSecretRef(s.o.BundleConfigMap) // checked by New
-	err := kube.PublishBundle(ctx, s.o.Kube, ns, name, ca.EncodeCertPEM(s.ca.Authorities()...))
+	err := s.o.Bundles.PublishBundle(ctx, ca.EncodeCertPEM(s.ca.Authorities()...))
 	if err != nil {
 		s.log.Error("could not publish the site CA for pods; retrying", "err", err)
 	}

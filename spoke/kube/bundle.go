@@ -5,6 +5,7 @@ import (
 	"context"
 	"fmt"
 
+	"github.com/meshfed/meshfed/spoke"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -46,4 +47,18 @@ func PublishBundle(ctx context.Context, c kubernetes.Interface, namespace, name 
 		return fmt.Errorf("kube: publish the site CA to ConfigMap %s/%s: %w", namespace, name, err)
 	}
 	return nil
+}
+
+// BundleConfigMap publishes the site's CA certificates to a ConfigMap for
+// the spoke (PublishBundle).
+type BundleConfigMap struct {
+	Client          kubernetes.Interface
+	Namespace, Name string
+}
+
+var _ spoke.BundlePublisher = BundleConfigMap{}
+
+// PublishBundle implements spoke.BundlePublisher.
+func (b BundleConfigMap) PublishBundle(ctx context.Context, pem []byte) error {
+	return PublishBundle(ctx, b.Client, b.Namespace, b.Name, pem)
 }

@@ -5,17 +5,21 @@ package kube
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"slices"
 	"strings"
 
+	"github.com/meshfed/meshfed/spoke"
 	authnv1 "k8s.io/api/authentication/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
 )
+
+// ManagedBy is the EndpointSlice managed-by value of slices meshfed writes;
+// the source skips them, so imports are never re-exported.
+const ManagedBy = "meshfed"
 
 // Audience is what a workload's projected ServiceAccount token must be
 // issued for to attest to a meshfed spoke.
@@ -46,11 +50,21 @@ func RESTConfig(kubeconfig, kubeContext string) (*rest.Config, error) {
 }
 
 // ErrNotAuthenticated is returned for a token the cluster does not accept.
-var ErrNotAuthenticated = errors.New("kube: the cluster does not accept the token")
+var ErrNotAuthenticated = spoke.ErrNotAuthenticated
 
 // ServiceAccount is a reviewed token's workload identity.
-type ServiceAccount struct {
-	Namespace, Name string
+type ServiceAccount = spoke.Workload
+
+// Attestor checks workloads' ServiceAccount tokens for the spoke.
+type Attestor struct {
+	Client kubernetes.Interface
+}
+
+var _ spoke.WorkloadAttestor = Attestor{}
+
+// Review implements spoke.WorkloadAttestor.
+func (a Attestor) Review(ctx context.Context, token string) (spoke.Workload, error) {
+	return ReviewToken(ctx, a.Client, token, Audience)
 }
 
 // ReviewToken asks the cluster whether token is a valid ServiceAccount

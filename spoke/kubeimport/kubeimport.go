@@ -26,7 +26,7 @@ import (
 	meshfedv1 "github.com/meshfed/meshfed/api/meshfed/v1"
 	"github.com/meshfed/meshfed/federation"
 	"github.com/meshfed/meshfed/spoke"
-	"github.com/meshfed/meshfed/spoke/kubesource"
+	"github.com/meshfed/meshfed/spoke/kube"
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
 	"k8s.io/apimachinery/pkg/api/equality"
@@ -47,7 +47,7 @@ import (
 // LabelSourceSite names the site an imported EndpointSlice stands for.
 const LabelSourceSite = "multicluster.kubernetes.io/source-cluster"
 
-var managed = map[string]string{discoveryv1.LabelManagedBy: kubesource.ManagedBy}
+var managed = map[string]string{discoveryv1.LabelManagedBy: kube.ManagedBy}
 
 // Options configures an Importer.
 type Options struct {
@@ -248,7 +248,7 @@ func (im *Importer) applyDerived(ctx context.Context, ns, name string, ports []m
 	dn := DerivedServiceName(name)
 	createIt := func() (string, error) {
 		cur, err := svcs.Create(ctx, &corev1.Service{
-			ObjectMeta: metav1.ObjectMeta{Name: dn, Namespace: ns, Labels: map[string]string{discoveryv1.LabelManagedBy: kubesource.ManagedBy, mcsv1a1.LabelServiceName: name}},
+			ObjectMeta: metav1.ObjectMeta{Name: dn, Namespace: ns, Labels: map[string]string{discoveryv1.LabelManagedBy: kube.ManagedBy, mcsv1a1.LabelServiceName: name}},
 			Spec:       want,
 		}, metav1.CreateOptions{})
 		if err != nil {
@@ -268,7 +268,7 @@ func (im *Importer) applyDerived(ctx context.Context, ns, name string, ports []m
 	if err != nil {
 		return "", err
 	}
-	if cur.Labels[discoveryv1.LabelManagedBy] != kubesource.ManagedBy {
+	if cur.Labels[discoveryv1.LabelManagedBy] != kube.ManagedBy {
 		return "", fmt.Errorf("Service %s/%s exists and is not meshfed's: rename it, meshfed derives the ClusterSetIP of %s from it", ns, dn, name)
 	}
 	if !equality.Semantic.DeepEqual(portsOf(cur.Spec.Ports), portsOf(want.Ports)) {
@@ -305,7 +305,7 @@ func (im *Importer) applyImport(ctx context.Context, ns, name string, cur *mcsv1
 	if cur == nil {
 		cur, err = imports.Create(ctx, &mcsv1a1.ServiceImport{ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: ns, Labels: managed}, Spec: spec}, metav1.CreateOptions{})
 	} else {
-		if cur.Labels[discoveryv1.LabelManagedBy] != kubesource.ManagedBy {
+		if cur.Labels[discoveryv1.LabelManagedBy] != kube.ManagedBy {
 			return fmt.Errorf("ServiceImport %s/%s exists and is not meshfed's: leaving it alone", ns, name)
 		}
 		if equality.Semantic.DeepEqual(cur.Spec, spec) && equality.Semantic.DeepEqual(cur.Status.Clusters, clusters) {
@@ -380,7 +380,7 @@ func (im *Importer) applySlices(ctx context.Context, view *spoke.View, ns, name 
 		_, err := slices.Create(ctx, es, metav1.CreateOptions{})
 		if apierrors.IsAlreadyExists(err) {
 			err = fmt.Errorf("EndpointSlice %s/%s exists and is not meshfed's (no label %s=%s): delete or rename it, meshfed imports site %s's endpoints of %s there",
-				ns, es.Name, discoveryv1.LabelManagedBy, kubesource.ManagedBy, es.Labels[LabelSourceSite], name)
+				ns, es.Name, discoveryv1.LabelManagedBy, kube.ManagedBy, es.Labels[LabelSourceSite], name)
 		}
 		errs = append(errs, err)
 	}
@@ -405,7 +405,7 @@ func (im *Importer) slice(view *spoke.View, ns, name string, s *meshfedv1.Servic
 		ObjectMeta: metav1.ObjectMeta{
 			Name: name + "-" + s.GetSite() + "-meshfed", Namespace: ns,
 			Labels: map[string]string{
-				mcsv1a1.LabelServiceName: name, discoveryv1.LabelManagedBy: kubesource.ManagedBy, LabelSourceSite: s.GetSite(),
+				mcsv1a1.LabelServiceName: name, discoveryv1.LabelManagedBy: kube.ManagedBy, LabelSourceSite: s.GetSite(),
 				// The derived Service's too, so kube-proxy routes its IP here.
 				discoveryv1.LabelServiceName: DerivedServiceName(name),
 			},
@@ -444,13 +444,13 @@ func (im *Importer) slice(view *spoke.View, ns, name string, s *meshfedv1.Servic
 }
 
 func selector(name string) string {
-	return labels.SelectorFromSet(labels.Set{mcsv1a1.LabelServiceName: name, discoveryv1.LabelManagedBy: kubesource.ManagedBy}).String()
+	return labels.SelectorFromSet(labels.Set{mcsv1a1.LabelServiceName: name, discoveryv1.LabelManagedBy: kube.ManagedBy}).String()
 }
 
 // withdraw deletes meshfed's ServiceImport and EndpointSlices of ns/name.
 func (im *Importer) withdraw(ctx context.Context, ns, name string) error {
 	imports := im.o.MCS.MulticlusterV1alpha1().ServiceImports(ns)
-	if cur, err := imports.Get(ctx, name, metav1.GetOptions{}); err == nil && cur.Labels[discoveryv1.LabelManagedBy] == kubesource.ManagedBy {
+	if cur, err := imports.Get(ctx, name, metav1.GetOptions{}); err == nil && cur.Labels[discoveryv1.LabelManagedBy] == kube.ManagedBy {
 		if err := imports.Delete(ctx, name, metav1.DeleteOptions{}); err != nil && !apierrors.IsNotFound(err) {
 			return err
 		}
@@ -458,7 +458,7 @@ func (im *Importer) withdraw(ctx context.Context, ns, name string) error {
 		return err
 	}
 	svcs := im.o.Client.CoreV1().Services(ns)
-	if cur, err := svcs.Get(ctx, DerivedServiceName(name), metav1.GetOptions{}); err == nil && cur.Labels[discoveryv1.LabelManagedBy] == kubesource.ManagedBy {
+	if cur, err := svcs.Get(ctx, DerivedServiceName(name), metav1.GetOptions{}); err == nil && cur.Labels[discoveryv1.LabelManagedBy] == kube.ManagedBy {
 		if err := svcs.Delete(ctx, cur.Name, metav1.DeleteOptions{}); err != nil && !apierrors.IsNotFound(err) {
 			return err
 		}

@@ -14,6 +14,7 @@ import (
 
 	"github.com/meshfed/meshfed/catalog"
 	"github.com/meshfed/meshfed/spoke"
+	"github.com/meshfed/meshfed/spoke/kube"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
@@ -31,10 +32,6 @@ import (
 )
 
 var _ spoke.Source = (*Source)(nil)
-
-// ManagedBy is the EndpointSlice managed-by value of slices meshfed writes;
-// the source skips them, so imports are never re-exported.
-const ManagedBy = "meshfed"
 
 // Options configures a Source.
 type Options struct {
@@ -180,7 +177,7 @@ func (s *Source) enqueueSlice(obj any) {
 		obj = d.Obj
 	}
 	es, ok := obj.(*discoveryv1.EndpointSlice)
-	if !ok || es.Labels[discoveryv1.LabelManagedBy] == ManagedBy {
+	if !ok || es.Labels[discoveryv1.LabelManagedBy] == kube.ManagedBy {
 		return
 	}
 	if svc := es.Labels[discoveryv1.LabelServiceName]; svc != "" {
@@ -234,7 +231,7 @@ func (s *Source) build(ns, name string) (*catalog.Service, error) {
 	}
 	sort.Slice(slices, func(i, j int) bool { return slices[i].Name < slices[j].Name })
 	for _, es := range slices {
-		if es.Labels[discoveryv1.LabelManagedBy] == ManagedBy || es.AddressType == discoveryv1.AddressTypeFQDN {
+		if es.Labels[discoveryv1.LabelManagedBy] == kube.ManagedBy || es.AddressType == discoveryv1.AddressTypeFQDN {
 			continue
 		}
 		for _, ep := range es.Endpoints {
