@@ -23,17 +23,36 @@ type ServicesFile struct {
 	Services []Service `yaml:"services"`
 }
 
+// ErrNoServicesKey is a services file that is empty (or whitespace and
+// comments) or lacks the services key. A truncated write, a failed config
+// management run or an empty ConfigMap look like that; taking it for "no
+// services" would pull the whole site out of the federation, so it is an
+// error, and withdrawing every service takes an explicit `services: []`.
+var ErrNoServicesKey = errors.New("services file: it is empty or has no services key; to withdraw every service of the site, write `services: []`")
+
 // ParseServicesFile decodes and validates a services file. Unknown fields are
-// errors, so a typo does not silently drop an endpoint. The result is sorted
-// by namespace/name, and a service listed twice is an error.
+// errors, so a typo does not silently drop an endpoint; so is a file with no
+// services key (ErrNoServicesKey). The result is sorted by namespace/name,
+// and a service listed twice is an error.
 func ParseServicesFile(data []byte) ([]Service, error) {
+	if len(bytes.TrimSpace(data)) == 0 {
+		return nil, ErrNoServicesKey
+	}
 	dec := yaml.NewDecoder(bytes.NewReader(data))
-	var f ServicesFile
-	if err := decodeStrict(dec, &f); err != nil && !errors.Is(err, io.EOF) {
+	var f struct {
+		// A pointer tells a missing (or null) key from an empty list.
+		Services *[]Service `yaml:"services"`
+	}
+	err := decodeStrict(dec, &f)
+	switch {
+	case errors.Is(err, io.EOF) || err == nil && f.Services == nil:
+		return nil, ErrNoServicesKey
+	case err != nil:
 		return nil, fmt.Errorf("services file: %w", err)
 	}
+	services := *f.Services
 	seen := map[string]bool{}
-	for i, s := range f.Services {
+	for i, s := range services {
 		if s.Site != "" {
 			return nil, fmt.Errorf("services file: service %s: remove the site field, the spoke sets it", s.ID())
 		}
@@ -50,6 +69,6 @@ func ParseServicesFile(data []byte) ([]Service, error) {
 			}
 		}
 	}
-	sort.Slice(f.Services, func(i, j int) bool { return f.Services[i].ID() < f.Services[j].ID() })
-	return f.Services, nil
+	sort.Slice(services, func(i, j int) bool { return services[i].ID() < services[j].ID() })
+	return services, nil
 }

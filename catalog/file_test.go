@@ -10,7 +10,12 @@ import (
 func TestParseServicesFile(t *testing.T) {
 	checkParse(t, catalog.ParseServicesFile, []parseCase{
 		{"a valid file parses", "services:\n- {namespace: default, name: echo, endpoints: [{address: 10.0.0.1, port: 80}]}\n", "", 1},
-		{"an empty file is an empty catalog", "", "", 0},
+		{"an empty file is an error, not an empty catalog", "", "services: []", 0},
+		{"a whitespace-only file is an error", " \n\t\n", "services: []", 0},
+		{"a comment-only file is an error", "# services to come\n", "services: []", 0},
+		{"a file without a services key is an error", "{}\n", "no services key", 0},
+		{"a null services key is an error", "services:\n", "no services key", 0},
+		{"an explicit empty list withdraws everything", "services: []\n", "", 0},
 		{"an unknown field is an error", "services:\n- {namespace: default, name: echo, endpoints: [{address: 10.0.0.1, port: 80, helth: ok}]}\n", `line 2: unknown field "helth" (the fields there: site, address, port, `, 0},
 		{"an invalid namespace is an error", "services:\n- {namespace: Default, name: echo, endpoints: []}\n", "DNS-1123", 0},
 		{"a service listed twice is an error", "services:\n- {namespace: a, name: b, endpoints: []}\n- {namespace: a, name: b, endpoints: []}\n", "listed twice", 0},

@@ -93,8 +93,7 @@ func (c *Client) attest(ctx context.Context) error {
 		if err != nil {
 			return fmt.Errorf("node token: %w", err)
 		}
-		tc := mtls.PinnedClientConfig(tok.CAPin, mtls.AuthorizePath(ca.SiteSpokePath))
-		if conn, err = grpc.NewClient("passthrough:///"+c.o.Addr, grpc.WithTransportCredentials(credentials.NewTLS(tc))); err != nil {
+		if conn, err = DialPinned(c.o.Addr, tok.CAPin); err != nil {
 			return err
 		}
 		cred = &meshfedv1.AttestRequest{Credential: &meshfedv1.AttestRequest_NodeToken{NodeToken: c.o.Token}}
@@ -123,6 +122,14 @@ func (c *Client) attest(ctx context.Context) error {
 		cred.Csr = csr
 		return ic.Attest(ctx, cred)
 	})
+}
+
+// DialPinned connects to a spoke's identity API at addr before the caller
+// has an SVID, trusting the server only if its chain carries the site CA
+// whose key has the node token's pin, and it is that site's spoke.
+func DialPinned(addr, pin string) (*grpc.ClientConn, error) {
+	tc := mtls.PinnedClientConfig(pin, mtls.AuthorizePath(ca.SiteSpokePath))
+	return grpc.NewClient("passthrough:///"+addr, grpc.WithTransportCredentials(credentials.NewTLS(tc)))
 }
 
 // spokeTLS accepts a server whose chain leads to one of the CA

@@ -384,6 +384,37 @@ func testFederation(t *testing.T, storeArgs ...string) {
 		writeFile(t, c.file, siteC)
 	})
 
+	t.Run("an empty services file keeps the site's services, and services: [] withdraws them", func(t *testing.T) {
+		c := f.spokes["c"]
+		f.converged(10*time.Second, wantCatalog(currentRev(t, a.file)))
+		before, err := harness.Metric(c.http, "meshfed_spoke_source_errors_total")
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, content := range []string{"", "  \n\n", "# nothing here yet\n"} {
+			writeFile(t, c.file, content)
+			harness.Eventually(t, 10*time.Second, "the spoke reports the empty file", func() error {
+				n, err := harness.Metric(c.http, "meshfed_spoke_source_errors_total")
+				if err != nil || n <= before {
+					return fmt.Errorf("source errors %v (before %v), %v", n, before, err)
+				}
+				before = n
+				return nil
+			})
+			// The hub still lists c's services: an empty file is a failed
+			// write, not a site that stopped offering them.
+			f.converged(3*time.Second, wantCatalog(currentRev(t, a.file)))
+		}
+		if log := c.p.Log(); !strings.Contains(log, "services: []") {
+			t.Errorf("spoke log does not say how to withdraw every service:\n%s", log)
+		}
+		writeFile(t, c.file, "services: []\n")
+		withoutC := strings.TrimSuffix(wantCatalog(currentRev(t, a.file)), "\nc:shop/charlie:127.0.0.31:9000map[]")
+		f.converged(10*time.Second, withoutC)
+		writeFile(t, c.file, siteC)
+		f.converged(10*time.Second, wantCatalog(currentRev(t, a.file)))
+	})
+
 	t.Run("site list shows every site connected with its counts", func(t *testing.T) {
 		out := f.mustCLI("site", "list", "-o", "json")
 		var sites []catalog.Site

@@ -14,6 +14,7 @@ import (
 
 	meshfedv1 "github.com/meshfed/meshfed/api/meshfed/v1"
 	"github.com/meshfed/meshfed/hubclient"
+	"github.com/meshfed/meshfed/identityclient"
 	"github.com/meshfed/meshfed/test/harness"
 	"github.com/meshfed/meshfed/trust/ca"
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
@@ -86,7 +87,7 @@ func attestWith(t *testing.T, s *spokeProc, token, pin string) (workload, error)
 // spoke by the pin of its site CA.
 func attestRequest(t *testing.T, s *spokeProc, pin string, req *meshfedv1.AttestRequest) (workload, error) {
 	t.Helper()
-	conn, err := hubclient.DialPinned(s.identity, pin)
+	conn, err := identityclient.DialPinned(s.identity, pin)
 	if err != nil {
 		t.Fatal(err)
 	}
