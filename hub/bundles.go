@@ -214,9 +214,14 @@ func (h *Hub) startWatch(rec federationRecord) {
 	if h.watching[rec.TrustDomain] != nil {
 		h.watching[rec.TrustDomain]()
 	}
+	if h.runCtx == nil {
+		return // Run starts every stored one (watchStored)
+	}
 	ctx, cancel := context.WithCancel(h.runCtx)
 	h.watching[rec.TrustDomain] = cancel
+	h.bg.Add(1)
 	go func() {
+		defer h.bg.Done()
 		// The hint is read every second: a replica that starts refreshing
 		// before the bundle (and its hint) reaches it must not sleep the
 		// default out.

@@ -246,9 +246,15 @@ func (h *Hub) disconnect(site string, st *siteState) {
 	h.log.Info("spoke disconnected", "site", site)
 }
 
-// saveSiteLater stores rec without holding up the caller.
+// saveSiteLater stores rec without holding up the caller. The write is
+// Run's work (h.bg): the store closes after it, even when the hub stops as
+// the stream ends, so the last sync is recorded.
 func (h *Hub) saveSiteLater(rec siteRecord) {
+	h.bg.Add(1)
 	go func() {
+		defer h.bg.Done()
+		// Not Run's context: a stream ends because the hub stops, and its
+		// last sync must be written all the same.
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
 		theirs, err := h.saveSite(ctx, rec)

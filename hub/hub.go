@@ -91,7 +91,11 @@ type Hub struct {
 	sites map[string]*siteState
 	// watching cancels the refresh of each imported trust domain.
 	watching map[string]context.CancelFunc
-	runCtx   context.Context
+	// runCtx is Run's context (nil before Run); bg tracks the work Run
+	// started that outlives a call (records written after a stream ends,
+	// bundle refreshes), all of which ends before the store closes.
+	runCtx context.Context
+	bg     sync.WaitGroup
 	// pool is the hub's membership in the WAN gossip pool, when enabled.
 	pool *gossip.Pool
 }
@@ -145,7 +149,7 @@ func New(ctx context.Context, o Options) (*Hub, error) {
 	if err := os.MkdirAll(o.DataDir, 0o700); err != nil {
 		return nil, fmt.Errorf("hub: create data dir: %w", err)
 	}
-	h := &Hub{o: o, log: o.Logger.With("component", "hub"), td: td, table: federation.NewTable(), sites: map[string]*siteState{}, watching: map[string]context.CancelFunc{}, runCtx: context.Background()}
+	h := &Hub{o: o, log: o.Logger.With("component", "hub"), td: td, table: federation.NewTable(), sites: map[string]*siteState{}, watching: map[string]context.CancelFunc{}}
 	if o.Store == nil {
 		s, err := store.OpenBolt(filepath.Join(o.DataDir, "hub.db"), time.Second)
 		if err != nil {
@@ -225,7 +229,9 @@ func (h *Hub) HTTPAddr() string {
 // AdminConfigPath is where the admin credential is written.
 func (h *Hub) AdminConfigPath() string { return filepath.Join(h.o.DataDir, "admin.conf") }
 
-// Run serves until ctx ends, then closes the store.
+// Run serves until ctx ends: it stops accepting, ends the streams and
+// waits for their handlers and for the records they write, then closes
+// the store, last.
 func (h *Hub) Run(ctx context.Context) error {
 	defer h.close()
 	tc := &tls.Config{
@@ -243,6 +249,10 @@ func (h *Hub) Run(ctx context.Context) error {
 		grpc.KeepaliveParams(keepalive.ServerParameters{Time: 20 * time.Second, Timeout: 10 * time.Second}),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
 		grpc.MaxRecvMsgSize(16<<20),
+		// A stream's handler records the spoke's last sync as it ends:
+		// even a hard stop waits for it, so nothing writes to a closed
+		// store.
+		grpc.WaitForHandlers(true),
 	)
 	meshfedv1.RegisterFederationServer(srv, &federationServer{h: h})
 	meshfedv1.RegisterAdminServer(srv, &adminServer{h: h})
@@ -302,6 +312,12 @@ func (h *Hub) close() {
 	if h.bundleLn != nil {
 		h.bundleLn.Close()
 	}
+	h.mu.Lock()
+	for _, cancel := range h.watching {
+		cancel()
+	}
+	h.mu.Unlock()
+	h.bg.Wait()
 	if h.store != nil {
 		h.store.Close()
 	}
