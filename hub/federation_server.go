@@ -226,7 +226,7 @@ func (h *Hub) connect(site string, cancel context.CancelFunc) (*siteState, error
 	st.rec.ConnectedVia = h.o.Advertise
 	h.publishSiteLocked(st)
 	h.refreshGaugesLocked()
-	h.saveSiteLater(st.rec)
+	h.saveSiteLater(st)
 	return st, nil
 }
 
@@ -242,17 +242,28 @@ func (h *Hub) disconnect(site string, st *siteState) {
 	st.rec.ConnectedVia = ""
 	h.publishSiteLocked(st)
 	h.refreshGaugesLocked()
-	h.saveSiteLater(st.rec)
+	h.saveSiteLater(st)
 	h.log.Info("spoke disconnected", "site", site)
 }
 
-// saveSiteLater stores rec without holding up the caller. The write is
-// Run's work (h.bg): the store closes after it, even when the hub stops as
-// the stream ends, so the last sync is recorded.
-func (h *Hub) saveSiteLater(rec siteRecord) {
+// saveSiteLater stores st's record as it is now without holding up the
+// caller, which holds h.mu. The write is Run's work (h.bg): the store
+// closes after it, even when the hub stops as the stream ends, so the last
+// sync is recorded. A site's writes land in the order they were asked for:
+// one overtaken by a newer one is dropped.
+func (h *Hub) saveSiteLater(st *siteState) {
+	rec := st.rec
+	st.saves++
+	seq := st.saves
 	h.bg.Add(1)
 	go func() {
 		defer h.bg.Done()
+		st.saving.Lock()
+		defer st.saving.Unlock()
+		if seq < st.saved {
+			return
+		}
+		st.saved = seq
 		// Not Run's context: a stream ends because the hub stops, and its
 		// last sync must be written all the same.
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)

@@ -108,6 +108,11 @@ type siteState struct {
 	endpoints int
 	// mu serialises writes of this site's catalog with its removal.
 	mu sync.Mutex
+	// saving serialises the records saveSiteLater writes; saves counts
+	// them (h.mu held) and saved is the newest one written, so an older
+	// one that comes late is dropped.
+	saving       sync.Mutex
+	saves, saved uint64
 }
 
 type spokeConn struct {
