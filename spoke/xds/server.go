@@ -8,8 +8,10 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net"
 	"os"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -79,9 +81,10 @@ type Server struct {
 	seen    map[int64]string // stream → node key, once it named its node
 	nodes   map[string]*nodeState
 
-	pushes  prometheus.Counter
-	refused prometheus.Counter
-	gauge   prometheus.GaugeFunc
+	pushes       prometheus.Counter
+	inconsistent prometheus.Counter
+	refused      prometheus.Counter
+	gauge        prometheus.GaugeFunc
 }
 
 type nodeState struct {
@@ -112,6 +115,7 @@ func New(o Options) (*Server, error) {
 		grpc: cachev3.NewSnapshotCache(false, nodeHash{}, logAdapter{s.log}),
 	}
 	s.pushes = prometheus.NewCounter(prometheus.CounterOpts{Name: "meshfed_xds_pushes_total", Help: "Snapshots built and set for xDS nodes."})
+	s.inconsistent = prometheus.NewCounter(prometheus.CounterOpts{Name: "meshfed_xds_inconsistent_snapshots_total", Help: "Snapshots refused before they were set: an EDS cluster without its endpoints, or endpoints no cluster names; the node kept its last one."})
 	s.refused = prometheus.NewCounter(prometheus.CounterOpts{Name: "meshfed_xds_refused_streams_total", Help: "xDS streams refused: a node ID that is not the caller's SPIFFE ID."})
 	s.gauge = prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "meshfed_xds_nodes", Help: "xDS nodes connected."}, func() float64 {
 		s.mu.Lock()
@@ -119,7 +123,7 @@ func New(o Options) (*Server, error) {
 		return float64(len(s.nodes))
 	})
 	if o.Registry != nil {
-		o.Registry.MustRegister(s.pushes, s.refused, s.gauge, s.res.lookups)
+		o.Registry.MustRegister(s.pushes, s.inconsistent, s.refused, s.gauge, s.res.lookups)
 	}
 	return s, nil
 }
@@ -432,19 +436,15 @@ func (s *Server) rebuild(keys []string, c *Catalog) {
 		if err := s.refreshSVID(st); err != nil {
 			s.log.Error("could not issue a node's SVID", "node", st.node.ID, "err", err)
 		}
-		res := Build(c, st.node, st.svid)
-		snap := &cachev3.Snapshot{}
-		changed := false
-		versions := map[resource.Type]string{}
-		for _, typ := range []resource.Type{resource.ListenerType, resource.ClusterType, resource.EndpointType, resource.SecretType} {
-			v := hashResources(res[typ])
-			versions[typ] = v
-			if st.version[typ] != v {
-				changed = true
-			}
-			snap.Resources[cachev3.GetResponseType(typ)] = cachev3.NewResources(v, res[typ])
+		snap, versions, err := snapshot(Build(c, st.node, st.svid))
+		if err != nil {
+			// The node keeps what it has: a snapshot Envoy would refuse
+			// is a bug here, not something to push.
+			s.inconsistent.Inc()
+			s.log.Error("refused to push an inconsistent snapshot; the node keeps its last one", "node", st.node.ID, "err", err)
+			continue
 		}
-		if !changed {
+		if maps.Equal(versions, st.version) {
 			continue
 		}
 		if err := s.cache.of(st.node.GRPC).SetSnapshot(ctx, key, snap); err != nil {
@@ -456,6 +456,36 @@ func (s *Server) rebuild(keys []string, c *Catalog) {
 		s.mu.Unlock()
 		s.pushes.Inc()
 	}
+}
+
+// snapshotTypes are the resource types a node's snapshot holds.
+var snapshotTypes = []resource.Type{resource.ListenerType, resource.ClusterType, resource.EndpointType, resource.SecretType}
+
+// snapshot makes a node's snapshot of res, each type versioned by the hash
+// of its resources (a push resends only the types that changed), and
+// checks it as go-control-plane's cache would have the caller do:
+// NewSnapshot refuses unknown types, Consistent that every EDS cluster has
+// its endpoints and nothing else is sent.
+func snapshot(res map[resource.Type][]types.Resource) (*cachev3.Snapshot, map[resource.Type]string, error) {
+	for typ := range res {
+		if !slices.Contains(snapshotTypes, typ) {
+			return nil, nil, fmt.Errorf("snapshot: resources of type %s, which a node's snapshot does not hold", typ)
+		}
+	}
+	snap, err := cachev3.NewSnapshot("", res)
+	if err != nil {
+		return nil, nil, fmt.Errorf("snapshot: %w", err)
+	}
+	versions := map[resource.Type]string{}
+	for _, typ := range snapshotTypes {
+		v := hashResources(res[typ])
+		versions[typ] = v
+		snap.Resources[cachev3.GetResponseType(typ)].Version = v
+	}
+	if err := snap.Consistent(); err != nil {
+		return nil, nil, fmt.Errorf("snapshot: %w", err)
+	}
+	return snap, versions, nil
 }
 
 // withResolved gives c the addresses of the host names in it (hostNames)
