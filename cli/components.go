@@ -19,7 +19,7 @@ import (
 )
 
 func newHubCmd(g *globals) *cobra.Command {
-	var o hub.Options
+	o := hub.DefaultOptions()
 	var storeKind, etcdPrefix string
 	var etcdEndpoints []string
 	cmd := &cobra.Command{
@@ -71,7 +71,7 @@ func newHubCmd(g *globals) *cobra.Command {
 }
 
 func newSpokeCmd(g *globals) *cobra.Command {
-	var o spoke.Options
+	o := spoke.DefaultOptions()
 	var services, kubeconfig, kubeContext, caSecret, credSecret, bundleConfigMap string
 	var poll time.Duration
 	cmd := &cobra.Command{

@@ -120,32 +120,34 @@ type spokeConn struct {
 	since  time.Time
 }
 
+// DefaultOptions are a hub's defaults; DataDir is left to the caller.
+func DefaultOptions() Options {
+	return Options{
+		// The API port every spoke and the CLI dial; all addresses, as
+		// spokes come from other networks.
+		Listen: ":7443",
+		// Metrics and health on loopback: a scraper on the host reaches
+		// them, nobody else.
+		HTTPListen: "127.0.0.1:7080",
+		Federation: "meshfed",
+		// A spoke renews at half-life: a month lets a spoke stay away
+		// for two weeks and still come back on its own.
+		SpokeCertTTL: 30 * 24 * time.Hour,
+		// A join token outlives a weekend's change window, not more.
+		MaxTokenTTL: 7 * 24 * time.Hour,
+		Logger:      slog.Default(),
+		Registry:    telemetry.NewRegistry(),
+	}
+}
+
 // New opens the hub's state, creating the federation CA and the admin
 // credential on first start, and binds its listeners.
 func New(ctx context.Context, o Options) (*Hub, error) {
 	if o.DataDir == "" {
 		return nil, errors.New("hub: --data-dir is required")
 	}
-	if o.Listen == "" {
-		o.Listen = ":7443"
-	}
-	if o.HTTPListen == "" {
-		o.HTTPListen = "127.0.0.1:7080"
-	}
-	if o.Federation == "" {
-		o.Federation = "meshfed"
-	}
-	if o.SpokeCertTTL == 0 {
-		o.SpokeCertTTL = 30 * 24 * time.Hour
-	}
-	if o.MaxTokenTTL == 0 {
-		o.MaxTokenTTL = 7 * 24 * time.Hour
-	}
-	if o.Logger == nil {
-		o.Logger = slog.Default()
-	}
-	if o.Registry == nil {
-		o.Registry = telemetry.NewRegistry()
+	if o.Listen == "" || o.HTTPListen == "" || o.Federation == "" || o.SpokeCertTTL <= 0 || o.MaxTokenTTL <= 0 || o.Logger == nil || o.Registry == nil {
+		return nil, errors.New("hub: Listen, HTTPListen, Federation, SpokeCertTTL, MaxTokenTTL, Logger and Registry are required: start from hub.DefaultOptions()")
 	}
 	td, err := spiffeid.TrustDomainFromString(o.Federation)
 	if err != nil {

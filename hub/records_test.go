@@ -1,6 +1,7 @@
 package hub
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"log/slog"
@@ -23,10 +24,12 @@ import (
 // given. (Exported for the package's external tests too.)
 func RunForTest(t *testing.T, o Options) *Hub {
 	t.Helper()
+	d := DefaultOptions()
 	if o.DataDir == "" {
 		o.DataDir = t.TempDir()
 	}
 	o.Listen, o.HTTPListen, o.Federation = "127.0.0.1:0", "-", "test.meshfed"
+	o.SpokeCertTTL, o.MaxTokenTTL, o.Registry = cmp.Or(o.SpokeCertTTL, d.SpokeCertTTL), cmp.Or(o.MaxTokenTTL, d.MaxTokenTTL), d.Registry
 	o.Logger = slog.New(slog.DiscardHandler)
 	ctx, cancel := context.WithCancel(context.Background())
 	h, err := New(ctx, o)

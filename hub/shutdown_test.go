@@ -87,8 +87,10 @@ func TestRun_storeClosesLast(t *testing.T) {
 	var logs syncBuffer
 	ctx, stop := context.WithCancel(context.Background())
 	defer stop()
-	h, err := hub.New(ctx, hub.Options{DataDir: dir, Listen: "127.0.0.1:0", HTTPListen: "-", Federation: "test.meshfed",
-		Store: st, Logger: slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelWarn}))})
+	o := hub.DefaultOptions()
+	o.DataDir, o.Listen, o.HTTPListen, o.Federation, o.Store = dir, "127.0.0.1:0", "-", "test.meshfed", st
+	o.Logger = slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	h, err := hub.New(ctx, o)
 	if err != nil {
 		t.Fatal(err)
 	}

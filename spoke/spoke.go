@@ -104,6 +104,26 @@ type Spoke struct {
 	connected atomic.Bool
 }
 
+// DefaultOptions are a spoke's defaults; Site, DataDir and how it reaches
+// the hub are left to the caller.
+func DefaultOptions() Options {
+	return Options{
+		// Every listener on loopback: a site's proxies and gateway run
+		// beside the spoke unless it is told where else to listen.
+		HTTPListen:     "127.0.0.1:7180",
+		IdentityListen: "127.0.0.1:7181",
+		XDSListen:      "127.0.0.1:7182",
+		// A day without the hub keeps other sites' services served
+		// through any outage short of a lost hub, and bounded.
+		MaxStale: 24 * time.Hour,
+		// Reconnects back off to 5s: a restarted hub hears from every
+		// spoke within seconds, not all at once.
+		MaxBackoff: 5 * time.Second,
+		Logger:     slog.Default(),
+		Registry:   telemetry.NewRegistry(),
+	}
+}
+
 // New opens the spoke's view, joins the hub if the data dir has no
 // credential yet, and binds the HTTP listener.
 func New(ctx context.Context, o Options) (*Spoke, error) {
@@ -113,26 +133,11 @@ func New(ctx context.Context, o Options) (*Spoke, error) {
 	if o.DataDir == "" {
 		return nil, errors.New("spoke: --data-dir is required")
 	}
-	if o.HTTPListen == "" {
-		o.HTTPListen = "127.0.0.1:7180"
-	}
-	if o.IdentityListen == "" {
-		o.IdentityListen = "127.0.0.1:7181"
-	}
-	if o.XDSListen == "" {
-		o.XDSListen = "127.0.0.1:7182"
+	if o.HTTPListen == "" || o.IdentityListen == "" || o.XDSListen == "" || o.MaxBackoff <= 0 || o.Logger == nil || o.Registry == nil {
+		return nil, errors.New("spoke: HTTPListen, IdentityListen, XDSListen, MaxBackoff, Logger and Registry are required: start from spoke.DefaultOptions()")
 	}
 	if o.MaxStale == 0 {
-		o.MaxStale = 24 * time.Hour
-	}
-	if o.MaxBackoff == 0 {
-		o.MaxBackoff = 5 * time.Second
-	}
-	if o.Logger == nil {
-		o.Logger = slog.Default()
-	}
-	if o.Registry == nil {
-		o.Registry = telemetry.NewRegistry()
+		return nil, errors.New("spoke: --max-stale 0 would drop other sites' services the moment the hub is out of reach: give a duration, or a negative one to keep them forever")
 	}
 	if err := os.MkdirAll(o.DataDir, 0o700); err != nil {
 		return nil, fmt.Errorf("spoke: create data dir: %w", err)

@@ -152,7 +152,10 @@ func (b *bench) spoke(ctx context.Context, site string, wg *sync.WaitGroup) (*sp
 	if err != nil {
 		return nil, err
 	}
-	s, err := spoke.New(ctx, spoke.Options{Site: site, Hub: b.hubAddr, Token: strings.TrimSpace(token), DataDir: filepath.Join(b.dir, site), HTTPListen: "-", IdentityListen: "-", XDSListen: "-", Logger: b.log})
+	o := spoke.DefaultOptions()
+	o.Site, o.Hub, o.Token, o.DataDir = site, b.hubAddr, strings.TrimSpace(token), filepath.Join(b.dir, site)
+	o.HTTPListen, o.IdentityListen, o.XDSListen, o.Logger = "-", "-", "-", b.log
+	s, err := spoke.New(ctx, o)
 	if err != nil {
 		return nil, err
 	}
