@@ -29,6 +29,7 @@ import (
 	"github.com/meshfed/meshfed/trust/siteca"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"golang.org/x/sync/errgroup"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	grpccreds "google.golang.org/grpc/credentials"
@@ -150,17 +151,23 @@ func (s *Server) Run(ctx context.Context) error {
 	xs := serverv3.NewServer(ctx, s.cache, s.callbacks())
 	discoveryv3.RegisterAggregatedDiscoveryServiceServer(gs, xs)
 	secretv3.RegisterSecretDiscoveryServiceServer(gs, xs)
-	go s.rebuildLoop(ctx)
-	go s.res.run(ctx)
-	go func() {
+	// Every goroutine of the server ends before Run returns.
+	g, ctx := errgroup.WithContext(ctx)
+	g.Go(func() error { s.rebuildLoop(ctx); return nil })
+	g.Go(func() error { s.res.run(ctx); return nil })
+	g.Go(func() error {
 		<-ctx.Done()
 		gs.Stop()
-	}()
-	s.log.Info("xDS serving", "addr", s.Addr())
-	if err := gs.Serve(s.ln); err != nil && !errors.Is(err, grpc.ErrServerStopped) {
-		return fmt.Errorf("xds: %w", err)
-	}
-	return nil
+		return nil
+	})
+	g.Go(func() error {
+		s.log.Info("xDS serving", "addr", s.Addr())
+		if err := gs.Serve(s.ln); err != nil && !errors.Is(err, grpc.ErrServerStopped) {
+			return fmt.Errorf("xds: %w", err)
+		}
+		return nil
+	})
+	return g.Wait()
 }
 
 // servingCert returns the server's certificate: an SVID of the site that
