@@ -176,7 +176,7 @@ func (c *Client) TrustDomain() spiffeid.TrustDomain {
 // the site's spoke (spiffe://<td>/meshfed/spoke).
 func (c *Client) ClientTLS() *tls.Config {
 	spoke := spiffeid.RequireFromPath(c.TrustDomain(), ca.SiteSpokePath)
-	return mtls.ClientConfig(svidSource{c}, bundleSource{c}, tlsconfig.AuthorizeID(spoke))
+	return mtls.ClientConfig(c, c, tlsconfig.AuthorizeID(spoke))
 }
 
 // Run renews the SVID at half-life until ctx ends.
@@ -258,12 +258,17 @@ func (c *Client) fetch(ctx context.Context, conn *grpc.ClientConn, issue issueFu
 	return nil
 }
 
-type svidSource struct{ c *Client }
+// The client is a go-spiffe source of its SVID and bundles, always current.
+var (
+	_ x509svid.Source   = (*Client)(nil)
+	_ x509bundle.Source = (*Client)(nil)
+)
 
-func (s svidSource) GetX509SVID() (*x509svid.SVID, error) { return s.c.SVID(), nil }
+// GetX509SVID implements x509svid.Source: the current SVID.
+func (c *Client) GetX509SVID() (*x509svid.SVID, error) { return c.SVID(), nil }
 
-type bundleSource struct{ c *Client }
-
-func (s bundleSource) GetX509BundleForTrustDomain(td spiffeid.TrustDomain) (*x509bundle.Bundle, error) {
-	return s.c.Bundles().GetX509BundleForTrustDomain(td)
+// GetX509BundleForTrustDomain implements x509bundle.Source: the bundle of
+// td as of the last issue.
+func (c *Client) GetX509BundleForTrustDomain(td spiffeid.TrustDomain) (*x509bundle.Bundle, error) {
+	return c.Bundles().GetX509BundleForTrustDomain(td)
 }
