@@ -99,8 +99,8 @@ type Gateway struct {
 	routes atomic.Pointer[xdsclient.Listener]
 	mu     sync.Mutex
 	ln     loop.Listener
-	// pool: the gossip secret last offered.
-	pool []byte
+	// lastGossip: the gossip secret last offered to runGossip.
+	lastGossip []byte
 }
 
 // New checks the options and binds the HTTP listener.

@@ -12,10 +12,10 @@ import (
 // offerGossip hands the SDS secret "gossip" (the WAN pool's keyring and
 // seeds, JSON) to runGossip when it changes; only the newest waits.
 func (g *Gateway) offerGossip(raw []byte) {
-	if raw == nil || g.o.GossipListen == "" || bytes.Equal(raw, g.pool) {
+	if raw == nil || g.o.GossipListen == "" || bytes.Equal(raw, g.lastGossip) {
 		return
 	}
-	g.pool = raw
+	g.lastGossip = raw
 	var s gossip.Secret
 	if err := json.Unmarshal(raw, &s); err != nil {
 		g.log.Error("the spoke sent a gossip secret that does not decode", "err", err)

@@ -1,6 +1,9 @@
 package gateway
 
-import "github.com/prometheus/client_golang/prometheus"
+import (
+	"github.com/meshfed/meshfed/dataplane/loop"
+	"github.com/prometheus/client_golang/prometheus"
+)
 
 // metrics are the gateway's own series; the engine's (upstream attempts,
 // xDS, event loops) are registered by the dataplane packages.
@@ -19,9 +22,8 @@ func newMetrics(r prometheus.Registerer) *metrics {
 			Help: "Connections a gateway listener holds now, from accept (hello included) to close."}),
 		acceptPaused: prometheus.NewCounter(prometheus.CounterOpts{Name: "meshfed_gateway_accept_paused_total",
 			Help: "Times a gateway listener stopped accepting for a moment because the process was out of file descriptors; callers wait in the kernel's queue meanwhile."}),
-		listenerErrors: prometheus.NewCounter(prometheus.CounterOpts{Name: "meshfed_proxy_listener_errors_total",
-			Help: "Listeners that could not be opened."}),
 	}
-	r.MustRegister(m.results, m.live, m.acceptPaused, m.listenerErrors)
+	r.MustRegister(m.results, m.live, m.acceptPaused)
+	m.listenerErrors = loop.NewListenerErrors(r)
 	return m
 }

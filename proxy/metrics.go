@@ -1,6 +1,9 @@
 package proxy
 
-import "github.com/prometheus/client_golang/prometheus"
+import (
+	"github.com/meshfed/meshfed/dataplane/loop"
+	"github.com/prometheus/client_golang/prometheus"
+)
 
 // metrics are the proxy's own series; the engine's (upstream attempts,
 // ejections, xDS, event loops) are registered by the dataplane packages.
@@ -19,9 +22,8 @@ func newMetrics(r prometheus.Registerer) *metrics {
 			Help: "Connections to inbound listeners by listener and result (ok, denied, tls_failure, app_unreachable)."}, []string{"listener", "result"}),
 		active: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "meshfed_proxy_upstream_active_connections",
 			Help: "Live outbound connections by cluster."}, []string{"cluster"}),
-		listenerErrors: prometheus.NewCounter(prometheus.CounterOpts{Name: "meshfed_proxy_listener_errors_total",
-			Help: "Listeners that could not be opened."}),
 	}
-	r.MustRegister(m.downstream, m.inbound, m.active, m.listenerErrors)
+	r.MustRegister(m.downstream, m.inbound, m.active)
+	m.listenerErrors = loop.NewListenerErrors(r)
 	return m
 }

@@ -30,3 +30,12 @@ func NewLoopsGauge(r prometheus.Registerer) prometheus.Gauge {
 	r.MustRegister(g)
 	return g
 }
+
+// NewListenerErrors registers the counter of listeners a node could not
+// open on r, which the proxy and the gateway share.
+func NewListenerErrors(r prometheus.Registerer) prometheus.Counter {
+	c := prometheus.NewCounter(prometheus.CounterOpts{Name: "meshfed_proxy_listener_errors_total",
+		Help: "Listeners that could not be opened."})
+	r.MustRegister(c)
+	return c
+}

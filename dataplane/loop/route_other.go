@@ -35,11 +35,10 @@ func passthrough(o *RouterOptions, down net.Conn) {
 		o.Logger.Debug("gateway refused a connection", "remote", down.RemoteAddr(), "reason", reason, "err", err)
 	}
 	_ = down.SetReadDeadline(time.Now().Add(o.HelloTimeout))
-	var hello []byte
-	buf := make([]byte, o.MaxHello)
+	hello := make([]byte, 0, o.MaxHello)
 	for {
-		n, err := down.Read(buf[:o.MaxHello-len(hello)])
-		hello = append(hello, buf[:n]...)
+		n, err := down.Read(hello[len(hello):o.MaxHello])
+		hello = hello[:len(hello)+n]
 		if n > 0 {
 			r, rerr := o.Route(hello, down.RemoteAddr)
 			if rerr == nil {
