@@ -12,9 +12,9 @@ import (
 	"github.com/meshfed/meshfed/catalog"
 	"github.com/meshfed/meshfed/deploy"
 	"github.com/meshfed/meshfed/federation"
-	"github.com/meshfed/meshfed/hubclient"
 	"github.com/meshfed/meshfed/kubeapply"
 	"github.com/meshfed/meshfed/spoke/kube"
+	"github.com/meshfed/meshfed/trust/credential"
 	"github.com/spf13/cobra"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -119,7 +119,7 @@ token. --dry-run prints everything and creates nothing.`,
 				}
 				return g.printObjects(objs)
 			}
-			conf, err := hubclient.Load(g.config)
+			conf, err := credential.Load(g.config)
 			if err != nil {
 				return err
 			}

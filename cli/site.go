@@ -11,6 +11,7 @@ import (
 	"github.com/meshfed/meshfed/catalog"
 	"github.com/meshfed/meshfed/federation"
 	"github.com/meshfed/meshfed/hubclient"
+	"github.com/meshfed/meshfed/trust/credential"
 	"github.com/spf13/cobra"
 	"google.golang.org/protobuf/types/known/durationpb"
 )
@@ -18,11 +19,11 @@ import (
 // admin dials the hub with the CLI's credential and bounds the call's
 // time; done releases both.
 func (g *globals) admin(cmd *cobra.Command) (ctx context.Context, c meshfedv1.AdminClient, done func(), err error) {
-	conf, err := hubclient.Load(g.config)
+	conf, err := credential.Load(g.config)
 	if err != nil {
 		return nil, nil, nil, err
 	}
-	conn, err := conf.Dial()
+	conn, err := hubclient.Dial(conf)
 	if err != nil {
 		return nil, nil, nil, err
 	}

@@ -16,9 +16,9 @@ import (
 	meshfedv1 "github.com/meshfed/meshfed/api/meshfed/v1"
 	"github.com/meshfed/meshfed/catalog"
 	"github.com/meshfed/meshfed/federation"
-	"github.com/meshfed/meshfed/hubclient"
 	"github.com/meshfed/meshfed/store"
 	"github.com/meshfed/meshfed/trust/ca"
+	"github.com/meshfed/meshfed/trust/credential"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/timestamppb"
@@ -217,7 +217,7 @@ func (s *adminServer) CreateToken(ctx context.Context, req *meshfedv1.CreateToke
 			return nil, err
 		}
 	}
-	tok := hubclient.Token{ID: randomString(6), Secret: randomString(16), CAPin: pin}
+	tok := credential.Token{ID: randomString(6), Secret: randomString(16), CAPin: pin}
 	sum := sha256.Sum256([]byte(tok.Secret))
 	rec := tokenRecord{Site: req.GetSite(), SecretHash: hex.EncodeToString(sum[:]), Expires: time.Now().Add(ttl).UTC(), Node: req.GetNode()}
 	b, err := json.Marshal(rec)

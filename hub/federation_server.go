@@ -13,9 +13,9 @@ import (
 	meshfedv1 "github.com/meshfed/meshfed/api/meshfed/v1"
 	"github.com/meshfed/meshfed/catalog"
 	"github.com/meshfed/meshfed/federation"
-	"github.com/meshfed/meshfed/hubclient"
 	"github.com/meshfed/meshfed/store"
 	"github.com/meshfed/meshfed/trust/ca"
+	"github.com/meshfed/meshfed/trust/credential"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
@@ -88,13 +88,13 @@ func (s *federationServer) RedeemNodeToken(ctx context.Context, req *meshfedv1.R
 // match its secret, be unexpired, unused, of the right kind and for site.
 // A refusal for the wrong site or kind does not burn it. It returns the
 // token's record as redeemed.
-func (h *Hub) redeem(ctx context.Context, token, site string, node bool) (tokenRecord, hubclient.Token, error) {
+func (h *Hub) redeem(ctx context.Context, token, site string, node bool) (tokenRecord, credential.Token, error) {
 	kind, create := "join", "meshfed site token create --site "+site
 	if node {
 		kind, create = "node", "meshfed vm token create --site "+site
 	}
 	var rec tokenRecord
-	tok, err := hubclient.ParseToken(token)
+	tok, err := credential.ParseToken(token)
 	if err != nil {
 		h.m.joins.WithLabelValues("malformed").Inc()
 		return rec, tok, status.Error(codes.InvalidArgument, err.Error())

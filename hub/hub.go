@@ -17,10 +17,10 @@ import (
 	meshfedv1 "github.com/meshfed/meshfed/api/meshfed/v1"
 	"github.com/meshfed/meshfed/federation"
 	"github.com/meshfed/meshfed/gossip"
-	"github.com/meshfed/meshfed/hubclient"
 	"github.com/meshfed/meshfed/store"
 	"github.com/meshfed/meshfed/telemetry"
 	"github.com/meshfed/meshfed/trust/ca"
+	"github.com/meshfed/meshfed/trust/credential"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"golang.org/x/sync/errgroup"
@@ -398,7 +398,7 @@ func (h *Hub) issueServing() error {
 // kept (only its hub address follows --advertise).
 func (h *Hub) writeAdminConfig() error {
 	path := h.AdminConfigPath()
-	if c, err := hubclient.Load(path); err == nil {
+	if c, err := credential.Load(path); err == nil {
 		if c.Hub == h.o.Advertise {
 			return nil
 		}
@@ -417,7 +417,7 @@ func (h *Hub) writeAdminConfig() error {
 	if err != nil {
 		return err
 	}
-	c := &hubclient.Config{Hub: h.o.Advertise, Federation: h.o.Federation, CA: string(ca.EncodeCertPEM(h.ca.Cert)), Cert: string(ca.EncodeCertPEM(cert)), Key: string(keyPEM)}
+	c := &credential.File{Hub: h.o.Advertise, Federation: h.o.Federation, CA: string(ca.EncodeCertPEM(h.ca.Cert)), Cert: string(ca.EncodeCertPEM(cert)), Key: string(keyPEM)}
 	if err := c.Write(path); err != nil {
 		return fmt.Errorf("hub: admin credential: %w", err)
 	}

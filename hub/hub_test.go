@@ -12,6 +12,7 @@ import (
 	"github.com/meshfed/meshfed/hub"
 	"github.com/meshfed/meshfed/hubclient"
 	"github.com/meshfed/meshfed/trust/ca"
+	"github.com/meshfed/meshfed/trust/credential"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -22,11 +23,11 @@ import (
 func testHub(t *testing.T) (meshfedv1.AdminClient, *hub.Hub) {
 	t.Helper()
 	h := hub.RunForTest(t, hub.Options{})
-	conf, err := hubclient.Load(h.AdminConfigPath())
+	conf, err := credential.Load(h.AdminConfigPath())
 	if err != nil {
 		t.Fatal(err)
 	}
-	conn, err := conf.Dial()
+	conn, err := hubclient.Dial(conf)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -55,7 +56,7 @@ func token(t *testing.T, admin meshfedv1.AdminClient, site string, ttl time.Dura
 // certificate (nil conn and the error when refused).
 func join(t *testing.T, addr, tok, site string) (*grpc.ClientConn, error) {
 	t.Helper()
-	parsed, err := hubclient.ParseToken(tok)
+	parsed, err := credential.ParseToken(tok)
 	if err != nil {
 		return nil, err
 	}
@@ -71,8 +72,8 @@ func join(t *testing.T, addr, tok, site string) (*grpc.ClientConn, error) {
 		return nil, err
 	}
 	keyPEM, _ := ca.EncodeKeyPEM(key)
-	conf := &hubclient.Config{Hub: addr, CA: string(resp.GetCaPem()), Cert: string(resp.GetCertificatePem()), Key: string(keyPEM)}
-	conn, err := conf.Dial()
+	conf := &credential.File{Hub: addr, CA: string(resp.GetCaPem()), Cert: string(resp.GetCertificatePem()), Key: string(keyPEM)}
+	conn, err := hubclient.Dial(conf)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -248,7 +249,7 @@ func TestAdmin_needsTheAdminCredential(t *testing.T) {
 		t.Fatalf("a spoke calling the admin API = %v, want PermissionDenied", err)
 	}
 	// No client certificate at all.
-	conf, _ := hubclient.Load(h.AdminConfigPath())
+	conf, _ := credential.Load(h.AdminConfigPath())
 	tc, _ := conf.TLS()
 	tc.Certificates = nil
 	anon, err := hubclient.DialTLS(h.Addr(), tc)

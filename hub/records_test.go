@@ -12,8 +12,8 @@ import (
 	meshfedv1 "github.com/meshfed/meshfed/api/meshfed/v1"
 	"github.com/meshfed/meshfed/catalog"
 	"github.com/meshfed/meshfed/federation"
-	"github.com/meshfed/meshfed/hubclient"
 	"github.com/meshfed/meshfed/store"
+	"github.com/meshfed/meshfed/trust/credential"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
@@ -262,7 +262,7 @@ func TestSweepTokens_deletesOnlyLongExpired(t *testing.T) {
 			t.Fatal(err)
 		}
 		if expired > 0 {
-			tok, _ := hubclient.ParseToken(r.GetToken())
+			tok, _ := credential.ParseToken(r.GetToken())
 			if err := h.store.Update(ctx, keyTokens+tok.ID, func(cur []byte) ([]byte, error) {
 				var rec tokenRecord
 				if err := json.Unmarshal(cur, &rec); err != nil {

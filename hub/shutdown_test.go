@@ -16,6 +16,7 @@ import (
 	"github.com/meshfed/meshfed/hub"
 	"github.com/meshfed/meshfed/hubclient"
 	"github.com/meshfed/meshfed/store"
+	"github.com/meshfed/meshfed/trust/credential"
 )
 
 // closeWatch is a store that counts the writes tried after its Close. Its
@@ -97,11 +98,11 @@ func TestRun_storeClosesLast(t *testing.T) {
 	ran := make(chan error, 1)
 	go func() { ran <- h.Run(ctx) }()
 
-	conf, err := hubclient.Load(h.AdminConfigPath())
+	conf, err := credential.Load(h.AdminConfigPath())
 	if err != nil {
 		t.Fatal(err)
 	}
-	aconn, err := conf.Dial()
+	aconn, err := hubclient.Dial(conf)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -16,8 +16,8 @@ import (
 	"time"
 
 	meshfedv1 "github.com/meshfed/meshfed/api/meshfed/v1"
-	"github.com/meshfed/meshfed/hubclient"
 	"github.com/meshfed/meshfed/trust/ca"
+	"github.com/meshfed/meshfed/trust/credential"
 	"github.com/meshfed/meshfed/trust/mtls"
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -89,7 +89,7 @@ func (c *Client) attest(ctx context.Context) error {
 	var cred *meshfedv1.AttestRequest
 	switch {
 	case c.o.Token != "":
-		tok, err := hubclient.ParseToken(c.o.Token)
+		tok, err := credential.ParseToken(c.o.Token)
 		if err != nil {
 			return fmt.Errorf("node token: %w", err)
 		}

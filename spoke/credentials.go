@@ -15,6 +15,7 @@ import (
 	"github.com/meshfed/meshfed/atomicfile"
 	"github.com/meshfed/meshfed/hubclient"
 	"github.com/meshfed/meshfed/trust/ca"
+	"github.com/meshfed/meshfed/trust/credential"
 	"github.com/meshfed/meshfed/trust/siteca"
 	"google.golang.org/grpc"
 )
@@ -26,13 +27,13 @@ type credentials struct {
 	store siteca.Storage
 	path  string
 	mu    sync.Mutex
-	conf  *hubclient.Config
+	conf  *credential.File
 	cert  *tls.Certificate
 }
 
 const credentialFile = "spoke.conf"
 
-func (c *credentials) save(conf *hubclient.Config) error {
+func (c *credentials) save(conf *credential.File) error {
 	b, err := conf.Marshal()
 	if err != nil {
 		return err
@@ -43,9 +44,9 @@ func (c *credentials) save(conf *hubclient.Config) error {
 	return atomicfile.Write(c.path, b, 0o600)
 }
 
-func (c *credentials) load() (*hubclient.Config, error) {
+func (c *credentials) load() (*credential.File, error) {
 	if c.store == nil {
-		return hubclient.Load(c.path)
+		return credential.Load(c.path)
 	}
 	files, err := c.store.Load()
 	if err != nil {
@@ -54,7 +55,7 @@ func (c *credentials) load() (*hubclient.Config, error) {
 	if files[credentialFile] == nil {
 		return nil, os.ErrNotExist
 	}
-	return hubclient.Parse(files[credentialFile], c.path)
+	return credential.Parse(files[credentialFile], c.path)
 }
 
 // loadOrJoin loads the stored credential, or redeems token for one.
@@ -83,7 +84,7 @@ func loadOrJoin(ctx context.Context, dataDir string, store siteca.Storage, site,
 	if hub == "" {
 		return nil, errors.New("spoke: pass --hub HOST:PORT to join")
 	}
-	tok, err := hubclient.ParseToken(token)
+	tok, err := credential.ParseToken(token)
 	if err != nil {
 		return nil, fmt.Errorf("spoke: %w", err)
 	}
@@ -110,7 +111,7 @@ func loadOrJoin(ctx context.Context, dataDir string, store siteca.Storage, site,
 	if err != nil {
 		return nil, err
 	}
-	conf = &hubclient.Config{Hub: hub, Federation: resp.GetFederation(), TrustDomain: resp.GetTrustDomain(), CA: string(resp.GetCaPem()), Cert: string(resp.GetCertificatePem()), Key: string(keyPEM)}
+	conf = &credential.File{Hub: hub, Federation: resp.GetFederation(), TrustDomain: resp.GetTrustDomain(), CA: string(resp.GetCaPem()), Cert: string(resp.GetCertificatePem()), Key: string(keyPEM)}
 	if err := c.save(conf); err != nil {
 		return nil, fmt.Errorf("spoke: keep credential: %w", err)
 	}

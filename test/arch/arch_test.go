@@ -29,7 +29,7 @@ var rules = []rule{
 	{from: "api", never: []string{""}, why: "api/ holds the protobuf and imports nothing of ours"},
 	{from: "catalog", never: []string{""}, why: "catalog/ is the shared model and imports nothing of ours"},
 	{from: "trust", never: append(components, "dataplane", "federation", "store", "gossip", "hubclient", "identityclient"), why: "trust/ imports only catalog-level types and go-spiffe, never a component"},
-	{from: "hub", never: []string{"spoke", "gateway", "proxy", "vmagent", "dataplane", "cli", "k8s.io/", "github.com/docker/", "github.com/hashicorp/consul/"}, why: "the hub knows sites only through the API"},
+	{from: "hub", never: []string{"hubclient", "identityclient", "spoke", "gateway", "proxy", "vmagent", "dataplane", "cli", "k8s.io/", "github.com/docker/", "github.com/hashicorp/consul/"}, why: "the hub knows sites only through the API; the token format and credential file it shares are in trust/credential"},
 	{from: "spoke", never: []string{"hub", "proxy", "gateway", "vmagent", "dataplane", "cli"}, why: "the spoke is the hub's and the data plane's peer over gRPC and xDS"},
 	{from: "spoke", exact: true, never: []string{"k8s.io/", "github.com/docker/", "github.com/hashicorp/consul/", "spoke/kube"}, why: "a site kind's client library stays in its folder under spoke/"},
 	{from: "proxy", never: []string{"gateway", "hub", "spoke", "vmagent", "cli"}, why: "the proxy is an xDS client; what it shares with the gateway is in dataplane/"},

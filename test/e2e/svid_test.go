@@ -13,10 +13,10 @@ import (
 	"time"
 
 	meshfedv1 "github.com/meshfed/meshfed/api/meshfed/v1"
-	"github.com/meshfed/meshfed/hubclient"
 	"github.com/meshfed/meshfed/identityclient"
 	"github.com/meshfed/meshfed/test/harness"
 	"github.com/meshfed/meshfed/trust/ca"
+	"github.com/meshfed/meshfed/trust/credential"
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
@@ -66,7 +66,7 @@ func newCSR(t *testing.T) (csr, keyPEM []byte) {
 func (f *federation) attest(t *testing.T, s *spokeProc, node string) (workload, string) {
 	t.Helper()
 	token := strings.TrimSpace(f.mustCLI("vm", "token", "create", "--site", s.site, "--node", node))
-	tok, err := hubclient.ParseToken(token)
+	tok, err := credential.ParseToken(token)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -277,7 +277,7 @@ func TestSVIDs(t *testing.T) {
 		}
 	})
 	t.Run("a replayed node token is refused", func(t *testing.T) {
-		tok, _ := hubclient.ParseToken(tokenA)
+		tok, _ := credential.ParseToken(tokenA)
 		_, err := attestWith(t, a, tokenA, tok.CAPin)
 		if err == nil || !strings.Contains(err.Error(), "already used") {
 			t.Fatalf("second attest = %v, want 'already used'", err)
@@ -285,7 +285,7 @@ func TestSVIDs(t *testing.T) {
 	})
 	t.Run("a node token of another site is refused", func(t *testing.T) {
 		token := strings.TrimSpace(f.mustCLI("vm", "token", "create", "--site", "b", "--node", "host-x"))
-		aPin, _ := hubclient.ParseToken(tokenA)
+		aPin, _ := credential.ParseToken(tokenA)
 		_, err := attestWith(t, a, token, aPin.CAPin)
 		if err == nil || !strings.Contains(err.Error(), `is for site "b"`) {
 			t.Fatalf("site a attesting a node token of site b = %v, want a refusal naming site b", err)

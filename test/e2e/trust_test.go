@@ -16,9 +16,9 @@ import (
 	"testing"
 	"time"
 
-	"github.com/meshfed/meshfed/hubclient"
 	"github.com/meshfed/meshfed/test/harness"
 	"github.com/meshfed/meshfed/trust/ca"
+	"github.com/meshfed/meshfed/trust/credential"
 	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	spiffefed "github.com/spiffe/go-spiffe/v2/federation"
@@ -42,7 +42,7 @@ func TestTrust(t *testing.T) {
 		return nil
 	})
 
-	conf, err := hubclient.Load(filepath.Join(f.dir, "hub", "admin.conf"))
+	conf, err := credential.Load(filepath.Join(f.dir, "hub", "admin.conf"))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,15 +1,15 @@
-package hubclient_test
+package credential_test
 
 import (
 	"strings"
 	"testing"
 
-	"github.com/meshfed/meshfed/hubclient"
+	"github.com/meshfed/meshfed/trust/credential"
 )
 
 func TestToken_roundTrip(t *testing.T) {
-	tok := hubclient.Token{ID: "abc123", Secret: "s3cr3ts3cr3ts3cr", CAPin: strings.Repeat("ab", 32)}
-	got, err := hubclient.ParseToken(tok.String())
+	tok := credential.Token{ID: "abc123", Secret: "s3cr3ts3cr3ts3cr", CAPin: strings.Repeat("ab", 32)}
+	got, err := credential.ParseToken(tok.String())
 	if err != nil || got != tok {
 		t.Fatalf("ParseToken(%s) = %v, %v", tok, got, err)
 	}
@@ -22,7 +22,7 @@ func FuzzParseToken(f *testing.F) {
 	f.Add("mf1...")
 	f.Add("")
 	f.Fuzz(func(t *testing.T, s string) {
-		tok, err := hubclient.ParseToken(s)
+		tok, err := credential.ParseToken(s)
 		if err != nil {
 			parts := strings.Split(s, ".")
 			if len(parts) > 2 && len(parts[2]) >= 8 && strings.Contains(err.Error(), parts[2]) {
@@ -30,7 +30,7 @@ func FuzzParseToken(f *testing.F) {
 			}
 			return
 		}
-		if back, err := hubclient.ParseToken(tok.String()); err != nil || back != tok {
+		if back, err := credential.ParseToken(tok.String()); err != nil || back != tok {
 			t.Fatalf("round trip of %q: %v, %v", s, back, err)
 		}
 	})
