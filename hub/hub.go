@@ -17,6 +17,7 @@ import (
 	meshfedv1 "github.com/meshfed/meshfed/api/meshfed/v1"
 	"github.com/meshfed/meshfed/federation"
 	"github.com/meshfed/meshfed/gossip"
+	"github.com/meshfed/meshfed/hub/trustfed"
 	"github.com/meshfed/meshfed/store"
 	"github.com/meshfed/meshfed/telemetry"
 	"github.com/meshfed/meshfed/trust/ca"
@@ -87,15 +88,15 @@ type Hub struct {
 	tele     *telemetry.Server
 	serving  tls.Certificate
 
+	// fed keeps the outside trust domains and serves the bundle endpoint.
+	fed *trustfed.Federator
+
 	mu    sync.Mutex
 	sites map[string]*siteState
-	// watching cancels the refresh of each imported trust domain.
-	watching map[string]context.CancelFunc
-	// runCtx is Run's context (nil before Run); bg tracks the work Run
-	// started that outlives a call (records written after a stream ends,
-	// bundle refreshes), all of which ends before the store closes.
-	runCtx context.Context
-	bg     sync.WaitGroup
+	// bg tracks the work Run started that outlives a call (records
+	// written after a stream ends), all of which ends before the store
+	// closes.
+	bg sync.WaitGroup
 	// pool is the hub's membership in the WAN gossip pool, when enabled.
 	pool *gossip.Pool
 }
@@ -156,7 +157,7 @@ func New(ctx context.Context, o Options) (*Hub, error) {
 	if err := os.MkdirAll(o.DataDir, 0o700); err != nil {
 		return nil, fmt.Errorf("hub: create data dir: %w", err)
 	}
-	h := &Hub{o: o, log: o.Logger.With("component", "hub"), td: td, table: federation.NewTable(), sites: map[string]*siteState{}, watching: map[string]context.CancelFunc{}}
+	h := &Hub{o: o, log: o.Logger.With("component", "hub"), td: td, table: federation.NewTable(), sites: map[string]*siteState{}}
 	if o.Store == nil {
 		s, err := store.OpenBolt(filepath.Join(o.DataDir, "hub.db"), time.Second)
 		if err != nil {
@@ -199,6 +200,12 @@ func New(ctx context.Context, o Options) (*Hub, error) {
 			return nil, fmt.Errorf("hub: bundle endpoint: listen %s: %w", o.BundleListen, err)
 		}
 	}
+	h.fed = trustfed.New(trustfed.Options{
+		Store: h.store, Table: h.table, TrustDomain: td, CA: h.ca.Cert,
+		Publish:        func(ctx context.Context, r *meshfedv1.Resource) error { return h.publish(ctx, "", r) },
+		OwnTrustDomain: h.sitesTrustDomain,
+		Listener:       h.bundleLn, Serving: h.serving, Logger: h.log,
+	})
 	if err := h.writeAdminConfig(); err != nil {
 		return nil, err
 	}
@@ -264,17 +271,9 @@ func (h *Hub) Run(ctx context.Context) error {
 	meshfedv1.RegisterFederationServer(srv, &federationServer{h: h})
 	meshfedv1.RegisterAdminServer(srv, &adminServer{h: h})
 	g, ctx := errgroup.WithContext(ctx)
-	h.mu.Lock()
-	h.runCtx = ctx
-	h.mu.Unlock()
-	if err := h.watchStored(ctx); err != nil {
-		return err
-	}
+	g.Go(func() error { return h.fed.Run(ctx) })
 	if w, ok := h.store.(store.Watcher); ok {
 		g.Go(func() error { return h.followStore(ctx, w) })
-	}
-	if h.bundleLn != nil {
-		g.Go(func() error { return h.serveBundles(ctx) })
 	}
 	if h.o.GossipListen != "" {
 		g.Go(func() error { return h.runGossip(ctx) })
@@ -319,11 +318,6 @@ func (h *Hub) close() {
 	if h.bundleLn != nil {
 		h.bundleLn.Close()
 	}
-	h.mu.Lock()
-	for _, cancel := range h.watching {
-		cancel()
-	}
-	h.mu.Unlock()
 	h.bg.Wait()
 	if h.store != nil {
 		h.store.Close()
@@ -434,9 +428,9 @@ func advertised(a *net.TCPAddr) string {
 
 // load reads sites and the catalog from the store into memory.
 func (h *Hub) load(ctx context.Context) error {
-	sites, err := listJSON[siteRecord](ctx, h.store, keySites)
+	sites, err := store.ListJSON[siteRecord](ctx, h.store, keySites)
 	if err != nil {
-		return err
+		return fmt.Errorf("hub: %w", err)
 	}
 	for _, rec := range sites {
 		if rec.ConnectedVia == h.o.Advertise {
@@ -472,9 +466,9 @@ func (h *Hub) load(ctx context.Context) error {
 		st.endpoints += len(r.GetService().GetEndpoints())
 		h.table.Put(r)
 	}
-	tokens, err := listJSON[tokenRecord](ctx, h.store, keyTokens)
+	tokens, err := store.ListJSON[tokenRecord](ctx, h.store, keyTokens)
 	if err != nil {
-		return err
+		return fmt.Errorf("hub: %w", err)
 	}
 	for _, t := range tokens {
 		if h.sites[t.Site] == nil {

@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
-	"fmt"
 	"time"
 
 	"github.com/meshfed/meshfed/catalog"
@@ -19,23 +18,6 @@ const (
 	keyTokens   = "tokens/"
 	keyResource = "catalog/"
 )
-
-// listJSON decodes every JSON record under prefix, keyed by store key.
-func listJSON[T any](ctx context.Context, s store.Store, prefix string) (map[string]T, error) {
-	kvs, err := s.List(ctx, prefix)
-	if err != nil {
-		return nil, fmt.Errorf("hub: list %s: %w", prefix, err)
-	}
-	out := make(map[string]T, len(kvs))
-	for _, kv := range kvs {
-		var v T
-		if err := json.Unmarshal(kv.Value, &v); err != nil {
-			return nil, fmt.Errorf("hub: stored record %s is damaged: %w", kv.Key, err)
-		}
-		out[kv.Key] = v
-	}
-	return out, nil
-}
 
 // errSiteGone: the site's record is not in the store (any more).
 var errSiteGone = errors.New("the site is not registered")
@@ -74,7 +56,7 @@ func (h *Hub) siteKeys(ctx context.Context, site string) ([]string, error) {
 			return nil, err
 		}
 	}
-	tokens, err := listJSON[tokenRecord](ctx, h.store, keyTokens)
+	tokens, err := store.ListJSON[tokenRecord](ctx, h.store, keyTokens)
 	if err != nil {
 		return nil, err
 	}
@@ -151,7 +133,7 @@ const (
 // keepTokensAfterExpiry before now, each only if it still is such a
 // record as it is deleted. It returns how many went.
 func (h *Hub) sweepTokens(ctx context.Context, now time.Time) (int, error) {
-	tokens, err := listJSON[tokenRecord](ctx, h.store, keyTokens)
+	tokens, err := store.ListJSON[tokenRecord](ctx, h.store, keyTokens)
 	if err != nil {
 		return 0, err
 	}

@@ -8,6 +8,7 @@ import (
 
 	meshfedv1 "github.com/meshfed/meshfed/api/meshfed/v1"
 	"github.com/meshfed/meshfed/federation"
+	"github.com/meshfed/meshfed/hub/trustfed"
 	"github.com/meshfed/meshfed/store"
 	"google.golang.org/protobuf/proto"
 )
@@ -55,8 +56,8 @@ func (h *Hub) applyStored(changes []store.Change, snapshot bool) {
 		} else if key, ok := strings.CutPrefix(c.Key, keyResource); ok {
 			resources[key] = true
 			h.syncResource(key, c.Value)
-		} else if strings.HasPrefix(c.Key, keyFederations) && c.Value != nil {
-			h.syncFederation(c.Value, snapshot)
+		} else if strings.HasPrefix(c.Key, trustfed.KeyPrefix) && c.Value != nil {
+			h.fed.Follow(c.Value, snapshot)
 		}
 	}
 	if !snapshot {
@@ -168,23 +169,6 @@ func (h *Hub) syncResource(key string, raw []byte) {
 		st.endpoints += endpoints
 		h.refreshGaugesLocked()
 		h.mu.Unlock()
-	}
-}
-
-// syncFederation refreshes an outside trust domain's bundle from this hub
-// too. A snapshot leaves alone the ones it refreshes already.
-func (h *Hub) syncFederation(raw []byte, snapshot bool) {
-	var rec federationRecord
-	if err := json.Unmarshal(raw, &rec); err != nil {
-		h.log.Error("a stored trust domain record does not decode", "err", err)
-		return
-	}
-	h.mu.Lock()
-	running := h.watching[rec.TrustDomain] != nil
-	h.mu.Unlock()
-	if !snapshot || !running {
-		h.log.Info("refreshing an outside trust domain's bundle (added through this or another hub)", "trust_domain", rec.TrustDomain)
-		h.startWatch(rec)
 	}
 }
 
