@@ -7,10 +7,10 @@ import (
 
 	"github.com/meshfed/meshfed/hub"
 	"github.com/meshfed/meshfed/spoke"
-	"github.com/meshfed/meshfed/spoke/filesource"
+	"github.com/meshfed/meshfed/spoke/file"
 	"github.com/meshfed/meshfed/spoke/kube"
-	"github.com/meshfed/meshfed/spoke/kubeimport"
-	"github.com/meshfed/meshfed/spoke/kubesource"
+	"github.com/meshfed/meshfed/spoke/kube/mcsexport"
+	"github.com/meshfed/meshfed/spoke/kube/mcsimport"
 	"github.com/meshfed/meshfed/store"
 	"github.com/meshfed/meshfed/trust/siteca"
 	"github.com/spf13/cobra"
@@ -96,8 +96,8 @@ func newSpokeCmd(g *globals) *cobra.Command {
 			var sp *spoke.Spoke
 			var err error
 			if services != "" {
-				src := filesource.New(filesource.Options{
-					Path: services, Interval: poll, Logger: o.Logger.With("component", "filesource"),
+				src := file.New(file.Options{
+					Path: services, Interval: poll, Logger: o.Logger.With("component", "file"),
 					OnError: func(err error) { sp.OnSourceError(err) },
 				})
 				if _, err := src.Load(); err != nil {
@@ -123,8 +123,8 @@ func newSpokeCmd(g *globals) *cobra.Command {
 				}
 				if o.Source == nil {
 					// No services file: the cluster's exported services.
-					o.Source = kubesource.New(kubesource.Options{Client: kc, MCS: mcs, Logger: o.Logger.With("component", "kubesource")})
-					o.Importer = kubeimport.New(kubeimport.Options{Client: kc, MCS: mcs, Logger: o.Logger.With("component", "kubeimport")})
+					o.Source = mcsexport.New(mcsexport.Options{Client: kc, MCS: mcs, Logger: o.Logger.With("component", "mcsexport")})
+					o.Importer = mcsimport.New(mcsimport.Options{Client: kc, MCS: mcs, Logger: o.Logger.With("component", "mcsimport")})
 				}
 			}
 			if o.Credentials, err = secretStorage(kc, "credential-secret", credSecret, inCluster, "meshfed-system/meshfed-spoke-credential"); err != nil {

@@ -11,7 +11,7 @@ import (
 	"time"
 
 	"github.com/meshfed/meshfed/catalog"
-	"github.com/meshfed/meshfed/spoke/kubeimport"
+	"github.com/meshfed/meshfed/spoke/kube/mcsimport"
 	"github.com/meshfed/meshfed/test/harness"
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
@@ -129,7 +129,7 @@ func TestKubernetesImport(t *testing.T) {
 			}
 			// The ClusterSetIP is the cluster IP west's apiserver allocated to
 			// the derived Service, which the imported slices belong to.
-			derived, err := west.Client.CoreV1().Services("shop").Get(ctx, kubeimport.DerivedServiceName("cart"), metav1.GetOptions{})
+			derived, err := west.Client.CoreV1().Services("shop").Get(ctx, mcsimport.DerivedServiceName("cart"), metav1.GetOptions{})
 			if err != nil {
 				return err
 			}
@@ -141,7 +141,7 @@ func TestKubernetesImport(t *testing.T) {
 				return fmt.Errorf("%d slices (%v)", len(slices), err)
 			}
 			es := slices[0]
-			if es.Labels[kubeimport.LabelSourceSite] != "east" || es.Labels[discoveryv1.LabelServiceName] != kubeimport.DerivedServiceName("cart") || es.AddressType != discoveryv1.AddressTypeFQDN || len(es.Endpoints) != 1 || es.Endpoints[0].Addresses[0] != gwHost || !*es.Endpoints[0].Conditions.Ready || *es.Ports[0].Port != gwPort {
+			if es.Labels[mcsimport.LabelSourceSite] != "east" || es.Labels[discoveryv1.LabelServiceName] != mcsimport.DerivedServiceName("cart") || es.AddressType != discoveryv1.AddressTypeFQDN || len(es.Endpoints) != 1 || es.Endpoints[0].Addresses[0] != gwHost || !*es.Endpoints[0].Conditions.Ready || *es.Ports[0].Port != gwPort {
 				return fmt.Errorf("slice %+v", es)
 			}
 			return nil
@@ -188,7 +188,7 @@ func TestKubernetesImport(t *testing.T) {
 			t.Fatal(err)
 		}
 		harness.Eventually(t, 20*time.Second, "west's derived Service serves port 81", func() error {
-			derived, err := west.Client.CoreV1().Services("shop").Get(ctx, kubeimport.DerivedServiceName("cart"), metav1.GetOptions{})
+			derived, err := west.Client.CoreV1().Services("shop").Get(ctx, mcsimport.DerivedServiceName("cart"), metav1.GetOptions{})
 			if err != nil {
 				return err
 			}
@@ -203,7 +203,7 @@ func TestKubernetesImport(t *testing.T) {
 		})
 	})
 	t.Run("a Service and an EndpointSlice of the user's with meshfed's names are left alone", func(t *testing.T) {
-		theirs, err := west.Client.CoreV1().Services("shop").Create(ctx, &corev1.Service{ObjectMeta: metav1.ObjectMeta{Name: kubeimport.DerivedServiceName("till")},
+		theirs, err := west.Client.CoreV1().Services("shop").Create(ctx, &corev1.Service{ObjectMeta: metav1.ObjectMeta{Name: mcsimport.DerivedServiceName("till")},
 			Spec: corev1.ServiceSpec{Ports: []corev1.ServicePort{{Name: "x", Port: 1234, Protocol: corev1.ProtocolTCP}}}}, metav1.CreateOptions{})
 		if err != nil {
 			t.Fatal(err)
@@ -251,7 +251,7 @@ func TestKubernetesImport(t *testing.T) {
 			if err != nil || len(slices) != 0 {
 				return fmt.Errorf("%d imported slices left (%v)", len(slices), err)
 			}
-			if _, err := west.Client.CoreV1().Services("shop").Get(ctx, kubeimport.DerivedServiceName("cart"), metav1.GetOptions{}); !apierrors.IsNotFound(err) {
+			if _, err := west.Client.CoreV1().Services("shop").Get(ctx, mcsimport.DerivedServiceName("cart"), metav1.GetOptions{}); !apierrors.IsNotFound(err) {
 				return fmt.Errorf("the derived Service is still there (%v)", err)
 			}
 			return nil

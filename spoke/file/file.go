@@ -1,7 +1,7 @@
-// Package filesource feeds a spoke's local catalog from a YAML services file
+// Package file feeds a spoke's local catalog from a YAML services file
 // (catalog.ServicesFile), watching it for changes. An invalid file is
 // reported and ignored: the last valid content stays published.
-package filesource
+package file
 
 import (
 	"bytes"

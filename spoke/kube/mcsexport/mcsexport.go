@@ -1,9 +1,9 @@
-// Package kubesource feeds a Kubernetes site's spoke: client-go informers on
+// Package mcsexport feeds a Kubernetes site's spoke: client-go informers on
 // Services, EndpointSlices, Pods, Nodes and MCS ServiceExports turn every
 // exported Service into a catalog service. Changes are handled per service
 // through a work queue, so an update recomputes one service, never the
 // cluster.
-package kubesource
+package mcsexport
 
 import (
 	"context"
@@ -102,12 +102,12 @@ func (s *Source) Run(ctx context.Context, local *spoke.Local) error {
 	defer mcs.Shutdown()
 	for typ, ok := range core.WaitForCacheSync(ctx.Done()) {
 		if !ok {
-			return fmt.Errorf("kubesource: %v informer did not sync", typ)
+			return fmt.Errorf("mcsexport: %v informer did not sync", typ)
 		}
 	}
 	for typ, ok := range mcs.WaitForCacheSync(ctx.Done()) {
 		if !ok {
-			return fmt.Errorf("kubesource: %v informer did not sync", typ)
+			return fmt.Errorf("mcsexport: %v informer did not sync", typ)
 		}
 	}
 	s.o.Logger.Info("kubernetes caches synced")
@@ -253,7 +253,7 @@ func (s *Source) build(ns, name string) (*catalog.Service, error) {
 		}
 	}
 	if err := catalog.ValidateService(*out); err != nil {
-		return nil, fmt.Errorf("kubesource: %s/%s: %w", ns, name, err)
+		return nil, fmt.Errorf("mcsexport: %s/%s: %w", ns, name, err)
 	}
 	return out, nil
 }

@@ -1,4 +1,4 @@
-// Package kubeimport writes the federated view into a Kubernetes site the
+// Package mcsimport writes the federated view into a Kubernetes site the
 // way the Multi-Cluster Services API describes it: for every federated
 // service whose namespace exists in the cluster, a ServiceImport and one
 // EndpointSlice per remote site (labelled multicluster.kubernetes.io/
@@ -10,7 +10,7 @@
 // (CoreDNS's multicluster plugin) answers <name>.<ns>.svc.clusterset.local
 // with it. It also sets the MCS conditions on the cluster's own
 // ServiceExports.
-package kubeimport
+package mcsimport
 
 import (
 	"context"
