@@ -176,6 +176,8 @@ func newSpokeCmd(g *globals) *cobra.Command {
 	f.DurationVar(&o.CA.SVIDTTL, "svid-ttl", time.Hour, "lifetime of SVIDs the site CA issues (at most)")
 	f.DurationVar(&o.CA.ActivationDelay, "ca-activation-delay", 5*time.Minute, "on CA rotation, how long the new CA is only published before it signs")
 	f.DurationVar(&o.MaxStale, "max-stale", 24*time.Hour, "keep serving other sites' services this long after the hub was last reached (negative: forever)")
+	f.DurationVar(&o.HostStaleAfter, "host-stale-after", o.HostStaleAfter, "mark a host agent's endpoints unhealthy once it has not reported for this long")
+	f.DurationVar(&o.HostExpireAfter, "host-expire-after", o.HostExpireAfter, "remove a host agent's endpoints from the catalog once it has not reported for this long")
 	_ = cmd.MarkFlagRequired("site")
 	_ = cmd.MarkFlagRequired("data-dir")
 	return cmd

@@ -43,6 +43,63 @@ pins the site's CA, is single-use and expires.`,
 	token := &cobra.Command{Use: "token", Short: "Manage one-time node tokens"}
 	token.AddCommand(create)
 	cmd := &cobra.Command{Use: "vm", Short: "Onboard plain Docker/VM hosts"}
-	cmd.AddCommand(token)
+	cmd.AddCommand(token, newVMListCmd(g))
+	return cmd
+}
+
+// vmHost is one row of `meshfed vm list`.
+type vmHost struct {
+	Site         string    `json:"site" yaml:"site"`
+	Node         string    `json:"node" yaml:"node"`
+	AgentVersion string    `json:"agentVersion" yaml:"agentVersion"`
+	LastSeen     time.Time `json:"lastSeen" yaml:"lastSeen"`
+	Stale        bool      `json:"stale" yaml:"stale"`
+	Containers   uint32    `json:"containers" yaml:"containers"`
+	Endpoints    uint32    `json:"endpoints" yaml:"endpoints"`
+	Healthy      uint32    `json:"healthyEndpoints" yaml:"healthyEndpoints"`
+}
+
+func newVMListCmd(g *globals) *cobra.Command {
+	var site string
+	cmd := &cobra.Command{
+		Use:   "list",
+		Short: "List the host agents of every site (or --site), as their spokes last reported them",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			ctx, c, done, err := g.admin(cmd)
+			if err != nil {
+				return err
+			}
+			defer done()
+			resp, err := c.ListSites(ctx, &meshfedv1.ListSitesRequest{})
+			if err != nil {
+				return err
+			}
+			hosts := []vmHost{}
+			for _, st := range resp.GetSites() {
+				if site != "" && st.GetSite().GetName() != site {
+					continue
+				}
+				for _, h := range st.GetSource().GetHosts() {
+					hosts = append(hosts, vmHost{
+						Site: st.GetSite().GetName(), Node: h.GetNode(), AgentVersion: h.GetAgentVersion(),
+						LastSeen: h.GetLastSeen().AsTime(), Stale: h.GetStale(),
+						Containers: h.GetContainers(), Endpoints: h.GetEndpoints(), Healthy: h.GetHealthyEndpoints(),
+					})
+				}
+			}
+			return g.render(hosts, func(w io.Writer) {
+				row(w, "SITE", "NODE", "AGENT", "LAST SEEN", "STATE", "CONTAINERS", "ENDPOINTS")
+				for _, h := range hosts {
+					state := "reporting"
+					if h.Stale {
+						state = "stale"
+					}
+					row(w, h.Site, h.Node, h.AgentVersion, age(h.LastSeen), state, h.Containers, fmt.Sprintf("%d/%d healthy", h.Healthy, h.Endpoints))
+				}
+			})
+		},
+	}
+	cmd.Flags().StringVar(&site, "site", "", "only this site's hosts")
 	return cmd
 }

@@ -46,6 +46,10 @@ type Options struct {
 	// the site's catalog must list an endpoint with that identity on the
 	// node (label meshfed.io/node).
 	Workload string
+	// Dir, when set, keeps the node's SVID (WriteFiles) after every issue,
+	// and New starts from it while it is valid: a restart needs no new
+	// token. Only for the node's own SVID (not with Workload).
+	Dir string
 	// Renewed, when set, is called after each renewal (for example to
 	// write the new SVID to files).
 	Renewed func()
@@ -69,8 +73,25 @@ func New(ctx context.Context, o Options) (*Client, error) {
 		o.Logger = slog.Default()
 	}
 	c := &Client{o: o, log: o.Logger.With("component", "identity")}
+	if o.Dir != "" {
+		kept, err := c.load()
+		switch {
+		case err == nil && kept:
+			c.log.Info("using the SVID kept in the data dir", "id", c.SVID().ID, "expires", c.SVID().Certificates[0].NotAfter)
+			return c, nil
+		case err != nil && o.Token == "":
+			return nil, err
+		case err == nil && o.Token == "" && o.KubernetesTokenFile == "":
+			return nil, fmt.Errorf("no SVID kept in %s yet: the first start needs a node token (meshfed vm token create)", o.Dir)
+		case err != nil:
+			c.log.Warn("the kept SVID is of no use; attesting with the token", "err", err)
+		}
+	}
 	if err := c.attest(ctx); err != nil {
 		return nil, fmt.Errorf("attest at %s: %w", o.Addr, err)
+	}
+	if err := c.keep(); err != nil {
+		return nil, err
 	}
 	if o.Workload != "" {
 		if err := c.call(ctx, func(ctx context.Context, ic meshfedv1.IdentityClient, csr []byte) (*meshfedv1.SVIDResponse, error) {
@@ -203,6 +224,9 @@ func (c *Client) Run(ctx context.Context) error {
 			continue
 		}
 		c.log.Info("renewed the SVID", "id", c.SVID().ID, "expires", c.SVID().Certificates[0].NotAfter)
+		if err := c.keep(); err != nil {
+			c.log.Error("could not keep the renewed SVID; a restart before the next renewal needs a new token", "err", err)
+		}
 		if c.o.Renewed != nil {
 			c.o.Renewed()
 		}

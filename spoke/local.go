@@ -12,13 +12,20 @@ import (
 	"google.golang.org/protobuf/types/known/timestamppb"
 )
 
-// Local is the site's own catalog, which a Source writes and the spoke
-// streams to the hub. Writes of unchanged content cost nothing downstream:
-// versions are content hashes, so the table ignores them.
+// Local is the site's own catalog, which a Source and the site's host
+// agents write and the spoke streams to the hub. A service's endpoints are
+// the union of what the source says and what each host reports, so two
+// hosts running the same service, or a host and a services file, add up.
+// Writes of unchanged content cost nothing downstream: versions are
+// content hashes, so the table ignores them.
 type Local struct {
 	site  string
 	td    spiffeid.TrustDomain
 	table *federation.Table
+
+	mu     sync.Mutex
+	source map[string]catalog.Service            // by service key
+	hosts  map[string]map[string]catalog.Service // node → key → service
 
 	statusMu sync.Mutex
 }
@@ -28,34 +35,115 @@ func (l *Local) TrustDomain() spiffeid.TrustDomain { return l.td }
 
 // NewLocal returns an empty local catalog for site.
 func NewLocal(site string) *Local {
-	return &Local{site: site, table: federation.NewTable()}
+	return &Local{
+		site: site, table: federation.NewTable(),
+		source: map[string]catalog.Service{}, hosts: map[string]map[string]catalog.Service{},
+	}
 }
 
 // Table is the versioned table the federation session publishes.
 func (l *Local) Table() *federation.Table { return l.table }
 
-// Upsert sets one service.
+func (l *Local) key(s catalog.Service) string {
+	return federation.ServiceKey(l.site, s.Namespace, s.Name)
+}
+
+// Upsert sets one service of the source.
 func (l *Local) Upsert(s catalog.Service) {
-	l.table.Put(federation.ServiceResource(federation.ServiceToWire(l.site, s)))
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	k := l.key(s)
+	l.source[k] = s
+	l.publish(k)
 }
 
-// Remove deletes one service.
+// Remove deletes one service of the source.
 func (l *Local) Remove(namespace, name string) {
-	l.table.Delete(federation.ServiceKey(l.site, namespace, name))
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	k := federation.ServiceKey(l.site, namespace, name)
+	delete(l.source, k)
+	l.publish(k)
 }
 
-// Replace makes services the whole local catalog.
+// Replace makes services the source's whole catalog.
 func (l *Local) Replace(services []catalog.Service) {
-	keep := map[string]bool{}
-	for _, s := range services {
-		keep[federation.ServiceKey(l.site, s.Namespace, s.Name)] = true
-		l.Upsert(s)
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.replace(l.source, services)
+}
+
+// SetHost makes services everything node runs, replacing its last report.
+func (l *Local) SetHost(node string, services []catalog.Service) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.hosts[node] == nil {
+		l.hosts[node] = map[string]catalog.Service{}
 	}
-	for k := range l.table.Versions("svc/") {
-		if !keep[k] {
-			l.table.Delete(k)
+	l.replace(l.hosts[node], services)
+}
+
+// RemoveHost withdraws everything node reported.
+func (l *Local) RemoveHost(node string) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if h, ok := l.hosts[node]; ok {
+		l.replace(h, nil)
+		delete(l.hosts, node)
+	}
+}
+
+// replace swaps the services of one writer (its map, old, changed in
+// place) for services and republishes every key either holds. Called with
+// mu held.
+func (l *Local) replace(old map[string]catalog.Service, services []catalog.Service) {
+	next := make(map[string]catalog.Service, len(services))
+	for _, s := range services {
+		next[l.key(s)] = s
+	}
+	for k := range old {
+		delete(old, k)
+		if _, ok := next[k]; !ok {
+			l.publish(k)
 		}
 	}
+	for k, s := range next {
+		old[k] = s
+	}
+	for k := range next {
+		l.publish(k)
+	}
+}
+
+// publish writes key's service as the union of what the source and every
+// host hold for it, or deletes it when none does. Called with mu held.
+func (l *Local) publish(k string) {
+	var parts []catalog.Service
+	if s, ok := l.source[k]; ok {
+		parts = append(parts, s)
+	}
+	nodes := make([]string, 0, len(l.hosts))
+	for n := range l.hosts {
+		nodes = append(nodes, n)
+	}
+	sort.Strings(nodes)
+	for _, n := range nodes {
+		if s, ok := l.hosts[n][k]; ok {
+			parts = append(parts, s)
+		}
+	}
+	if len(parts) == 0 {
+		l.table.Delete(k)
+		return
+	}
+	// The first writer's ports stand: the source's, else the first host's
+	// by name, so the result does not depend on report order.
+	merged := parts[0]
+	merged.Endpoints = nil
+	for _, p := range parts {
+		merged.Endpoints = append(merged.Endpoints, p.Endpoints...)
+	}
+	l.table.Put(federation.ServiceResource(federation.ServiceToWire(l.site, merged)))
 }
 
 // Services returns the local services, sorted.

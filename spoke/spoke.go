@@ -84,8 +84,17 @@ type Options struct {
 	GossipProbeInterval time.Duration
 	// MaxBackoff caps the wait between reconnects. Default 5s.
 	MaxBackoff time.Duration
-	Logger     *slog.Logger
-	Registry   *prometheus.Registry
+	// HostReportInterval is how often host agents report when nothing
+	// changes (they report at once when something does).
+	HostReportInterval time.Duration
+	// HostStaleAfter: a host agent silent this long has its endpoints
+	// marked unhealthy until it reports again.
+	HostStaleAfter time.Duration
+	// HostExpireAfter: a host agent silent this long has its endpoints
+	// removed from the catalog.
+	HostExpireAfter time.Duration
+	Logger          *slog.Logger
+	Registry        *prometheus.Registry
 }
 
 // Spoke is a site's control plane.
@@ -100,6 +109,7 @@ type Spoke struct {
 	tele      *telemetry.Server
 	idLn      net.Listener
 	xds       *xds.Server
+	hosts     *hosts
 	pool      atomic.Pointer[gossip.Pool]
 	connected atomic.Bool
 }
@@ -119,8 +129,17 @@ func DefaultOptions() Options {
 		// Reconnects back off to 5s: a restarted hub hears from every
 		// spoke within seconds, not all at once.
 		MaxBackoff: 5 * time.Second,
-		Logger:     slog.Default(),
-		Registry:   telemetry.NewRegistry(),
+		// Agents report every 5s; three missed reports make a host stale,
+		// so its endpoints stop taking traffic within 15s of it going
+		// quiet, while one lost report does nothing.
+		HostReportInterval: 5 * time.Second,
+		HostStaleAfter:     15 * time.Second,
+		// Five minutes rides out an agent upgrade, a reboot or a short
+		// network cut without the host's services leaving the federation
+		// and coming back; a host gone for good leaves in bounded time.
+		HostExpireAfter: 5 * time.Minute,
+		Logger:          slog.Default(),
+		Registry:        telemetry.NewRegistry(),
 	}
 }
 
@@ -133,8 +152,11 @@ func New(ctx context.Context, o Options) (*Spoke, error) {
 	if o.DataDir == "" {
 		return nil, errors.New("spoke: --data-dir is required")
 	}
-	if o.HTTPListen == "" || o.IdentityListen == "" || o.XDSListen == "" || o.MaxBackoff <= 0 || o.Logger == nil || o.Registry == nil {
-		return nil, errors.New("spoke: HTTPListen, IdentityListen, XDSListen, MaxBackoff, Logger and Registry are required: start from spoke.DefaultOptions()")
+	if o.HTTPListen == "" || o.IdentityListen == "" || o.XDSListen == "" || o.MaxBackoff <= 0 || o.Logger == nil || o.Registry == nil || o.HostReportInterval <= 0 {
+		return nil, errors.New("spoke: HTTPListen, IdentityListen, XDSListen, MaxBackoff, HostReportInterval, Logger and Registry are required: start from spoke.DefaultOptions()")
+	}
+	if o.HostStaleAfter <= o.HostReportInterval || o.HostExpireAfter < o.HostStaleAfter {
+		return nil, fmt.Errorf("spoke: want host report interval (%s) < --host-stale-after (%s) <= --host-expire-after (%s)", o.HostReportInterval, o.HostStaleAfter, o.HostExpireAfter)
 	}
 	if o.MaxStale == 0 {
 		return nil, errors.New("spoke: --max-stale 0 would drop other sites' services the moment the hub is out of reach: give a duration, or a negative one to keep them forever")
@@ -160,6 +182,10 @@ func New(ctx context.Context, o Options) (*Spoke, error) {
 	s.local.td = s.ca.TrustDomain()
 	// The site's bundle is published like its services.
 	s.local.table.Put(federation.BundleResource(federation.BundleToWire(o.Site, s.ca.Bundle())))
+	if s.hosts, err = openHosts(o, s.local, s.log.With("component", "hosts")); err != nil {
+		s.view.Close()
+		return nil, fmt.Errorf("spoke: %w", err)
+	}
 	s.m = newMetrics(o.Registry, s)
 	if o.IdentityListen != "-" {
 		if s.idLn, err = net.Listen("tcp", o.IdentityListen); err != nil {
@@ -264,6 +290,7 @@ func (s *Spoke) Run(ctx context.Context) error {
 	g.Go(func() error { return s.renewLoop(ctx, conn) })
 	g.Go(func() error { return s.expireLoop(ctx) })
 	g.Go(func() error { return s.caLoop(ctx) })
+	g.Go(func() error { return s.hosts.Run(ctx) })
 	if s.tele != nil {
 		g.Go(func() error { return s.tele.Run(ctx) })
 	}

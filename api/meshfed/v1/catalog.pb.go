@@ -639,8 +639,10 @@ type SourceStatus struct {
 	// gossip_addresses are where the site's spoke takes part in the WAN
 	// gossip pool: the seeds other members join through.
 	GossipAddresses []string `protobuf:"bytes,5,rep,name=gossip_addresses,json=gossipAddresses,proto3" json:"gossip_addresses,omitempty"`
-	unknownFields   protoimpl.UnknownFields
-	sizeCache       protoimpl.SizeCache
+	// hosts are the site's host agents (vmagent), by node name.
+	Hosts         []*HostStatus `protobuf:"bytes,6,rep,name=hosts,proto3" json:"hosts,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *SourceStatus) Reset() {
@@ -708,6 +710,108 @@ func (x *SourceStatus) GetGossipAddresses() []string {
 	return nil
 }
 
+func (x *SourceStatus) GetHosts() []*HostStatus {
+	if x != nil {
+		return x.Hosts
+	}
+	return nil
+}
+
+// HostStatus is one host agent as its spoke last heard from it.
+type HostStatus struct {
+	state            protoimpl.MessageState `protogen:"open.v1"`
+	Node             string                 `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"`
+	AgentVersion     string                 `protobuf:"bytes,2,opt,name=agent_version,json=agentVersion,proto3" json:"agent_version,omitempty"`
+	LastSeen         *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=last_seen,json=lastSeen,proto3" json:"last_seen,omitempty"`
+	Containers       uint32                 `protobuf:"varint,4,opt,name=containers,proto3" json:"containers,omitempty"`
+	Endpoints        uint32                 `protobuf:"varint,5,opt,name=endpoints,proto3" json:"endpoints,omitempty"`
+	HealthyEndpoints uint32                 `protobuf:"varint,6,opt,name=healthy_endpoints,json=healthyEndpoints,proto3" json:"healthy_endpoints,omitempty"`
+	// stale: the host missed its reports; its endpoints are unhealthy and
+	// leave the catalog when it stays silent past the spoke's expiry.
+	Stale         bool `protobuf:"varint,7,opt,name=stale,proto3" json:"stale,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *HostStatus) Reset() {
+	*x = HostStatus{}
+	mi := &file_meshfed_v1_catalog_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *HostStatus) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*HostStatus) ProtoMessage() {}
+
+func (x *HostStatus) ProtoReflect() protoreflect.Message {
+	mi := &file_meshfed_v1_catalog_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use HostStatus.ProtoReflect.Descriptor instead.
+func (*HostStatus) Descriptor() ([]byte, []int) {
+	return file_meshfed_v1_catalog_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *HostStatus) GetNode() string {
+	if x != nil {
+		return x.Node
+	}
+	return ""
+}
+
+func (x *HostStatus) GetAgentVersion() string {
+	if x != nil {
+		return x.AgentVersion
+	}
+	return ""
+}
+
+func (x *HostStatus) GetLastSeen() *timestamppb.Timestamp {
+	if x != nil {
+		return x.LastSeen
+	}
+	return nil
+}
+
+func (x *HostStatus) GetContainers() uint32 {
+	if x != nil {
+		return x.Containers
+	}
+	return 0
+}
+
+func (x *HostStatus) GetEndpoints() uint32 {
+	if x != nil {
+		return x.Endpoints
+	}
+	return 0
+}
+
+func (x *HostStatus) GetHealthyEndpoints() uint32 {
+	if x != nil {
+		return x.HealthyEndpoints
+	}
+	return 0
+}
+
+func (x *HostStatus) GetStale() bool {
+	if x != nil {
+		return x.Stale
+	}
+	return false
+}
+
 // CARotation asks a site's spoke to rotate its CA; the spoke acts when
 // generation exceeds the last one it carried out.
 type CARotation struct {
@@ -720,7 +824,7 @@ type CARotation struct {
 
 func (x *CARotation) Reset() {
 	*x = CARotation{}
-	mi := &file_meshfed_v1_catalog_proto_msgTypes[7]
+	mi := &file_meshfed_v1_catalog_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -732,7 +836,7 @@ func (x *CARotation) String() string {
 func (*CARotation) ProtoMessage() {}
 
 func (x *CARotation) ProtoReflect() protoreflect.Message {
-	mi := &file_meshfed_v1_catalog_proto_msgTypes[7]
+	mi := &file_meshfed_v1_catalog_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -745,7 +849,7 @@ func (x *CARotation) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CARotation.ProtoReflect.Descriptor instead.
 func (*CARotation) Descriptor() ([]byte, []int) {
-	return file_meshfed_v1_catalog_proto_rawDescGZIP(), []int{7}
+	return file_meshfed_v1_catalog_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *CARotation) GetSite() string {
@@ -781,7 +885,7 @@ type Bundle struct {
 
 func (x *Bundle) Reset() {
 	*x = Bundle{}
-	mi := &file_meshfed_v1_catalog_proto_msgTypes[8]
+	mi := &file_meshfed_v1_catalog_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -793,7 +897,7 @@ func (x *Bundle) String() string {
 func (*Bundle) ProtoMessage() {}
 
 func (x *Bundle) ProtoReflect() protoreflect.Message {
-	mi := &file_meshfed_v1_catalog_proto_msgTypes[8]
+	mi := &file_meshfed_v1_catalog_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -806,7 +910,7 @@ func (x *Bundle) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Bundle.ProtoReflect.Descriptor instead.
 func (*Bundle) Descriptor() ([]byte, []int) {
-	return file_meshfed_v1_catalog_proto_rawDescGZIP(), []int{8}
+	return file_meshfed_v1_catalog_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *Bundle) GetTrustDomain() string {
@@ -881,7 +985,7 @@ type TrafficPolicy struct {
 
 func (x *TrafficPolicy) Reset() {
 	*x = TrafficPolicy{}
-	mi := &file_meshfed_v1_catalog_proto_msgTypes[9]
+	mi := &file_meshfed_v1_catalog_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -893,7 +997,7 @@ func (x *TrafficPolicy) String() string {
 func (*TrafficPolicy) ProtoMessage() {}
 
 func (x *TrafficPolicy) ProtoReflect() protoreflect.Message {
-	mi := &file_meshfed_v1_catalog_proto_msgTypes[9]
+	mi := &file_meshfed_v1_catalog_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -906,7 +1010,7 @@ func (x *TrafficPolicy) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TrafficPolicy.ProtoReflect.Descriptor instead.
 func (*TrafficPolicy) Descriptor() ([]byte, []int) {
-	return file_meshfed_v1_catalog_proto_rawDescGZIP(), []int{9}
+	return file_meshfed_v1_catalog_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *TrafficPolicy) GetNamespace() string {
@@ -986,7 +1090,7 @@ type TrafficSplit struct {
 
 func (x *TrafficSplit) Reset() {
 	*x = TrafficSplit{}
-	mi := &file_meshfed_v1_catalog_proto_msgTypes[10]
+	mi := &file_meshfed_v1_catalog_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -998,7 +1102,7 @@ func (x *TrafficSplit) String() string {
 func (*TrafficSplit) ProtoMessage() {}
 
 func (x *TrafficSplit) ProtoReflect() protoreflect.Message {
-	mi := &file_meshfed_v1_catalog_proto_msgTypes[10]
+	mi := &file_meshfed_v1_catalog_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1011,7 +1115,7 @@ func (x *TrafficSplit) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TrafficSplit.ProtoReflect.Descriptor instead.
 func (*TrafficSplit) Descriptor() ([]byte, []int) {
-	return file_meshfed_v1_catalog_proto_rawDescGZIP(), []int{10}
+	return file_meshfed_v1_catalog_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *TrafficSplit) GetName() string {
@@ -1055,7 +1159,7 @@ type OutlierDetection struct {
 
 func (x *OutlierDetection) Reset() {
 	*x = OutlierDetection{}
-	mi := &file_meshfed_v1_catalog_proto_msgTypes[11]
+	mi := &file_meshfed_v1_catalog_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1067,7 +1171,7 @@ func (x *OutlierDetection) String() string {
 func (*OutlierDetection) ProtoMessage() {}
 
 func (x *OutlierDetection) ProtoReflect() protoreflect.Message {
-	mi := &file_meshfed_v1_catalog_proto_msgTypes[11]
+	mi := &file_meshfed_v1_catalog_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1080,7 +1184,7 @@ func (x *OutlierDetection) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OutlierDetection.ProtoReflect.Descriptor instead.
 func (*OutlierDetection) Descriptor() ([]byte, []int) {
-	return file_meshfed_v1_catalog_proto_rawDescGZIP(), []int{11}
+	return file_meshfed_v1_catalog_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *OutlierDetection) GetConsecutiveFailures() uint32 {
@@ -1124,7 +1228,7 @@ type GossipKeyring struct {
 
 func (x *GossipKeyring) Reset() {
 	*x = GossipKeyring{}
-	mi := &file_meshfed_v1_catalog_proto_msgTypes[12]
+	mi := &file_meshfed_v1_catalog_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1136,7 +1240,7 @@ func (x *GossipKeyring) String() string {
 func (*GossipKeyring) ProtoMessage() {}
 
 func (x *GossipKeyring) ProtoReflect() protoreflect.Message {
-	mi := &file_meshfed_v1_catalog_proto_msgTypes[12]
+	mi := &file_meshfed_v1_catalog_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1149,7 +1253,7 @@ func (x *GossipKeyring) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GossipKeyring.ProtoReflect.Descriptor instead.
 func (*GossipKeyring) Descriptor() ([]byte, []int) {
-	return file_meshfed_v1_catalog_proto_rawDescGZIP(), []int{12}
+	return file_meshfed_v1_catalog_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *GossipKeyring) GetKeys() [][]byte {
@@ -1214,13 +1318,25 @@ const file_meshfed_v1_catalog_proto_rawDesc = "" +
 	"\bservices\x18\x05 \x01(\rR\bservices\x12\x1c\n" +
 	"\tendpoints\x18\x06 \x01(\rR\tendpoints\x120\n" +
 	"\x06source\x18\a \x01(\v2\x18.meshfed.v1.SourceStatusR\x06source\x12\x16\n" +
-	"\x06gossip\x18\b \x01(\tR\x06gossip\"\xb3\x01\n" +
+	"\x06gossip\x18\b \x01(\tR\x06gossip\"\xe1\x01\n" +
 	"\fSourceStatus\x12\x12\n" +
 	"\x04site\x18\x01 \x01(\tR\x04site\x12\x18\n" +
 	"\ahealthy\x18\x02 \x01(\bR\ahealthy\x12\x18\n" +
 	"\amessage\x18\x03 \x01(\tR\amessage\x120\n" +
 	"\x05since\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\x05since\x12)\n" +
-	"\x10gossip_addresses\x18\x05 \x03(\tR\x0fgossipAddresses\"@\n" +
+	"\x10gossip_addresses\x18\x05 \x03(\tR\x0fgossipAddresses\x12,\n" +
+	"\x05hosts\x18\x06 \x03(\v2\x16.meshfed.v1.HostStatusR\x05hosts\"\xff\x01\n" +
+	"\n" +
+	"HostStatus\x12\x12\n" +
+	"\x04node\x18\x01 \x01(\tR\x04node\x12#\n" +
+	"\ragent_version\x18\x02 \x01(\tR\fagentVersion\x127\n" +
+	"\tlast_seen\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\blastSeen\x12\x1e\n" +
+	"\n" +
+	"containers\x18\x04 \x01(\rR\n" +
+	"containers\x12\x1c\n" +
+	"\tendpoints\x18\x05 \x01(\rR\tendpoints\x12+\n" +
+	"\x11healthy_endpoints\x18\x06 \x01(\rR\x10healthyEndpoints\x12\x14\n" +
+	"\x05stale\x18\a \x01(\bR\x05stale\"@\n" +
 	"\n" +
 	"CARotation\x12\x12\n" +
 	"\x04site\x18\x01 \x01(\tR\x04site\x12\x1e\n" +
@@ -1286,7 +1402,7 @@ func file_meshfed_v1_catalog_proto_rawDescGZIP() []byte {
 }
 
 var file_meshfed_v1_catalog_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_meshfed_v1_catalog_proto_msgTypes = make([]protoimpl.MessageInfo, 15)
+var file_meshfed_v1_catalog_proto_msgTypes = make([]protoimpl.MessageInfo, 16)
 var file_meshfed_v1_catalog_proto_goTypes = []any{
 	(Health)(0),                   // 0: meshfed.v1.Health
 	(SiteState)(0),                // 1: meshfed.v1.SiteState
@@ -1297,43 +1413,46 @@ var file_meshfed_v1_catalog_proto_goTypes = []any{
 	(*Site)(nil),                  // 6: meshfed.v1.Site
 	(*SiteStatus)(nil),            // 7: meshfed.v1.SiteStatus
 	(*SourceStatus)(nil),          // 8: meshfed.v1.SourceStatus
-	(*CARotation)(nil),            // 9: meshfed.v1.CARotation
-	(*Bundle)(nil),                // 10: meshfed.v1.Bundle
-	(*TrafficPolicy)(nil),         // 11: meshfed.v1.TrafficPolicy
-	(*TrafficSplit)(nil),          // 12: meshfed.v1.TrafficSplit
-	(*OutlierDetection)(nil),      // 13: meshfed.v1.OutlierDetection
-	(*GossipKeyring)(nil),         // 14: meshfed.v1.GossipKeyring
-	nil,                           // 15: meshfed.v1.Endpoint.LabelsEntry
-	nil,                           // 16: meshfed.v1.TrafficSplit.LabelsEntry
-	(*timestamppb.Timestamp)(nil), // 17: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),   // 18: google.protobuf.Duration
+	(*HostStatus)(nil),            // 9: meshfed.v1.HostStatus
+	(*CARotation)(nil),            // 10: meshfed.v1.CARotation
+	(*Bundle)(nil),                // 11: meshfed.v1.Bundle
+	(*TrafficPolicy)(nil),         // 12: meshfed.v1.TrafficPolicy
+	(*TrafficSplit)(nil),          // 13: meshfed.v1.TrafficSplit
+	(*OutlierDetection)(nil),      // 14: meshfed.v1.OutlierDetection
+	(*GossipKeyring)(nil),         // 15: meshfed.v1.GossipKeyring
+	nil,                           // 16: meshfed.v1.Endpoint.LabelsEntry
+	nil,                           // 17: meshfed.v1.TrafficSplit.LabelsEntry
+	(*timestamppb.Timestamp)(nil), // 18: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),   // 19: google.protobuf.Duration
 }
 var file_meshfed_v1_catalog_proto_depIdxs = []int32{
 	2,  // 0: meshfed.v1.Endpoint.locality:type_name -> meshfed.v1.Locality
 	0,  // 1: meshfed.v1.Endpoint.health:type_name -> meshfed.v1.Health
-	15, // 2: meshfed.v1.Endpoint.labels:type_name -> meshfed.v1.Endpoint.LabelsEntry
+	16, // 2: meshfed.v1.Endpoint.labels:type_name -> meshfed.v1.Endpoint.LabelsEntry
 	3,  // 3: meshfed.v1.Service.ports:type_name -> meshfed.v1.Port
 	4,  // 4: meshfed.v1.Service.endpoints:type_name -> meshfed.v1.Endpoint
 	2,  // 5: meshfed.v1.Site.locality:type_name -> meshfed.v1.Locality
 	1,  // 6: meshfed.v1.Site.state:type_name -> meshfed.v1.SiteState
 	6,  // 7: meshfed.v1.SiteStatus.site:type_name -> meshfed.v1.Site
-	17, // 8: meshfed.v1.SiteStatus.created:type_name -> google.protobuf.Timestamp
-	17, // 9: meshfed.v1.SiteStatus.last_sync:type_name -> google.protobuf.Timestamp
-	17, // 10: meshfed.v1.SiteStatus.connected_since:type_name -> google.protobuf.Timestamp
+	18, // 8: meshfed.v1.SiteStatus.created:type_name -> google.protobuf.Timestamp
+	18, // 9: meshfed.v1.SiteStatus.last_sync:type_name -> google.protobuf.Timestamp
+	18, // 10: meshfed.v1.SiteStatus.connected_since:type_name -> google.protobuf.Timestamp
 	8,  // 11: meshfed.v1.SiteStatus.source:type_name -> meshfed.v1.SourceStatus
-	17, // 12: meshfed.v1.SourceStatus.since:type_name -> google.protobuf.Timestamp
-	12, // 13: meshfed.v1.TrafficPolicy.split:type_name -> meshfed.v1.TrafficSplit
-	18, // 14: meshfed.v1.TrafficPolicy.connect_timeout:type_name -> google.protobuf.Duration
-	13, // 15: meshfed.v1.TrafficPolicy.outlier_detection:type_name -> meshfed.v1.OutlierDetection
-	16, // 16: meshfed.v1.TrafficSplit.labels:type_name -> meshfed.v1.TrafficSplit.LabelsEntry
-	18, // 17: meshfed.v1.OutlierDetection.interval:type_name -> google.protobuf.Duration
-	18, // 18: meshfed.v1.OutlierDetection.base_ejection_time:type_name -> google.protobuf.Duration
-	17, // 19: meshfed.v1.GossipKeyring.use_newest_after:type_name -> google.protobuf.Timestamp
-	20, // [20:20] is the sub-list for method output_type
-	20, // [20:20] is the sub-list for method input_type
-	20, // [20:20] is the sub-list for extension type_name
-	20, // [20:20] is the sub-list for extension extendee
-	0,  // [0:20] is the sub-list for field type_name
+	18, // 12: meshfed.v1.SourceStatus.since:type_name -> google.protobuf.Timestamp
+	9,  // 13: meshfed.v1.SourceStatus.hosts:type_name -> meshfed.v1.HostStatus
+	18, // 14: meshfed.v1.HostStatus.last_seen:type_name -> google.protobuf.Timestamp
+	13, // 15: meshfed.v1.TrafficPolicy.split:type_name -> meshfed.v1.TrafficSplit
+	19, // 16: meshfed.v1.TrafficPolicy.connect_timeout:type_name -> google.protobuf.Duration
+	14, // 17: meshfed.v1.TrafficPolicy.outlier_detection:type_name -> meshfed.v1.OutlierDetection
+	17, // 18: meshfed.v1.TrafficSplit.labels:type_name -> meshfed.v1.TrafficSplit.LabelsEntry
+	19, // 19: meshfed.v1.OutlierDetection.interval:type_name -> google.protobuf.Duration
+	19, // 20: meshfed.v1.OutlierDetection.base_ejection_time:type_name -> google.protobuf.Duration
+	18, // 21: meshfed.v1.GossipKeyring.use_newest_after:type_name -> google.protobuf.Timestamp
+	22, // [22:22] is the sub-list for method output_type
+	22, // [22:22] is the sub-list for method input_type
+	22, // [22:22] is the sub-list for extension type_name
+	22, // [22:22] is the sub-list for extension extendee
+	0,  // [0:22] is the sub-list for field type_name
 }
 
 func init() { file_meshfed_v1_catalog_proto_init() }
@@ -1341,14 +1460,14 @@ func file_meshfed_v1_catalog_proto_init() {
 	if File_meshfed_v1_catalog_proto != nil {
 		return
 	}
-	file_meshfed_v1_catalog_proto_msgTypes[9].OneofWrappers = []any{}
+	file_meshfed_v1_catalog_proto_msgTypes[10].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_meshfed_v1_catalog_proto_rawDesc), len(file_meshfed_v1_catalog_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   15,
+			NumMessages:   16,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

@@ -9,6 +9,7 @@ package meshfedv1
 import (
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
+	durationpb "google.golang.org/protobuf/types/known/durationpb"
 	timestamppb "google.golang.org/protobuf/types/known/timestamppb"
 	reflect "reflect"
 	sync "sync"
@@ -22,6 +23,116 @@ const (
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
 
+type HostReport struct {
+	state        protoimpl.MessageState `protogen:"open.v1"`
+	AgentVersion string                 `protobuf:"bytes,1,opt,name=agent_version,json=agentVersion,proto3" json:"agent_version,omitempty"`
+	// services are the host's workloads as endpoints of services; the spoke
+	// labels each endpoint meshfed.io/node=<node> and gives it the site's
+	// locality.
+	Services []*Service `protobuf:"bytes,2,rep,name=services,proto3" json:"services,omitempty"`
+	// containers is how many containers the agent sees, labelled or not.
+	Containers    uint32 `protobuf:"varint,3,opt,name=containers,proto3" json:"containers,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *HostReport) Reset() {
+	*x = HostReport{}
+	mi := &file_meshfed_v1_identity_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *HostReport) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*HostReport) ProtoMessage() {}
+
+func (x *HostReport) ProtoReflect() protoreflect.Message {
+	mi := &file_meshfed_v1_identity_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use HostReport.ProtoReflect.Descriptor instead.
+func (*HostReport) Descriptor() ([]byte, []int) {
+	return file_meshfed_v1_identity_proto_rawDescGZIP(), []int{0}
+}
+
+func (x *HostReport) GetAgentVersion() string {
+	if x != nil {
+		return x.AgentVersion
+	}
+	return ""
+}
+
+func (x *HostReport) GetServices() []*Service {
+	if x != nil {
+		return x.Services
+	}
+	return nil
+}
+
+func (x *HostReport) GetContainers() uint32 {
+	if x != nil {
+		return x.Containers
+	}
+	return 0
+}
+
+type HostReportResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// report_interval is how often the spoke wants a report when nothing
+	// changes; a host silent for a few intervals is marked stale.
+	ReportInterval *durationpb.Duration `protobuf:"bytes,1,opt,name=report_interval,json=reportInterval,proto3" json:"report_interval,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *HostReportResponse) Reset() {
+	*x = HostReportResponse{}
+	mi := &file_meshfed_v1_identity_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *HostReportResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*HostReportResponse) ProtoMessage() {}
+
+func (x *HostReportResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_meshfed_v1_identity_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use HostReportResponse.ProtoReflect.Descriptor instead.
+func (*HostReportResponse) Descriptor() ([]byte, []int) {
+	return file_meshfed_v1_identity_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *HostReportResponse) GetReportInterval() *durationpb.Duration {
+	if x != nil {
+		return x.ReportInterval
+	}
+	return nil
+}
+
 type IssueWorkloadRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	SpiffeId      string                 `protobuf:"bytes,1,opt,name=spiffe_id,json=spiffeId,proto3" json:"spiffe_id,omitempty"`
@@ -32,7 +143,7 @@ type IssueWorkloadRequest struct {
 
 func (x *IssueWorkloadRequest) Reset() {
 	*x = IssueWorkloadRequest{}
-	mi := &file_meshfed_v1_identity_proto_msgTypes[0]
+	mi := &file_meshfed_v1_identity_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -44,7 +155,7 @@ func (x *IssueWorkloadRequest) String() string {
 func (*IssueWorkloadRequest) ProtoMessage() {}
 
 func (x *IssueWorkloadRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meshfed_v1_identity_proto_msgTypes[0]
+	mi := &file_meshfed_v1_identity_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -57,7 +168,7 @@ func (x *IssueWorkloadRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use IssueWorkloadRequest.ProtoReflect.Descriptor instead.
 func (*IssueWorkloadRequest) Descriptor() ([]byte, []int) {
-	return file_meshfed_v1_identity_proto_rawDescGZIP(), []int{0}
+	return file_meshfed_v1_identity_proto_rawDescGZIP(), []int{2}
 }
 
 func (x *IssueWorkloadRequest) GetSpiffeId() string {
@@ -89,7 +200,7 @@ type AttestRequest struct {
 
 func (x *AttestRequest) Reset() {
 	*x = AttestRequest{}
-	mi := &file_meshfed_v1_identity_proto_msgTypes[1]
+	mi := &file_meshfed_v1_identity_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -101,7 +212,7 @@ func (x *AttestRequest) String() string {
 func (*AttestRequest) ProtoMessage() {}
 
 func (x *AttestRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meshfed_v1_identity_proto_msgTypes[1]
+	mi := &file_meshfed_v1_identity_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -114,7 +225,7 @@ func (x *AttestRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AttestRequest.ProtoReflect.Descriptor instead.
 func (*AttestRequest) Descriptor() ([]byte, []int) {
-	return file_meshfed_v1_identity_proto_rawDescGZIP(), []int{1}
+	return file_meshfed_v1_identity_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *AttestRequest) GetCredential() isAttestRequest_Credential {
@@ -177,7 +288,7 @@ type RenewSVIDRequest struct {
 
 func (x *RenewSVIDRequest) Reset() {
 	*x = RenewSVIDRequest{}
-	mi := &file_meshfed_v1_identity_proto_msgTypes[2]
+	mi := &file_meshfed_v1_identity_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -189,7 +300,7 @@ func (x *RenewSVIDRequest) String() string {
 func (*RenewSVIDRequest) ProtoMessage() {}
 
 func (x *RenewSVIDRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meshfed_v1_identity_proto_msgTypes[2]
+	mi := &file_meshfed_v1_identity_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -202,7 +313,7 @@ func (x *RenewSVIDRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RenewSVIDRequest.ProtoReflect.Descriptor instead.
 func (*RenewSVIDRequest) Descriptor() ([]byte, []int) {
-	return file_meshfed_v1_identity_proto_rawDescGZIP(), []int{2}
+	return file_meshfed_v1_identity_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *RenewSVIDRequest) GetCsr() []byte {
@@ -226,7 +337,7 @@ type SVIDResponse struct {
 
 func (x *SVIDResponse) Reset() {
 	*x = SVIDResponse{}
-	mi := &file_meshfed_v1_identity_proto_msgTypes[3]
+	mi := &file_meshfed_v1_identity_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -238,7 +349,7 @@ func (x *SVIDResponse) String() string {
 func (*SVIDResponse) ProtoMessage() {}
 
 func (x *SVIDResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meshfed_v1_identity_proto_msgTypes[3]
+	mi := &file_meshfed_v1_identity_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -251,7 +362,7 @@ func (x *SVIDResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SVIDResponse.ProtoReflect.Descriptor instead.
 func (*SVIDResponse) Descriptor() ([]byte, []int) {
-	return file_meshfed_v1_identity_proto_rawDescGZIP(), []int{3}
+	return file_meshfed_v1_identity_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *SVIDResponse) GetSpiffeId() string {
@@ -287,7 +398,16 @@ var File_meshfed_v1_identity_proto protoreflect.FileDescriptor
 const file_meshfed_v1_identity_proto_rawDesc = "" +
 	"\n" +
 	"\x19meshfed/v1/identity.proto\x12\n" +
-	"meshfed.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"E\n" +
+	"meshfed.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18meshfed/v1/catalog.proto\"\x82\x01\n" +
+	"\n" +
+	"HostReport\x12#\n" +
+	"\ragent_version\x18\x01 \x01(\tR\fagentVersion\x12/\n" +
+	"\bservices\x18\x02 \x03(\v2\x13.meshfed.v1.ServiceR\bservices\x12\x1e\n" +
+	"\n" +
+	"containers\x18\x03 \x01(\rR\n" +
+	"containers\"X\n" +
+	"\x12HostReportResponse\x12B\n" +
+	"\x0freport_interval\x18\x01 \x01(\v2\x19.google.protobuf.DurationR\x0ereportInterval\"E\n" +
 	"\x14IssueWorkloadRequest\x12\x1b\n" +
 	"\tspiffe_id\x18\x01 \x01(\tR\bspiffeId\x12\x10\n" +
 	"\x03csr\x18\x02 \x01(\fR\x03csr\"}\n" +
@@ -307,11 +427,13 @@ const file_meshfed_v1_identity_proto_rawDesc = "" +
 	"\abundles\x18\x04 \x03(\v2%.meshfed.v1.SVIDResponse.BundlesEntryR\abundles\x1a:\n" +
 	"\fBundlesEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\fR\x05value:\x028\x012\xd7\x01\n" +
+	"\x05value\x18\x02 \x01(\fR\x05value:\x028\x012\x9d\x02\n" +
 	"\bIdentity\x12=\n" +
 	"\x06Attest\x12\x19.meshfed.v1.AttestRequest\x1a\x18.meshfed.v1.SVIDResponse\x12?\n" +
 	"\x05Renew\x12\x1c.meshfed.v1.RenewSVIDRequest\x1a\x18.meshfed.v1.SVIDResponse\x12K\n" +
-	"\rIssueWorkload\x12 .meshfed.v1.IssueWorkloadRequest\x1a\x18.meshfed.v1.SVIDResponseB5Z3github.com/meshfed/meshfed/api/meshfed/v1;meshfedv1b\x06proto3"
+	"\rIssueWorkload\x12 .meshfed.v1.IssueWorkloadRequest\x1a\x18.meshfed.v1.SVIDResponse\x12D\n" +
+	"\n" +
+	"ReportHost\x12\x16.meshfed.v1.HostReport\x1a\x1e.meshfed.v1.HostReportResponseB5Z3github.com/meshfed/meshfed/api/meshfed/v1;meshfedv1b\x06proto3"
 
 var (
 	file_meshfed_v1_identity_proto_rawDescOnce sync.Once
@@ -325,29 +447,37 @@ func file_meshfed_v1_identity_proto_rawDescGZIP() []byte {
 	return file_meshfed_v1_identity_proto_rawDescData
 }
 
-var file_meshfed_v1_identity_proto_msgTypes = make([]protoimpl.MessageInfo, 5)
+var file_meshfed_v1_identity_proto_msgTypes = make([]protoimpl.MessageInfo, 7)
 var file_meshfed_v1_identity_proto_goTypes = []any{
-	(*IssueWorkloadRequest)(nil),  // 0: meshfed.v1.IssueWorkloadRequest
-	(*AttestRequest)(nil),         // 1: meshfed.v1.AttestRequest
-	(*RenewSVIDRequest)(nil),      // 2: meshfed.v1.RenewSVIDRequest
-	(*SVIDResponse)(nil),          // 3: meshfed.v1.SVIDResponse
-	nil,                           // 4: meshfed.v1.SVIDResponse.BundlesEntry
-	(*timestamppb.Timestamp)(nil), // 5: google.protobuf.Timestamp
+	(*HostReport)(nil),            // 0: meshfed.v1.HostReport
+	(*HostReportResponse)(nil),    // 1: meshfed.v1.HostReportResponse
+	(*IssueWorkloadRequest)(nil),  // 2: meshfed.v1.IssueWorkloadRequest
+	(*AttestRequest)(nil),         // 3: meshfed.v1.AttestRequest
+	(*RenewSVIDRequest)(nil),      // 4: meshfed.v1.RenewSVIDRequest
+	(*SVIDResponse)(nil),          // 5: meshfed.v1.SVIDResponse
+	nil,                           // 6: meshfed.v1.SVIDResponse.BundlesEntry
+	(*Service)(nil),               // 7: meshfed.v1.Service
+	(*durationpb.Duration)(nil),   // 8: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil), // 9: google.protobuf.Timestamp
 }
 var file_meshfed_v1_identity_proto_depIdxs = []int32{
-	5, // 0: meshfed.v1.SVIDResponse.expires:type_name -> google.protobuf.Timestamp
-	4, // 1: meshfed.v1.SVIDResponse.bundles:type_name -> meshfed.v1.SVIDResponse.BundlesEntry
-	1, // 2: meshfed.v1.Identity.Attest:input_type -> meshfed.v1.AttestRequest
-	2, // 3: meshfed.v1.Identity.Renew:input_type -> meshfed.v1.RenewSVIDRequest
-	0, // 4: meshfed.v1.Identity.IssueWorkload:input_type -> meshfed.v1.IssueWorkloadRequest
-	3, // 5: meshfed.v1.Identity.Attest:output_type -> meshfed.v1.SVIDResponse
-	3, // 6: meshfed.v1.Identity.Renew:output_type -> meshfed.v1.SVIDResponse
-	3, // 7: meshfed.v1.Identity.IssueWorkload:output_type -> meshfed.v1.SVIDResponse
-	5, // [5:8] is the sub-list for method output_type
-	2, // [2:5] is the sub-list for method input_type
-	2, // [2:2] is the sub-list for extension type_name
-	2, // [2:2] is the sub-list for extension extendee
-	0, // [0:2] is the sub-list for field type_name
+	7, // 0: meshfed.v1.HostReport.services:type_name -> meshfed.v1.Service
+	8, // 1: meshfed.v1.HostReportResponse.report_interval:type_name -> google.protobuf.Duration
+	9, // 2: meshfed.v1.SVIDResponse.expires:type_name -> google.protobuf.Timestamp
+	6, // 3: meshfed.v1.SVIDResponse.bundles:type_name -> meshfed.v1.SVIDResponse.BundlesEntry
+	3, // 4: meshfed.v1.Identity.Attest:input_type -> meshfed.v1.AttestRequest
+	4, // 5: meshfed.v1.Identity.Renew:input_type -> meshfed.v1.RenewSVIDRequest
+	2, // 6: meshfed.v1.Identity.IssueWorkload:input_type -> meshfed.v1.IssueWorkloadRequest
+	0, // 7: meshfed.v1.Identity.ReportHost:input_type -> meshfed.v1.HostReport
+	5, // 8: meshfed.v1.Identity.Attest:output_type -> meshfed.v1.SVIDResponse
+	5, // 9: meshfed.v1.Identity.Renew:output_type -> meshfed.v1.SVIDResponse
+	5, // 10: meshfed.v1.Identity.IssueWorkload:output_type -> meshfed.v1.SVIDResponse
+	1, // 11: meshfed.v1.Identity.ReportHost:output_type -> meshfed.v1.HostReportResponse
+	8, // [8:12] is the sub-list for method output_type
+	4, // [4:8] is the sub-list for method input_type
+	4, // [4:4] is the sub-list for extension type_name
+	4, // [4:4] is the sub-list for extension extendee
+	0, // [0:4] is the sub-list for field type_name
 }
 
 func init() { file_meshfed_v1_identity_proto_init() }
@@ -355,7 +485,8 @@ func file_meshfed_v1_identity_proto_init() {
 	if File_meshfed_v1_identity_proto != nil {
 		return
 	}
-	file_meshfed_v1_identity_proto_msgTypes[1].OneofWrappers = []any{
+	file_meshfed_v1_catalog_proto_init()
+	file_meshfed_v1_identity_proto_msgTypes[3].OneofWrappers = []any{
 		(*AttestRequest_NodeToken)(nil),
 		(*AttestRequest_KubernetesToken)(nil),
 	}
@@ -365,7 +496,7 @@ func file_meshfed_v1_identity_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_meshfed_v1_identity_proto_rawDesc), len(file_meshfed_v1_identity_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   5,
+			NumMessages:   7,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -22,6 +22,7 @@ const (
 	Identity_Attest_FullMethodName        = "/meshfed.v1.Identity/Attest"
 	Identity_Renew_FullMethodName         = "/meshfed.v1.Identity/Renew"
 	Identity_IssueWorkload_FullMethodName = "/meshfed.v1.Identity/IssueWorkload"
+	Identity_ReportHost_FullMethodName    = "/meshfed.v1.Identity/ReportHost"
 )
 
 // IdentityClient is the client API for Identity service.
@@ -38,6 +39,10 @@ type IdentityClient interface {
 	// workload it runs: an endpoint of the site's catalog with that identity
 	// and the label meshfed.io/node=<node>.
 	IssueWorkload(ctx context.Context, in *IssueWorkloadRequest, opts ...grpc.CallOption) (*SVIDResponse, error)
+	// ReportHost is a host agent's whole state, sent with its node SVID:
+	// the services its workloads serve. Each report replaces the host's
+	// last one, so a restarted agent leaves no ghosts and no duplicates.
+	ReportHost(ctx context.Context, in *HostReport, opts ...grpc.CallOption) (*HostReportResponse, error)
 }
 
 type identityClient struct {
@@ -78,6 +83,16 @@ func (c *identityClient) IssueWorkload(ctx context.Context, in *IssueWorkloadReq
 	return out, nil
 }
 
+func (c *identityClient) ReportHost(ctx context.Context, in *HostReport, opts ...grpc.CallOption) (*HostReportResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(HostReportResponse)
+	err := c.cc.Invoke(ctx, Identity_ReportHost_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // IdentityServer is the server API for Identity service.
 // All implementations must embed UnimplementedIdentityServer
 // for forward compatibility.
@@ -92,6 +107,10 @@ type IdentityServer interface {
 	// workload it runs: an endpoint of the site's catalog with that identity
 	// and the label meshfed.io/node=<node>.
 	IssueWorkload(context.Context, *IssueWorkloadRequest) (*SVIDResponse, error)
+	// ReportHost is a host agent's whole state, sent with its node SVID:
+	// the services its workloads serve. Each report replaces the host's
+	// last one, so a restarted agent leaves no ghosts and no duplicates.
+	ReportHost(context.Context, *HostReport) (*HostReportResponse, error)
 	mustEmbedUnimplementedIdentityServer()
 }
 
@@ -110,6 +129,9 @@ func (UnimplementedIdentityServer) Renew(context.Context, *RenewSVIDRequest) (*S
 }
 func (UnimplementedIdentityServer) IssueWorkload(context.Context, *IssueWorkloadRequest) (*SVIDResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method IssueWorkload not implemented")
+}
+func (UnimplementedIdentityServer) ReportHost(context.Context, *HostReport) (*HostReportResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ReportHost not implemented")
 }
 func (UnimplementedIdentityServer) mustEmbedUnimplementedIdentityServer() {}
 func (UnimplementedIdentityServer) testEmbeddedByValue()                  {}
@@ -186,6 +208,24 @@ func _Identity_IssueWorkload_Handler(srv interface{}, ctx context.Context, dec f
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Identity_ReportHost_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(HostReport)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(IdentityServer).ReportHost(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Identity_ReportHost_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(IdentityServer).ReportHost(ctx, req.(*HostReport))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Identity_ServiceDesc is the grpc.ServiceDesc for Identity service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -204,6 +244,10 @@ var Identity_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "IssueWorkload",
 			Handler:    _Identity_IssueWorkload_Handler,
+		},
+		{
+			MethodName: "ReportHost",
+			Handler:    _Identity_ReportHost_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

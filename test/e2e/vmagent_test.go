@@ -1,0 +1,226 @@
+package e2e
+
+import (
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"path/filepath"
+	"sort"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/meshfed/meshfed/test/harness"
+)
+
+// socketCut forwards a TCP address to the Docker socket until cut, so a
+// test can take the engine away from the agent and give it back.
+type socketCut struct {
+	t     *testing.T
+	addr  string
+	mu    sync.Mutex
+	ln    net.Listener
+	conns []net.Conn
+}
+
+func newSocketCut(t *testing.T) *socketCut {
+	s := &socketCut{t: t, addr: harness.FreePort(t)}
+	s.restore()
+	t.Cleanup(s.cut)
+	return s
+}
+
+func (s *socketCut) restore() {
+	ln, err := net.Listen("tcp", s.addr)
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	s.mu.Lock()
+	s.ln = ln
+	s.mu.Unlock()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			d, err := net.Dial("unix", "/var/run/docker.sock")
+			if err != nil {
+				c.Close()
+				continue
+			}
+			s.mu.Lock()
+			s.conns = append(s.conns, c, d)
+			s.mu.Unlock()
+			go func() { _, _ = io.Copy(d, c); d.Close() }()
+			go func() { _, _ = io.Copy(c, d); c.Close() }()
+		}
+	}()
+}
+
+// cut closes the listener and every forwarded connection.
+func (s *socketCut) cut() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.ln != nil {
+		s.ln.Close()
+		s.ln = nil
+	}
+	for _, c := range s.conns {
+		c.Close()
+	}
+	s.conns = nil
+}
+
+// hostEndpoints renders site's endpoints of default/<name> in spoke s's
+// view as sorted "address:port health version container" lines.
+func hostEndpoints(s *spokeProc, site, name string) (string, error) {
+	v, err := harness.View(s.http)
+	if err != nil {
+		return "", err
+	}
+	var out []string
+	for _, svc := range v.Services {
+		if svc.Site != site || svc.Namespace != "default" || svc.Name != name {
+			continue
+		}
+		for _, e := range svc.Endpoints {
+			out = append(out, fmt.Sprintf("%s:%d %s %s %s", e.Address, e.Port, e.Health, e.Labels["version"], e.Labels["meshfed.io/container"]))
+		}
+	}
+	sort.Strings(out)
+	return strings.Join(out, "\n"), nil
+}
+
+func hostEndpointsAre(t *testing.T, within time.Duration, s *spokeProc, site, name, what, want string) {
+	t.Helper()
+	harness.Eventually(t, within, what, func() error {
+		got, err := hostEndpoints(s, site, name)
+		if err != nil {
+			return err
+		}
+		if got != want {
+			return fmt.Errorf("%s's endpoints of default/%s as %s sees them:\n%s\nwant:\n%s", site, name, s.site, got, want)
+		}
+		return nil
+	})
+}
+
+// TestVMAgentDocker runs a host agent against the real Docker engine: it
+// discovers labelled containers on a network the test makes, and another
+// site sees them, with version and health, through the federation.
+func TestVMAgentDocker(t *testing.T) {
+	image := harness.ScratchImage(t, "test/echoapp")
+	network := harness.DockerNetwork(t)
+	f := newFederation(t)
+	dc1 := f.addSite("dc1", "z1", "")
+	west := f.addSite("west", "z2", "services: []\n")
+	harness.WaitReady(t, dc1.http, 30*time.Second)
+	harness.WaitReady(t, west.http, 30*time.Second)
+
+	sock := newSocketCut(t)
+	agentDir := filepath.Join(f.dir, "vmagent")
+	agentHTTP := harness.FreePort(t)
+	agentArgs := []string{"vmagent", "--spoke", dc1.identity, "--data-dir", agentDir, "--http-listen", agentHTTP,
+		"--docker-host", "tcp://" + sock.addr, "--network", network, "--check-interval", "200ms"}
+	token := strings.TrimSpace(f.mustCLI("vm", "token", "create", "--site", "dc1", "--node", "host-7"))
+	agent := harness.Start(t, "vmagent", f.bin, append(agentArgs, "--token", token)...)
+	harness.WaitReady(t, agentHTTP, 30*time.Second)
+	restartAgent := func() {
+		agent.Kill()
+		<-agent.Done()
+		agent = harness.Start(t, "vmagent-restarted", f.bin, agentArgs...) // the test's t: it outlives the subtest
+		harness.WaitReady(t, agentHTTP, 30*time.Second)
+	}
+
+	run := func(name string, labels ...string) (string, string) {
+		args := []string{"run", "-d", "--name", name, "--network", network, "-e", "NAME=" + name}
+		for _, l := range labels {
+			args = append(args, "-l", l)
+		}
+		harness.Docker(t, append(args, image)...)
+		return name, harness.Docker(t, "inspect", "-f", "{{(index .NetworkSettings.Networks \""+network+"\").IPAddress}}", name)
+	}
+	echo := []string{"meshfed.io/service=echo", "meshfed.io/port=8080", "meshfed.io/health=/health"}
+	a, ipA := run(harness.Unique("echo-a"), append(echo, "meshfed.io/version=v2")...)
+	b, ipB := run(harness.Unique("echo-b"), append(echo, "meshfed.io/version=v1")...)
+	run(harness.Unique("plain")) // unlabelled: never exported
+	lines := func(eps ...string) string { sort.Strings(eps); return strings.Join(eps, "\n") }
+	epA := func(health string) string { return fmt.Sprintf("%s:8080 %s v2 %s", ipA, health, a) }
+	epB := func(health string) string { return fmt.Sprintf("%s:8080 %s v1 %s", ipB, health, b) }
+
+	t.Run("labelled containers appear in another site, with version and health", func(t *testing.T) {
+		hostEndpointsAre(t, 20*time.Second, west, "dc1", "echo", "west sees both containers of dc1", lines(epA("healthy"), epB("healthy")))
+		v, err := harness.View(west.http)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, s := range v.Services {
+			if s.Site == "dc1" && s.Name != "echo" {
+				t.Errorf("dc1 exports %s, which no labelled container serves", s.ID())
+			}
+		}
+	})
+
+	t.Run("a failing health check makes the endpoint unhealthy", func(t *testing.T) {
+		resp, err := http.Get("http://" + net.JoinHostPort(ipB, "8080") + "/sick")
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		hostEndpointsAre(t, 10*time.Second, west, "dc1", "echo", "echo-b goes unhealthy", lines(epA("healthy"), epB("unhealthy")))
+	})
+
+	t.Run("a stopped container leaves the catalog", func(t *testing.T) {
+		harness.Docker(t, "stop", "-t", "1", a)
+		hostEndpointsAre(t, 10*time.Second, west, "dc1", "echo", "echo-a leaves", epB("unhealthy"))
+		harness.Docker(t, "start", a)
+		hostEndpointsAre(t, 10*time.Second, west, "dc1", "echo", "echo-a is back", lines(epA("healthy"), epB("unhealthy")))
+	})
+
+	t.Run("a restarted agent needs no token and duplicates nothing", func(t *testing.T) {
+		restartAgent()
+		if !strings.Contains(agent.Log(), "using the SVID kept in the data dir") {
+			t.Errorf("the restarted agent did not start from its kept SVID:\n%s", agent.Log())
+		}
+		hostEndpointsAre(t, 10*time.Second, west, "dc1", "echo", "the same two endpoints after the restart", lines(epA("healthy"), epB("unhealthy")))
+	})
+
+	t.Run("cut from the Docker socket, the agent keeps its containers and resyncs", func(t *testing.T) {
+		sock.cut()
+		harness.Eventually(t, 10*time.Second, "the agent notices Docker is gone", func() error {
+			n, err := harness.Metric(agentHTTP, "meshfed_vmagent_docker_errors_total")
+			if err != nil || n == 0 {
+				return fmt.Errorf("docker errors %v (%v)", n, err)
+			}
+			return nil
+		})
+		// While cut, echo-a stops: nothing can tell the agent, and the
+		// catalog keeps what it last knew.
+		harness.Docker(t, "stop", "-t", "1", a)
+		got, err := hostEndpoints(west, "dc1", "echo")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if want := lines(epA("healthy"), epB("unhealthy")); got != want {
+			t.Errorf("while Docker was out of reach the catalog changed:\n%s\nwant:\n%s", got, want)
+		}
+		sock.restore()
+		hostEndpointsAre(t, 15*time.Second, west, "dc1", "echo", "the agent relists and echo-a leaves", epB("unhealthy"))
+	})
+
+	t.Run("the spoke's site status lists the host", func(t *testing.T) {
+		harness.Eventually(t, 10*time.Second, "vm list shows host-7", func() error {
+			out, err := f.cli("vm", "list")
+			if err != nil {
+				return err
+			}
+			if !strings.Contains(out, "host-7") || !strings.Contains(out, "dc1") {
+				return fmt.Errorf("vm list:\n%s", out)
+			}
+			return nil
+		})
+	})
+}
