@@ -25,6 +25,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/status"
 )
 
 // Options configures a Client.
@@ -88,7 +89,11 @@ func New(ctx context.Context, o Options) (*Client, error) {
 		}
 	}
 	if err := c.attest(ctx); err != nil {
-		return nil, fmt.Errorf("attest at %s: %w", o.Addr, err)
+		if strings.Contains(err.Error(), ca.PinMismatch) {
+			// Not an outage: retrying cannot help.
+			return nil, fmt.Errorf("attest at %s: the spoke there is not of the site the node token is for (its CA does not match the token's pin): create the token for this spoke's site (meshfed vm token create --site ...), or point at that site's spoke", o.Addr)
+		}
+		return nil, fmt.Errorf("attest at %s: %s", o.Addr, status.Convert(err).Message())
 	}
 	if err := c.keep(); err != nil {
 		return nil, err

@@ -1,10 +1,13 @@
 package e2e
 
 import (
+	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
+	"os/exec"
 	"path/filepath"
 	"sort"
 	"strings"
@@ -197,18 +200,50 @@ func TestVMAgentDocker(t *testing.T) {
 			}
 			return nil
 		})
-		// While cut, echo-a stops: nothing can tell the agent, and the
-		// catalog keeps what it last knew.
+		// While cut, echo-a stops: Docker cannot tell the agent, so the
+		// endpoint stays, and the agent's own check marks it unhealthy.
 		harness.Docker(t, "stop", "-t", "1", a)
-		got, err := hostEndpoints(west, "dc1", "echo")
-		if err != nil {
-			t.Fatal(err)
-		}
-		if want := lines(epA("healthy"), epB("unhealthy")); got != want {
-			t.Errorf("while Docker was out of reach the catalog changed:\n%s\nwant:\n%s", got, want)
-		}
+		hostEndpointsAre(t, 10*time.Second, west, "dc1", "echo", "echo-a stays, unhealthy, while Docker is out of reach", lines(epA("unhealthy"), epB("unhealthy")))
 		sock.restore()
 		hostEndpointsAre(t, 15*time.Second, west, "dc1", "echo", "the agent relists and echo-a leaves", epB("unhealthy"))
+	})
+
+	t.Run("bad node tokens are refused, each with its message, and leave no host", func(t *testing.T) {
+		created := time.Now()
+		expiring := strings.TrimSpace(f.mustCLI("vm", "token", "create", "--site", "dc1", "--node", "host-x", "--ttl", "1s"))
+		westToken := strings.TrimSpace(f.mustCLI("vm", "token", "create", "--site", "west", "--node", "host-w"))
+		harness.Eventually(t, 5*time.Second, "the 1s token's lifetime passes", func() error {
+			if time.Since(created) < 1500*time.Millisecond {
+				return errors.New("not yet")
+			}
+			return nil
+		})
+		for _, c := range []struct{ what, token, want string }{
+			{"replayed", token, "already used"},
+			{"expired", expiring, "expired"},
+			{"for another site", westToken, "not of the site the node token is for"},
+			{"malformed", "mf1.not-a-token", "node token"},
+		} {
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			cmd := exec.CommandContext(ctx, f.bin, "vmagent", "--spoke", dc1.identity, "--data-dir", t.TempDir(), "--http-listen", "-", "--docker-host", "-", "--token", c.token)
+			out, err := cmd.CombinedOutput()
+			timedOut := ctx.Err() != nil
+			cancel()
+			var exit *exec.ExitError
+			if !errors.As(err, &exit) || timedOut {
+				t.Errorf("a %s token: the agent did not exit with an error (%v):\n%s", c.what, err, out)
+				continue
+			}
+			if !strings.Contains(string(out), c.want) {
+				t.Errorf("a %s token: want a message with %q, got:\n%s", c.what, c.want, out)
+			}
+		}
+		out := f.mustCLI("vm", "list", "-o", "json")
+		for _, node := range []string{"host-x", "host-w"} {
+			if strings.Contains(out, node) {
+				t.Errorf("a refused token left host %s at the hub:\n%s", node, out)
+			}
+		}
 	})
 
 	t.Run("the spoke's site status lists the host", func(t *testing.T) {

@@ -210,7 +210,7 @@ func VerifyPinned(rawCerts [][]byte, pin string) (*x509.Certificate, error) {
 		}
 		return c, nil
 	}
-	return nil, errors.New("ca: the server's CA does not match the join token's pin: the token is for another hub, or someone is in the middle")
+	return nil, errors.New(PinMismatch)
 }
 
 // NewKey generates an ECDSA P-256 key.
@@ -319,3 +319,8 @@ func serial() *big.Int {
 	}
 	return n
 }
+
+// PinMismatch is the error of a pinned dial whose server chains to another
+// CA than the token pins; it reaches callers inside gRPC's transport error,
+// as text.
+const PinMismatch = "ca: the server's CA does not match the token's pin: the token is for another hub or site, or someone is in the middle"

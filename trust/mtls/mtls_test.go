@@ -73,9 +73,9 @@ func TestPinnedClientConfig(t *testing.T) {
 		name, addr, pin, want string
 	}{
 		{"the pinned CA's hub is trusted", hub, pin, ""},
-		{"another CA with the same names is refused", impostor, pin, "does not match the join token's pin"},
+		{"another CA with the same names is refused", impostor, pin, "does not match the token's pin"},
 		{"the pinned CA's other identities are refused", notHub, pin, "not a /meshfed/hub"},
-		{"a pin of another CA refuses the real hub", hub, ca.Pin(otherCA.Cert), "does not match the join token's pin"},
+		{"a pin of another CA refuses the real hub", hub, ca.Pin(otherCA.Cert), "does not match the token's pin"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			err := handshake(tc.addr, PinnedClientConfig(tc.pin, AuthorizePath(ca.HubPath)))
