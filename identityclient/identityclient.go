@@ -219,6 +219,14 @@ func (c *Client) Run(ctx context.Context) error {
 		err := c.call(ctx, func(ctx context.Context, ic meshfedv1.IdentityClient, csr []byte) (*meshfedv1.SVIDResponse, error) {
 			return ic.Renew(ctx, &meshfedv1.RenewSVIDRequest{Csr: csr})
 		})
+		if err != nil && time.Now().After(leaf.NotAfter) && c.o.KubernetesTokenFile != "" {
+			// A pod attests again with its (rotated) ServiceAccount token.
+			err = c.attest(ctx)
+		}
+		if err != nil && time.Now().After(leaf.NotAfter) {
+			// Renew needs a valid SVID: no retry can help now.
+			return fmt.Errorf("the SVID %s expired at %s before it could be renewed (%v): attest again with a new node token (meshfed vm token create), or a fresh ServiceAccount token", s.ID, leaf.NotAfter.Format(time.RFC3339), err)
+		}
 		if err != nil {
 			c.log.Error("could not renew the SVID; retrying in 5s", "err", err, "expires", leaf.NotAfter)
 			select {
