@@ -4,7 +4,8 @@
 # client proxy. Prints the federated catalog, sends calls from central
 # through east's gateway, kills that gateway and shows the calls move to
 # west, a proxyless gRPC client doing the same (mTLS, no proxy), and
-# west's gateway refusing names that are not its own services;
+# west's gateway refusing names that are not its own services, and (with a
+# Docker engine) a vmagent in east exporting a labelled container;
 # then keeps running until Ctrl-C, when it stops everything and
 # cleans up.
 set -euo pipefail
@@ -22,6 +23,11 @@ cleanup() {
   echo; echo "stopping the demo…"
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
+  if [ -n "${DOCKER_NET:-}" ]; then
+    docker rm -f "$DOCKER_NET-hello" >/dev/null 2>&1 || true
+    docker network rm "$DOCKER_NET" >/dev/null 2>&1 || true
+    docker rmi -f "$DOCKER_NET:latest" >/dev/null 2>&1 || true
+  fi
   rm -rf "$DEMO"
 }
 trap cleanup EXIT
@@ -90,6 +96,33 @@ step "the catalog as site east sees it (its spoke's view)"
 "$BIN" service list --spoke 127.0.0.1:17180
 step "the catalog as site west sees it"
 "$BIN" service list --spoke 127.0.0.1:17181
+
+# A Docker host in east: the agent finds a labelled container and east's
+# spoke adds it to the site's catalog next to its services file.
+if docker info >/dev/null 2>&1; then
+  step "a Docker host in east: meshfed vmagent discovers a labelled container (FROM scratch)"
+  DOCKER_NET=meshfed-demo-$$
+  mkdir -p "$DEMO/image"
+  CGO_ENABLED=0 go build -o "$DEMO/image/app" ./test/echoapp
+  printf 'FROM scratch\nCOPY app /app\nENTRYPOINT ["/app"]\n' >"$DEMO/image/Dockerfile"
+  docker build -q -t "$DOCKER_NET:latest" "$DEMO/image" >"$DEMO/docker-build.log" 2>&1 || { cat "$DEMO/docker-build.log"; exit 1; }
+  docker network create "$DOCKER_NET" >/dev/null
+  docker run -d --name "$DOCKER_NET-hello" --network "$DOCKER_NET" -e NAME=hello \
+    -l meshfed.io/service=hello -l meshfed.io/port=8080 -l meshfed.io/version=v1 -l meshfed.io/health=/health \
+    "$DOCKER_NET:latest" >/dev/null
+  echo "docker run -l meshfed.io/service=hello -l meshfed.io/port=8080 -l meshfed.io/version=v1 -l meshfed.io/health=/health …"
+  MESHFED_TOKEN=$("$BIN" vm token create --site east --node east-docker) "$BIN" vmagent --spoke 127.0.0.1:17190 \
+    --data-dir "$DEMO/vmagent" --http-listen 127.0.0.1:17199 --network "$DOCKER_NET" >"$DEMO/vmagent.log" 2>&1 &
+  PIDS+=($!)
+  wait_http http://127.0.0.1:17199/readyz vmagent vmagent
+  for _ in $(seq 1 100); do
+    "$BIN" service show default/hello -o json 2>/dev/null | grep -q '"healthy"' && break; sleep 0.1
+  done
+  "$BIN" vm list
+  "$BIN" service show default/hello
+else
+  step "no Docker engine reachable: skipping the Docker host (meshfed vmagent)"
+fi
 
 # The data plane: for each of east and west, the echo app, the proxy in
 # front of it (its endpoint) and the site's gateway; a client proxy in central.
