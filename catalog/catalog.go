@@ -2,6 +2,7 @@ package catalog
 
 import (
 	"fmt"
+	"reflect"
 	"time"
 )
 
@@ -96,6 +97,10 @@ type Service struct {
 	Ports     []Port     `json:"ports,omitempty" yaml:"ports,omitempty"`
 	Endpoints []Endpoint `json:"endpoints" yaml:"endpoints"`
 }
+
+// SameServices reports whether a and b hold the same services, endpoints
+// and fields, in the same order.
+func SameServices(a, b []Service) bool { return reflect.DeepEqual(a, b) }
 
 // ID is the service's namespace/name.
 func (s Service) ID() string { return s.Namespace + "/" + s.Name }

@@ -116,7 +116,7 @@ func (h *hosts) report(node string, req *meshfedv1.HostReport) error {
 	old, known := h.m[node]
 	h.m[node] = x
 	h.apply(x, now)
-	changed := !known || old.stale || old.Version != x.Version || old.Containers != x.Containers || !sameServices(old.Services, x.Services)
+	changed := !known || old.stale || old.Version != x.Version || old.Containers != x.Containers || !catalog.SameServices(old.Services, x.Services)
 	if changed {
 		if err := h.save(); err != nil {
 			h.log.Error("could not keep the host agents' state; a restarted spoke waits for their next reports", "err", err)
@@ -124,12 +124,6 @@ func (h *hosts) report(node string, req *meshfedv1.HostReport) error {
 	}
 	h.publishStatus(now, changed)
 	return nil
-}
-
-func sameServices(a, b []catalog.Service) bool {
-	ja, _ := json.Marshal(a)
-	jb, _ := json.Marshal(b)
-	return string(ja) == string(jb)
 }
 
 // remove withdraws a host's endpoints at once.

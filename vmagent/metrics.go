@@ -1,10 +1,6 @@
 package vmagent
 
-import (
-	"encoding/json"
-
-	"github.com/prometheus/client_golang/prometheus"
-)
+import "github.com/prometheus/client_golang/prometheus"
 
 type metrics struct {
 	containers   prometheus.GaugeFunc
@@ -28,10 +24,4 @@ func newMetrics(r prometheus.Registerer, a *Agent) *metrics {
 	}
 	r.MustRegister(m.containers, m.endpoints, m.dockerErrors, m.staticErrors, m.eventsLag, m.reports)
 	return m
-}
-
-func sameJSON(a, b any) bool {
-	ja, _ := json.Marshal(a)
-	jb, _ := json.Marshal(b)
-	return string(ja) == string(jb)
 }

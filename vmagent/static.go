@@ -28,7 +28,7 @@ func (a *Agent) loadStatic() (changed bool, err error) {
 	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	changed = !sameJSON(a.static, services)
+	changed = !catalog.SameServices(a.static, services)
 	a.static = services
 	return changed, nil
 }
