@@ -1,8 +1,8 @@
 package catalog
 
 import (
+	"encoding/json"
 	"fmt"
-	"reflect"
 	"time"
 )
 
@@ -99,8 +99,14 @@ type Service struct {
 }
 
 // SameServices reports whether a and b hold the same services, endpoints
-// and fields, in the same order.
-func SameServices(a, b []Service) bool { return reflect.DeepEqual(a, b) }
+// and fields, in the same order, as they are written down: a nil and an
+// empty list of ports or labels are the same (reflect.DeepEqual would
+// tell them apart and report a change that is none).
+func SameServices(a, b []Service) bool {
+	ja, errA := json.Marshal(a)
+	jb, errB := json.Marshal(b)
+	return errA == nil && errB == nil && string(ja) == string(jb)
+}
 
 // ID is the service's namespace/name.
 func (s Service) ID() string { return s.Namespace + "/" + s.Name }
