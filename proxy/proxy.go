@@ -15,14 +15,17 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/netip"
 	"runtime"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/meshfed/meshfed/catalog"
 	"github.com/meshfed/meshfed/dataplane/loop"
+	"github.com/meshfed/meshfed/dataplane/servicedns"
 	"github.com/meshfed/meshfed/dataplane/upstream"
 	"github.com/meshfed/meshfed/dataplane/xdsclient"
 	"github.com/meshfed/meshfed/identityclient"
@@ -48,6 +51,16 @@ type Options struct {
 	// OutboundPrefix is the range outbound listener addresses come from;
 	// "-": no outbound listeners.
 	OutboundPrefix string
+	// DNSListen serves the federated service names
+	// (<name>.<namespace>.svc.clusterset.local) with the outbound
+	// listeners' addresses, and forwards other names to DNSForward (empty:
+	// /etc/resolv.conf's); "-" or empty: no DNS.
+	DNSListen  string
+	DNSForward []string
+	// OutboundFrom, when set, admits an outbound connection only from a
+	// source address it accepts: a host proxy's listeners are its
+	// workload's, not every local process's.
+	OutboundFrom func(netip.Addr) bool
 	// HTTPListen serves /healthz, /readyz and /metrics; "-" or empty
 	// disables.
 	HTTPListen string
@@ -84,8 +97,10 @@ type Proxy struct {
 	log  *slog.Logger
 	m    *metrics
 	tele *telemetry.Server
+	dns  *servicedns.Server
 
 	cfg       atomic.Pointer[xdsclient.Config]
+	vips      atomic.Pointer[map[string]netip.Addr] // namespace/name → outbound address
 	upstreams *upstream.Set
 	relayer   *loop.Relayer
 	// conns: the live connections, which the drain waits for.
@@ -114,6 +129,14 @@ func New(o Options) (*Proxy, error) {
 	p := &Proxy{o: o, log: o.Logger.With("component", "proxy"), m: newMetrics(o.Registry), listeners: map[string]*runningListener{}}
 	p.upstreams = upstream.NewSet(upstream.NewMetrics(o.Registry), p.log)
 	p.relayer = loop.NewRelayer(loop.RelayOptions{Loops: o.Loops, Tracker: &p.conns, Gauge: loop.NewLoopsGauge(o.Registry), Logger: p.log})
+	if o.DNSListen != "-" && o.DNSListen != "" {
+		var err error
+		p.dns, err = servicedns.Listen(servicedns.Options{Listen: o.DNSListen, Forward: o.DNSForward, Logger: p.log,
+			Lookup: func(_ netip.Addr, namespace, name string) (netip.Addr, bool) { return p.ServiceAddr(namespace, name) }})
+		if err != nil {
+			return nil, fmt.Errorf("proxy: %w", err)
+		}
+	}
 	if o.HTTPListen != "-" && o.HTTPListen != "" {
 		var err error
 		p.tele, err = telemetry.Listen(telemetry.Options{
@@ -149,6 +172,25 @@ func (p *Proxy) ready() error {
 		return errors.New("no configuration from the spoke yet")
 	}
 	return nil
+}
+
+// ServiceAddr is the address of the outbound listeners of a federated
+// service: what its service name resolves to for this proxy's app.
+func (p *Proxy) ServiceAddr(namespace, name string) (netip.Addr, bool) {
+	m := p.vips.Load()
+	if m == nil {
+		return netip.Addr{}, false
+	}
+	a, ok := (*m)[namespace+"/"+name]
+	return a, ok
+}
+
+// DNSAddr is the bound DNS address ("" when disabled).
+func (p *Proxy) DNSAddr() string {
+	if p.dns == nil {
+		return ""
+	}
+	return p.dns.Addr()
 }
 
 // HTTPAddr is the bound HTTP address ("" when disabled).
@@ -193,7 +235,10 @@ func (p *Proxy) Run(ctx context.Context) error {
 	if p.tele != nil {
 		g.Go(func() error { return p.tele.Run(gctx) })
 	}
-	p.log.Info("proxy running", "id", xc.Node.GetId(), "xds", p.o.XDS, "http", p.HTTPAddr())
+	if p.dns != nil {
+		g.Go(func() error { return p.dns.Run(gctx) })
+	}
+	p.log.Info("proxy running", "id", xc.Node.GetId(), "xds", p.o.XDS, "http", p.HTTPAddr(), "dns", p.DNSAddr())
 	err = g.Wait()
 	p.drain()
 	p.relayer.Stop()
@@ -222,6 +267,7 @@ func (p *Proxy) apply(cfg *xdsclient.Config) error {
 	defer p.mu.Unlock()
 	p.upstreams.Apply(cfg.Clusters)
 	p.cfg.Store(cfg)
+	p.vips.Store(serviceAddrs(cfg))
 	for name, rl := range p.listeners {
 		if lc := cfg.Listeners[name]; lc == nil || lc.Addr != rl.conf.Load().Addr {
 			rl.ln.Close()
@@ -273,4 +319,24 @@ func (p *Proxy) listen(lc *xdsclient.Listener, handle func(*xdsclient.Listener, 
 		})
 	}()
 	return rl, nil
+}
+
+// serviceAddrs maps each service with outbound listeners to their address
+// (listener names are <name>.<namespace>:<port>; a service's ports share
+// one address).
+func serviceAddrs(cfg *xdsclient.Config) *map[string]netip.Addr {
+	out := map[string]netip.Addr{}
+	for name, lc := range cfg.Listeners {
+		if lc.Inbound || lc.SNI != nil {
+			continue
+		}
+		svc, _, ok := strings.Cut(name, ":")
+		n, ns, ok2 := strings.Cut(svc, ".")
+		ap, err := netip.ParseAddrPort(lc.Addr)
+		if !ok || !ok2 || err != nil {
+			continue
+		}
+		out[ns+"/"+n] = ap.Addr()
+	}
+	return &out
 }

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"net"
+	"net/netip"
 	"time"
 
 	"github.com/meshfed/meshfed/dataplane/loop"
@@ -18,6 +19,13 @@ import (
 // outbound carries one app connection to the service: it picks a subset by
 // weight, then endpoints by priority.
 func (p *Proxy) outbound(lc *xdsclient.Listener, down net.Conn) {
+	if p.o.OutboundFrom != nil {
+		if ap, err := netip.ParseAddrPort(down.RemoteAddr().String()); err != nil || !p.o.OutboundFrom(ap.Addr().Unmap()) {
+			p.m.downstream.WithLabelValues(lc.Name, "refused_source").Inc()
+			down.Close()
+			return
+		}
+	}
 	cluster := pickRoute(lc.Routes)
 	cfg := p.cfg.Load()
 	up, result := p.upstreams.Connect(cluster, lc.Attempts, func(c *xdsclient.Cluster, e xdsclient.Endpoint) (net.Conn, error) {

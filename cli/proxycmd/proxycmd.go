@@ -81,7 +81,11 @@ configuration over xDS and carries its workload's traffic with mTLS:
             on the next endpoint and repeated failures eject an endpoint.
   inbound   --inbound 9080=127.0.0.1:8080 terminates mTLS on the registered
             endpoint port, checks the caller's SPIFFE ID against the service's
-            policy, and passes the connection to the app.`,
+            policy, and passes the connection to the app.
+  DNS       --dns-listen 127.0.0.1:15053 answers the service names,
+            <name>.<namespace>.svc.clusterset.local, with their outbound
+            listeners' address; an unknown service is NXDOMAIN, other names
+            are forwarded to the resolvers of /etc/resolv.conf.`,
 		Example: `  meshfed proxy --identity 10.0.0.2:7181 --xds 10.0.0.2:7182 --token "$NODE_TOKEN" \
     --workload spiffe://east.meshfed/ns/default/sa/echo --address 10.0.0.7 --inbound 9080=127.0.0.1:8080`,
 		Args: cobra.NoArgs,
@@ -122,6 +126,7 @@ configuration over xDS and carries its workload's traffic with mTLS:
 	concurrency = ConcurrencyFlag(cmd, 2, false)
 	slice = SliceFlag(cmd, 0)
 	cmd.Flags().StringVar(&ido.Workload, "workload", "", "run as this workload's SPIFFE ID (the host must run one of its endpoints); default: the node's ID")
+	cmd.Flags().StringVar(&o.DNSListen, "dns-listen", "-", "serve <name>.<namespace>.svc.clusterset.local here (UDP and TCP), with each service's outbound address; other names go to the host's resolvers (- for no DNS)")
 	return cmd
 }
 

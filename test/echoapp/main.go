@@ -1,16 +1,23 @@
 // Command echoapp is the tests' containerised app: an HTTP server on :8080
 // that answers "<NAME> <path>", with /health healthy until /sick is
-// called. It is built static and run FROM scratch.
+// called. It is built static and run FROM scratch. `echoapp get URL` is
+// its client (a scratch image has no curl): it prints the body of one GET
+// and exits non-zero on a failure, through the container's own resolver.
 package main
 
 import (
 	"fmt"
+	"io"
 	"net/http"
 	"os"
 	"sync/atomic"
+	"time"
 )
 
 func main() {
+	if len(os.Args) == 3 && os.Args[1] == "get" {
+		os.Exit(get(os.Args[2]))
+	}
 	name := os.Getenv("NAME")
 	var sick atomic.Bool
 	mux := http.NewServeMux()
@@ -27,4 +34,21 @@ func main() {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
 	}
+}
+
+func get(url string) int {
+	c := &http.Client{Timeout: 5 * time.Second}
+	resp, err := c.Get(url)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	fmt.Print(string(body))
+	if err != nil || resp.StatusCode != http.StatusOK {
+		fmt.Fprintln(os.Stderr, resp.Status, err)
+		return 1
+	}
+	return 0
 }
