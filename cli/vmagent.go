@@ -1,7 +1,11 @@
 package cli
 
 import (
+	"fmt"
+	"net/netip"
 	"os"
+	"strconv"
+	"strings"
 
 	"github.com/meshfed/meshfed/vmagent"
 	"github.com/spf13/cobra"
@@ -10,6 +14,8 @@ import (
 // newVMAgentCmd returns the host agent's command.
 func newVMAgentCmd(g *globals) *cobra.Command {
 	o := vmagent.DefaultOptions()
+	inbound := fmt.Sprintf("%d-%d", o.InboundPorts[0], o.InboundPorts[1])
+	outbound := o.OutboundPrefix.String()
 	cmd := &cobra.Command{
 		Use:   "vmagent --spoke HOST:PORT --data-dir DIR",
 		Short: "Run a Docker/VM host's agent: attest the host, discover its labelled containers, report them to the site's spoke",
@@ -20,17 +26,38 @@ Docker events stream: every running container labelled meshfed.io/service
 becomes an endpoint of that service (meshfed.io/port, meshfed.io/namespace,
 meshfed.io/version, meshfed.io/health, meshfed.io/network,
 meshfed.io/label.<k>). It reports the host's whole state to the spoke on
-every change and every few seconds, so nothing is duplicated or left behind.`,
+every change and every few seconds, so nothing is duplicated or left behind.
+
+The host proxy (on unless --host-proxy=false) carries the containers'
+traffic with mTLS, each workload with its own SVID:
+  inbound   each container is an endpoint at --proxy-address on a port of
+            --inbound-ports; callers' SPIFFE IDs are checked against the
+            service's policy before bytes reach the app;
+  outbound  every federated service has an address in the workload's /24 of
+            --outbound-prefix (made local to the host), on its own port;
+  DNS       containers started with --dns <the network's gateway> resolve
+            <name>.<namespace>.svc.clusterset.local to those addresses;
+            other names are forwarded to the host's resolvers.`,
 		Example: `  # first start, as root on the host
   MESHFED_TOKEN=mf1.… meshfed vmagent --spoke dc1-spoke:7181 --data-dir /var/lib/meshfed-vmagent
   # a container it picks up
-  docker run -d -l meshfed.io/service=echo -l meshfed.io/port=8080 -l meshfed.io/version=v2 my/echo`,
+  docker run -d -l meshfed.io/service=echo -l meshfed.io/port=8080 -l meshfed.io/version=v2 my/echo
+  # a container that calls another site's service by name
+  docker run -d --dns 172.17.0.1 -l meshfed.io/service=web -l meshfed.io/port=8080 my/web \
+    --backend http://echo.default.svc.clusterset.local:8080`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if o.Token == "" {
 				o.Token = os.Getenv("MESHFED_TOKEN")
 			}
 			o.Logger, o.Version = g.logger(), Version
+			var err error
+			if o.InboundPorts, err = parsePortRange(inbound); err != nil {
+				return err
+			}
+			if o.OutboundPrefix, err = netip.ParsePrefix(outbound); err != nil {
+				return fmt.Errorf("--outbound-prefix %q: want a CIDR such as 198.18.0.0/16", outbound)
+			}
 			a, err := vmagent.New(cmd.Context(), o)
 			if err != nil {
 				return err
@@ -47,7 +74,24 @@ every change and every few seconds, so nothing is duplicated or left behind.`,
 	f.StringVar(&o.StaticServices, "static-services", "", "services file (the spoke's format) for processes that are not containers")
 	f.DurationVar(&o.CheckInterval, "check-interval", o.CheckInterval, "how often containers without a HEALTHCHECK are checked")
 	f.StringVar(&o.HTTPListen, "http-listen", o.HTTPListen, "serve /healthz, /readyz and /metrics here (- disables)")
+	f.BoolVar(&o.HostProxy, "host-proxy", o.HostProxy, "carry the containers' traffic with mTLS (false: endpoints are the containers' own addresses, plain)")
+	f.StringVar(&o.XDS, "xds", "", "the spoke's xDS address (default: the --spoke host, port 7182)")
+	f.StringVar(&o.ProxyAddress, "proxy-address", "", "where the site's gateway reaches this host's inbound listeners (default: the host's address towards the spoke)")
+	f.StringVar(&inbound, "inbound-ports", inbound, "range of the containers' endpoint ports on --proxy-address")
+	f.StringVar(&outbound, "outbound-prefix", outbound, "range made local to the host for the outbound listeners, a /24 per workload")
+	f.StringVar(&o.DNSListen, "dns-listen", "", "serve the service names to containers here (default: port 53 on the --network's gateway, or the default bridge's; - for none)")
 	_ = cmd.MarkFlagRequired("spoke")
 	_ = cmd.MarkFlagRequired("data-dir")
 	return cmd
+}
+
+// parsePortRange reads LOW-HIGH.
+func parsePortRange(s string) ([2]uint16, error) {
+	lo, hi, ok := strings.Cut(s, "-")
+	l, err1 := strconv.ParseUint(lo, 10, 16)
+	h, err2 := strconv.ParseUint(hi, 10, 16)
+	if !ok || err1 != nil || err2 != nil || l == 0 || h < l {
+		return [2]uint16{}, fmt.Errorf("--inbound-ports %q: want LOW-HIGH, such as 15100-15999", s)
+	}
+	return [2]uint16{uint16(l), uint16(h)}, nil
 }

@@ -99,13 +99,31 @@ func New(ctx context.Context, o Options) (*Client, error) {
 		return nil, err
 	}
 	if o.Workload != "" {
-		if err := c.call(ctx, func(ctx context.Context, ic meshfedv1.IdentityClient, csr []byte) (*meshfedv1.SVIDResponse, error) {
-			return ic.IssueWorkload(ctx, &meshfedv1.IssueWorkloadRequest{SpiffeId: o.Workload, Csr: csr})
-		}); err != nil {
+		if err := c.call(ctx, issueWorkload(o.Workload)); err != nil {
 			return nil, fmt.Errorf("workload SVID %s: %w", o.Workload, err)
 		}
 	}
 	return c, nil
+}
+
+// Workload gets, with the node's SVID, the SVID of a workload the node
+// runs, and returns a client that holds and renews it (a host agent's
+// proxy per workload).
+func (c *Client) Workload(ctx context.Context, id string) (*Client, error) {
+	o := c.o
+	o.Token, o.KubernetesTokenFile, o.Dir, o.Renewed, o.Workload = "", "", "", nil, id
+	w := &Client{o: o, log: c.log.With("workload", id)}
+	w.svid, w.bundles, w.td = c.SVID(), c.Bundles(), c.TrustDomain()
+	if err := w.call(ctx, issueWorkload(id)); err != nil {
+		return nil, fmt.Errorf("workload SVID %s: %s", id, status.Convert(err).Message())
+	}
+	return w, nil
+}
+
+func issueWorkload(id string) issueFunc {
+	return func(ctx context.Context, ic meshfedv1.IdentityClient, csr []byte) (*meshfedv1.SVIDResponse, error) {
+		return ic.IssueWorkload(ctx, &meshfedv1.IssueWorkloadRequest{SpiffeId: id, Csr: csr})
+	}
 }
 
 // attest gets the first SVID: with a node token, trusting the spoke by the

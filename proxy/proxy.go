@@ -13,6 +13,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net"
 	"net/http"
 	"net/netip"
@@ -32,6 +33,7 @@ import (
 	"github.com/meshfed/meshfed/telemetry"
 	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sync/errgroup"
+	"google.golang.org/grpc"
 )
 
 // Options configures a Proxy. Start from DefaultOptions.
@@ -107,6 +109,7 @@ type Proxy struct {
 	conns loop.Tracker
 
 	mu        sync.Mutex
+	renode    context.CancelFunc // ends the xDS stream, for a new one
 	listeners map[string]*runningListener
 	accepting sync.WaitGroup // the listeners' accept loops
 }
@@ -226,11 +229,8 @@ func (p *Proxy) Run(ctx context.Context) error {
 		return fmt.Errorf("proxy: %w", err)
 	}
 	defer conn.Close()
-	xc := &xdsclient.Client{Conn: conn, Log: p.log, Update: p.apply, Metrics: xdsclient.NewMetrics(p.o.Registry),
-		Node:    xdsclient.NewNode(p.o.Identity.SVID().ID.String(), "meshfed-proxy", p.o.Locality, p.metadata()),
-		Secrets: []string{"default", "federation"}}
 	g, gctx := errgroup.WithContext(ctx)
-	g.Go(func() error { return xc.Run(gctx) })
+	g.Go(func() error { return p.runXDS(gctx, conn) })
 	g.Go(func() error { return p.o.Identity.Run(gctx) })
 	if p.tele != nil {
 		g.Go(func() error { return p.tele.Run(gctx) })
@@ -238,11 +238,45 @@ func (p *Proxy) Run(ctx context.Context) error {
 	if p.dns != nil {
 		g.Go(func() error { return p.dns.Run(gctx) })
 	}
-	p.log.Info("proxy running", "id", xc.Node.GetId(), "xds", p.o.XDS, "http", p.HTTPAddr(), "dns", p.DNSAddr())
+	p.log.Info("proxy running", "id", p.o.Identity.SVID().ID, "xds", p.o.XDS, "http", p.HTTPAddr(), "dns", p.DNSAddr())
 	err = g.Wait()
 	p.drain()
 	p.relayer.Stop()
 	return err
+}
+
+// runXDS keeps the xDS stream, and starts it again with the node's new
+// metadata after SetInbound.
+func (p *Proxy) runXDS(ctx context.Context, conn *grpc.ClientConn) error {
+	m := xdsclient.NewMetrics(p.o.Registry)
+	for {
+		sctx, cancel := context.WithCancel(ctx)
+		p.mu.Lock()
+		p.renode = cancel
+		md := p.metadata()
+		p.mu.Unlock()
+		xc := &xdsclient.Client{Conn: conn, Log: p.log, Update: p.apply, Metrics: m,
+			Node:    xdsclient.NewNode(p.o.Identity.SVID().ID.String(), "meshfed-proxy", p.o.Locality, md),
+			Secrets: []string{"default", "federation"}}
+		err := xc.Run(sctx)
+		cancel()
+		if err != nil || ctx.Err() != nil {
+			return err
+		}
+	}
+}
+
+// SetInbound changes the apps behind the endpoint ports: the spoke is told
+// on a new xDS stream, and the listeners that stay keep their connections
+// (apply changes them in place).
+func (p *Proxy) SetInbound(in map[uint32]string) {
+	p.mu.Lock()
+	p.o.Inbound = maps.Clone(in)
+	renode := p.renode
+	p.mu.Unlock()
+	if renode != nil {
+		renode()
+	}
 }
 
 // drain stops accepting and lets live connections finish, up to the

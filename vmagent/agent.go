@@ -8,6 +8,7 @@ import (
 	"maps"
 	"net"
 	"net/http"
+	"net/netip"
 	"os"
 	"slices"
 	"strconv"
@@ -50,6 +51,25 @@ type Options struct {
 	CheckInterval time.Duration
 	// CheckTimeout bounds one check.
 	CheckTimeout time.Duration
+	// HostProxy runs the host's data plane (see hostProxy): containers
+	// are then endpoints at ProxyAddress behind mTLS, and call other
+	// services through their workload's own listeners. Off: endpoints
+	// are the containers' own addresses, in plain text.
+	HostProxy bool
+	// XDS is the spoke's xDS address; empty: the spoke's host, port 7182.
+	XDS string
+	// ProxyAddress is where the site's gateway and proxies reach this
+	// host's inbound listeners; empty: the host's address on its route to
+	// the spoke.
+	ProxyAddress string
+	// InboundPorts is the range the containers' endpoint ports come from.
+	InboundPorts [2]uint16
+	// OutboundPrefix is made local to the host; each workload's outbound
+	// listeners are on a /24 of it.
+	OutboundPrefix netip.Prefix
+	// DNSListen serves the service names to the containers; empty: port 53
+	// on the gateway of Network (or of Docker's default bridge); "-": none.
+	DNSListen string
 	// HTTPListen serves /healthz, /readyz and /metrics; "-" disables.
 	HTTPListen string
 	// Version is reported to the spoke (meshfed vm list shows it).
@@ -67,6 +87,11 @@ func DefaultOptions() Options {
 		// interval.
 		CheckInterval: 2 * time.Second,
 		CheckTimeout:  time.Second,
+		HostProxy:    true,
+		InboundPorts: [2]uint16{15100, 15999},
+		// Part of 198.18.0.0/15, which RFC 2544 sets aside for tests of
+		// network devices: no real service is there to be shadowed.
+		OutboundPrefix: netip.MustParsePrefix("198.18.0.0/16"),
 		// Loopback, next to the spoke's own default ports.
 		HTTPListen: "127.0.0.1:7190",
 		Version:    "dev",
@@ -83,6 +108,7 @@ type Agent struct {
 	log    *slog.Logger
 	id     *identityclient.Client
 	docker *docker
+	hp     *hostProxy // nil without HostProxy
 	tele   *telemetry.Server
 	m      *metrics
 
@@ -92,6 +118,7 @@ type Agent struct {
 	containers map[string]container
 	checks     map[string]string // container ID → health of the agent's check
 	dockerErr  error
+	listed     bool // Docker's containers listed once: until then, no report
 	reportErr  error
 	static     []catalog.Service
 }
@@ -127,6 +154,18 @@ func New(ctx context.Context, o Options) (*Agent, error) {
 			return nil, fmt.Errorf("vmagent: %w", err)
 		}
 	}
+	if o.HostProxy {
+		if a.o.XDS == "" {
+			host, _, err := net.SplitHostPort(o.Spoke)
+			if err != nil {
+				return nil, fmt.Errorf("vmagent: --spoke %q: want host:port", o.Spoke)
+			}
+			a.o.XDS = net.JoinHostPort(host, "7182")
+		}
+		if a.hp, err = newHostProxy(ctx, a); err != nil {
+			return nil, err
+		}
+	}
 	a.m = newMetrics(o.Registry, a)
 	if o.HTTPListen != "-" {
 		a.tele, err = telemetry.Listen(telemetry.Options{Listen: o.HTTPListen, Registry: o.Registry, Ready: a.ready, Logger: a.log})
@@ -150,6 +189,9 @@ func (a *Agent) ready() error {
 	defer a.mu.Unlock()
 	if a.dockerErr != nil {
 		return fmt.Errorf("docker: %w", a.dockerErr)
+	}
+	if a.docker != nil && !a.listed {
+		return errors.New("the host's containers are not listed yet")
 	}
 	if a.reportErr != nil {
 		return fmt.Errorf("report to the spoke: %w", a.reportErr)
@@ -179,6 +221,9 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 	if a.tele != nil {
 		g.Go(func() error { return a.tele.Run(ctx) })
+	}
+	if a.hp != nil {
+		g.Go(func() error { return a.hp.Run(ctx) })
 	}
 	a.log.Info("vmagent running", "node", a.id.SVID().ID, "spoke", a.o.Spoke, "http", a.HTTPAddr())
 	return g.Wait()
@@ -236,6 +281,7 @@ func (a *Agent) discover(ctx context.Context) error {
 	a.mu.Lock()
 	a.containers = all
 	a.dockerErr = nil
+	a.listed = true
 	a.mu.Unlock()
 	a.poke()
 	// Events from before the list are replayed (since), so none falls
@@ -360,6 +406,7 @@ func (a *Agent) services() (services []catalog.Service, seen int) {
 	td := a.id.TrustDomain()
 	byID := map[string]*catalog.Service{}
 	var health = map[string]int{}
+	want, exported := map[string]*workload{}, map[string]bool{}
 	for _, c := range a.containers {
 		seen++
 		name := c.Labels[LabelService]
@@ -391,6 +438,12 @@ func (a *Agent) services() (services []catalog.Service, seen int) {
 			Address: addr, Port: port, Health: a.health(c), Labels: labels,
 			Identity: fmt.Sprintf("spiffe://%s/ns/%s/sa/%s", td.Name(), ns, name),
 		}
+		if a.hp != nil {
+			if !a.behindProxy(&e, c, want) {
+				continue
+			}
+			exported[c.ID] = true
+		}
 		health[e.Health]++
 		key := ns + "/" + name
 		s, ok := byID[key]
@@ -415,10 +468,36 @@ func (a *Agent) services() (services []catalog.Service, seen int) {
 		})
 		services = append(services, *s)
 	}
+	if a.hp != nil {
+		a.hp.setWant(want, exported)
+	}
 	for _, h := range []string{catalog.HealthHealthy, catalog.HealthUnhealthy, catalog.HealthUnknown} {
 		a.m.endpoints.WithLabelValues(h).Set(float64(health[h]))
 	}
 	return services, seen
+}
+
+// behindProxy makes e the host proxy's inbound listener for c's app, and
+// adds it to c's workload in want; false when no port is left for it.
+func (a *Agent) behindProxy(e *catalog.Endpoint, c container, want map[string]*workload) bool {
+	port, err := a.hp.inboundPort(c.ID)
+	if err != nil {
+		a.log.Warn("container not exported", "container", c.Name, "err", err)
+		return false
+	}
+	w := want[e.Identity]
+	if w == nil {
+		w = &workload{inbound: map[uint32]string{}, sources: map[netip.Addr]bool{}}
+		want[e.Identity] = w
+	}
+	w.inbound[port] = net.JoinHostPort(e.Address, strconv.Itoa(int(e.Port)))
+	for _, ip := range c.IPs {
+		if ip, err := netip.ParseAddr(ip); err == nil {
+			w.sources[ip] = true
+		}
+	}
+	e.Address, e.Port, e.PortName = a.hp.address, port, "tcp"
+	return true
 }
 
 // health is c's endpoint health: Docker's HEALTHCHECK where the image has
@@ -445,6 +524,19 @@ func (a *Agent) reportLoop(ctx context.Context, ic meshfedv1.IdentityClient) err
 	interval := 5 * time.Second
 	var last string
 	for {
+		a.mu.Lock()
+		unlisted := a.docker != nil && !a.listed
+		a.mu.Unlock()
+		if unlisted {
+			// A report before the first list would withdraw every
+			// container the spoke holds for this host: wait for Docker.
+			select {
+			case <-ctx.Done():
+				return nil
+			case <-a.changed:
+			}
+			continue
+		}
 		services, seen := a.services()
 		req := &meshfedv1.HostReport{AgentVersion: a.o.Version, Containers: uint32(seen)}
 		for _, s := range services {
@@ -470,6 +562,9 @@ func (a *Agent) reportLoop(ctx context.Context, ic meshfedv1.IdentityClient) err
 		} else {
 			a.m.reports.WithLabelValues("ok").Inc()
 			last = ""
+			if a.hp != nil {
+				a.hp.poke()
+			}
 			if d := resp.GetReportInterval().AsDuration(); d > 0 {
 				interval, wait = d, d
 			}

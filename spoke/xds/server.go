@@ -277,15 +277,20 @@ func (s *Server) request(id int64, n *corev3.Node) error {
 		return status.Error(codes.InvalidArgument, err.Error())
 	}
 	key := nodeHash{}.ID(n)
+	s.rebuildMu.Lock() // rebuild reads st.node under it
 	s.mu.Lock()
 	s.seen[id] = key
 	st := s.nodes[key]
 	if st == nil {
-		st = &nodeState{node: node}
+		st = &nodeState{}
 		s.nodes[key] = st
 	}
+	// The newest stream's word stands: a proxy that changes its inbound
+	// apps opens a new stream while the old one is still closing.
+	st.node = node
 	st.streams++
 	s.mu.Unlock()
+	s.rebuildMu.Unlock()
 	s.rebuild([]string{key}, s.o.Catalog())
 	return nil
 }

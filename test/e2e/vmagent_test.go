@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"context"
+	"crypto/rand"
 	"errors"
 	"fmt"
 	"io"
@@ -78,7 +79,8 @@ func (s *socketCut) cut() {
 }
 
 // hostEndpoints renders site's endpoints of default/<name> in spoke s's
-// view as sorted "address:port health version container" lines.
+// view as sorted "address health version container" lines (the port is
+// the host proxy's pick).
 func hostEndpoints(s *spokeProc, site, name string) (string, error) {
 	v, err := harness.View(s.http)
 	if err != nil {
@@ -90,7 +92,7 @@ func hostEndpoints(s *spokeProc, site, name string) (string, error) {
 			continue
 		}
 		for _, e := range svc.Endpoints {
-			out = append(out, fmt.Sprintf("%s:%d %s %s %s", e.Address, e.Port, e.Health, e.Labels["version"], e.Labels["meshfed.io/container"]))
+			out = append(out, fmt.Sprintf("%s %s %s %s", e.Address, e.Health, e.Labels["version"], e.Labels["meshfed.io/container"]))
 		}
 	}
 	sort.Strings(out)
@@ -111,23 +113,85 @@ func hostEndpointsAre(t *testing.T, within time.Duration, s *spokeProc, site, na
 	})
 }
 
+// httpApp serves "<name> <path>" over HTTP on loopback until the test ends.
+func httpApp(t *testing.T, name string) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { fmt.Fprintf(w, "%s %s\n", name, r.URL.Path) })}
+	go func() { _ = srv.Serve(ln) }()
+	t.Cleanup(func() { srv.Close() })
+	return ln.Addr().String()
+}
+
+// httpVia makes one GET of path through a proxy's outbound listener.
+func httpVia(listener, path string) (string, error) {
+	// A connection per call, so each is balanced anew.
+	c := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+	resp, err := c.Get("http://" + listener + path)
+	if err != nil {
+		return "", err
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	return strings.TrimSpace(string(body)), err
+}
+
+// outboundRange is a /23 of 198.19.0.0/16 (RFC 2544's test range) for one
+// run's host proxy: two workloads' /24s, apart from any other run's.
+func outboundRange(t *testing.T) string {
+	b := make([]byte, 1)
+	_, _ = rand.Read(b)
+	prefix := fmt.Sprintf("198.19.%d.0/23", b[0]&^1)
+	// The agent removes its route on a clean stop; this covers a failed
+	// test that killed it.
+	t.Cleanup(func() { _ = exec.Command("ip", "route", "del", "local", prefix, "dev", "lo").Run() })
+	return prefix
+}
+
+const vmPolicies = `service: default/echo
+allow: [spiffe://west.test.meshfed/meshfed/node/west-client]
+`
+
+const greeterPolicy = `service: default/greeter
+allow: [spiffe://dc1.test.meshfed/ns/default/sa/caller]
+`
+
 // TestVMAgentDocker runs a host agent against the real Docker engine: it
-// discovers labelled containers on a network the test makes, and another
-// site sees them, with version and health, through the federation.
+// discovers labelled containers on a network the test makes, another site
+// sees them, with version and health, through the federation, and calls
+// them through both sites' gateways; a container calls the other site by
+// DNS name through the host proxy.
 func TestVMAgentDocker(t *testing.T) {
 	image := harness.ScratchImage(t, "test/echoapp")
 	network := harness.DockerNetwork(t)
+	gateway := harness.Docker(t, "network", "inspect", "-f", "{{(index .IPAM.Config 0).Gateway}}", network)
 	f := newFederation(t)
+	f.gateways["dc1"], f.gateways["west"] = freeAddr(t, "127.0.0.1"), freeAddr(t, "127.0.0.1")
+	greeterIn := freeAddr(t, "127.0.0.23")
 	dc1 := f.addSite("dc1", "z1", "")
-	west := f.addSite("west", "z2", "services: []\n")
+	west := f.addSite("west", "z2", echoServices("greeter", "v1", "west", greeterIn))
 	harness.WaitReady(t, dc1.http, 30*time.Second)
 	harness.WaitReady(t, west.http, 30*time.Second)
+	for _, pol := range []string{vmPolicies, greeterPolicy} {
+		file := filepath.Join(f.dir, "policy.yaml")
+		writeFile(t, file, pol)
+		f.mustCLI("policy", "apply", "-f", file)
+	}
+	for _, s := range []*spokeProc{dc1, west} {
+		f.startDataPlane(t, s, "gateway", s.site+"-gw", "--site", s.site, "--listen", f.gateways[s.site], "--drain-timeout", "1s")
+	}
+	host, port, _ := net.SplitHostPort(greeterIn)
+	f.startProxy(t, west, "west-host", "--workload", "spiffe://west.test.meshfed/ns/default/sa/echo",
+		"--address", host, "--inbound", port+"="+httpApp(t, "west"), "--outbound-prefix", "-")
 
 	sock := newSocketCut(t)
 	agentDir := filepath.Join(f.dir, "vmagent")
 	agentHTTP := harness.FreePort(t)
-	agentArgs := []string{"vmagent", "--spoke", dc1.identity, "--data-dir", agentDir, "--http-listen", agentHTTP,
-		"--docker-host", "tcp://" + sock.addr, "--network", network, "--check-interval", "200ms"}
+	agentArgs := []string{"vmagent", "--spoke", dc1.identity, "--xds", dc1.xds, "--data-dir", agentDir, "--http-listen", agentHTTP,
+		"--docker-host", "tcp://" + sock.addr, "--network", network, "--check-interval", "200ms", "--outbound-prefix", outboundRange(t)}
 	token := strings.TrimSpace(f.mustCLI("vm", "token", "create", "--site", "dc1", "--node", "host-7"))
 	agent := harness.Start(t, "vmagent", f.bin, append(agentArgs, "--token", token)...)
 	harness.WaitReady(t, agentHTTP, 30*time.Second)
@@ -139,7 +203,7 @@ func TestVMAgentDocker(t *testing.T) {
 	}
 
 	run := func(name string, labels ...string) (string, string) {
-		args := []string{"run", "-d", "--name", name, "--network", network, "-e", "NAME=" + name}
+		args := []string{"run", "-d", "--name", name, "--network", network, "--dns", gateway, "-e", "NAME=" + name}
 		for _, l := range labels {
 			args = append(args, "-l", l)
 		}
@@ -147,12 +211,14 @@ func TestVMAgentDocker(t *testing.T) {
 		return name, harness.Docker(t, "inspect", "-f", "{{(index .NetworkSettings.Networks \""+network+"\").IPAddress}}", name)
 	}
 	echo := []string{"meshfed.io/service=echo", "meshfed.io/port=8080", "meshfed.io/health=/health"}
-	a, ipA := run(harness.Unique("echo-a"), append(echo, "meshfed.io/version=v2")...)
+	a, _ := run(harness.Unique("echo-a"), append(echo, "meshfed.io/version=v2")...)
 	b, ipB := run(harness.Unique("echo-b"), append(echo, "meshfed.io/version=v1")...)
 	run(harness.Unique("plain")) // unlabelled: never exported
 	lines := func(eps ...string) string { sort.Strings(eps); return strings.Join(eps, "\n") }
-	epA := func(health string) string { return fmt.Sprintf("%s:8080 %s v2 %s", ipA, health, a) }
-	epB := func(health string) string { return fmt.Sprintf("%s:8080 %s v1 %s", ipB, health, b) }
+	// Behind the host proxy: every endpoint is at the host's address
+	// towards the spoke (loopback here).
+	epA := func(health string) string { return fmt.Sprintf("127.0.0.1 %s v2 %s", health, a) }
+	epB := func(health string) string { return fmt.Sprintf("127.0.0.1 %s v1 %s", health, b) }
 
 	t.Run("labelled containers appear in another site, with version and health", func(t *testing.T) {
 		hostEndpointsAre(t, 20*time.Second, west, "dc1", "echo", "west sees both containers of dc1", lines(epA("healthy"), epB("healthy")))
@@ -165,6 +231,55 @@ func TestVMAgentDocker(t *testing.T) {
 				t.Errorf("dc1 exports %s, which no labelled container serves", s.ID())
 			}
 		}
+	})
+
+	t.Run("a caller in another site reaches the containers through both gateways, with its SPIFFE ID checked", func(t *testing.T) {
+		client := f.startProxy(t, west, "west-client", "--outbound-prefix", "127.103.0.0/16")
+		echoVia := client.listener(t, "echo.default:8080")
+		seen := map[string]bool{}
+		harness.Eventually(t, 20*time.Second, "west's calls reach both containers", func() error {
+			got, err := httpVia(echoVia, "/hi")
+			if err != nil {
+				return err
+			}
+			seen[got] = true
+			if !seen[a+" /hi"] || !seen[b+" /hi"] {
+				return fmt.Errorf("answers so far: %v", seen)
+			}
+			return nil
+		})
+		// The same path, by a caller the policy does not list: refused at
+		// the host proxy, which checks the caller's SPIFFE ID.
+		stranger := f.startProxy(t, west, "west-stranger", "--outbound-prefix", "127.104.0.0/16")
+		strangerVia := stranger.listener(t, "echo.default:8080")
+		if got, err := httpVia(strangerVia, "/hi"); err == nil {
+			t.Errorf("a caller the policy does not allow got an answer: %q", got)
+		}
+	})
+
+	t.Run("a container calls another site's service by its DNS name", func(t *testing.T) {
+		caller, _ := run(harness.Unique("caller"), "meshfed.io/service=caller", "meshfed.io/port=8080")
+		get := func(url string) (string, error) {
+			out, err := exec.Command("docker", "exec", caller, "/app", "get", url).CombinedOutput()
+			return strings.TrimSpace(string(out)), err
+		}
+		harness.Eventually(t, 30*time.Second, "the caller container reaches west's greeter by name", func() error {
+			got, err := get("http://greeter.default.svc.clusterset.local:9080/hello")
+			if err != nil || got != "west /hello" {
+				return fmt.Errorf("got %q (%v)", got, err)
+			}
+			return nil
+		})
+		if got, err := get("http://nope.default.svc.clusterset.local:9080/"); err == nil || !strings.Contains(got, "no such host") {
+			t.Errorf("an unknown federated name: got %q (%v), want no such host (NXDOMAIN)", got, err)
+		}
+		// echo-a is not allowed to call greeter: its workload's SVID is not
+		// the caller's.
+		out, err := exec.Command("docker", "exec", a, "/app", "get", "http://greeter.default.svc.clusterset.local:9080/").CombinedOutput()
+		if err == nil {
+			t.Errorf("echo's workload reached greeter, whose policy allows only the caller: %s", out)
+		}
+		harness.Docker(t, "rm", "-f", caller)
 	})
 
 	t.Run("a failing health check makes the endpoint unhealthy", func(t *testing.T) {
