@@ -87,8 +87,8 @@ func DefaultOptions() Options {
 		// interval.
 		CheckInterval: 2 * time.Second,
 		CheckTimeout:  time.Second,
-		HostProxy:    true,
-		InboundPorts: [2]uint16{15100, 15999},
+		HostProxy:     true,
+		InboundPorts:  [2]uint16{15100, 15999},
 		// Part of 198.18.0.0/15, which RFC 2544 sets aside for tests of
 		// network devices: no real service is there to be shadowed.
 		OutboundPrefix: netip.MustParsePrefix("198.18.0.0/16"),

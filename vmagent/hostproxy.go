@@ -53,8 +53,8 @@ type hostProxy struct {
 
 	mu       sync.Mutex
 	state    proxyState
-	want     map[string]*workload       // by SPIFFE ID
-	bySource map[netip.Addr]string      // container address → SPIFFE ID
+	want     map[string]*workload      // by SPIFFE ID
+	bySource map[netip.Addr]string     // container address → SPIFFE ID
 	running  map[string]*workloadProxy // by SPIFFE ID
 }
 
