@@ -91,7 +91,7 @@ func parsePortRange(s string) ([2]uint16, error) {
 	l, err1 := strconv.ParseUint(lo, 10, 16)
 	h, err2 := strconv.ParseUint(hi, 10, 16)
 	if !ok || err1 != nil || err2 != nil || l == 0 || h < l {
-		return [2]uint16{}, fmt.Errorf("--inbound-ports %q: want LOW-HIGH, such as 15100-15999", s)
+		return [2]uint16{}, fmt.Errorf("--inbound-ports %q: want LOW-HIGH, such as 16000-16999", s)
 	}
 	return [2]uint16{uint16(l), uint16(h)}, nil
 }

@@ -88,7 +88,9 @@ func DefaultOptions() Options {
 		CheckInterval: 2 * time.Second,
 		CheckTimeout:  time.Second,
 		HostProxy:     true,
-		InboundPorts:  [2]uint16{15100, 15999},
+		// Clear of the ports meshfed's own components default to (7180s,
+		// 15443 for gateways, 15090 for proxies' telemetry).
+		InboundPorts: [2]uint16{16000, 16999},
 		// Part of 198.18.0.0/15, which RFC 2544 sets aside for tests of
 		// network devices: no real service is there to be shadowed.
 		OutboundPrefix: netip.MustParsePrefix("198.18.0.0/16"),

@@ -92,7 +92,7 @@ func newHostProxy(ctx context.Context, a *Agent) (*hostProxy, error) {
 		return nil, fmt.Errorf("vmagent: --outbound-prefix %s: want an IPv4 range of at least a /%d (a /%d per workload), such as 198.18.0.0/16", o.OutboundPrefix, slotBits, slotBits)
 	}
 	if o.InboundPorts[0] == 0 || o.InboundPorts[1] < o.InboundPorts[0] {
-		return nil, fmt.Errorf("vmagent: --inbound-ports %d-%d: want a range such as 15100-15999", o.InboundPorts[0], o.InboundPorts[1])
+		return nil, fmt.Errorf("vmagent: --inbound-ports %d-%d: want a range such as 16000-16999", o.InboundPorts[0], o.InboundPorts[1])
 	}
 	h := &hostProxy{
 		a: a, log: a.log.With("component", "host-proxy"), prefix: o.OutboundPrefix.Masked(),

@@ -5,7 +5,9 @@
 # through east's gateway, kills that gateway and shows the calls move to
 # west, a proxyless gRPC client doing the same (mTLS, no proxy), and
 # west's gateway refusing names that are not its own services, and (with a
-# Docker engine) a vmagent in east exporting a labelled container;
+# Docker engine) a vmagent in east exporting two labelled containers,
+# which central calls through east's gateway and which call default/echo
+# by its DNS name;
 # then keeps running until Ctrl-C, when it stops everything and
 # cleans up.
 set -euo pipefail
@@ -24,7 +26,7 @@ cleanup() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
   if [ -n "${DOCKER_NET:-}" ]; then
-    docker rm -f "$DOCKER_NET-hello" >/dev/null 2>&1 || true
+    docker rm -f "$DOCKER_NET-hello-1" "$DOCKER_NET-hello-2" >/dev/null 2>&1 || true
     docker network rm "$DOCKER_NET" >/dev/null 2>&1 || true
     docker rmi -f "$DOCKER_NET:latest" >/dev/null 2>&1 || true
   fi
@@ -97,26 +99,32 @@ step "the catalog as site east sees it (its spoke's view)"
 step "the catalog as site west sees it"
 "$BIN" service list --spoke 127.0.0.1:17181
 
-# A Docker host in east: the agent finds a labelled container and east's
-# spoke adds it to the site's catalog next to its services file.
+# A Docker host in east: the agent finds two labelled containers, east's
+# spoke adds them to the site's catalog next to its services file, and the
+# agent's host proxy puts each behind mTLS with the workload's own SVID.
 if docker info >/dev/null 2>&1; then
-  step "a Docker host in east: meshfed vmagent discovers a labelled container (FROM scratch)"
+  step "a Docker host in east: meshfed vmagent discovers two labelled containers (FROM scratch)"
   DOCKER_NET=meshfed-demo-$$
   mkdir -p "$DEMO/image"
   CGO_ENABLED=0 go build -o "$DEMO/image/app" ./test/echoapp
   printf 'FROM scratch\nCOPY app /app\nENTRYPOINT ["/app"]\n' >"$DEMO/image/Dockerfile"
   docker build -q -t "$DOCKER_NET:latest" "$DEMO/image" >"$DEMO/docker-build.log" 2>&1 || { cat "$DEMO/docker-build.log"; exit 1; }
   docker network create "$DOCKER_NET" >/dev/null
-  docker run -d --name "$DOCKER_NET-hello" --network "$DOCKER_NET" -e NAME=hello \
-    -l meshfed.io/service=hello -l meshfed.io/port=8080 -l meshfed.io/version=v1 -l meshfed.io/health=/health \
-    "$DOCKER_NET:latest" >/dev/null
-  echo "docker run -l meshfed.io/service=hello -l meshfed.io/port=8080 -l meshfed.io/version=v1 -l meshfed.io/health=/health …"
-  MESHFED_TOKEN=$("$BIN" vm token create --site east --node east-docker) "$BIN" vmagent --spoke 127.0.0.1:17190 \
-    --data-dir "$DEMO/vmagent" --http-listen 127.0.0.1:17199 --network "$DOCKER_NET" >"$DEMO/vmagent.log" 2>&1 &
+  DNS=$(docker network inspect -f '{{(index .IPAM.Config 0).Gateway}}' "$DOCKER_NET")
+  for v in 1 2; do
+    docker run -d --name "$DOCKER_NET-hello-$v" --network "$DOCKER_NET" --dns "$DNS" -e NAME="hello-v$v" \
+      -l meshfed.io/service=hello -l meshfed.io/port=8080 -l meshfed.io/version=v$v -l meshfed.io/health=/health \
+      "$DOCKER_NET:latest" >/dev/null
+  done
+  echo "docker run --dns $DNS -l meshfed.io/service=hello -l meshfed.io/port=8080 -l meshfed.io/version=v1|v2 -l meshfed.io/health=/health …"
+  # The host proxy's outbound range: a /16 of RFC 2544's test range, made
+  # local to this host while the agent runs.
+  MESHFED_TOKEN=$("$BIN" vm token create --site east --node east-docker) "$BIN" vmagent --spoke 127.0.0.1:17190 --xds 127.0.0.1:17200 \
+    --data-dir "$DEMO/vmagent" --http-listen 127.0.0.1:17199 --network "$DOCKER_NET" --outbound-prefix 198.18.0.0/16 >"$DEMO/vmagent.log" 2>&1 &
   PIDS+=($!)
   wait_http http://127.0.0.1:17199/readyz vmagent vmagent
   for _ in $(seq 1 100); do
-    "$BIN" service show default/hello -o json 2>/dev/null | grep -q '"healthy"' && break; sleep 0.1
+    [ "$("$BIN" service show default/hello -o json 2>/dev/null | grep -c '"healthy"')" -ge 2 ] && break; sleep 0.1
   done
   "$BIN" vm list
   "$BIN" service show default/hello
@@ -178,13 +186,16 @@ cat >"$DEMO/echo-policy.yaml" <<YAML
 service: default/echo
 failover: [east, west]
 outlierDetection: {consecutiveFailures: 3, interval: 1s, baseEjectionTime: 5s}
-allow: [spiffe://central.demo.meshfed/meshfed/node/client-host]
+allow: [spiffe://central.demo.meshfed/meshfed/node/client-host, spiffe://east.demo.meshfed/ns/default/sa/hello]
 YAML
 cat >>"$DEMO/echo-policy.yaml" <<YAML
 ---
 service: default/greeter
 failover: [east, west]
 allow: [spiffe://central.demo.meshfed/meshfed/node/grpc-client]
+---
+service: default/hello
+allow: [spiffe://central.demo.meshfed/meshfed/node/client-host]
 YAML
 "$BIN" policy apply -f "$DEMO/echo-policy.yaml"
 dataplane client-host central proxy --identity 127.0.0.1:17192 --xds 127.0.0.1:17202 --http-listen 127.0.0.1:17420 --outbound-prefix 127.130.0.0/16
@@ -199,6 +210,14 @@ done
 for _ in $(seq 1 100); do [ "$("$BIN" site list | grep -Ec ' alive ')" -ge 2 ] && break; sleep 0.1; done
 step "calls from central to default/echo at $ECHO (the client proxy's listener): through east's gateway"
 "$BIN" debug call "$ECHO" --count 20
+if [ -n "${DOCKER_NET:-}" ]; then
+  step "central calls east's Docker containers: client proxy → east's gateway → the host proxy (mTLS, policy) → the container"
+  HELLO=$(curl -s 127.0.0.1:17420/v1/listeners | sed -n 's/.*"hello.default:8080":"\([^"]*\)".*/\1/p')
+  for _ in $(seq 1 6); do curl -s --max-time 2 "http://$HELLO/"; done
+  step "a container calls default/echo by its name: the host proxy's DNS and its listener, with the hello workload's SVID"
+  echo "docker exec $DOCKER_NET-hello-1 /app greet echo.default.svc.clusterset.local:8080"
+  docker exec "$DOCKER_NET-hello-1" /app greet echo.default.svc.clusterset.local:8080
+fi
 step "proxyless gRPC in central: grpc-go resolves xds:///greeter.default:9090 at central's spoke, mTLS through east's gateway"
 # meshfed svid keeps the client's SVID and the bundles as files; the
 # bootstrap points gRPC's ADS connection and its certificate provider there.

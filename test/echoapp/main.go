@@ -3,11 +3,15 @@
 // called. It is built static and run FROM scratch. `echoapp get URL` is
 // its client (a scratch image has no curl): it prints the body of one GET
 // and exits non-zero on a failure, through the container's own resolver.
+// `echoapp greet HOST:PORT` prints the first line a TCP server (such as
+// meshfed debug echo) greets with.
 package main
 
 import (
+	"bufio"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"os"
 	"sync/atomic"
@@ -17,6 +21,9 @@ import (
 func main() {
 	if len(os.Args) == 3 && os.Args[1] == "get" {
 		os.Exit(get(os.Args[2]))
+	}
+	if len(os.Args) == 3 && os.Args[1] == "greet" {
+		os.Exit(greet(os.Args[2]))
 	}
 	name := os.Getenv("NAME")
 	var sick atomic.Bool
@@ -50,5 +57,22 @@ func get(url string) int {
 		fmt.Fprintln(os.Stderr, resp.Status, err)
 		return 1
 	}
+	return 0
+}
+
+func greet(addr string) int {
+	c, err := net.DialTimeout("tcp", addr, 5*time.Second)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+	line, err := bufio.NewReader(c).ReadString('\n')
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "no greeting:", err)
+		return 1
+	}
+	fmt.Print(line)
 	return 0
 }
