@@ -43,7 +43,38 @@ pins the site's CA, is single-use and expires.`,
 	token := &cobra.Command{Use: "token", Short: "Manage one-time node tokens"}
 	token.AddCommand(create)
 	cmd := &cobra.Command{Use: "vm", Short: "Onboard plain Docker/VM hosts"}
-	cmd.AddCommand(token, newVMListCmd(g))
+	cmd.AddCommand(token, newVMListCmd(g), newVMRemoveCmd(g))
+	return cmd
+}
+
+func newVMRemoveCmd(g *globals) *cobra.Command {
+	var site string
+	cmd := &cobra.Command{
+		Use:   "remove NODE",
+		Short: "Remove a host from its site: its endpoints leave, its credential is refused",
+		Long: `The hub records the removal and the site's spoke acts on it within about a
+second: the host's endpoints leave the federated catalog, and every SVID it
+was issued until now is refused (renewal, workload SVIDs, host reports), so
+its agent stops. A new node token for the same name brings a host back.`,
+		Example: "  meshfed vm remove host-7\n  meshfed vm remove host-7 --site dc1   # when two sites have a host-7",
+		Args:    cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			ctx, c, done, err := g.admin(cmd)
+			if err != nil {
+				return err
+			}
+			defer done()
+			resp, err := c.RemoveNode(ctx, &meshfedv1.RemoveNodeRequest{Site: site, Node: args[0]})
+			if err != nil {
+				return err
+			}
+			out := map[string]any{"site": resp.GetSite(), "node": resp.GetNode(), "removedAt": resp.GetRevokedAt().AsTime()}
+			return g.render(out, func(w io.Writer) {
+				fmt.Fprintf(w, "host %s removed from site %s: its endpoints leave the catalog and its credential is refused from now on\n", resp.GetNode(), resp.GetSite())
+			})
+		},
+	}
+	cmd.Flags().StringVar(&site, "site", "", "the host's site (default: the one site that knows the host)")
 	return cmd
 }
 

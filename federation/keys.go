@@ -84,6 +84,15 @@ func RotationResource(r *meshfedv1.CARotation) *meshfedv1.Resource {
 	return &meshfedv1.Resource{Key: RotationKey(r.GetSite()), Version: Version(r), Body: &meshfedv1.Resource_Rotation{Rotation: r}}
 }
 
+// RevocationsKey is the resource key of the hosts removed from a site
+// (hub-owned: the hub decides, the site's spoke refuses them).
+func RevocationsKey(site string) string { return "revoked/" + site }
+
+// RevocationsResource wraps a site's removed hosts as a versioned resource.
+func RevocationsResource(r *meshfedv1.NodeRevocations) *meshfedv1.Resource {
+	return &meshfedv1.Resource{Key: RevocationsKey(r.GetSite()), Version: Version(r), Body: &meshfedv1.Resource_Revocations{Revocations: r}}
+}
+
 // SiteResource wraps a site as a versioned resource.
 func SiteResource(s *meshfedv1.Site) *meshfedv1.Resource {
 	return &meshfedv1.Resource{
@@ -107,6 +116,8 @@ func CheckResource(r *meshfedv1.Resource) error {
 		want = BundleResource(b.Bundle)
 	case *meshfedv1.Resource_Rotation:
 		want = RotationResource(b.Rotation)
+	case *meshfedv1.Resource_Revocations:
+		want = RevocationsResource(b.Revocations)
 	case *meshfedv1.Resource_SourceStatus:
 		want = SourceStatusResource(b.SourceStatus)
 	case *meshfedv1.Resource_Policy:

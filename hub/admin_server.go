@@ -172,8 +172,10 @@ func (s *adminServer) RemoveSite(ctx context.Context, req *meshfedv1.RemoveSiteR
 func (h *Hub) forgetSite(st *siteState) bool {
 	name := st.rec.Site.Name
 	keys := h.ownedVersions(name)
-	if r, ok := h.table.Get(federation.RotationKey(name)); ok {
-		keys[r.Key] = r.Version
+	for _, k := range []string{federation.RotationKey(name), federation.RevocationsKey(name)} {
+		if r, ok := h.table.Get(k); ok {
+			keys[r.Key] = r.Version
+		}
 	}
 	h.mu.Lock()
 	defer h.mu.Unlock()

@@ -449,13 +449,13 @@ func (h *Hub) load(ctx context.Context) error {
 			return fmt.Errorf("hub: stored resource %s is damaged: %w", kv.Key, err)
 		}
 		owner := federation.KeySite(r.Key)
-		if rot := r.GetRotation(); rot != nil && h.sites[rot.GetSite()] == nil {
-			leftovers[rot.GetSite()] = true // the rotation request of a removed site
+		if site := hubOwnedSite(r); site != "" && h.sites[site] == nil {
+			leftovers[site] = true // a rotation request or removed hosts of a removed site
 			continue
 		}
 		st := h.sites[owner]
 		if owner == "" {
-			h.table.Put(r) // hub-owned: an imported bundle, a rotation request
+			h.table.Put(r) // hub-owned: an imported bundle, a rotation request, removed hosts
 			continue
 		}
 		if st == nil {

@@ -47,7 +47,7 @@ func (h *Hub) siteKeys(ctx context.Context, site string) ([]string, error) {
 	for _, kv := range kvs {
 		keys = append(keys, kv.Key)
 	}
-	for _, k := range []string{federation.BundleKey(site), federation.SourceStatusKey(site), federation.RotationKey(site)} {
+	for _, k := range []string{federation.BundleKey(site), federation.SourceStatusKey(site), federation.RotationKey(site), federation.RevocationsKey(site)} {
 		_, err := h.store.Get(ctx, keyResource+k)
 		switch {
 		case err == nil:

@@ -8,6 +8,7 @@ package identityclient
 import (
 	"context"
 	"crypto/tls"
+	"errors"
 	"fmt"
 	"log/slog"
 	"os"
@@ -24,6 +25,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/status"
 )
@@ -240,6 +242,9 @@ func (c *Client) Run(ctx context.Context) error {
 		if err != nil && time.Now().After(leaf.NotAfter) && c.o.KubernetesTokenFile != "" {
 			// A pod attests again with its (rotated) ServiceAccount token.
 			err = c.attest(ctx)
+		}
+		if err != nil && status.Code(err) == codes.PermissionDenied && strings.Contains(err.Error(), credential.RemovedHost) {
+			return errors.New(status.Convert(err).Message())
 		}
 		if err != nil && time.Now().After(leaf.NotAfter) {
 			// Renew needs a valid SVID: no retry can help now.

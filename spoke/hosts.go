@@ -17,6 +17,7 @@ import (
 	"github.com/meshfed/meshfed/atomicfile"
 	"github.com/meshfed/meshfed/catalog"
 	"github.com/meshfed/meshfed/federation"
+	"github.com/meshfed/meshfed/trust/ca"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/durationpb"
@@ -35,14 +36,19 @@ type host struct {
 	LastSeen   time.Time         `json:"lastSeen"`
 	Containers uint32            `json:"containers"`
 	Services   []catalog.Service `json:"services"`
-	stale      bool
+	// Issued is when the SVID of the last report was signed: a host
+	// removed (meshfed vm remove) after it leaves at once.
+	Issued time.Time `json:"credentialIssued,omitzero"`
+	stale  bool
 }
 
 // hosts tracks the site's host agents: each report replaces the host's
 // whole state in the local catalog; a host silent past staleAfter has its
 // endpoints marked unhealthy, and past expireAfter they leave.
 type hosts struct {
-	local       *Local
+	local *Local
+	// removedAt says when a host was removed from the site, if it was.
+	removedAt   func(node string) (time.Time, bool)
 	path        string
 	interval    time.Duration
 	staleAfter  time.Duration
@@ -56,9 +62,9 @@ type hosts struct {
 
 // openHosts loads the hosts file from dir (missing: no hosts yet) and
 // publishes what it holds.
-func openHosts(o Options, local *Local, log *slog.Logger) (*hosts, error) {
+func openHosts(o Options, local *Local, removedAt func(string) (time.Time, bool), log *slog.Logger) (*hosts, error) {
 	h := &hosts{
-		local: local, path: filepath.Join(o.DataDir, hostsFile), log: log,
+		local: local, removedAt: removedAt, path: filepath.Join(o.DataDir, hostsFile), log: log,
 		interval: o.HostReportInterval, staleAfter: o.HostStaleAfter, expireAfter: o.HostExpireAfter,
 		m: map[string]*host{},
 	}
@@ -83,7 +89,7 @@ func openHosts(o Options, local *Local, log *slog.Logger) (*hosts, error) {
 }
 
 // report takes a host's whole state.
-func (h *hosts) report(node string, req *meshfedv1.HostReport) error {
+func (h *hosts) report(node string, issued time.Time, req *meshfedv1.HostReport) error {
 	services := make([]catalog.Service, 0, len(req.GetServices()))
 	for _, ws := range req.GetServices() {
 		s := federation.ServiceFromWire(ws, catalog.Locality{})
@@ -112,11 +118,11 @@ func (h *hosts) report(node string, req *meshfedv1.HostReport) error {
 	now := time.Now()
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	x := &host{Node: node, Version: req.GetAgentVersion(), LastSeen: now, Containers: req.GetContainers(), Services: services}
+	x := &host{Node: node, Version: req.GetAgentVersion(), LastSeen: now, Containers: req.GetContainers(), Services: services, Issued: issued.UTC()}
 	old, known := h.m[node]
 	h.m[node] = x
 	h.apply(x, now)
-	changed := !known || old.stale || old.Version != x.Version || old.Containers != x.Containers || !catalog.SameServices(old.Services, x.Services)
+	changed := !known || old.stale || !old.Issued.Equal(x.Issued) || old.Version != x.Version || old.Containers != x.Containers || !catalog.SameServices(old.Services, x.Services)
 	if changed {
 		if err := h.save(); err != nil {
 			h.log.Error("could not keep the host agents' state; a restarted spoke waits for their next reports", "err", err)
@@ -179,6 +185,13 @@ func (h *hosts) sweep(now time.Time) {
 	changed := false
 	for node, x := range h.m {
 		silent := now.Sub(x.LastSeen)
+		if at, removed := h.removedAt(node); removed && !x.Issued.After(at) {
+			h.log.Warn("host removed from the site (meshfed vm remove): its endpoints leave the catalog, its credential is refused", "node", node, "removed_at", at)
+			delete(h.m, node)
+			h.local.RemoveHost(node)
+			changed = true
+			continue
+		}
 		switch {
 		case silent > h.expireAfter:
 			h.log.Warn("host agent silent past the expiry: its endpoints leave the catalog", "node", node, "last_seen", x.LastSeen)
@@ -247,7 +260,7 @@ func (h *hosts) publishStatus(now time.Time, changed bool) {
 // ReportHost takes a host agent's whole state; only a node SVID may send
 // one, and only for itself.
 func (is *identityServer) ReportHost(ctx context.Context, req *meshfedv1.HostReport) (*meshfedv1.HostReportResponse, error) {
-	caller, err := is.caller(ctx, "a host report")
+	caller, leaf, err := is.caller(ctx, "a host report")
 	if err != nil {
 		return nil, err
 	}
@@ -255,7 +268,7 @@ func (is *identityServer) ReportHost(ctx context.Context, req *meshfedv1.HostRep
 	if !ok {
 		return nil, status.Errorf(codes.PermissionDenied, "%s is not a host: only host agents (node SVIDs) report hosts", caller)
 	}
-	if err := is.s.hosts.report(node, req); err != nil {
+	if err := is.s.hosts.report(node, ca.Issued(leaf), req); err != nil {
 		is.s.m.sourceErrors.Inc()
 		return nil, err
 	}

@@ -15,6 +15,7 @@ import (
 	"github.com/meshfed/meshfed/catalog"
 	"github.com/meshfed/meshfed/federation"
 	"github.com/meshfed/meshfed/trust/ca"
+	"github.com/meshfed/meshfed/trust/credential"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -132,7 +133,7 @@ func (is *identityServer) attestKubernetes(ctx context.Context, token string, cs
 // Renew gives the holder of a valid SVID of this site a fresh one with the
 // same ID. A caller that let its SVID expire attests again.
 func (is *identityServer) Renew(ctx context.Context, req *meshfedv1.RenewSVIDRequest) (*meshfedv1.SVIDResponse, error) {
-	id, err := is.caller(ctx, "renewal")
+	id, _, err := is.caller(ctx, "renewal")
 	if err != nil {
 		return nil, err
 	}
@@ -140,24 +141,49 @@ func (is *identityServer) Renew(ctx context.Context, req *meshfedv1.RenewSVIDReq
 }
 
 // caller is the SPIFFE ID of the caller's verified SVID of this site.
-func (is *identityServer) caller(ctx context.Context, what string) (spiffeid.ID, error) {
+func (is *identityServer) caller(ctx context.Context, what string) (spiffeid.ID, *x509.Certificate, error) {
 	p, _ := peer.FromContext(ctx)
 	ti, ok := p.AuthInfo.(grpccreds.TLSInfo)
 	if !ok || len(ti.State.VerifiedChains) == 0 {
-		return spiffeid.ID{}, status.Errorf(codes.Unauthenticated, "%s needs a valid SVID of this site as client certificate; an expired SVID must attest again", what)
+		return spiffeid.ID{}, nil, status.Errorf(codes.Unauthenticated, "%s needs a valid SVID of this site as client certificate; an expired SVID must attest again", what)
 	}
-	id, err := ca.SPIFFEID(ti.State.VerifiedChains[0][0])
+	leaf := ti.State.VerifiedChains[0][0]
+	id, err := ca.SPIFFEID(leaf)
 	if err != nil || id.TrustDomain() != is.s.ca.TrustDomain() {
-		return spiffeid.ID{}, status.Errorf(codes.PermissionDenied, "not an SVID of %s", is.s.ca.TrustDomain())
+		return spiffeid.ID{}, nil, status.Errorf(codes.PermissionDenied, "not an SVID of %s", is.s.ca.TrustDomain())
 	}
-	return id, nil
+	if node, ok := strings.CutPrefix(id.Path(), "/meshfed/node/"); ok {
+		if at, revoked := is.s.removedAt(node); revoked && !ca.Issued(leaf).After(at) {
+			return spiffeid.ID{}, nil, status.Errorf(codes.PermissionDenied, "%s %s: %s", credential.RemovedHost, node, RemovedHostHelp(is.s.o.Site, at))
+		}
+	}
+	return id, leaf, nil
+}
+
+// RemovedHostHelp says what a removed host can do.
+func RemovedHostHelp(site string, at time.Time) string {
+	return fmt.Sprintf("this host was removed from site %s at %s (meshfed vm remove): its credential is refused; to bring it back, create a new node token (meshfed vm token create --site %s --node ...) and start the agent with it and an empty data dir", site, at.Format(time.RFC3339), site)
+}
+
+// removedAt is when a host was removed from this site (meshfed vm remove).
+func (s *Spoke) removedAt(node string) (time.Time, bool) {
+	r, ok := s.view.table.Get(federation.RevocationsKey(s.o.Site))
+	if !ok {
+		return time.Time{}, false
+	}
+	for _, n := range r.GetRevocations().GetNodes() {
+		if n.GetNode() == node {
+			return n.GetRevokedAt().AsTime(), true
+		}
+	}
+	return time.Time{}, false
 }
 
 // IssueWorkload gives a host the SVID of a workload it runs, and only of
 // one it runs: the site's catalog must have an endpoint with that identity
 // labelled with the host's node name.
 func (is *identityServer) IssueWorkload(ctx context.Context, req *meshfedv1.IssueWorkloadRequest) (*meshfedv1.SVIDResponse, error) {
-	caller, err := is.caller(ctx, "a workload SVID")
+	caller, _, err := is.caller(ctx, "a workload SVID")
 	if err != nil {
 		return nil, err
 	}

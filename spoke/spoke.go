@@ -182,7 +182,7 @@ func New(ctx context.Context, o Options) (*Spoke, error) {
 	s.local.td = s.ca.TrustDomain()
 	// The site's bundle is published like its services.
 	s.local.table.Put(federation.BundleResource(federation.BundleToWire(o.Site, s.ca.Bundle())))
-	if s.hosts, err = openHosts(o, s.local, s.log.With("component", "hosts")); err != nil {
+	if s.hosts, err = openHosts(o, s.local, s.removedAt, s.log.With("component", "hosts")); err != nil {
 		s.view.Close()
 		return nil, fmt.Errorf("spoke: %w", err)
 	}

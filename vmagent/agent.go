@@ -21,10 +21,13 @@ import (
 	"github.com/meshfed/meshfed/federation"
 	"github.com/meshfed/meshfed/identityclient"
 	"github.com/meshfed/meshfed/telemetry"
+	"github.com/meshfed/meshfed/trust/credential"
 	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sync/errgroup"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/status"
 )
 
 // Options configures an Agent.
@@ -553,6 +556,11 @@ func (a *Agent) reportLoop(ctx context.Context, ic meshfedv1.IdentityClient) err
 		a.mu.Lock()
 		a.reportErr = err
 		a.mu.Unlock()
+		if status.Code(err) == codes.PermissionDenied && strings.Contains(err.Error(), credential.RemovedHost) {
+			// The host is out of the federation: its endpoints are gone
+			// already, and no retry can bring them back.
+			return errors.New(status.Convert(err).Message())
+		}
 		wait := interval
 		if err != nil {
 			a.m.reports.WithLabelValues("failed").Inc()

@@ -373,4 +373,33 @@ func TestVMAgentDocker(t *testing.T) {
 			return nil
 		})
 	})
+
+	t.Run("a removed host's endpoints leave, its agent stops, its credential is refused", func(t *testing.T) {
+		if out := f.mustCLI("vm", "remove", "host-7"); !strings.Contains(out, "removed from site dc1") {
+			t.Errorf("vm remove says:\n%s", out)
+		}
+		hostEndpointsAre(t, 10*time.Second, west, "dc1", "echo", "west no longer sees host-7's containers", "")
+		select {
+		case <-agent.Done():
+		case <-time.After(15 * time.Second):
+			t.Fatal("the removed host's agent still runs")
+		}
+		if !strings.Contains(agent.Log(), "removed from site dc1") {
+			t.Errorf("the agent stopped without saying it was removed:\n%s", agent.Log())
+		}
+		// Started again on its data dir, the SVID it keeps is refused.
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		out, err := exec.CommandContext(ctx, f.bin, agentArgs...).CombinedOutput()
+		var exit *exec.ExitError
+		if !errors.As(err, &exit) || ctx.Err() != nil || !strings.Contains(string(out), "create a new node token") {
+			t.Errorf("the removed host's agent, restarted: %v, want an exit saying to create a new node token:\n%s", err, out)
+		}
+		harness.Eventually(t, 10*time.Second, "vm list no longer shows host-7", func() error {
+			if out := f.mustCLI("vm", "list"); strings.Contains(out, "host-7") {
+				return fmt.Errorf("vm list:\n%s", out)
+			}
+			return nil
+		})
+	})
 }

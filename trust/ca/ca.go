@@ -124,11 +124,17 @@ const Backdate = time.Minute
 // Backdate the latter lies before the issue, and renewing "at half-life"
 // would renew at once, again and again.
 func RenewAt(cert *x509.Certificate) time.Time {
+	issued := Issued(cert)
+	return issued.Add(cert.NotAfter.Sub(issued) / 2)
+}
+
+// Issued is when cert was signed: its NotBefore, less the backdating.
+func Issued(cert *x509.Certificate) time.Time {
 	issued := cert.NotBefore.Add(Backdate)
 	if !issued.Before(cert.NotAfter) {
-		issued = cert.NotBefore // not one of ours: not backdated
+		return cert.NotBefore // not one of ours: not backdated
 	}
-	return issued.Add(cert.NotAfter.Sub(issued) / 2)
+	return issued
 }
 
 // Current: c, a serving certificate whose chain ends in its signer, was

@@ -29,3 +29,8 @@ func ParseToken(s string) (Token, error) {
 	}
 	return Token{ID: parts[1], Secret: parts[2], CAPin: parts[3]}, nil
 }
+
+// RemovedHost starts the refusal a spoke gives the SVID of a host removed
+// from its site (meshfed vm remove): retrying cannot help, so the host's
+// agent stops on it.
+const RemovedHost = "removed host"

@@ -23,6 +23,119 @@ const (
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
 
+type RemoveNodeRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// site may be empty when one site knows the node.
+	Site          string `protobuf:"bytes,1,opt,name=site,proto3" json:"site,omitempty"`
+	Node          string `protobuf:"bytes,2,opt,name=node,proto3" json:"node,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RemoveNodeRequest) Reset() {
+	*x = RemoveNodeRequest{}
+	mi := &file_meshfed_v1_admin_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RemoveNodeRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RemoveNodeRequest) ProtoMessage() {}
+
+func (x *RemoveNodeRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_meshfed_v1_admin_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RemoveNodeRequest.ProtoReflect.Descriptor instead.
+func (*RemoveNodeRequest) Descriptor() ([]byte, []int) {
+	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{0}
+}
+
+func (x *RemoveNodeRequest) GetSite() string {
+	if x != nil {
+		return x.Site
+	}
+	return ""
+}
+
+func (x *RemoveNodeRequest) GetNode() string {
+	if x != nil {
+		return x.Node
+	}
+	return ""
+}
+
+type RemoveNodeResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Site          string                 `protobuf:"bytes,1,opt,name=site,proto3" json:"site,omitempty"`
+	Node          string                 `protobuf:"bytes,2,opt,name=node,proto3" json:"node,omitempty"`
+	RevokedAt     *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=revoked_at,json=revokedAt,proto3" json:"revoked_at,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RemoveNodeResponse) Reset() {
+	*x = RemoveNodeResponse{}
+	mi := &file_meshfed_v1_admin_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RemoveNodeResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RemoveNodeResponse) ProtoMessage() {}
+
+func (x *RemoveNodeResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_meshfed_v1_admin_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RemoveNodeResponse.ProtoReflect.Descriptor instead.
+func (*RemoveNodeResponse) Descriptor() ([]byte, []int) {
+	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *RemoveNodeResponse) GetSite() string {
+	if x != nil {
+		return x.Site
+	}
+	return ""
+}
+
+func (x *RemoveNodeResponse) GetNode() string {
+	if x != nil {
+		return x.Node
+	}
+	return ""
+}
+
+func (x *RemoveNodeResponse) GetRevokedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.RevokedAt
+	}
+	return nil
+}
+
 type RotateCARequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Site          string                 `protobuf:"bytes,1,opt,name=site,proto3" json:"site,omitempty"`
@@ -32,7 +145,7 @@ type RotateCARequest struct {
 
 func (x *RotateCARequest) Reset() {
 	*x = RotateCARequest{}
-	mi := &file_meshfed_v1_admin_proto_msgTypes[0]
+	mi := &file_meshfed_v1_admin_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -44,7 +157,7 @@ func (x *RotateCARequest) String() string {
 func (*RotateCARequest) ProtoMessage() {}
 
 func (x *RotateCARequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meshfed_v1_admin_proto_msgTypes[0]
+	mi := &file_meshfed_v1_admin_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -57,7 +170,7 @@ func (x *RotateCARequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateCARequest.ProtoReflect.Descriptor instead.
 func (*RotateCARequest) Descriptor() ([]byte, []int) {
-	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{0}
+	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{2}
 }
 
 func (x *RotateCARequest) GetSite() string {
@@ -76,7 +189,7 @@ type RotateCAResponse struct {
 
 func (x *RotateCAResponse) Reset() {
 	*x = RotateCAResponse{}
-	mi := &file_meshfed_v1_admin_proto_msgTypes[1]
+	mi := &file_meshfed_v1_admin_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -88,7 +201,7 @@ func (x *RotateCAResponse) String() string {
 func (*RotateCAResponse) ProtoMessage() {}
 
 func (x *RotateCAResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meshfed_v1_admin_proto_msgTypes[1]
+	mi := &file_meshfed_v1_admin_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -101,7 +214,7 @@ func (x *RotateCAResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateCAResponse.ProtoReflect.Descriptor instead.
 func (*RotateCAResponse) Descriptor() ([]byte, []int) {
-	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{1}
+	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *RotateCAResponse) GetGeneration() uint64 {
@@ -120,7 +233,7 @@ type AddSiteRequest struct {
 
 func (x *AddSiteRequest) Reset() {
 	*x = AddSiteRequest{}
-	mi := &file_meshfed_v1_admin_proto_msgTypes[2]
+	mi := &file_meshfed_v1_admin_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -132,7 +245,7 @@ func (x *AddSiteRequest) String() string {
 func (*AddSiteRequest) ProtoMessage() {}
 
 func (x *AddSiteRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meshfed_v1_admin_proto_msgTypes[2]
+	mi := &file_meshfed_v1_admin_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -145,7 +258,7 @@ func (x *AddSiteRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddSiteRequest.ProtoReflect.Descriptor instead.
 func (*AddSiteRequest) Descriptor() ([]byte, []int) {
-	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{2}
+	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *AddSiteRequest) GetSite() *Site {
@@ -163,7 +276,7 @@ type ListSitesRequest struct {
 
 func (x *ListSitesRequest) Reset() {
 	*x = ListSitesRequest{}
-	mi := &file_meshfed_v1_admin_proto_msgTypes[3]
+	mi := &file_meshfed_v1_admin_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -175,7 +288,7 @@ func (x *ListSitesRequest) String() string {
 func (*ListSitesRequest) ProtoMessage() {}
 
 func (x *ListSitesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meshfed_v1_admin_proto_msgTypes[3]
+	mi := &file_meshfed_v1_admin_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -188,7 +301,7 @@ func (x *ListSitesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListSitesRequest.ProtoReflect.Descriptor instead.
 func (*ListSitesRequest) Descriptor() ([]byte, []int) {
-	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{3}
+	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{5}
 }
 
 type ListSitesResponse struct {
@@ -200,7 +313,7 @@ type ListSitesResponse struct {
 
 func (x *ListSitesResponse) Reset() {
 	*x = ListSitesResponse{}
-	mi := &file_meshfed_v1_admin_proto_msgTypes[4]
+	mi := &file_meshfed_v1_admin_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -212,7 +325,7 @@ func (x *ListSitesResponse) String() string {
 func (*ListSitesResponse) ProtoMessage() {}
 
 func (x *ListSitesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meshfed_v1_admin_proto_msgTypes[4]
+	mi := &file_meshfed_v1_admin_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -225,7 +338,7 @@ func (x *ListSitesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListSitesResponse.ProtoReflect.Descriptor instead.
 func (*ListSitesResponse) Descriptor() ([]byte, []int) {
-	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{4}
+	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *ListSitesResponse) GetSites() []*SiteStatus {
@@ -244,7 +357,7 @@ type GetSiteRequest struct {
 
 func (x *GetSiteRequest) Reset() {
 	*x = GetSiteRequest{}
-	mi := &file_meshfed_v1_admin_proto_msgTypes[5]
+	mi := &file_meshfed_v1_admin_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -256,7 +369,7 @@ func (x *GetSiteRequest) String() string {
 func (*GetSiteRequest) ProtoMessage() {}
 
 func (x *GetSiteRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meshfed_v1_admin_proto_msgTypes[5]
+	mi := &file_meshfed_v1_admin_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -269,7 +382,7 @@ func (x *GetSiteRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetSiteRequest.ProtoReflect.Descriptor instead.
 func (*GetSiteRequest) Descriptor() ([]byte, []int) {
-	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{5}
+	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *GetSiteRequest) GetName() string {
@@ -288,7 +401,7 @@ type RemoveSiteRequest struct {
 
 func (x *RemoveSiteRequest) Reset() {
 	*x = RemoveSiteRequest{}
-	mi := &file_meshfed_v1_admin_proto_msgTypes[6]
+	mi := &file_meshfed_v1_admin_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -300,7 +413,7 @@ func (x *RemoveSiteRequest) String() string {
 func (*RemoveSiteRequest) ProtoMessage() {}
 
 func (x *RemoveSiteRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meshfed_v1_admin_proto_msgTypes[6]
+	mi := &file_meshfed_v1_admin_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -313,7 +426,7 @@ func (x *RemoveSiteRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveSiteRequest.ProtoReflect.Descriptor instead.
 func (*RemoveSiteRequest) Descriptor() ([]byte, []int) {
-	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{6}
+	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *RemoveSiteRequest) GetName() string {
@@ -332,7 +445,7 @@ type RemoveSiteResponse struct {
 
 func (x *RemoveSiteResponse) Reset() {
 	*x = RemoveSiteResponse{}
-	mi := &file_meshfed_v1_admin_proto_msgTypes[7]
+	mi := &file_meshfed_v1_admin_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -344,7 +457,7 @@ func (x *RemoveSiteResponse) String() string {
 func (*RemoveSiteResponse) ProtoMessage() {}
 
 func (x *RemoveSiteResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meshfed_v1_admin_proto_msgTypes[7]
+	mi := &file_meshfed_v1_admin_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -357,7 +470,7 @@ func (x *RemoveSiteResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveSiteResponse.ProtoReflect.Descriptor instead.
 func (*RemoveSiteResponse) Descriptor() ([]byte, []int) {
-	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{7}
+	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *RemoveSiteResponse) GetServicesRemoved() uint32 {
@@ -380,7 +493,7 @@ type CreateTokenRequest struct {
 
 func (x *CreateTokenRequest) Reset() {
 	*x = CreateTokenRequest{}
-	mi := &file_meshfed_v1_admin_proto_msgTypes[8]
+	mi := &file_meshfed_v1_admin_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -392,7 +505,7 @@ func (x *CreateTokenRequest) String() string {
 func (*CreateTokenRequest) ProtoMessage() {}
 
 func (x *CreateTokenRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meshfed_v1_admin_proto_msgTypes[8]
+	mi := &file_meshfed_v1_admin_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -405,7 +518,7 @@ func (x *CreateTokenRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateTokenRequest.ProtoReflect.Descriptor instead.
 func (*CreateTokenRequest) Descriptor() ([]byte, []int) {
-	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{8}
+	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *CreateTokenRequest) GetSite() string {
@@ -439,7 +552,7 @@ type CreateTokenResponse struct {
 
 func (x *CreateTokenResponse) Reset() {
 	*x = CreateTokenResponse{}
-	mi := &file_meshfed_v1_admin_proto_msgTypes[9]
+	mi := &file_meshfed_v1_admin_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -451,7 +564,7 @@ func (x *CreateTokenResponse) String() string {
 func (*CreateTokenResponse) ProtoMessage() {}
 
 func (x *CreateTokenResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meshfed_v1_admin_proto_msgTypes[9]
+	mi := &file_meshfed_v1_admin_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -464,7 +577,7 @@ func (x *CreateTokenResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateTokenResponse.ProtoReflect.Descriptor instead.
 func (*CreateTokenResponse) Descriptor() ([]byte, []int) {
-	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{9}
+	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *CreateTokenResponse) GetToken() string {
@@ -489,7 +602,7 @@ type ListServicesRequest struct {
 
 func (x *ListServicesRequest) Reset() {
 	*x = ListServicesRequest{}
-	mi := &file_meshfed_v1_admin_proto_msgTypes[10]
+	mi := &file_meshfed_v1_admin_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -501,7 +614,7 @@ func (x *ListServicesRequest) String() string {
 func (*ListServicesRequest) ProtoMessage() {}
 
 func (x *ListServicesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meshfed_v1_admin_proto_msgTypes[10]
+	mi := &file_meshfed_v1_admin_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -514,7 +627,7 @@ func (x *ListServicesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListServicesRequest.ProtoReflect.Descriptor instead.
 func (*ListServicesRequest) Descriptor() ([]byte, []int) {
-	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{10}
+	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{12}
 }
 
 type ListServicesResponse struct {
@@ -526,7 +639,7 @@ type ListServicesResponse struct {
 
 func (x *ListServicesResponse) Reset() {
 	*x = ListServicesResponse{}
-	mi := &file_meshfed_v1_admin_proto_msgTypes[11]
+	mi := &file_meshfed_v1_admin_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -538,7 +651,7 @@ func (x *ListServicesResponse) String() string {
 func (*ListServicesResponse) ProtoMessage() {}
 
 func (x *ListServicesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meshfed_v1_admin_proto_msgTypes[11]
+	mi := &file_meshfed_v1_admin_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -551,7 +664,7 @@ func (x *ListServicesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListServicesResponse.ProtoReflect.Descriptor instead.
 func (*ListServicesResponse) Descriptor() ([]byte, []int) {
-	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{11}
+	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *ListServicesResponse) GetServices() []*Service {
@@ -571,7 +684,7 @@ type GetServiceRequest struct {
 
 func (x *GetServiceRequest) Reset() {
 	*x = GetServiceRequest{}
-	mi := &file_meshfed_v1_admin_proto_msgTypes[12]
+	mi := &file_meshfed_v1_admin_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -583,7 +696,7 @@ func (x *GetServiceRequest) String() string {
 func (*GetServiceRequest) ProtoMessage() {}
 
 func (x *GetServiceRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meshfed_v1_admin_proto_msgTypes[12]
+	mi := &file_meshfed_v1_admin_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -596,7 +709,7 @@ func (x *GetServiceRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetServiceRequest.ProtoReflect.Descriptor instead.
 func (*GetServiceRequest) Descriptor() ([]byte, []int) {
-	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{12}
+	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *GetServiceRequest) GetNamespace() string {
@@ -624,7 +737,7 @@ type GetServiceResponse struct {
 
 func (x *GetServiceResponse) Reset() {
 	*x = GetServiceResponse{}
-	mi := &file_meshfed_v1_admin_proto_msgTypes[13]
+	mi := &file_meshfed_v1_admin_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -636,7 +749,7 @@ func (x *GetServiceResponse) String() string {
 func (*GetServiceResponse) ProtoMessage() {}
 
 func (x *GetServiceResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meshfed_v1_admin_proto_msgTypes[13]
+	mi := &file_meshfed_v1_admin_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -649,7 +762,7 @@ func (x *GetServiceResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetServiceResponse.ProtoReflect.Descriptor instead.
 func (*GetServiceResponse) Descriptor() ([]byte, []int) {
-	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{13}
+	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *GetServiceResponse) GetServices() []*Service {
@@ -674,7 +787,7 @@ type ListBundlesRequest struct {
 
 func (x *ListBundlesRequest) Reset() {
 	*x = ListBundlesRequest{}
-	mi := &file_meshfed_v1_admin_proto_msgTypes[14]
+	mi := &file_meshfed_v1_admin_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -686,7 +799,7 @@ func (x *ListBundlesRequest) String() string {
 func (*ListBundlesRequest) ProtoMessage() {}
 
 func (x *ListBundlesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meshfed_v1_admin_proto_msgTypes[14]
+	mi := &file_meshfed_v1_admin_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -699,7 +812,7 @@ func (x *ListBundlesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListBundlesRequest.ProtoReflect.Descriptor instead.
 func (*ListBundlesRequest) Descriptor() ([]byte, []int) {
-	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{14}
+	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{16}
 }
 
 type ListBundlesResponse struct {
@@ -714,7 +827,7 @@ type ListBundlesResponse struct {
 
 func (x *ListBundlesResponse) Reset() {
 	*x = ListBundlesResponse{}
-	mi := &file_meshfed_v1_admin_proto_msgTypes[15]
+	mi := &file_meshfed_v1_admin_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -726,7 +839,7 @@ func (x *ListBundlesResponse) String() string {
 func (*ListBundlesResponse) ProtoMessage() {}
 
 func (x *ListBundlesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meshfed_v1_admin_proto_msgTypes[15]
+	mi := &file_meshfed_v1_admin_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -739,7 +852,7 @@ func (x *ListBundlesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListBundlesResponse.ProtoReflect.Descriptor instead.
 func (*ListBundlesResponse) Descriptor() ([]byte, []int) {
-	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{15}
+	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *ListBundlesResponse) GetBundles() []*Bundle {
@@ -772,7 +885,7 @@ type FederateRequest struct {
 
 func (x *FederateRequest) Reset() {
 	*x = FederateRequest{}
-	mi := &file_meshfed_v1_admin_proto_msgTypes[16]
+	mi := &file_meshfed_v1_admin_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -784,7 +897,7 @@ func (x *FederateRequest) String() string {
 func (*FederateRequest) ProtoMessage() {}
 
 func (x *FederateRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meshfed_v1_admin_proto_msgTypes[16]
+	mi := &file_meshfed_v1_admin_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -797,7 +910,7 @@ func (x *FederateRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FederateRequest.ProtoReflect.Descriptor instead.
 func (*FederateRequest) Descriptor() ([]byte, []int) {
-	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{16}
+	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *FederateRequest) GetTrustDomain() string {
@@ -837,7 +950,7 @@ type FederateResponse struct {
 
 func (x *FederateResponse) Reset() {
 	*x = FederateResponse{}
-	mi := &file_meshfed_v1_admin_proto_msgTypes[17]
+	mi := &file_meshfed_v1_admin_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -849,7 +962,7 @@ func (x *FederateResponse) String() string {
 func (*FederateResponse) ProtoMessage() {}
 
 func (x *FederateResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meshfed_v1_admin_proto_msgTypes[17]
+	mi := &file_meshfed_v1_admin_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -862,7 +975,7 @@ func (x *FederateResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FederateResponse.ProtoReflect.Descriptor instead.
 func (*FederateResponse) Descriptor() ([]byte, []int) {
-	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{17}
+	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *FederateResponse) GetBundle() *Bundle {
@@ -881,7 +994,7 @@ type ApplyPolicyRequest struct {
 
 func (x *ApplyPolicyRequest) Reset() {
 	*x = ApplyPolicyRequest{}
-	mi := &file_meshfed_v1_admin_proto_msgTypes[18]
+	mi := &file_meshfed_v1_admin_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -893,7 +1006,7 @@ func (x *ApplyPolicyRequest) String() string {
 func (*ApplyPolicyRequest) ProtoMessage() {}
 
 func (x *ApplyPolicyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meshfed_v1_admin_proto_msgTypes[18]
+	mi := &file_meshfed_v1_admin_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -906,7 +1019,7 @@ func (x *ApplyPolicyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApplyPolicyRequest.ProtoReflect.Descriptor instead.
 func (*ApplyPolicyRequest) Descriptor() ([]byte, []int) {
-	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{18}
+	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *ApplyPolicyRequest) GetPolicy() *TrafficPolicy {
@@ -927,7 +1040,7 @@ type ListPoliciesRequest struct {
 
 func (x *ListPoliciesRequest) Reset() {
 	*x = ListPoliciesRequest{}
-	mi := &file_meshfed_v1_admin_proto_msgTypes[19]
+	mi := &file_meshfed_v1_admin_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -939,7 +1052,7 @@ func (x *ListPoliciesRequest) String() string {
 func (*ListPoliciesRequest) ProtoMessage() {}
 
 func (x *ListPoliciesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meshfed_v1_admin_proto_msgTypes[19]
+	mi := &file_meshfed_v1_admin_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -952,7 +1065,7 @@ func (x *ListPoliciesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListPoliciesRequest.ProtoReflect.Descriptor instead.
 func (*ListPoliciesRequest) Descriptor() ([]byte, []int) {
-	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{19}
+	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *ListPoliciesRequest) GetNamespace() string {
@@ -978,7 +1091,7 @@ type ListPoliciesResponse struct {
 
 func (x *ListPoliciesResponse) Reset() {
 	*x = ListPoliciesResponse{}
-	mi := &file_meshfed_v1_admin_proto_msgTypes[20]
+	mi := &file_meshfed_v1_admin_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -990,7 +1103,7 @@ func (x *ListPoliciesResponse) String() string {
 func (*ListPoliciesResponse) ProtoMessage() {}
 
 func (x *ListPoliciesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meshfed_v1_admin_proto_msgTypes[20]
+	mi := &file_meshfed_v1_admin_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1003,7 +1116,7 @@ func (x *ListPoliciesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListPoliciesResponse.ProtoReflect.Descriptor instead.
 func (*ListPoliciesResponse) Descriptor() ([]byte, []int) {
-	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{20}
+	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *ListPoliciesResponse) GetPolicies() []*TrafficPolicy {
@@ -1023,7 +1136,7 @@ type DeletePolicyRequest struct {
 
 func (x *DeletePolicyRequest) Reset() {
 	*x = DeletePolicyRequest{}
-	mi := &file_meshfed_v1_admin_proto_msgTypes[21]
+	mi := &file_meshfed_v1_admin_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1035,7 +1148,7 @@ func (x *DeletePolicyRequest) String() string {
 func (*DeletePolicyRequest) ProtoMessage() {}
 
 func (x *DeletePolicyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meshfed_v1_admin_proto_msgTypes[21]
+	mi := &file_meshfed_v1_admin_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1048,7 +1161,7 @@ func (x *DeletePolicyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeletePolicyRequest.ProtoReflect.Descriptor instead.
 func (*DeletePolicyRequest) Descriptor() ([]byte, []int) {
-	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{21}
+	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *DeletePolicyRequest) GetNamespace() string {
@@ -1073,7 +1186,7 @@ type DeletePolicyResponse struct {
 
 func (x *DeletePolicyResponse) Reset() {
 	*x = DeletePolicyResponse{}
-	mi := &file_meshfed_v1_admin_proto_msgTypes[22]
+	mi := &file_meshfed_v1_admin_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1085,7 +1198,7 @@ func (x *DeletePolicyResponse) String() string {
 func (*DeletePolicyResponse) ProtoMessage() {}
 
 func (x *DeletePolicyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meshfed_v1_admin_proto_msgTypes[22]
+	mi := &file_meshfed_v1_admin_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1098,7 +1211,7 @@ func (x *DeletePolicyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeletePolicyResponse.ProtoReflect.Descriptor instead.
 func (*DeletePolicyResponse) Descriptor() ([]byte, []int) {
-	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{22}
+	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{24}
 }
 
 type RotateGossipKeyRequest struct {
@@ -1111,7 +1224,7 @@ type RotateGossipKeyRequest struct {
 
 func (x *RotateGossipKeyRequest) Reset() {
 	*x = RotateGossipKeyRequest{}
-	mi := &file_meshfed_v1_admin_proto_msgTypes[23]
+	mi := &file_meshfed_v1_admin_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1123,7 +1236,7 @@ func (x *RotateGossipKeyRequest) String() string {
 func (*RotateGossipKeyRequest) ProtoMessage() {}
 
 func (x *RotateGossipKeyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_meshfed_v1_admin_proto_msgTypes[23]
+	mi := &file_meshfed_v1_admin_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1136,7 +1249,7 @@ func (x *RotateGossipKeyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateGossipKeyRequest.ProtoReflect.Descriptor instead.
 func (*RotateGossipKeyRequest) Descriptor() ([]byte, []int) {
-	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{23}
+	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *RotateGossipKeyRequest) GetDelay() *durationpb.Duration {
@@ -1156,7 +1269,7 @@ type RotateGossipKeyResponse struct {
 
 func (x *RotateGossipKeyResponse) Reset() {
 	*x = RotateGossipKeyResponse{}
-	mi := &file_meshfed_v1_admin_proto_msgTypes[24]
+	mi := &file_meshfed_v1_admin_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1168,7 +1281,7 @@ func (x *RotateGossipKeyResponse) String() string {
 func (*RotateGossipKeyResponse) ProtoMessage() {}
 
 func (x *RotateGossipKeyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_meshfed_v1_admin_proto_msgTypes[24]
+	mi := &file_meshfed_v1_admin_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1181,7 +1294,7 @@ func (x *RotateGossipKeyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateGossipKeyResponse.ProtoReflect.Descriptor instead.
 func (*RotateGossipKeyResponse) Descriptor() ([]byte, []int) {
-	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{24}
+	return file_meshfed_v1_admin_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *RotateGossipKeyResponse) GetKeys() uint32 {
@@ -1203,7 +1316,15 @@ var File_meshfed_v1_admin_proto protoreflect.FileDescriptor
 const file_meshfed_v1_admin_proto_rawDesc = "" +
 	"\n" +
 	"\x16meshfed/v1/admin.proto\x12\n" +
-	"meshfed.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18meshfed/v1/catalog.proto\"%\n" +
+	"meshfed.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18meshfed/v1/catalog.proto\";\n" +
+	"\x11RemoveNodeRequest\x12\x12\n" +
+	"\x04site\x18\x01 \x01(\tR\x04site\x12\x12\n" +
+	"\x04node\x18\x02 \x01(\tR\x04node\"w\n" +
+	"\x12RemoveNodeResponse\x12\x12\n" +
+	"\x04site\x18\x01 \x01(\tR\x04site\x12\x12\n" +
+	"\x04node\x18\x02 \x01(\tR\x04node\x129\n" +
+	"\n" +
+	"revoked_at\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\trevokedAt\"%\n" +
 	"\x0fRotateCARequest\x12\x12\n" +
 	"\x04site\x18\x01 \x01(\tR\x04site\"2\n" +
 	"\x10RotateCAResponse\x12\x1e\n" +
@@ -1263,7 +1384,7 @@ const file_meshfed_v1_admin_proto_rawDesc = "" +
 	"\x05delay\x18\x01 \x01(\v2\x19.google.protobuf.DurationR\x05delay\"s\n" +
 	"\x17RotateGossipKeyResponse\x12\x12\n" +
 	"\x04keys\x18\x01 \x01(\rR\x04keys\x12D\n" +
-	"\x10use_newest_after\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\x0euseNewestAfter2\xb6\b\n" +
+	"\x10use_newest_after\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\x0euseNewestAfter2\x83\t\n" +
 	"\x05Admin\x12=\n" +
 	"\aAddSite\x12\x1a.meshfed.v1.AddSiteRequest\x1a\x16.meshfed.v1.SiteStatus\x12H\n" +
 	"\tListSites\x12\x1c.meshfed.v1.ListSitesRequest\x1a\x1d.meshfed.v1.ListSitesResponse\x12=\n" +
@@ -1280,7 +1401,9 @@ const file_meshfed_v1_admin_proto_rawDesc = "" +
 	"\vApplyPolicy\x12\x1e.meshfed.v1.ApplyPolicyRequest\x1a\x19.meshfed.v1.TrafficPolicy\x12Q\n" +
 	"\fListPolicies\x12\x1f.meshfed.v1.ListPoliciesRequest\x1a .meshfed.v1.ListPoliciesResponse\x12Q\n" +
 	"\fDeletePolicy\x12\x1f.meshfed.v1.DeletePolicyRequest\x1a .meshfed.v1.DeletePolicyResponse\x12Z\n" +
-	"\x0fRotateGossipKey\x12\".meshfed.v1.RotateGossipKeyRequest\x1a#.meshfed.v1.RotateGossipKeyResponseB5Z3github.com/meshfed/meshfed/api/meshfed/v1;meshfedv1b\x06proto3"
+	"\x0fRotateGossipKey\x12\".meshfed.v1.RotateGossipKeyRequest\x1a#.meshfed.v1.RotateGossipKeyResponse\x12K\n" +
+	"\n" +
+	"RemoveNode\x12\x1d.meshfed.v1.RemoveNodeRequest\x1a\x1e.meshfed.v1.RemoveNodeResponseB5Z3github.com/meshfed/meshfed/api/meshfed/v1;meshfedv1b\x06proto3"
 
 var (
 	file_meshfed_v1_admin_proto_rawDescOnce sync.Once
@@ -1294,89 +1417,94 @@ func file_meshfed_v1_admin_proto_rawDescGZIP() []byte {
 	return file_meshfed_v1_admin_proto_rawDescData
 }
 
-var file_meshfed_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 25)
+var file_meshfed_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 27)
 var file_meshfed_v1_admin_proto_goTypes = []any{
-	(*RotateCARequest)(nil),         // 0: meshfed.v1.RotateCARequest
-	(*RotateCAResponse)(nil),        // 1: meshfed.v1.RotateCAResponse
-	(*AddSiteRequest)(nil),          // 2: meshfed.v1.AddSiteRequest
-	(*ListSitesRequest)(nil),        // 3: meshfed.v1.ListSitesRequest
-	(*ListSitesResponse)(nil),       // 4: meshfed.v1.ListSitesResponse
-	(*GetSiteRequest)(nil),          // 5: meshfed.v1.GetSiteRequest
-	(*RemoveSiteRequest)(nil),       // 6: meshfed.v1.RemoveSiteRequest
-	(*RemoveSiteResponse)(nil),      // 7: meshfed.v1.RemoveSiteResponse
-	(*CreateTokenRequest)(nil),      // 8: meshfed.v1.CreateTokenRequest
-	(*CreateTokenResponse)(nil),     // 9: meshfed.v1.CreateTokenResponse
-	(*ListServicesRequest)(nil),     // 10: meshfed.v1.ListServicesRequest
-	(*ListServicesResponse)(nil),    // 11: meshfed.v1.ListServicesResponse
-	(*GetServiceRequest)(nil),       // 12: meshfed.v1.GetServiceRequest
-	(*GetServiceResponse)(nil),      // 13: meshfed.v1.GetServiceResponse
-	(*ListBundlesRequest)(nil),      // 14: meshfed.v1.ListBundlesRequest
-	(*ListBundlesResponse)(nil),     // 15: meshfed.v1.ListBundlesResponse
-	(*FederateRequest)(nil),         // 16: meshfed.v1.FederateRequest
-	(*FederateResponse)(nil),        // 17: meshfed.v1.FederateResponse
-	(*ApplyPolicyRequest)(nil),      // 18: meshfed.v1.ApplyPolicyRequest
-	(*ListPoliciesRequest)(nil),     // 19: meshfed.v1.ListPoliciesRequest
-	(*ListPoliciesResponse)(nil),    // 20: meshfed.v1.ListPoliciesResponse
-	(*DeletePolicyRequest)(nil),     // 21: meshfed.v1.DeletePolicyRequest
-	(*DeletePolicyResponse)(nil),    // 22: meshfed.v1.DeletePolicyResponse
-	(*RotateGossipKeyRequest)(nil),  // 23: meshfed.v1.RotateGossipKeyRequest
-	(*RotateGossipKeyResponse)(nil), // 24: meshfed.v1.RotateGossipKeyResponse
-	(*Site)(nil),                    // 25: meshfed.v1.Site
-	(*SiteStatus)(nil),              // 26: meshfed.v1.SiteStatus
-	(*durationpb.Duration)(nil),     // 27: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil),   // 28: google.protobuf.Timestamp
-	(*Service)(nil),                 // 29: meshfed.v1.Service
-	(*Bundle)(nil),                  // 30: meshfed.v1.Bundle
-	(*TrafficPolicy)(nil),           // 31: meshfed.v1.TrafficPolicy
+	(*RemoveNodeRequest)(nil),       // 0: meshfed.v1.RemoveNodeRequest
+	(*RemoveNodeResponse)(nil),      // 1: meshfed.v1.RemoveNodeResponse
+	(*RotateCARequest)(nil),         // 2: meshfed.v1.RotateCARequest
+	(*RotateCAResponse)(nil),        // 3: meshfed.v1.RotateCAResponse
+	(*AddSiteRequest)(nil),          // 4: meshfed.v1.AddSiteRequest
+	(*ListSitesRequest)(nil),        // 5: meshfed.v1.ListSitesRequest
+	(*ListSitesResponse)(nil),       // 6: meshfed.v1.ListSitesResponse
+	(*GetSiteRequest)(nil),          // 7: meshfed.v1.GetSiteRequest
+	(*RemoveSiteRequest)(nil),       // 8: meshfed.v1.RemoveSiteRequest
+	(*RemoveSiteResponse)(nil),      // 9: meshfed.v1.RemoveSiteResponse
+	(*CreateTokenRequest)(nil),      // 10: meshfed.v1.CreateTokenRequest
+	(*CreateTokenResponse)(nil),     // 11: meshfed.v1.CreateTokenResponse
+	(*ListServicesRequest)(nil),     // 12: meshfed.v1.ListServicesRequest
+	(*ListServicesResponse)(nil),    // 13: meshfed.v1.ListServicesResponse
+	(*GetServiceRequest)(nil),       // 14: meshfed.v1.GetServiceRequest
+	(*GetServiceResponse)(nil),      // 15: meshfed.v1.GetServiceResponse
+	(*ListBundlesRequest)(nil),      // 16: meshfed.v1.ListBundlesRequest
+	(*ListBundlesResponse)(nil),     // 17: meshfed.v1.ListBundlesResponse
+	(*FederateRequest)(nil),         // 18: meshfed.v1.FederateRequest
+	(*FederateResponse)(nil),        // 19: meshfed.v1.FederateResponse
+	(*ApplyPolicyRequest)(nil),      // 20: meshfed.v1.ApplyPolicyRequest
+	(*ListPoliciesRequest)(nil),     // 21: meshfed.v1.ListPoliciesRequest
+	(*ListPoliciesResponse)(nil),    // 22: meshfed.v1.ListPoliciesResponse
+	(*DeletePolicyRequest)(nil),     // 23: meshfed.v1.DeletePolicyRequest
+	(*DeletePolicyResponse)(nil),    // 24: meshfed.v1.DeletePolicyResponse
+	(*RotateGossipKeyRequest)(nil),  // 25: meshfed.v1.RotateGossipKeyRequest
+	(*RotateGossipKeyResponse)(nil), // 26: meshfed.v1.RotateGossipKeyResponse
+	(*timestamppb.Timestamp)(nil),   // 27: google.protobuf.Timestamp
+	(*Site)(nil),                    // 28: meshfed.v1.Site
+	(*SiteStatus)(nil),              // 29: meshfed.v1.SiteStatus
+	(*durationpb.Duration)(nil),     // 30: google.protobuf.Duration
+	(*Service)(nil),                 // 31: meshfed.v1.Service
+	(*Bundle)(nil),                  // 32: meshfed.v1.Bundle
+	(*TrafficPolicy)(nil),           // 33: meshfed.v1.TrafficPolicy
 }
 var file_meshfed_v1_admin_proto_depIdxs = []int32{
-	25, // 0: meshfed.v1.AddSiteRequest.site:type_name -> meshfed.v1.Site
-	26, // 1: meshfed.v1.ListSitesResponse.sites:type_name -> meshfed.v1.SiteStatus
-	27, // 2: meshfed.v1.CreateTokenRequest.ttl:type_name -> google.protobuf.Duration
-	28, // 3: meshfed.v1.CreateTokenResponse.expires:type_name -> google.protobuf.Timestamp
-	29, // 4: meshfed.v1.ListServicesResponse.services:type_name -> meshfed.v1.Service
-	29, // 5: meshfed.v1.GetServiceResponse.services:type_name -> meshfed.v1.Service
-	25, // 6: meshfed.v1.GetServiceResponse.sites:type_name -> meshfed.v1.Site
-	30, // 7: meshfed.v1.ListBundlesResponse.bundles:type_name -> meshfed.v1.Bundle
-	30, // 8: meshfed.v1.ListBundlesResponse.federation_bundle:type_name -> meshfed.v1.Bundle
-	30, // 9: meshfed.v1.FederateResponse.bundle:type_name -> meshfed.v1.Bundle
-	31, // 10: meshfed.v1.ApplyPolicyRequest.policy:type_name -> meshfed.v1.TrafficPolicy
-	31, // 11: meshfed.v1.ListPoliciesResponse.policies:type_name -> meshfed.v1.TrafficPolicy
-	27, // 12: meshfed.v1.RotateGossipKeyRequest.delay:type_name -> google.protobuf.Duration
-	28, // 13: meshfed.v1.RotateGossipKeyResponse.use_newest_after:type_name -> google.protobuf.Timestamp
-	2,  // 14: meshfed.v1.Admin.AddSite:input_type -> meshfed.v1.AddSiteRequest
-	3,  // 15: meshfed.v1.Admin.ListSites:input_type -> meshfed.v1.ListSitesRequest
-	5,  // 16: meshfed.v1.Admin.GetSite:input_type -> meshfed.v1.GetSiteRequest
-	6,  // 17: meshfed.v1.Admin.RemoveSite:input_type -> meshfed.v1.RemoveSiteRequest
-	8,  // 18: meshfed.v1.Admin.CreateToken:input_type -> meshfed.v1.CreateTokenRequest
-	10, // 19: meshfed.v1.Admin.ListServices:input_type -> meshfed.v1.ListServicesRequest
-	12, // 20: meshfed.v1.Admin.GetService:input_type -> meshfed.v1.GetServiceRequest
-	14, // 21: meshfed.v1.Admin.ListBundles:input_type -> meshfed.v1.ListBundlesRequest
-	16, // 22: meshfed.v1.Admin.Federate:input_type -> meshfed.v1.FederateRequest
-	0,  // 23: meshfed.v1.Admin.RotateCA:input_type -> meshfed.v1.RotateCARequest
-	18, // 24: meshfed.v1.Admin.ApplyPolicy:input_type -> meshfed.v1.ApplyPolicyRequest
-	19, // 25: meshfed.v1.Admin.ListPolicies:input_type -> meshfed.v1.ListPoliciesRequest
-	21, // 26: meshfed.v1.Admin.DeletePolicy:input_type -> meshfed.v1.DeletePolicyRequest
-	23, // 27: meshfed.v1.Admin.RotateGossipKey:input_type -> meshfed.v1.RotateGossipKeyRequest
-	26, // 28: meshfed.v1.Admin.AddSite:output_type -> meshfed.v1.SiteStatus
-	4,  // 29: meshfed.v1.Admin.ListSites:output_type -> meshfed.v1.ListSitesResponse
-	26, // 30: meshfed.v1.Admin.GetSite:output_type -> meshfed.v1.SiteStatus
-	7,  // 31: meshfed.v1.Admin.RemoveSite:output_type -> meshfed.v1.RemoveSiteResponse
-	9,  // 32: meshfed.v1.Admin.CreateToken:output_type -> meshfed.v1.CreateTokenResponse
-	11, // 33: meshfed.v1.Admin.ListServices:output_type -> meshfed.v1.ListServicesResponse
-	13, // 34: meshfed.v1.Admin.GetService:output_type -> meshfed.v1.GetServiceResponse
-	15, // 35: meshfed.v1.Admin.ListBundles:output_type -> meshfed.v1.ListBundlesResponse
-	17, // 36: meshfed.v1.Admin.Federate:output_type -> meshfed.v1.FederateResponse
-	1,  // 37: meshfed.v1.Admin.RotateCA:output_type -> meshfed.v1.RotateCAResponse
-	31, // 38: meshfed.v1.Admin.ApplyPolicy:output_type -> meshfed.v1.TrafficPolicy
-	20, // 39: meshfed.v1.Admin.ListPolicies:output_type -> meshfed.v1.ListPoliciesResponse
-	22, // 40: meshfed.v1.Admin.DeletePolicy:output_type -> meshfed.v1.DeletePolicyResponse
-	24, // 41: meshfed.v1.Admin.RotateGossipKey:output_type -> meshfed.v1.RotateGossipKeyResponse
-	28, // [28:42] is the sub-list for method output_type
-	14, // [14:28] is the sub-list for method input_type
-	14, // [14:14] is the sub-list for extension type_name
-	14, // [14:14] is the sub-list for extension extendee
-	0,  // [0:14] is the sub-list for field type_name
+	27, // 0: meshfed.v1.RemoveNodeResponse.revoked_at:type_name -> google.protobuf.Timestamp
+	28, // 1: meshfed.v1.AddSiteRequest.site:type_name -> meshfed.v1.Site
+	29, // 2: meshfed.v1.ListSitesResponse.sites:type_name -> meshfed.v1.SiteStatus
+	30, // 3: meshfed.v1.CreateTokenRequest.ttl:type_name -> google.protobuf.Duration
+	27, // 4: meshfed.v1.CreateTokenResponse.expires:type_name -> google.protobuf.Timestamp
+	31, // 5: meshfed.v1.ListServicesResponse.services:type_name -> meshfed.v1.Service
+	31, // 6: meshfed.v1.GetServiceResponse.services:type_name -> meshfed.v1.Service
+	28, // 7: meshfed.v1.GetServiceResponse.sites:type_name -> meshfed.v1.Site
+	32, // 8: meshfed.v1.ListBundlesResponse.bundles:type_name -> meshfed.v1.Bundle
+	32, // 9: meshfed.v1.ListBundlesResponse.federation_bundle:type_name -> meshfed.v1.Bundle
+	32, // 10: meshfed.v1.FederateResponse.bundle:type_name -> meshfed.v1.Bundle
+	33, // 11: meshfed.v1.ApplyPolicyRequest.policy:type_name -> meshfed.v1.TrafficPolicy
+	33, // 12: meshfed.v1.ListPoliciesResponse.policies:type_name -> meshfed.v1.TrafficPolicy
+	30, // 13: meshfed.v1.RotateGossipKeyRequest.delay:type_name -> google.protobuf.Duration
+	27, // 14: meshfed.v1.RotateGossipKeyResponse.use_newest_after:type_name -> google.protobuf.Timestamp
+	4,  // 15: meshfed.v1.Admin.AddSite:input_type -> meshfed.v1.AddSiteRequest
+	5,  // 16: meshfed.v1.Admin.ListSites:input_type -> meshfed.v1.ListSitesRequest
+	7,  // 17: meshfed.v1.Admin.GetSite:input_type -> meshfed.v1.GetSiteRequest
+	8,  // 18: meshfed.v1.Admin.RemoveSite:input_type -> meshfed.v1.RemoveSiteRequest
+	10, // 19: meshfed.v1.Admin.CreateToken:input_type -> meshfed.v1.CreateTokenRequest
+	12, // 20: meshfed.v1.Admin.ListServices:input_type -> meshfed.v1.ListServicesRequest
+	14, // 21: meshfed.v1.Admin.GetService:input_type -> meshfed.v1.GetServiceRequest
+	16, // 22: meshfed.v1.Admin.ListBundles:input_type -> meshfed.v1.ListBundlesRequest
+	18, // 23: meshfed.v1.Admin.Federate:input_type -> meshfed.v1.FederateRequest
+	2,  // 24: meshfed.v1.Admin.RotateCA:input_type -> meshfed.v1.RotateCARequest
+	20, // 25: meshfed.v1.Admin.ApplyPolicy:input_type -> meshfed.v1.ApplyPolicyRequest
+	21, // 26: meshfed.v1.Admin.ListPolicies:input_type -> meshfed.v1.ListPoliciesRequest
+	23, // 27: meshfed.v1.Admin.DeletePolicy:input_type -> meshfed.v1.DeletePolicyRequest
+	25, // 28: meshfed.v1.Admin.RotateGossipKey:input_type -> meshfed.v1.RotateGossipKeyRequest
+	0,  // 29: meshfed.v1.Admin.RemoveNode:input_type -> meshfed.v1.RemoveNodeRequest
+	29, // 30: meshfed.v1.Admin.AddSite:output_type -> meshfed.v1.SiteStatus
+	6,  // 31: meshfed.v1.Admin.ListSites:output_type -> meshfed.v1.ListSitesResponse
+	29, // 32: meshfed.v1.Admin.GetSite:output_type -> meshfed.v1.SiteStatus
+	9,  // 33: meshfed.v1.Admin.RemoveSite:output_type -> meshfed.v1.RemoveSiteResponse
+	11, // 34: meshfed.v1.Admin.CreateToken:output_type -> meshfed.v1.CreateTokenResponse
+	13, // 35: meshfed.v1.Admin.ListServices:output_type -> meshfed.v1.ListServicesResponse
+	15, // 36: meshfed.v1.Admin.GetService:output_type -> meshfed.v1.GetServiceResponse
+	17, // 37: meshfed.v1.Admin.ListBundles:output_type -> meshfed.v1.ListBundlesResponse
+	19, // 38: meshfed.v1.Admin.Federate:output_type -> meshfed.v1.FederateResponse
+	3,  // 39: meshfed.v1.Admin.RotateCA:output_type -> meshfed.v1.RotateCAResponse
+	33, // 40: meshfed.v1.Admin.ApplyPolicy:output_type -> meshfed.v1.TrafficPolicy
+	22, // 41: meshfed.v1.Admin.ListPolicies:output_type -> meshfed.v1.ListPoliciesResponse
+	24, // 42: meshfed.v1.Admin.DeletePolicy:output_type -> meshfed.v1.DeletePolicyResponse
+	26, // 43: meshfed.v1.Admin.RotateGossipKey:output_type -> meshfed.v1.RotateGossipKeyResponse
+	1,  // 44: meshfed.v1.Admin.RemoveNode:output_type -> meshfed.v1.RemoveNodeResponse
+	30, // [30:45] is the sub-list for method output_type
+	15, // [15:30] is the sub-list for method input_type
+	15, // [15:15] is the sub-list for extension type_name
+	15, // [15:15] is the sub-list for extension extendee
+	0,  // [0:15] is the sub-list for field type_name
 }
 
 func init() { file_meshfed_v1_admin_proto_init() }
@@ -1391,7 +1519,7 @@ func file_meshfed_v1_admin_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_meshfed_v1_admin_proto_rawDesc), len(file_meshfed_v1_admin_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   25,
+			NumMessages:   27,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

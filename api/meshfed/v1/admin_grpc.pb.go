@@ -33,6 +33,7 @@ const (
 	Admin_ListPolicies_FullMethodName    = "/meshfed.v1.Admin/ListPolicies"
 	Admin_DeletePolicy_FullMethodName    = "/meshfed.v1.Admin/DeletePolicy"
 	Admin_RotateGossipKey_FullMethodName = "/meshfed.v1.Admin/RotateGossipKey"
+	Admin_RemoveNode_FullMethodName      = "/meshfed.v1.Admin/RemoveNode"
 )
 
 // AdminClient is the client API for Admin service.
@@ -58,6 +59,9 @@ type AdminClient interface {
 	DeletePolicy(ctx context.Context, in *DeletePolicyRequest, opts ...grpc.CallOption) (*DeletePolicyResponse, error)
 	// RotateGossipKey adds a new WAN gossip key; it encrypts after a delay.
 	RotateGossipKey(ctx context.Context, in *RotateGossipKeyRequest, opts ...grpc.CallOption) (*RotateGossipKeyResponse, error)
+	// RemoveNode removes a host from its site: its endpoints leave, its
+	// credential is refused from then on.
+	RemoveNode(ctx context.Context, in *RemoveNodeRequest, opts ...grpc.CallOption) (*RemoveNodeResponse, error)
 }
 
 type adminClient struct {
@@ -208,6 +212,16 @@ func (c *adminClient) RotateGossipKey(ctx context.Context, in *RotateGossipKeyRe
 	return out, nil
 }
 
+func (c *adminClient) RemoveNode(ctx context.Context, in *RemoveNodeRequest, opts ...grpc.CallOption) (*RemoveNodeResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(RemoveNodeResponse)
+	err := c.cc.Invoke(ctx, Admin_RemoveNode_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // AdminServer is the server API for Admin service.
 // All implementations must embed UnimplementedAdminServer
 // for forward compatibility.
@@ -231,6 +245,9 @@ type AdminServer interface {
 	DeletePolicy(context.Context, *DeletePolicyRequest) (*DeletePolicyResponse, error)
 	// RotateGossipKey adds a new WAN gossip key; it encrypts after a delay.
 	RotateGossipKey(context.Context, *RotateGossipKeyRequest) (*RotateGossipKeyResponse, error)
+	// RemoveNode removes a host from its site: its endpoints leave, its
+	// credential is refused from then on.
+	RemoveNode(context.Context, *RemoveNodeRequest) (*RemoveNodeResponse, error)
 	mustEmbedUnimplementedAdminServer()
 }
 
@@ -282,6 +299,9 @@ func (UnimplementedAdminServer) DeletePolicy(context.Context, *DeletePolicyReque
 }
 func (UnimplementedAdminServer) RotateGossipKey(context.Context, *RotateGossipKeyRequest) (*RotateGossipKeyResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method RotateGossipKey not implemented")
+}
+func (UnimplementedAdminServer) RemoveNode(context.Context, *RemoveNodeRequest) (*RemoveNodeResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method RemoveNode not implemented")
 }
 func (UnimplementedAdminServer) mustEmbedUnimplementedAdminServer() {}
 func (UnimplementedAdminServer) testEmbeddedByValue()               {}
@@ -556,6 +576,24 @@ func _Admin_RotateGossipKey_Handler(srv interface{}, ctx context.Context, dec fu
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Admin_RemoveNode_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RemoveNodeRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AdminServer).RemoveNode(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Admin_RemoveNode_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AdminServer).RemoveNode(ctx, req.(*RemoveNodeRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Admin_ServiceDesc is the grpc.ServiceDesc for Admin service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -618,6 +656,10 @@ var Admin_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "RotateGossipKey",
 			Handler:    _Admin_RotateGossipKey_Handler,
+		},
+		{
+			MethodName: "RemoveNode",
+			Handler:    _Admin_RemoveNode_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

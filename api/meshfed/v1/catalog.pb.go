@@ -866,6 +866,114 @@ func (x *CARotation) GetGeneration() uint64 {
 	return 0
 }
 
+// NodeRevocations are the hosts removed from a site (meshfed vm remove):
+// its spoke refuses every node SVID of theirs issued before revoked_at and
+// withdraws their endpoints. A new node token for the name brings a host
+// back with a new SVID.
+type NodeRevocations struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Site          string                 `protobuf:"bytes,1,opt,name=site,proto3" json:"site,omitempty"`
+	Nodes         []*RevokedNode         `protobuf:"bytes,2,rep,name=nodes,proto3" json:"nodes,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *NodeRevocations) Reset() {
+	*x = NodeRevocations{}
+	mi := &file_meshfed_v1_catalog_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *NodeRevocations) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*NodeRevocations) ProtoMessage() {}
+
+func (x *NodeRevocations) ProtoReflect() protoreflect.Message {
+	mi := &file_meshfed_v1_catalog_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use NodeRevocations.ProtoReflect.Descriptor instead.
+func (*NodeRevocations) Descriptor() ([]byte, []int) {
+	return file_meshfed_v1_catalog_proto_rawDescGZIP(), []int{9}
+}
+
+func (x *NodeRevocations) GetSite() string {
+	if x != nil {
+		return x.Site
+	}
+	return ""
+}
+
+func (x *NodeRevocations) GetNodes() []*RevokedNode {
+	if x != nil {
+		return x.Nodes
+	}
+	return nil
+}
+
+type RevokedNode struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Node          string                 `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"`
+	RevokedAt     *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=revoked_at,json=revokedAt,proto3" json:"revoked_at,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RevokedNode) Reset() {
+	*x = RevokedNode{}
+	mi := &file_meshfed_v1_catalog_proto_msgTypes[10]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RevokedNode) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RevokedNode) ProtoMessage() {}
+
+func (x *RevokedNode) ProtoReflect() protoreflect.Message {
+	mi := &file_meshfed_v1_catalog_proto_msgTypes[10]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RevokedNode.ProtoReflect.Descriptor instead.
+func (*RevokedNode) Descriptor() ([]byte, []int) {
+	return file_meshfed_v1_catalog_proto_rawDescGZIP(), []int{10}
+}
+
+func (x *RevokedNode) GetNode() string {
+	if x != nil {
+		return x.Node
+	}
+	return ""
+}
+
+func (x *RevokedNode) GetRevokedAt() *timestamppb.Timestamp {
+	if x != nil {
+		return x.RevokedAt
+	}
+	return nil
+}
+
 // Bundle is the X.509 trust bundle of one SPIFFE trust domain: a site's own
 // (published by its spoke) or an outside one the hub imports.
 type Bundle struct {
@@ -885,7 +993,7 @@ type Bundle struct {
 
 func (x *Bundle) Reset() {
 	*x = Bundle{}
-	mi := &file_meshfed_v1_catalog_proto_msgTypes[9]
+	mi := &file_meshfed_v1_catalog_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -897,7 +1005,7 @@ func (x *Bundle) String() string {
 func (*Bundle) ProtoMessage() {}
 
 func (x *Bundle) ProtoReflect() protoreflect.Message {
-	mi := &file_meshfed_v1_catalog_proto_msgTypes[9]
+	mi := &file_meshfed_v1_catalog_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -910,7 +1018,7 @@ func (x *Bundle) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Bundle.ProtoReflect.Descriptor instead.
 func (*Bundle) Descriptor() ([]byte, []int) {
-	return file_meshfed_v1_catalog_proto_rawDescGZIP(), []int{9}
+	return file_meshfed_v1_catalog_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *Bundle) GetTrustDomain() string {
@@ -985,7 +1093,7 @@ type TrafficPolicy struct {
 
 func (x *TrafficPolicy) Reset() {
 	*x = TrafficPolicy{}
-	mi := &file_meshfed_v1_catalog_proto_msgTypes[10]
+	mi := &file_meshfed_v1_catalog_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -997,7 +1105,7 @@ func (x *TrafficPolicy) String() string {
 func (*TrafficPolicy) ProtoMessage() {}
 
 func (x *TrafficPolicy) ProtoReflect() protoreflect.Message {
-	mi := &file_meshfed_v1_catalog_proto_msgTypes[10]
+	mi := &file_meshfed_v1_catalog_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1010,7 +1118,7 @@ func (x *TrafficPolicy) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TrafficPolicy.ProtoReflect.Descriptor instead.
 func (*TrafficPolicy) Descriptor() ([]byte, []int) {
-	return file_meshfed_v1_catalog_proto_rawDescGZIP(), []int{10}
+	return file_meshfed_v1_catalog_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *TrafficPolicy) GetNamespace() string {
@@ -1090,7 +1198,7 @@ type TrafficSplit struct {
 
 func (x *TrafficSplit) Reset() {
 	*x = TrafficSplit{}
-	mi := &file_meshfed_v1_catalog_proto_msgTypes[11]
+	mi := &file_meshfed_v1_catalog_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1102,7 +1210,7 @@ func (x *TrafficSplit) String() string {
 func (*TrafficSplit) ProtoMessage() {}
 
 func (x *TrafficSplit) ProtoReflect() protoreflect.Message {
-	mi := &file_meshfed_v1_catalog_proto_msgTypes[11]
+	mi := &file_meshfed_v1_catalog_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1115,7 +1223,7 @@ func (x *TrafficSplit) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TrafficSplit.ProtoReflect.Descriptor instead.
 func (*TrafficSplit) Descriptor() ([]byte, []int) {
-	return file_meshfed_v1_catalog_proto_rawDescGZIP(), []int{11}
+	return file_meshfed_v1_catalog_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *TrafficSplit) GetName() string {
@@ -1159,7 +1267,7 @@ type OutlierDetection struct {
 
 func (x *OutlierDetection) Reset() {
 	*x = OutlierDetection{}
-	mi := &file_meshfed_v1_catalog_proto_msgTypes[12]
+	mi := &file_meshfed_v1_catalog_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1171,7 +1279,7 @@ func (x *OutlierDetection) String() string {
 func (*OutlierDetection) ProtoMessage() {}
 
 func (x *OutlierDetection) ProtoReflect() protoreflect.Message {
-	mi := &file_meshfed_v1_catalog_proto_msgTypes[12]
+	mi := &file_meshfed_v1_catalog_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1184,7 +1292,7 @@ func (x *OutlierDetection) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use OutlierDetection.ProtoReflect.Descriptor instead.
 func (*OutlierDetection) Descriptor() ([]byte, []int) {
-	return file_meshfed_v1_catalog_proto_rawDescGZIP(), []int{12}
+	return file_meshfed_v1_catalog_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *OutlierDetection) GetConsecutiveFailures() uint32 {
@@ -1228,7 +1336,7 @@ type GossipKeyring struct {
 
 func (x *GossipKeyring) Reset() {
 	*x = GossipKeyring{}
-	mi := &file_meshfed_v1_catalog_proto_msgTypes[13]
+	mi := &file_meshfed_v1_catalog_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1240,7 +1348,7 @@ func (x *GossipKeyring) String() string {
 func (*GossipKeyring) ProtoMessage() {}
 
 func (x *GossipKeyring) ProtoReflect() protoreflect.Message {
-	mi := &file_meshfed_v1_catalog_proto_msgTypes[13]
+	mi := &file_meshfed_v1_catalog_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1253,7 +1361,7 @@ func (x *GossipKeyring) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GossipKeyring.ProtoReflect.Descriptor instead.
 func (*GossipKeyring) Descriptor() ([]byte, []int) {
-	return file_meshfed_v1_catalog_proto_rawDescGZIP(), []int{13}
+	return file_meshfed_v1_catalog_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *GossipKeyring) GetKeys() [][]byte {
@@ -1342,7 +1450,14 @@ const file_meshfed_v1_catalog_proto_rawDesc = "" +
 	"\x04site\x18\x01 \x01(\tR\x04site\x12\x1e\n" +
 	"\n" +
 	"generation\x18\x02 \x01(\x04R\n" +
-	"generation\"\xd4\x01\n" +
+	"generation\"T\n" +
+	"\x0fNodeRevocations\x12\x12\n" +
+	"\x04site\x18\x01 \x01(\tR\x04site\x12-\n" +
+	"\x05nodes\x18\x02 \x03(\v2\x17.meshfed.v1.RevokedNodeR\x05nodes\"\\\n" +
+	"\vRevokedNode\x12\x12\n" +
+	"\x04node\x18\x01 \x01(\tR\x04node\x129\n" +
+	"\n" +
+	"revoked_at\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\trevokedAt\"\xd4\x01\n" +
 	"\x06Bundle\x12!\n" +
 	"\ftrust_domain\x18\x01 \x01(\tR\vtrustDomain\x12)\n" +
 	"\x10x509_authorities\x18\x02 \x03(\fR\x0fx509Authorities\x12\x1a\n" +
@@ -1402,7 +1517,7 @@ func file_meshfed_v1_catalog_proto_rawDescGZIP() []byte {
 }
 
 var file_meshfed_v1_catalog_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_meshfed_v1_catalog_proto_msgTypes = make([]protoimpl.MessageInfo, 16)
+var file_meshfed_v1_catalog_proto_msgTypes = make([]protoimpl.MessageInfo, 18)
 var file_meshfed_v1_catalog_proto_goTypes = []any{
 	(Health)(0),                   // 0: meshfed.v1.Health
 	(SiteState)(0),                // 1: meshfed.v1.SiteState
@@ -1415,44 +1530,48 @@ var file_meshfed_v1_catalog_proto_goTypes = []any{
 	(*SourceStatus)(nil),          // 8: meshfed.v1.SourceStatus
 	(*HostStatus)(nil),            // 9: meshfed.v1.HostStatus
 	(*CARotation)(nil),            // 10: meshfed.v1.CARotation
-	(*Bundle)(nil),                // 11: meshfed.v1.Bundle
-	(*TrafficPolicy)(nil),         // 12: meshfed.v1.TrafficPolicy
-	(*TrafficSplit)(nil),          // 13: meshfed.v1.TrafficSplit
-	(*OutlierDetection)(nil),      // 14: meshfed.v1.OutlierDetection
-	(*GossipKeyring)(nil),         // 15: meshfed.v1.GossipKeyring
-	nil,                           // 16: meshfed.v1.Endpoint.LabelsEntry
-	nil,                           // 17: meshfed.v1.TrafficSplit.LabelsEntry
-	(*timestamppb.Timestamp)(nil), // 18: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),   // 19: google.protobuf.Duration
+	(*NodeRevocations)(nil),       // 11: meshfed.v1.NodeRevocations
+	(*RevokedNode)(nil),           // 12: meshfed.v1.RevokedNode
+	(*Bundle)(nil),                // 13: meshfed.v1.Bundle
+	(*TrafficPolicy)(nil),         // 14: meshfed.v1.TrafficPolicy
+	(*TrafficSplit)(nil),          // 15: meshfed.v1.TrafficSplit
+	(*OutlierDetection)(nil),      // 16: meshfed.v1.OutlierDetection
+	(*GossipKeyring)(nil),         // 17: meshfed.v1.GossipKeyring
+	nil,                           // 18: meshfed.v1.Endpoint.LabelsEntry
+	nil,                           // 19: meshfed.v1.TrafficSplit.LabelsEntry
+	(*timestamppb.Timestamp)(nil), // 20: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),   // 21: google.protobuf.Duration
 }
 var file_meshfed_v1_catalog_proto_depIdxs = []int32{
 	2,  // 0: meshfed.v1.Endpoint.locality:type_name -> meshfed.v1.Locality
 	0,  // 1: meshfed.v1.Endpoint.health:type_name -> meshfed.v1.Health
-	16, // 2: meshfed.v1.Endpoint.labels:type_name -> meshfed.v1.Endpoint.LabelsEntry
+	18, // 2: meshfed.v1.Endpoint.labels:type_name -> meshfed.v1.Endpoint.LabelsEntry
 	3,  // 3: meshfed.v1.Service.ports:type_name -> meshfed.v1.Port
 	4,  // 4: meshfed.v1.Service.endpoints:type_name -> meshfed.v1.Endpoint
 	2,  // 5: meshfed.v1.Site.locality:type_name -> meshfed.v1.Locality
 	1,  // 6: meshfed.v1.Site.state:type_name -> meshfed.v1.SiteState
 	6,  // 7: meshfed.v1.SiteStatus.site:type_name -> meshfed.v1.Site
-	18, // 8: meshfed.v1.SiteStatus.created:type_name -> google.protobuf.Timestamp
-	18, // 9: meshfed.v1.SiteStatus.last_sync:type_name -> google.protobuf.Timestamp
-	18, // 10: meshfed.v1.SiteStatus.connected_since:type_name -> google.protobuf.Timestamp
+	20, // 8: meshfed.v1.SiteStatus.created:type_name -> google.protobuf.Timestamp
+	20, // 9: meshfed.v1.SiteStatus.last_sync:type_name -> google.protobuf.Timestamp
+	20, // 10: meshfed.v1.SiteStatus.connected_since:type_name -> google.protobuf.Timestamp
 	8,  // 11: meshfed.v1.SiteStatus.source:type_name -> meshfed.v1.SourceStatus
-	18, // 12: meshfed.v1.SourceStatus.since:type_name -> google.protobuf.Timestamp
+	20, // 12: meshfed.v1.SourceStatus.since:type_name -> google.protobuf.Timestamp
 	9,  // 13: meshfed.v1.SourceStatus.hosts:type_name -> meshfed.v1.HostStatus
-	18, // 14: meshfed.v1.HostStatus.last_seen:type_name -> google.protobuf.Timestamp
-	13, // 15: meshfed.v1.TrafficPolicy.split:type_name -> meshfed.v1.TrafficSplit
-	19, // 16: meshfed.v1.TrafficPolicy.connect_timeout:type_name -> google.protobuf.Duration
-	14, // 17: meshfed.v1.TrafficPolicy.outlier_detection:type_name -> meshfed.v1.OutlierDetection
-	17, // 18: meshfed.v1.TrafficSplit.labels:type_name -> meshfed.v1.TrafficSplit.LabelsEntry
-	19, // 19: meshfed.v1.OutlierDetection.interval:type_name -> google.protobuf.Duration
-	19, // 20: meshfed.v1.OutlierDetection.base_ejection_time:type_name -> google.protobuf.Duration
-	18, // 21: meshfed.v1.GossipKeyring.use_newest_after:type_name -> google.protobuf.Timestamp
-	22, // [22:22] is the sub-list for method output_type
-	22, // [22:22] is the sub-list for method input_type
-	22, // [22:22] is the sub-list for extension type_name
-	22, // [22:22] is the sub-list for extension extendee
-	0,  // [0:22] is the sub-list for field type_name
+	20, // 14: meshfed.v1.HostStatus.last_seen:type_name -> google.protobuf.Timestamp
+	12, // 15: meshfed.v1.NodeRevocations.nodes:type_name -> meshfed.v1.RevokedNode
+	20, // 16: meshfed.v1.RevokedNode.revoked_at:type_name -> google.protobuf.Timestamp
+	15, // 17: meshfed.v1.TrafficPolicy.split:type_name -> meshfed.v1.TrafficSplit
+	21, // 18: meshfed.v1.TrafficPolicy.connect_timeout:type_name -> google.protobuf.Duration
+	16, // 19: meshfed.v1.TrafficPolicy.outlier_detection:type_name -> meshfed.v1.OutlierDetection
+	19, // 20: meshfed.v1.TrafficSplit.labels:type_name -> meshfed.v1.TrafficSplit.LabelsEntry
+	21, // 21: meshfed.v1.OutlierDetection.interval:type_name -> google.protobuf.Duration
+	21, // 22: meshfed.v1.OutlierDetection.base_ejection_time:type_name -> google.protobuf.Duration
+	20, // 23: meshfed.v1.GossipKeyring.use_newest_after:type_name -> google.protobuf.Timestamp
+	24, // [24:24] is the sub-list for method output_type
+	24, // [24:24] is the sub-list for method input_type
+	24, // [24:24] is the sub-list for extension type_name
+	24, // [24:24] is the sub-list for extension extendee
+	0,  // [0:24] is the sub-list for field type_name
 }
 
 func init() { file_meshfed_v1_catalog_proto_init() }
@@ -1460,14 +1579,14 @@ func file_meshfed_v1_catalog_proto_init() {
 	if File_meshfed_v1_catalog_proto != nil {
 		return
 	}
-	file_meshfed_v1_catalog_proto_msgTypes[10].OneofWrappers = []any{}
+	file_meshfed_v1_catalog_proto_msgTypes[12].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_meshfed_v1_catalog_proto_rawDesc), len(file_meshfed_v1_catalog_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   16,
+			NumMessages:   18,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

@@ -460,6 +460,7 @@ type Resource struct {
 	//	*Resource_SourceStatus
 	//	*Resource_Policy
 	//	*Resource_GossipKeyring
+	//	*Resource_Revocations
 	Body          isResource_Body `protobuf_oneof:"body"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -579,6 +580,15 @@ func (x *Resource) GetGossipKeyring() *GossipKeyring {
 	return nil
 }
 
+func (x *Resource) GetRevocations() *NodeRevocations {
+	if x != nil {
+		if x, ok := x.Body.(*Resource_Revocations); ok {
+			return x.Revocations
+		}
+	}
+	return nil
+}
+
 type isResource_Body interface {
 	isResource_Body()
 }
@@ -611,6 +621,10 @@ type Resource_GossipKeyring struct {
 	GossipKeyring *GossipKeyring `protobuf:"bytes,9,opt,name=gossip_keyring,json=gossipKeyring,proto3,oneof"`
 }
 
+type Resource_Revocations struct {
+	Revocations *NodeRevocations `protobuf:"bytes,10,opt,name=revocations,proto3,oneof"`
+}
+
 func (*Resource_Service) isResource_Body() {}
 
 func (*Resource_Site) isResource_Body() {}
@@ -624,6 +638,8 @@ func (*Resource_SourceStatus) isResource_Body() {}
 func (*Resource_Policy) isResource_Body() {}
 
 func (*Resource_GossipKeyring) isResource_Body() {}
+
+func (*Resource_Revocations) isResource_Body() {}
 
 // Delta changes the receiver's copy; the receiver answers with an Ack of the
 // same nonce. A sender has at most one delta in flight per stream.
@@ -785,7 +801,7 @@ const file_meshfed_v1_federation_proto_rawDesc = "" +
 	"\x0eknown_versions\x18\x02 \x03(\v2$.meshfed.v1.Hello.KnownVersionsEntryR\rknownVersions\x1a@\n" +
 	"\x12KnownVersionsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xb5\x03\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xf6\x03\n" +
 	"\bResource\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x18\n" +
 	"\aversion\x18\x02 \x01(\tR\aversion\x12/\n" +
@@ -795,7 +811,9 @@ const file_meshfed_v1_federation_proto_rawDesc = "" +
 	"\brotation\x18\x06 \x01(\v2\x16.meshfed.v1.CARotationH\x00R\brotation\x12?\n" +
 	"\rsource_status\x18\a \x01(\v2\x18.meshfed.v1.SourceStatusH\x00R\fsourceStatus\x123\n" +
 	"\x06policy\x18\b \x01(\v2\x19.meshfed.v1.TrafficPolicyH\x00R\x06policy\x12B\n" +
-	"\x0egossip_keyring\x18\t \x01(\v2\x19.meshfed.v1.GossipKeyringH\x00R\rgossipKeyringB\x06\n" +
+	"\x0egossip_keyring\x18\t \x01(\v2\x19.meshfed.v1.GossipKeyringH\x00R\rgossipKeyring\x12?\n" +
+	"\vrevocations\x18\n" +
+	" \x01(\v2\x1b.meshfed.v1.NodeRevocationsH\x00R\vrevocationsB\x06\n" +
 	"\x04body\"\x7f\n" +
 	"\x05Delta\x12\x14\n" +
 	"\x05nonce\x18\x01 \x01(\tR\x05nonce\x12.\n" +
@@ -844,6 +862,7 @@ var file_meshfed_v1_federation_proto_goTypes = []any{
 	(*SourceStatus)(nil),            // 15: meshfed.v1.SourceStatus
 	(*TrafficPolicy)(nil),           // 16: meshfed.v1.TrafficPolicy
 	(*GossipKeyring)(nil),           // 17: meshfed.v1.GossipKeyring
+	(*NodeRevocations)(nil),         // 18: meshfed.v1.NodeRevocations
 }
 var file_meshfed_v1_federation_proto_depIdxs = []int32{
 	6,  // 0: meshfed.v1.SyncMessage.hello:type_name -> meshfed.v1.Hello
@@ -857,20 +876,21 @@ var file_meshfed_v1_federation_proto_depIdxs = []int32{
 	15, // 8: meshfed.v1.Resource.source_status:type_name -> meshfed.v1.SourceStatus
 	16, // 9: meshfed.v1.Resource.policy:type_name -> meshfed.v1.TrafficPolicy
 	17, // 10: meshfed.v1.Resource.gossip_keyring:type_name -> meshfed.v1.GossipKeyring
-	7,  // 11: meshfed.v1.Delta.updated:type_name -> meshfed.v1.Resource
-	2,  // 12: meshfed.v1.Federation.Join:input_type -> meshfed.v1.JoinRequest
-	3,  // 13: meshfed.v1.Federation.Renew:input_type -> meshfed.v1.RenewRequest
-	5,  // 14: meshfed.v1.Federation.Sync:input_type -> meshfed.v1.SyncMessage
-	0,  // 15: meshfed.v1.Federation.RedeemNodeToken:input_type -> meshfed.v1.RedeemNodeTokenRequest
-	4,  // 16: meshfed.v1.Federation.Join:output_type -> meshfed.v1.JoinResponse
-	4,  // 17: meshfed.v1.Federation.Renew:output_type -> meshfed.v1.JoinResponse
-	5,  // 18: meshfed.v1.Federation.Sync:output_type -> meshfed.v1.SyncMessage
-	1,  // 19: meshfed.v1.Federation.RedeemNodeToken:output_type -> meshfed.v1.RedeemNodeTokenResponse
-	16, // [16:20] is the sub-list for method output_type
-	12, // [12:16] is the sub-list for method input_type
-	12, // [12:12] is the sub-list for extension type_name
-	12, // [12:12] is the sub-list for extension extendee
-	0,  // [0:12] is the sub-list for field type_name
+	18, // 11: meshfed.v1.Resource.revocations:type_name -> meshfed.v1.NodeRevocations
+	7,  // 12: meshfed.v1.Delta.updated:type_name -> meshfed.v1.Resource
+	2,  // 13: meshfed.v1.Federation.Join:input_type -> meshfed.v1.JoinRequest
+	3,  // 14: meshfed.v1.Federation.Renew:input_type -> meshfed.v1.RenewRequest
+	5,  // 15: meshfed.v1.Federation.Sync:input_type -> meshfed.v1.SyncMessage
+	0,  // 16: meshfed.v1.Federation.RedeemNodeToken:input_type -> meshfed.v1.RedeemNodeTokenRequest
+	4,  // 17: meshfed.v1.Federation.Join:output_type -> meshfed.v1.JoinResponse
+	4,  // 18: meshfed.v1.Federation.Renew:output_type -> meshfed.v1.JoinResponse
+	5,  // 19: meshfed.v1.Federation.Sync:output_type -> meshfed.v1.SyncMessage
+	1,  // 20: meshfed.v1.Federation.RedeemNodeToken:output_type -> meshfed.v1.RedeemNodeTokenResponse
+	17, // [17:21] is the sub-list for method output_type
+	13, // [13:17] is the sub-list for method input_type
+	13, // [13:13] is the sub-list for extension type_name
+	13, // [13:13] is the sub-list for extension extendee
+	0,  // [0:13] is the sub-list for field type_name
 }
 
 func init() { file_meshfed_v1_federation_proto_init() }
@@ -892,6 +912,7 @@ func file_meshfed_v1_federation_proto_init() {
 		(*Resource_SourceStatus)(nil),
 		(*Resource_Policy)(nil),
 		(*Resource_GossipKeyring)(nil),
+		(*Resource_Revocations)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
