@@ -2,10 +2,15 @@ package cli
 
 import (
 	"fmt"
+	"maps"
 	"net/netip"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
+
+	"github.com/spf13/pflag"
+	"gopkg.in/yaml.v3"
 
 	"github.com/meshfed/meshfed/vmagent"
 	"github.com/spf13/cobra"
@@ -16,6 +21,7 @@ func newVMAgentCmd(g *globals) *cobra.Command {
 	o := vmagent.DefaultOptions()
 	inbound := fmt.Sprintf("%d-%d", o.InboundPorts[0], o.InboundPorts[1])
 	outbound := o.OutboundPrefix.String()
+	var config string
 	cmd := &cobra.Command{
 		Use:   "vmagent --spoke HOST:PORT --data-dir DIR",
 		Short: "Run a Docker/VM host's agent: attest the host, discover its labelled containers, report them to the site's spoke",
@@ -47,6 +53,9 @@ traffic with mTLS, each workload with its own SVID:
     --backend http://echo.default.svc.clusterset.local:8080`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			if err := applyConfigFile(cmd, config); err != nil {
+				return err
+			}
 			if o.Token == "" {
 				o.Token = os.Getenv("MESHFED_TOKEN")
 			}
@@ -66,6 +75,7 @@ traffic with mTLS, each workload with its own SVID:
 		},
 	}
 	f := cmd.Flags()
+	f.StringVar(&config, "config", "", "YAML file of flag values, by flag name (spoke: dc1-spoke:7181); flags given on the command line win (deploy/vm/install.sh writes /etc/meshfed/vmagent.yaml)")
 	f.StringVar(&o.Spoke, "spoke", "", "the site spoke's identity endpoint host:port (required)")
 	f.StringVar(&o.Token, "token", "", "one-time node `token`, first start only (or MESHFED_TOKEN, which ps does not show)")
 	f.StringVar(&o.DataDir, "data-dir", "", "directory for the node's SVID (required)")
@@ -80,9 +90,48 @@ traffic with mTLS, each workload with its own SVID:
 	f.StringVar(&inbound, "inbound-ports", inbound, "range of the containers' endpoint ports on --proxy-address")
 	f.StringVar(&outbound, "outbound-prefix", outbound, "range made local to the host for the outbound listeners, a /24 per workload")
 	f.StringVar(&o.DNSListen, "dns-listen", "", "serve the service names to containers here (default: port 53 on the --network's gateway, or the default bridge's; - for none)")
-	_ = cmd.MarkFlagRequired("spoke")
-	_ = cmd.MarkFlagRequired("data-dir")
 	return cmd
+}
+
+// applyConfigFile sets every flag the file names and the command line
+// does not: the file is the flags, as YAML. An unknown key is an error
+// that lists the known ones.
+func applyConfigFile(cmd *cobra.Command, path string) error {
+	f := cmd.Flags()
+	if path != "" {
+		data, err := os.ReadFile(path)
+		if err != nil {
+			return fmt.Errorf("--config: %w", err)
+		}
+		var values map[string]any
+		if err := yaml.Unmarshal(data, &values); err != nil {
+			return fmt.Errorf("--config %s: %w", path, err)
+		}
+		for _, k := range slices.Sorted(maps.Keys(values)) {
+			fl := f.Lookup(k)
+			if fl == nil || k == "config" {
+				var known []string
+				f.VisitAll(func(fl *pflag.Flag) {
+					if fl.Name != "config" && fl.Name != "help" {
+						known = append(known, fl.Name)
+					}
+				})
+				return fmt.Errorf("--config %s: unknown key %q (the keys are the flags: %s)", path, k, strings.Join(known, ", "))
+			}
+			if fl.Changed {
+				continue
+			}
+			if err := f.Set(k, fmt.Sprint(values[k])); err != nil {
+				return fmt.Errorf("--config %s: %s: %w", path, k, err)
+			}
+		}
+	}
+	for _, k := range []string{"spoke", "data-dir"} {
+		if f.Lookup(k).Value.String() == "" {
+			return fmt.Errorf("--%s is required (on the command line or in --config)", k)
+		}
+	}
+	return nil
 }
 
 // parsePortRange reads LOW-HIGH.
