@@ -12,7 +12,7 @@ TAGS      := grpcnotrace
 export GOTOOLCHAIN := local
 export CGO_ENABLED := 0
 
-.PHONY: all build image test demo bench generate check-generate lint tools clean
+.PHONY: all build image vmagent-image test demo bench generate check-generate lint tools clean
 
 all: build
 
@@ -25,6 +25,12 @@ build:
 image: build
 	@tmp=$$(mktemp -d) && trap 'rm -rf $$tmp' EXIT && cp $(BIN) $(BIN)-proxy deploy/docker/Dockerfile $$tmp/ && \
 		docker build -q -t meshfed:$(VERSION) $$tmp
+
+# vmagent-image builds meshfed-vmagent:$(VERSION), the host agent FROM
+# scratch (deploy/vm/Dockerfile says how to run it).
+vmagent-image: build
+	@tmp=$$(mktemp -d) && trap 'rm -rf $$tmp' EXIT && cp $(BIN) deploy/vm/Dockerfile $$tmp/ && \
+		docker build -q -t meshfed-vmagent:$(VERSION) $$tmp
 
 # tools installs the real parts the tests run against (etcd from Debian).
 tools:

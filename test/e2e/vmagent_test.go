@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"sort"
@@ -402,4 +403,51 @@ func TestVMAgentDocker(t *testing.T) {
 			return nil
 		})
 	})
+}
+
+// TestVMAgentImage runs the agent as the container deploy/vm/Dockerfile
+// makes, the way its comment says: host network, the Docker socket
+// mounted, no capability but the two the host proxy needs. A labelled
+// container on the host shows in another site.
+func TestVMAgentImage(t *testing.T) {
+	network := harness.DockerNetwork(t)
+	app := harness.ScratchImage(t, "test/echoapp")
+	f := newFederation(t)
+	dc1 := f.addSite("dc1", "z1", "")
+	west := f.addSite("west", "z2", "services: []\n")
+	harness.WaitReady(t, dc1.http, 30*time.Second)
+	harness.WaitReady(t, west.http, 30*time.Second)
+
+	dir := t.TempDir()
+	if out, err := exec.Command("cp", f.bin, filepath.Join(dir, "meshfed")).CombinedOutput(); err != nil {
+		t.Fatalf("%v: %s", err, out)
+	}
+	dockerfile, err := os.ReadFile("../../deploy/vm/Dockerfile")
+	if err != nil {
+		t.Fatal(err)
+	}
+	image := harness.BuildImage(t, dir, string(dockerfile))
+	token := strings.TrimSpace(f.mustCLI("vm", "token", "create", "--site", "dc1", "--node", "host-c"))
+	prefix := outboundRange(t)
+	agentHTTP := harness.FreePort(t)
+	name := harness.Unique("vmagent")
+	// Removed before the route is (cleanups run last first), with its
+	// data volume.
+	t.Cleanup(func() { _ = exec.Command("docker", "rm", "-f", "-v", name).Run() })
+	harness.Docker(t, "run", "-d", "--name", name, "--network", "host", "--cap-drop", "ALL", "--cap-add", "NET_ADMIN", "--cap-add", "NET_BIND_SERVICE",
+		"-v", "/var/run/docker.sock:/var/run/docker.sock", "-e", "MESHFED_TOKEN="+token, image,
+		"--spoke", dc1.identity, "--xds", dc1.xds, "--network", network, "--http-listen", agentHTTP, "--outbound-prefix", prefix)
+	logs := func() string { out, _ := exec.Command("docker", "logs", name).CombinedOutput(); return string(out) }
+	harness.Eventually(t, 30*time.Second, "the agent container is ready", func() error {
+		if _, err := harness.GetText("http://" + agentHTTP + "/readyz"); err != nil {
+			return fmt.Errorf("%v; its log:\n%s", err, logs())
+		}
+		return nil
+	})
+	echo := harness.Unique("echo")
+	harness.Docker(t, "run", "-d", "--name", echo, "--network", network, "-l", "meshfed.io/service=echo", "-l", "meshfed.io/port=8080", "-l", "meshfed.io/version=v3", app)
+	hostEndpointsAre(t, 20*time.Second, west, "dc1", "echo", "west sees the container the agent container found", "127.0.0.1 healthy v3 "+echo)
+	if out := logs(); !strings.Contains(out, "workload proxy started") {
+		t.Errorf("the agent container runs no host proxy:\n%s", out)
+	}
 }

@@ -45,7 +45,14 @@ func ScratchImage(t testing.TB, pkg string) string {
 	if out, err := cmd.CombinedOutput(); err != nil {
 		t.Fatalf("build %s: %v: %s", pkg, err, out)
 	}
-	if err := os.WriteFile(filepath.Join(dir, "Dockerfile"), []byte("FROM scratch\nCOPY app /app\nENTRYPOINT [\"/app\"]\n"), 0o600); err != nil {
+	return BuildImage(t, dir, "FROM scratch\nCOPY app /app\nENTRYPOINT [\"/app\"]\n")
+}
+
+// BuildImage builds dir (the files the Dockerfile copies) with dockerfile,
+// and removes the image when the test ends.
+func BuildImage(t testing.TB, dir, dockerfile string) string {
+	t.Helper()
+	if err := os.WriteFile(filepath.Join(dir, "Dockerfile"), []byte(dockerfile), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	tag := Unique("meshfed-test") + ":latest"
