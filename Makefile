@@ -19,6 +19,7 @@ all: build
 build:
 	$(GO) build -trimpath -tags $(TAGS) -ldflags "-s -w -X github.com/meshfed/meshfed/cli.Version=$(VERSION)" -o $(BIN) ./cmd/meshfed
 	$(GO) build -trimpath -tags $(TAGS) -ldflags "-s -w" -o $(BIN)-proxy ./cmd/meshfed-proxy
+	$(GO) build -trimpath -tags $(TAGS) -ldflags "-s -w" -o $(BIN)-vmagent ./cmd/meshfed-vmagent
 	$(GO) build -trimpath -tags $(TAGS) -ldflags "-s -w" -o bin/proxyless-grpc ./examples/proxyless-grpc
 
 # image builds meshfed:$(VERSION) FROM scratch around the static binary.
@@ -29,7 +30,7 @@ image: build
 # vmagent-image builds meshfed-vmagent:$(VERSION), the host agent FROM
 # scratch (deploy/vm/Dockerfile says how to run it).
 vmagent-image: build
-	@tmp=$$(mktemp -d) && trap 'rm -rf $$tmp' EXIT && cp $(BIN) deploy/vm/Dockerfile $$tmp/ && \
+	@tmp=$$(mktemp -d) && trap 'rm -rf $$tmp' EXIT && cp $(BIN)-vmagent deploy/vm/Dockerfile $$tmp/ && \
 		docker build -q -t meshfed-vmagent:$(VERSION) $$tmp
 
 # tools installs the real parts the tests run against (etcd from Debian).
@@ -52,7 +53,7 @@ demo: build
 
 bench: build tools
 	$(GO) run ./bench/hub -meshfed $(BIN)
-	$(GO) test -run '^$$' -bench . -benchtime 1x -timeout 40m ./bench/kube ./bench/proxy ./bench/gateway
+	$(GO) test -run '^$$' -bench . -benchtime 1x -timeout 40m ./bench/kube ./bench/proxy ./bench/gateway ./bench/vmagent
 
 # generate rebuilds the committed protobuf code; protoc comes from Debian
 # (protobuf-compiler 3.21.12), the plugins from go.mod's tool lines, so the

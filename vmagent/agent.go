@@ -118,6 +118,7 @@ type Agent struct {
 	m      *metrics
 
 	changed chan struct{}
+	fresh   chan string // containers just started, for a first check at once
 
 	mu         sync.Mutex
 	containers map[string]container
@@ -141,7 +142,7 @@ func New(ctx context.Context, o Options) (*Agent, error) {
 		return nil, fmt.Errorf("vmagent: data dir: %w", err)
 	}
 	a := &Agent{
-		o: o, log: o.Logger.With("component", "vmagent"), changed: make(chan struct{}, 1),
+		o: o, log: o.Logger.With("component", "vmagent"), changed: make(chan struct{}, 1), fresh: make(chan string, 256),
 		containers: map[string]container{}, checks: map[string]string{},
 	}
 	if o.StaticServices != "" {
@@ -220,6 +221,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	if a.docker != nil {
 		g.Go(func() error { return a.discoverLoop(ctx) })
 		g.Go(func() error { return a.checkLoop(ctx) })
+		g.Go(func() error { return a.firstChecks(ctx) })
 	}
 	if a.o.StaticServices != "" {
 		g.Go(func() error { return a.staticLoop(ctx) })
@@ -300,6 +302,12 @@ func (a *Agent) discover(ctx context.Context) error {
 		}
 		a.mu.Lock()
 		if ok {
+			if was, known := a.containers[id]; c.Running && (!known || !was.Running) {
+				select {
+				case a.fresh <- id:
+				default: // a burst: the check loop gets to the rest
+				}
+			}
 			a.containers[id] = c
 		} else {
 			delete(a.containers, id)
@@ -340,6 +348,48 @@ func (a *Agent) checkLoop(ctx context.Context) error {
 		}
 		if !sleep(ctx, a.o.CheckInterval) {
 			return nil
+		}
+	}
+}
+
+// firstChecks checks each container that just started at once, and again
+// at a short backoff until its app answers: it serves in the federation
+// moments after it listens, not at the next check interval.
+func (a *Agent) firstChecks(ctx context.Context) error {
+	client := &http.Client{Timeout: a.o.CheckTimeout}
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case id := <-a.fresh:
+			wg.Go(func() { a.firstCheck(ctx, client, id) })
+		}
+	}
+}
+
+func (a *Agent) firstCheck(ctx context.Context, client *http.Client, id string) {
+	for wait := 25 * time.Millisecond; wait < a.o.CheckInterval; wait *= 2 {
+		a.mu.Lock()
+		c, ok := a.containers[id]
+		a.mu.Unlock()
+		if !ok || !c.Running || c.Paused || c.DockerHealth != "" || c.Labels[LabelService] == "" {
+			return // gone, or Docker's own HEALTHCHECK decides
+		}
+		h := a.check(ctx, client, c)
+		a.mu.Lock()
+		_, still := a.containers[id]
+		changed := still && a.checks[id] != h
+		if changed {
+			a.checks[id] = h
+		}
+		a.mu.Unlock()
+		if changed {
+			a.poke()
+		}
+		if h == catalog.HealthHealthy || !sleep(ctx, wait) {
+			return
 		}
 	}
 }

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs meshfed's host agent on a Docker/VM host as a systemd service:
 #
-#   deploy/vm/install.sh --spoke dc1-spoke:7181 --token-file /root/token [--network apps] [--binary bin/meshfed]
-#   deploy/vm/install.sh --binary bin/meshfed      # upgrade in place: the config and the node's SVID stay
+#   deploy/vm/install.sh --spoke dc1-spoke:7181 --token-file /root/token [--network apps] [--binary bin/meshfed-vmagent]
+#   deploy/vm/install.sh --binary bin/meshfed-vmagent   # upgrade in place: the config and the node's SVID stay
 #   deploy/vm/install.sh --uninstall               # stops the agent and removes everything this script made
 #
 # The token (or MESHFED_TOKEN) is needed on the first install only: it
@@ -31,7 +31,7 @@ while [ $# -gt 0 ]; do
 done
 
 ROOT=${ROOT%/}
-BIN_PATH=/usr/local/bin/meshfed
+BIN_PATH=/usr/local/bin/meshfed-vmagent
 CONFIG_DIR=/etc/meshfed
 CONFIG=$CONFIG_DIR/vmagent.yaml
 UNIT=/etc/systemd/system/meshfed-vmagent.service
@@ -52,18 +52,19 @@ if [ -n "$UNINSTALL" ]; then
   exit 0
 fi
 
-# The binary: the one given, or the meshfed this script sits next to
-# (bin/meshfed in a checkout), or the one on PATH.
+# The binary (meshfed-vmagent, the agent alone): the one given, or the one
+# this script sits next to (bin/meshfed-vmagent in a checkout), or the one
+# on PATH.
 if [ -z "$BINARY" ]; then
   here=$(cd "$(dirname "$0")" && pwd)
-  for b in "$here/meshfed" "$here/../../bin/meshfed" "$(command -v meshfed || true)"; do
+  for b in "$here/meshfed-vmagent" "$here/../../bin/meshfed-vmagent" "$(command -v meshfed-vmagent || true)"; do
     [ -n "$b" ] && [ -x "$b" ] && [ "$b" != "$ROOT$BIN_PATH" ] && { BINARY=$b; break; }
   done
 fi
 if [ -n "$BINARY" ]; then
   [ -x "$BINARY" ] || die "--binary $BINARY: not an executable"
 elif [ ! -x "$ROOT$BIN_PATH" ]; then
-  die "no meshfed binary: give one with --binary (make build makes bin/meshfed)"
+  die "no meshfed-vmagent binary: give one with --binary (make build makes bin/meshfed-vmagent)"
 fi
 
 changed=
@@ -72,7 +73,7 @@ install -d -m 0700 "$ROOT$CONFIG_DIR"
 if [ -n "$BINARY" ] && ! cmp -s "$BINARY" "$ROOT$BIN_PATH"; then
   # Into place by rename, so a running agent is never half-written over.
   install -m 0755 "$BINARY" "$ROOT$BIN_PATH.new" && mv -f "$ROOT$BIN_PATH.new" "$ROOT$BIN_PATH"
-  echo "installed $BIN_PATH ($("$ROOT$BIN_PATH" version 2>/dev/null | head -1 || echo meshfed))"
+  echo "installed $BIN_PATH"
   changed=1
 fi
 
@@ -82,7 +83,7 @@ if [ -n "$SPOKE" ]; then
   [ -n "$TOKEN" ] || [ -d "$ROOT$STATE" ] || die "the first install needs a node token: --token-file FILE or MESHFED_TOKEN (meshfed vm token create --site ... --node $(hostname))"
   tmp=$(mktemp "$ROOT$CONFIG_DIR/.vmagent.yaml.XXXXXX")
   {
-    echo "# meshfed vmagent --config: the keys are its flags (meshfed vmagent --help)."
+    echo "# meshfed-vmagent --config: the keys are its flags (meshfed-vmagent --help)."
     echo "spoke: $SPOKE"
     echo "data-dir: $STATE"
     [ -n "$NETWORK" ] && echo "network: $NETWORK"
@@ -104,7 +105,7 @@ After=network-online.target docker.service
 Wants=network-online.target
 
 [Service]
-ExecStart=$BIN_PATH vmagent --config $CONFIG
+ExecStart=$BIN_PATH --config $CONFIG
 Restart=on-failure
 RestartSec=5s
 # The node's SVID lives here (0700); nothing else on disk is written.

@@ -66,7 +66,7 @@ func tree(t *testing.T, root string) []string {
 
 func fakeBinary(t *testing.T, version string) string {
 	t.Helper()
-	path := filepath.Join(t.TempDir(), "meshfed")
+	path := filepath.Join(t.TempDir(), "meshfed-vmagent")
 	if err := os.WriteFile(path, []byte("#!/bin/sh\necho meshfed "+version+"\n"), 0o755); err != nil {
 		t.Fatal(err)
 	}
@@ -121,13 +121,13 @@ func TestInstallReinstallUpgradeUninstall(t *testing.T) {
 			t.Errorf("vmagent.yaml lacks %q:\n%s", want, config)
 		}
 	}
-	for path, mode := range map[string]os.FileMode{"etc/meshfed/vmagent.yaml": 0o600, "etc/meshfed": 0o700 | os.ModeDir, "usr/local/bin/meshfed": 0o755, "etc/systemd/system/meshfed-vmagent.service": 0o644} {
+	for path, mode := range map[string]os.FileMode{"etc/meshfed/vmagent.yaml": 0o600, "etc/meshfed": 0o700 | os.ModeDir, "usr/local/bin/meshfed-vmagent": 0o755, "etc/systemd/system/meshfed-vmagent.service": 0o644} {
 		if info, err := os.Stat(filepath.Join(root, path)); err != nil || info.Mode() != mode {
 			t.Errorf("%s: mode %v (%v), want %v", path, info.Mode(), err, mode)
 		}
 	}
 	unit, _ := os.ReadFile(filepath.Join(root, "etc/systemd/system/meshfed-vmagent.service"))
-	for _, want := range []string{"NoNewPrivileges=yes", "ProtectSystem=strict", "ReadWritePaths=/run/docker.sock", "ExecStart=/usr/local/bin/meshfed vmagent --config /etc/meshfed/vmagent.yaml"} {
+	for _, want := range []string{"NoNewPrivileges=yes", "ProtectSystem=strict", "ReadWritePaths=/run/docker.sock", "ExecStart=/usr/local/bin/meshfed-vmagent --config /etc/meshfed/vmagent.yaml"} {
 		if !strings.Contains(string(unit), want) {
 			t.Errorf("the unit lacks %s", want)
 		}
@@ -151,7 +151,7 @@ func TestInstallReinstallUpgradeUninstall(t *testing.T) {
 			t.Fatal(err)
 		}
 		mustInstall(t, root, "--binary", v2)
-		if got, _ := os.ReadFile(filepath.Join(root, "usr/local/bin/meshfed")); !strings.Contains(string(got), "v2") {
+		if got, _ := os.ReadFile(filepath.Join(root, "usr/local/bin/meshfed-vmagent")); !strings.Contains(string(got), "v2") {
 			t.Errorf("the binary was not upgraded: %s", got)
 		}
 		if got, _ := os.ReadFile(filepath.Join(root, "etc/meshfed/vmagent.yaml")); string(got) != string(config) {

@@ -405,8 +405,8 @@ func TestVMAgentDocker(t *testing.T) {
 	})
 }
 
-// TestVMAgentImage runs the agent as the container deploy/vm/Dockerfile
-// makes, the way its comment says: host network, the Docker socket
+// TestVMAgentImage runs the agent (meshfed-vmagent) as the container
+// deploy/vm/Dockerfile makes, the way its comment says: host network, the Docker socket
 // mounted, no capability but the two the host proxy needs. A labelled
 // container on the host shows in another site.
 func TestVMAgentImage(t *testing.T) {
@@ -419,7 +419,7 @@ func TestVMAgentImage(t *testing.T) {
 	harness.WaitReady(t, west.http, 30*time.Second)
 
 	dir := t.TempDir()
-	if out, err := exec.Command("cp", f.bin, filepath.Join(dir, "meshfed")).CombinedOutput(); err != nil {
+	if out, err := exec.Command("cp", harness.Command(t, "meshfed-vmagent"), filepath.Join(dir, "meshfed-vmagent")).CombinedOutput(); err != nil {
 		t.Fatalf("%v: %s", err, out)
 	}
 	dockerfile, err := os.ReadFile("../../deploy/vm/Dockerfile")

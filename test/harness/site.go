@@ -24,17 +24,34 @@ func StartSite(t testing.TB, name, services string) *Site {
 	hubHTTP := FreePort(t)
 	Start(t, "hub", s.bin, "hub", "--data-dir", filepath.Join(s.Dir, "hub"), "--listen", s.HubRPC, "--http-listen", hubHTTP, "--federation", "bench.meshfed")
 	WaitReady(t, hubHTTP, 30*time.Second)
-	file := filepath.Join(s.Dir, "services.yaml")
+	s.startSpoke(t, "z1", services)
+	return s
+}
+
+// Join registers another site at s's hub (region r1, zone zone) and starts
+// its spoke, serving the services file content.
+func (s *Site) Join(t testing.TB, name, zone, services string) *Site {
+	t.Helper()
+	o := &Site{Name: name, Dir: s.Dir, bin: s.bin, HubRPC: s.HubRPC}
+	o.startSpoke(t, zone, services)
+	return o
+}
+
+func (s *Site) startSpoke(t testing.TB, zone, services string) {
+	t.Helper()
+	file := filepath.Join(s.Dir, s.Name+"-services.yaml")
 	if err := os.WriteFile(file, []byte(services), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	s.CLI(t, "site", "add", name, "--kind", "docker", "--region", "r1", "--zone", "z1", "--gateway-address", "127.0.0.1:15443")
+	s.CLI(t, "site", "add", s.Name, "--kind", "docker", "--region", "r1", "--zone", zone, "--gateway-address", "127.0.0.1:15443")
 	s.SpokeHTTP, s.Identity, s.XDS = FreePort(t), FreePort(t), FreePort(t)
-	Start(t, "spoke", s.bin, "spoke", "--site", name, "--hub", s.HubRPC, "--token", s.CLI(t, "site", "token", "create", "--site", name),
-		"--data-dir", filepath.Join(s.Dir, name), "--services", file, "--http-listen", s.SpokeHTTP, "--identity-listen", s.Identity, "--xds-listen", s.XDS)
+	Start(t, "spoke-"+s.Name, s.bin, "spoke", "--site", s.Name, "--hub", s.HubRPC, "--token", s.CLI(t, "site", "token", "create", "--site", s.Name),
+		"--data-dir", filepath.Join(s.Dir, s.Name), "--services", file, "--http-listen", s.SpokeHTTP, "--identity-listen", s.Identity, "--xds-listen", s.XDS)
 	WaitReady(t, s.SpokeHTTP, 30*time.Second)
-	return s
 }
+
+// Bin is the meshfed binary the site runs.
+func (s *Site) Bin() string { return s.bin }
 
 // CLI runs a meshfed command as the hub's admin and returns its output.
 func (s *Site) CLI(t testing.TB, args ...string) string {

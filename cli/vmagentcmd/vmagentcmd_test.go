@@ -1,7 +1,7 @@
-package cli
+package vmagentcmd
 
 import (
-	"io"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
@@ -11,7 +11,7 @@ import (
 // The agent's --config sets the flags it names, the command line wins, and
 // a misspelt key is refused with the keys there are.
 func TestVMAgentConfigFile(t *testing.T) {
-	cmd := newVMAgentCmd(&globals{out: io.Discard, errOut: io.Discard})
+	cmd := New(slog.Default, "test")
 	dir := t.TempDir()
 	path := filepath.Join(dir, "vmagent.yaml")
 	if err := os.WriteFile(path, []byte("spoke: dc1-spoke:7181\ndata-dir: /var/lib/x\nnetwork: apps\ncheck-interval: 5s\n"), 0o600); err != nil {
@@ -33,11 +33,11 @@ func TestVMAgentConfigFile(t *testing.T) {
 	if err := os.WriteFile(path, []byte("spoke: a:1\ndata-dir: /x\nnetwrok: apps\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	err := applyConfigFile(newVMAgentCmd(&globals{out: io.Discard, errOut: io.Discard}), path)
+	err := applyConfigFile(New(slog.Default, "test"), path)
 	if err == nil || !strings.Contains(err.Error(), `unknown key "netwrok"`) || !strings.Contains(err.Error(), "network") {
 		t.Errorf("a misspelt key: %v", err)
 	}
-	if err := applyConfigFile(newVMAgentCmd(&globals{out: io.Discard, errOut: io.Discard}), ""); err == nil || !strings.Contains(err.Error(), "--spoke is required") {
+	if err := applyConfigFile(New(slog.Default, "test"), ""); err == nil || !strings.Contains(err.Error(), "--spoke is required") {
 		t.Errorf("no spoke anywhere: %v", err)
 	}
 }
