@@ -74,6 +74,7 @@ func newSpokeCmd(g *globals) *cobra.Command {
 	o := spoke.DefaultOptions()
 	var services, kubeconfig, kubeContext, caSecret, credSecret, bundleConfigMap string
 	var poll time.Duration
+	var cf consulFlags
 	cmd := &cobra.Command{
 		Use:   "spoke",
 		Short: "Run a site's spoke: publish its services to the hub and keep the federated view",
@@ -104,6 +105,14 @@ func newSpokeCmd(g *globals) *cobra.Command {
 					return fmt.Errorf("--services %s: %w", services, err)
 				}
 				o.Source = src
+			}
+			if cf.addr != "" {
+				if services != "" {
+					return fmt.Errorf("--services and --consul-addr are two sources: give one (a site's catalog comes from one place)")
+				}
+				if o.Source, err = cf.source(o.Logger, o.Registry, func(err error) { sp.OnSourceError(err) }); err != nil {
+					return err
+				}
 			}
 			inCluster := os.Getenv("KUBERNETES_SERVICE_HOST") != ""
 			// kc: the site's cluster, when the spoke has one.
@@ -178,6 +187,7 @@ func newSpokeCmd(g *globals) *cobra.Command {
 	f.DurationVar(&o.MaxStale, "max-stale", 24*time.Hour, "keep serving other sites' services this long after the hub was last reached (negative: forever)")
 	f.DurationVar(&o.HostStaleAfter, "host-stale-after", o.HostStaleAfter, "mark a host agent's endpoints unhealthy once it has not reported for this long")
 	f.DurationVar(&o.HostExpireAfter, "host-expire-after", o.HostExpireAfter, "remove a host agent's endpoints from the catalog once it has not reported for this long")
+	cf.register(f)
 	_ = cmd.MarkFlagRequired("site")
 	_ = cmd.MarkFlagRequired("data-dir")
 	return cmd

@@ -2,7 +2,7 @@
 # Installs the real parts meshfed's tests and `make generate` run against,
 # when they are missing: etcd (Debian's etcd-server), curl, gcc (for -race), HAProxy (for make bench), systemd (systemd-analyze), protoc (Debian's
 # protobuf-compiler 3.21.12, which the committed code was made with), and
-# the well-known .proto files (libprotobuf-dev), and the pinned kube-apiserver, built once into a cache dir (test/kube.sh).
+# the well-known .proto files (libprotobuf-dev), and the pinned kube-apiserver and Consul agent, built once into a cache dir (test/kube.sh, test/consul.sh).
 set -euo pipefail
 need=()
 command -v etcd >/dev/null || need+=(etcd-server)
@@ -24,3 +24,4 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 "$(dirname "$0")/kube.sh" >/dev/null
+"$(dirname "$0")/consul.sh" >/dev/null

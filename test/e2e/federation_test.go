@@ -43,8 +43,10 @@ type federation struct {
 	storeArgs []string
 	hub       *harness.Process
 	spokes    map[string]*spokeProc
-	// gateways are sites' gateway addresses, set before addSite.
+	// gateways are sites' gateway addresses, set before addSite; kinds
+	// their kinds, when not docker.
 	gateways map[string]string
+	kinds    map[string]string
 }
 
 type spokeProc struct {
@@ -54,7 +56,7 @@ type spokeProc struct {
 }
 
 func newFederation(t *testing.T, storeArgs ...string) *federation {
-	f := &federation{t: t, bin: harness.Binary(t), dir: t.TempDir(), hubAddr: harness.FreePort(t), hubHTTP: harness.FreePort(t), bundles: harness.FreePort(t), storeArgs: storeArgs, spokes: map[string]*spokeProc{}, gateways: map[string]string{}}
+	f := &federation{t: t, bin: harness.Binary(t), dir: t.TempDir(), hubAddr: harness.FreePort(t), hubHTTP: harness.FreePort(t), bundles: harness.FreePort(t), storeArgs: storeArgs, spokes: map[string]*spokeProc{}, gateways: map[string]string{}, kinds: map[string]string{}}
 	f.startHub()
 	return f
 }
@@ -94,7 +96,11 @@ func (f *federation) addSite(site, zone string, services string, extra ...string
 	if gw == "" {
 		gw = "gw-" + site + ".meshfed.test:15443"
 	}
-	f.mustCLI("site", "add", site, "--kind", "docker", "--region", region, "--zone", zone, "--gateway-address", gw)
+	kind := f.kinds[site]
+	if kind == "" {
+		kind = "docker"
+	}
+	f.mustCLI("site", "add", site, "--kind", kind, "--region", region, "--zone", zone, "--gateway-address", gw)
 	token := strings.TrimSpace(f.mustCLI("site", "token", "create", "--site", site, "--ttl", "10m"))
 	s := &spokeProc{site: site, dir: filepath.Join(f.dir, site), file: filepath.Join(f.dir, site+".yaml"), http: harness.FreePort(f.t), identity: harness.FreePort(f.t), xds: harness.FreePort(f.t)}
 	args := []string{"spoke", "--site", site, "--hub", f.hubAddr, "--token", token,

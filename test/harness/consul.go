@@ -1,0 +1,71 @@
+package harness
+
+import (
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/consul/api"
+)
+
+// Consul is a Consul agent in dev mode (one server, in memory) on
+// loopback.
+type Consul struct {
+	Addr   string // the HTTP API, host:port
+	DNS    string // the DNS interface, host:port
+	Client *api.Client
+	proc   *Process
+	args   []string
+	t      testing.TB
+	bin    string
+}
+
+// ConsulBinary returns the pinned consul, building it into the tools
+// cache the first time (test/consul.sh).
+func ConsulBinary(t testing.TB) string {
+	t.Helper()
+	root, err := moduleRoot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := exec.Command(filepath.Join(root, "test", "consul.sh")).Output()
+	if err != nil {
+		t.Fatalf("build consul (test/consul.sh): %v", err)
+	}
+	return strings.TrimSpace(string(out))
+}
+
+// StartConsul starts `consul agent -dev` with every port its own and
+// waits until it has a leader.
+func StartConsul(t testing.TB, datacenter string) *Consul {
+	t.Helper()
+	c := &Consul{t: t, bin: ConsulBinary(t), Addr: FreePort(t), DNS: FreePort(t)}
+	port := func(hp string) string { _, p, _ := strings.Cut(hp, ":"); return p }
+	c.args = []string{"agent", "-dev", "-datacenter", datacenter, "-node", "consul-" + datacenter, "-bind", "127.0.0.1", "-client", "127.0.0.1",
+		"-http-port", port(c.Addr), "-dns-port", port(c.DNS), "-grpc-port", port(FreePort(t)),
+		"-server-port", port(FreePort(t)), "-serf-lan-port", port(FreePort(t)), "-serf-wan-port", port(FreePort(t)),
+		"-hcl", `ports { grpc_tls = -1 }`, "-log-level", "warn"}
+	cfg := api.DefaultConfig()
+	cfg.Address = "http://" + c.Addr
+	var err error
+	if c.Client, err = api.NewClient(cfg); err != nil {
+		t.Fatal(err)
+	}
+	c.Start()
+	return c
+}
+
+// Start starts the agent (again, after Stop: dev mode starts empty).
+func (c *Consul) Start() {
+	c.t.Helper()
+	c.proc = Start(c.t, "consul", c.bin, c.args...)
+	Eventually(c.t, 30*time.Second, "consul has a leader", func() error {
+		_, err := c.Client.Status().Leader()
+		return err
+	})
+}
+
+// Stop kills the agent.
+func (c *Consul) Stop() { c.proc.Kill() }
