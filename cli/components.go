@@ -5,6 +5,7 @@ import (
 	"os"
 	"time"
 
+	"github.com/meshfed/meshfed/catalog"
 	"github.com/meshfed/meshfed/hub"
 	"github.com/meshfed/meshfed/spoke"
 	"github.com/meshfed/meshfed/spoke/file"
@@ -110,8 +111,22 @@ func newSpokeCmd(g *globals) *cobra.Command {
 				if services != "" {
 					return fmt.Errorf("--services and --consul-addr are two sources: give one (a site's catalog comes from one place)")
 				}
-				if o.Source, err = cf.source(o.Logger, o.Registry, func(err error) { sp.OnSourceError(err) }); err != nil {
+				from, to, err := cf.directions()
+				if err != nil {
 					return err
+				}
+				if err := cf.dial(); err != nil {
+					return err
+				}
+				if from {
+					if o.Source, err = cf.source(o.Logger, o.Registry, func(err error) { sp.OnSourceError(err) }); err != nil {
+						return err
+					}
+				}
+				if to {
+					if o.Importer, err = cf.registrar(o.Logger, o.Registry, func() catalog.SiteView { return sp.Snapshot() }); err != nil {
+						return err
+					}
 				}
 			}
 			inCluster := os.Getenv("KUBERNETES_SERVICE_HOST") != ""

@@ -3,10 +3,12 @@ package cli
 import (
 	"fmt"
 	"log/slog"
+	"net/netip"
 	"os"
 	"strings"
 
 	"github.com/hashicorp/consul/api"
+	"github.com/meshfed/meshfed/catalog"
 	"github.com/meshfed/meshfed/spoke/consul"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spf13/pflag"
@@ -14,8 +16,9 @@ import (
 
 // consulFlags are the spoke's flags for a Consul datacenter as its source.
 type consulFlags struct {
-	addr, tokenFile, datacenter, exportTag string
-	exportAll                              bool
+	addr, tokenFile, datacenter, exportTag, direction, registerPrefix string
+	exportAll                                                          bool
+	client                                                             *api.Client
 }
 
 func (c *consulFlags) register(f *pflag.FlagSet) {
@@ -24,23 +27,66 @@ func (c *consulFlags) register(f *pflag.FlagSet) {
 	f.StringVar(&c.datacenter, "consul-datacenter", "", "Consul datacenter to read (default: the agent's)")
 	f.StringVar(&c.exportTag, "consul-export-tag", "meshfed-export", "export the Consul services with this tag")
 	f.BoolVar(&c.exportAll, "consul-export-all", false, "export every Consul service, tagged or not")
+	f.StringVar(&c.direction, "consul-direction", "", "from-consul, to-consul or both (default: both with --consul-register-prefix, else from-consul)")
+	f.StringVar(&c.registerPrefix, "consul-register-prefix", "", "register the other sites' services in Consul at their listeners in this range: the --outbound-prefix of the site's proxy that Consul clients connect through")
+}
+
+// directions reads --consul-direction: whether to read Consul, whether
+// to write it.
+func (c *consulFlags) directions() (from, to bool, err error) {
+	d := c.direction
+	if d == "" {
+		d = "from-consul"
+		if c.registerPrefix != "" {
+			d = "both"
+		}
+	}
+	switch d {
+	case "from-consul":
+		from = true
+	case "to-consul":
+		to = true
+	case "both":
+		from, to = true, true
+	default:
+		return false, false, fmt.Errorf("--consul-direction %q: want from-consul, to-consul or both", c.direction)
+	}
+	if to && c.registerPrefix == "" {
+		return false, false, fmt.Errorf("--consul-direction %s writes to Consul: give --consul-register-prefix, the outbound prefix of the site's proxy that Consul clients connect through", d)
+	}
+	return from, to, nil
+}
+
+// registrar is the to-Consul side the flags describe.
+func (c *consulFlags) registrar(log *slog.Logger, reg prometheus.Registerer, snapshot func() catalog.SiteView) (*consul.Registrar, error) {
+	prefix, err := netip.ParsePrefix(c.registerPrefix)
+	if err != nil {
+		return nil, fmt.Errorf("--consul-register-prefix %q: want a CIDR such as 127.130.0.0/16", c.registerPrefix)
+	}
+	return consul.NewRegistrar(consul.RegistrarOptions{Client: c.client, Datacenter: c.datacenter, Prefix: prefix, Snapshot: snapshot,
+		Logger: log.With("component", "consul-register"), Registry: reg})
 }
 
 // source is the Consul source the flags describe.
 func (c *consulFlags) source(log *slog.Logger, reg prometheus.Registerer, onError func(error)) (*consul.Source, error) {
+	return consul.New(consul.Options{Client: c.client, Datacenter: c.datacenter, ExportTag: c.exportTag, ExportAll: c.exportAll,
+		Logger: log.With("component", "consul"), OnError: onError, Registry: reg})
+}
+
+// dial makes the Consul API client.
+func (c *consulFlags) dial() error {
 	cfg := api.DefaultConfig()
 	cfg.Address = c.addr
 	if c.tokenFile != "" {
 		tok, err := os.ReadFile(c.tokenFile)
 		if err != nil {
-			return nil, fmt.Errorf("--consul-token-file: %w", err)
+			return fmt.Errorf("--consul-token-file: %w", err)
 		}
 		cfg.Token = strings.TrimSpace(string(tok))
 	}
-	client, err := api.NewClient(cfg)
-	if err != nil {
-		return nil, fmt.Errorf("--consul-addr %s: %w", c.addr, err)
+	var err error
+	if c.client, err = api.NewClient(cfg); err != nil {
+		return fmt.Errorf("--consul-addr %s: %w", c.addr, err)
 	}
-	return consul.New(consul.Options{Client: client, Datacenter: c.datacenter, ExportTag: c.exportTag, ExportAll: c.exportAll,
-		Logger: log.With("component", "consul"), OnError: onError, Registry: reg})
+	return nil
 }

@@ -18,6 +18,8 @@ import (
 	"net/netip"
 	"sort"
 	"strconv"
+
+	"github.com/meshfed/meshfed/catalog"
 )
 
 // Secret names.
@@ -98,6 +100,21 @@ func AssignVIPs(prefix netip.Prefix, ids []string) map[string]netip.Addr {
 		out[id] = netip.AddrFrom4(b)
 	}
 	return out
+}
+
+// ServiceAddrs gives every service of services (by ID, across sites) the
+// address a node with outbound prefix gets its listeners at: what
+// AssignVIPs gives it from the same IDs, as the builder does.
+func ServiceAddrs(services []catalog.Service, prefix netip.Prefix) map[string]netip.Addr {
+	seen := map[string]bool{}
+	var ids []string
+	for _, s := range services {
+		if !seen[s.ID()] {
+			seen[s.ID()] = true
+			ids = append(ids, s.ID())
+		}
+	}
+	return AssignVIPs(prefix, ids)
 }
 
 func parsePrefix(s string) (netip.Prefix, error) {
