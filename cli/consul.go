@@ -17,8 +17,8 @@ import (
 // consulFlags are the spoke's flags for a Consul datacenter as its source.
 type consulFlags struct {
 	addr, tokenFile, datacenter, exportTag, direction, registerPrefix string
-	exportAll                                                          bool
-	client                                                             *api.Client
+	exportAll                                                         bool
+	client                                                            *api.Client
 }
 
 func (c *consulFlags) register(f *pflag.FlagSet) {
