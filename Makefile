@@ -53,7 +53,7 @@ demo: build
 
 bench: build tools
 	$(GO) run ./bench/hub -meshfed $(BIN)
-	$(GO) test -run '^$$' -bench . -benchtime 1x -timeout 40m ./bench/kube ./bench/proxy ./bench/gateway ./bench/vmagent
+	$(GO) test -run '^$$' -bench . -benchtime 1x -timeout 40m ./bench/kube ./bench/proxy ./bench/gateway ./bench/vmagent ./bench/consul
 
 # generate rebuilds the committed protobuf code; protoc comes from Debian
 # (protobuf-compiler 3.21.12), the plugins from go.mod's tool lines, so the

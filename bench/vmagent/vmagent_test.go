@@ -5,7 +5,6 @@
 package vmagent
 
 import (
-	"context"
 	"fmt"
 	"os"
 	"os/exec"
@@ -17,12 +16,8 @@ import (
 	"time"
 
 	"github.com/meshfed/meshfed/bench/load"
-	"github.com/meshfed/meshfed/catalog"
-	"github.com/meshfed/meshfed/dataplane/xdsclient"
-	"github.com/meshfed/meshfed/identityclient"
 	"github.com/meshfed/meshfed/spoke/xds"
 	"github.com/meshfed/meshfed/test/harness"
-	"github.com/prometheus/client_golang/prometheus"
 )
 
 // TestMain removes the binaries the benchmark built.
@@ -34,52 +29,6 @@ const (
 	replicas   = 10  // of each service the untimed containers serve
 )
 
-// observer is a node of the other site reading its EDS as a proxy there
-// would: it records when each service first has a healthy endpoint.
-type observer struct {
-	mu      sync.Mutex
-	healthy map[string]time.Time // cluster name → when
-	changed chan struct{}
-}
-
-func (o *observer) update(cfg *xdsclient.Config) error {
-	now := time.Now()
-	o.mu.Lock()
-	defer o.mu.Unlock()
-	for name, c := range cfg.Clusters {
-		if _, seen := o.healthy[name]; seen {
-			continue
-		}
-		for _, prio := range c.Priorities {
-			if slices.ContainsFunc(prio, func(e xdsclient.Endpoint) bool { return e.Healthy && e.Site == "dc1" }) {
-				o.healthy[name] = now
-			}
-		}
-	}
-	select {
-	case o.changed <- struct{}{}:
-	default:
-	}
-	return nil
-}
-
-func (o *observer) wait(cluster string, within time.Duration) (time.Time, error) {
-	deadline := time.After(within)
-	for {
-		o.mu.Lock()
-		at, ok := o.healthy[cluster]
-		o.mu.Unlock()
-		if ok {
-			return at, nil
-		}
-		select {
-		case <-o.changed:
-		case <-deadline:
-			return time.Time{}, fmt.Errorf("%s has no healthy endpoint of dc1 in west's EDS after %v", cluster, within)
-		}
-	}
-}
-
 func BenchmarkVMAgent(b *testing.B) {
 	dc1 := harness.StartSite(b, "dc1", "services: []\n")
 	west := dc1.Join(b, "west", "z2", "services: []\n")
@@ -87,21 +36,7 @@ func BenchmarkVMAgent(b *testing.B) {
 	network := harness.DockerNetwork(b)
 
 	// The other site's view, as its proxies get it.
-	ctx, cancel := context.WithCancel(context.Background())
-	b.Cleanup(cancel)
-	id, err := identityclient.New(ctx, identityclient.Options{Addr: west.Identity, Token: west.CLI(b, "vm", "token", "create", "--site", "west", "--node", "observer")})
-	if err != nil {
-		b.Fatal(err)
-	}
-	conn, err := xdsclient.Dial(west.XDS, id.ClientTLS())
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() { conn.Close() })
-	obs := &observer{healthy: map[string]time.Time{}, changed: make(chan struct{}, 1)}
-	xc := &xdsclient.Client{Conn: conn, Update: obs.update, Metrics: xdsclient.NewMetrics(prometheus.NewRegistry()),
-		Node: xdsclient.NewNode(id.SVID().ID.String(), "meshfed-proxy", catalog.Locality{}, map[string]any{}), Secrets: []string{"default", "federation"}}
-	go func() { _ = xc.Run(ctx) }()
+	obs := harness.WatchEDS(b, west, "observer", "dc1")
 
 	// The agent, with the host proxy as a user runs it; its outbound
 	// range apart from the demo's and the tests'. The harness kills it
@@ -130,7 +65,7 @@ func BenchmarkVMAgent(b *testing.B) {
 		start := time.Now()
 		run(name, service)
 		started := time.Now()
-		at, err := obs.wait(xds.ClusterName("default", service, 8080, ""), 30*time.Second)
+		at, err := obs.Healthy(xds.ClusterName("default", service, 8080, ""), 30*time.Second)
 		if err != nil {
 			b.Fatal(err)
 		}

@@ -14,6 +14,8 @@ type Site struct {
 	Name, Dir                        string
 	Identity, XDS, SpokeHTTP, HubRPC string
 	bin                              string
+	spokeArgs                        []string
+	spoke                            *Process
 }
 
 // StartSite starts a hub (federation "bench.meshfed") and site name (region
@@ -24,7 +26,7 @@ func StartSite(t testing.TB, name, services string) *Site {
 	hubHTTP := FreePort(t)
 	Start(t, "hub", s.bin, "hub", "--data-dir", filepath.Join(s.Dir, "hub"), "--listen", s.HubRPC, "--http-listen", hubHTTP, "--federation", "bench.meshfed")
 	WaitReady(t, hubHTTP, 30*time.Second)
-	s.startSpoke(t, "z1", services)
+	s.startSpoke(t, "z1", "docker", services)
 	return s
 }
 
@@ -32,23 +34,47 @@ func StartSite(t testing.TB, name, services string) *Site {
 // its spoke, serving the services file content.
 func (s *Site) Join(t testing.TB, name, zone, services string) *Site {
 	t.Helper()
+	return s.JoinWith(t, name, zone, "docker", services)
+}
+
+// JoinWith is Join for a site of kind, whose spoke takes args too; with no
+// services ("") the spoke gets no services file.
+func (s *Site) JoinWith(t testing.TB, name, zone, kind, services string, args ...string) *Site {
+	t.Helper()
 	o := &Site{Name: name, Dir: s.Dir, bin: s.bin, HubRPC: s.HubRPC}
-	o.startSpoke(t, zone, services)
+	o.startSpoke(t, zone, kind, services, args...)
 	return o
 }
 
-func (s *Site) startSpoke(t testing.TB, zone, services string) {
+func (s *Site) startSpoke(t testing.TB, zone, kind, services string, args ...string) {
 	t.Helper()
-	file := filepath.Join(s.Dir, s.Name+"-services.yaml")
-	if err := os.WriteFile(file, []byte(services), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	s.CLI(t, "site", "add", s.Name, "--kind", "docker", "--region", "r1", "--zone", zone, "--gateway-address", "127.0.0.1:15443")
+	s.CLI(t, "site", "add", s.Name, "--kind", kind, "--region", "r1", "--zone", zone, "--gateway-address", "127.0.0.1:15443")
 	s.SpokeHTTP, s.Identity, s.XDS = FreePort(t), FreePort(t), FreePort(t)
-	Start(t, "spoke-"+s.Name, s.bin, "spoke", "--site", s.Name, "--hub", s.HubRPC, "--token", s.CLI(t, "site", "token", "create", "--site", s.Name),
-		"--data-dir", filepath.Join(s.Dir, s.Name), "--services", file, "--http-listen", s.SpokeHTTP, "--identity-listen", s.Identity, "--xds-listen", s.XDS)
+	s.spokeArgs = []string{"spoke", "--site", s.Name, "--hub", s.HubRPC, "--token", s.CLI(t, "site", "token", "create", "--site", s.Name),
+		"--data-dir", filepath.Join(s.Dir, s.Name), "--http-listen", s.SpokeHTTP, "--identity-listen", s.Identity, "--xds-listen", s.XDS}
+	if services != "" {
+		file := filepath.Join(s.Dir, s.Name+"-services.yaml")
+		if err := os.WriteFile(file, []byte(services), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		s.spokeArgs = append(s.spokeArgs, "--services", file, "--services-poll", "100ms")
+	}
+	s.spokeArgs = append(s.spokeArgs, args...)
+	s.spoke = Start(t, "spoke-"+s.Name, s.bin, s.spokeArgs...)
 	WaitReady(t, s.SpokeHTTP, 30*time.Second)
 }
+
+// RestartSpoke kills the site's spoke and starts it again on its data
+// dir (its token spent: the credential there is used).
+func (s *Site) RestartSpoke(t testing.TB) {
+	t.Helper()
+	s.spoke.Kill()
+	s.spoke = Start(t, "spoke-"+s.Name, s.bin, s.spokeArgs...)
+	WaitReady(t, s.SpokeHTTP, 30*time.Second)
+}
+
+// ServicesFile is the spoke's services file, to edit.
+func (s *Site) ServicesFile() string { return filepath.Join(s.Dir, s.Name+"-services.yaml") }
 
 // Bin is the meshfed binary the site runs.
 func (s *Site) Bin() string { return s.bin }
