@@ -6,6 +6,7 @@ import (
 	"net"
 	"net/netip"
 	"slices"
+	"sync"
 	"testing"
 	"time"
 
@@ -62,10 +63,13 @@ func upstream(t *testing.T) string {
 
 func TestServiceNames(t *testing.T) {
 	vip := netip.MustParseAddr("127.128.3.4")
+	var mu sync.Mutex // the server answers queries concurrently
 	var asked []netip.Addr
 	r := serve(t, servicedns.Options{
 		Forward: []string{upstream(t)},
 		Lookup: func(src netip.Addr, namespace, name string) (netip.Addr, bool) {
+			mu.Lock()
+			defer mu.Unlock()
 			asked = append(asked, src)
 			return vip, namespace == "default" && name == "echo"
 		},
@@ -77,9 +81,11 @@ func TestServiceNames(t *testing.T) {
 			t.Errorf("%s: got %v, %v; want [%s]", name, got, err, vip)
 		}
 	}
+	mu.Lock()
 	if len(asked) == 0 || asked[0] != netip.MustParseAddr("127.0.0.1") {
 		t.Errorf("the lookup was asked for sources %v; want the caller's address 127.0.0.1", asked)
 	}
+	mu.Unlock()
 	for _, name := range []string{"nope.default.svc.clusterset.local", "echo.other.svc.clusterset.local", "a.b.echo.default.svc.clusterset.local", "svc.clusterset.local"} {
 		_, err := r.LookupHost(ctx, name)
 		var de *net.DNSError

@@ -80,6 +80,31 @@ for site in east west central; do
   port=$((port + 1)); idport=$((idport + 1))
 done
 
+# A Consul site, when the pinned Consul agent is at hand (test/consul.sh
+# builds it once; `make tools` does): the agent in dev mode on loopback,
+# and dc1's spoke syncing with it both ways.
+CONSUL=$(test/consul.sh --cached 2>/dev/null || true)
+if [ -n "$CONSUL" ]; then
+  step "a Consul site: consul agent -dev, and dc1's spoke syncing with it both ways"
+  "$CONSUL" agent -dev -datacenter dc1 -node consul-demo -bind 127.0.0.1 -client 127.0.0.1 -http-port 18500 -dns-port 18600 \
+    -grpc-port 18502 -server-port 18300 -serf-lan-port 18301 -serf-wan-port 18302 -hcl 'ports { grpc_tls = -1 }' >"$DEMO/consul.log" 2>&1 &
+  PIDS+=($!)
+  for _ in $(seq 1 100); do curl -sf http://127.0.0.1:18500/v1/status/leader | grep -q : && break; sleep 0.1; done
+  "$BIN" site add dc1 --kind consul --region us-east --zone us-east-1b --gateway-address 127.0.0.1:45443 >/dev/null
+  MESHFED_TOKEN=$("$BIN" site token create --site dc1 --ttl 10m) "$BIN" spoke --site dc1 --hub "$HUB" --data-dir "$DEMO/dc1" \
+    --consul-addr http://127.0.0.1:18500 --consul-register-prefix 127.140.0.0/16 \
+    --http-listen 127.0.0.1:17183 --identity-listen 127.0.0.1:17193 --xds-listen 127.0.0.1:17203 >"$DEMO/dc1.log" 2>&1 &
+  PIDS+=($!)
+  wait_http http://127.0.0.1:17183/readyz "spoke dc1" dc1
+  # A service registered in Consul, at the inbound listener of the meshfed
+  # proxy in front of it (started with the data plane below).
+  curl -sf -X PUT http://127.0.0.1:18500/v1/agent/service/register -d '{"ID": "inventory-1", "Name": "inventory", "Address": "127.0.0.61",
+    "Port": 18090, "Tags": ["meshfed-export"], "Meta": {"version": "v1"}}'
+  echo "consul: registered inventory at 127.0.0.61:18090, tagged meshfed-export"
+else
+  step "no Consul agent built (make tools builds it): skipping the Consul site"
+fi
+
 # Both spokes are up; wait until each sees the other's services.
 for _ in $(seq 1 100); do
   n=$("$BIN" service list -o json | grep -c '"name"' || true)
@@ -161,6 +186,17 @@ for site in east west; do
   [ "$site" = east ] && EAST_GW=${PIDS[-1]}
   i=$((i + 1))
 done
+if [ -n "$CONSUL" ]; then
+  # dc1: the app behind Consul's inventory, the proxy in front of it (its
+  # node token names the Consul node, so it gets inventory's SVID), the
+  # site's gateway, and the proxy Consul clients connect through.
+  "$BIN" debug echo --listen 127.0.0.1:18092 --name dc1-inventory >"$DEMO/dc1-app.log" 2>&1 &
+  PIDS+=($!)
+  dataplane consul-demo dc1 proxy --identity 127.0.0.1:17193 --xds 127.0.0.1:17203 --http-listen 127.0.0.1:17403 \
+    --workload spiffe://dc1.demo.meshfed/ns/default/sa/inventory --address 127.0.0.61 --inbound 18090=127.0.0.1:18092 --outbound-prefix -
+  dataplane dc1-gw dc1 gateway --site dc1 --listen 127.0.0.1:45443 --identity 127.0.0.1:17193 --xds 127.0.0.1:17203 --http-listen 127.0.0.1:17413
+  dataplane consul-clients dc1 proxy --identity 127.0.0.1:17193 --xds 127.0.0.1:17203 --http-listen 127.0.0.1:17423 --outbound-prefix 127.140.0.0/16
+fi
 # svid_files NAME SITE HTTP_PORT [meshfed svid flags]: a one-time node
 # token for host NAME, then meshfed svid keeping its SVID and bundles in
 # $DEMO/NAME, for proxyless gRPC.
@@ -186,7 +222,7 @@ cat >"$DEMO/echo-policy.yaml" <<YAML
 service: default/echo
 failover: [east, west]
 outlierDetection: {consecutiveFailures: 3, interval: 1s, baseEjectionTime: 5s}
-allow: [spiffe://central.demo.meshfed/meshfed/node/client-host, spiffe://east.demo.meshfed/ns/default/sa/hello]
+allow: [spiffe://central.demo.meshfed/meshfed/node/client-host, spiffe://east.demo.meshfed/ns/default/sa/hello, spiffe://dc1.demo.meshfed/meshfed/node/consul-clients]
 YAML
 cat >>"$DEMO/echo-policy.yaml" <<YAML
 ---
@@ -195,6 +231,9 @@ failover: [east, west]
 allow: [spiffe://central.demo.meshfed/meshfed/node/grpc-client]
 ---
 service: default/hello
+allow: [spiffe://central.demo.meshfed/meshfed/node/client-host]
+---
+service: default/inventory
 allow: [spiffe://central.demo.meshfed/meshfed/node/client-host]
 YAML
 "$BIN" policy apply -f "$DEMO/echo-policy.yaml"
@@ -217,6 +256,22 @@ if [ -n "${DOCKER_NET:-}" ]; then
   step "a container calls default/echo by its name: the host proxy's DNS and its listener, with the hello workload's SVID"
   echo "docker exec $DOCKER_NET-hello-1 /app greet echo.default.svc.clusterset.local:8080"
   docker exec "$DOCKER_NET-hello-1" /app greet echo.default.svc.clusterset.local:8080
+fi
+if [ -n "$CONSUL" ]; then
+  step "Consul's inventory, called from central: client proxy -> dc1's gateway -> the proxy in front of it"
+  INVENTORY=""
+  for _ in $(seq 1 100); do
+    INVENTORY=$(curl -s 127.0.0.1:17420/v1/listeners | sed -n 's/.*"inventory.default:18090":"\([^"]*\)".*/\1/p')
+    [ -n "$INVENTORY" ] && "$BIN" debug call "$INVENTORY" --count 1 --timeout 1s 2>/dev/null | grep -q inventory && break
+    sleep 0.2
+  done
+  "$BIN" debug call "$INVENTORY" --count 5
+  step "the other sites' services in Consul, and a plain Consul client calling default/echo"
+  curl -s 127.0.0.1:18500/v1/catalog/services | tr -d '\n'; echo
+  for _ in $(seq 1 100); do curl -s 127.0.0.1:18500/v1/catalog/service/echo | grep -q ServiceAddress && break; sleep 0.1; done
+  ECHO_CONSUL=$(curl -s 127.0.0.1:18500/v1/catalog/service/echo | sed -n 's/.*"ServiceAddress":"\([^"]*\)".*"ServicePort":\([0-9]*\).*/\1:\2/p')
+  echo "consul catalog service echo -> $ECHO_CONSUL (node meshfed-east, tagged meshfed; the dc1 proxy's listener)"
+  "$BIN" debug call "$ECHO_CONSUL" --count 5
 fi
 step "proxyless gRPC in central: grpc-go resolves xds:///greeter.default:9090 at central's spoke, mTLS through east's gateway"
 # meshfed svid keeps the client's SVID and the bundles as files; the

@@ -3,6 +3,12 @@
 // health of each exported service, each query waiting on Consul's index,
 // so a change is seen within a round trip and nothing polls.
 //
+// An instance is an endpoint with the identity
+// spiffe://<site trust domain>/ns/default/sa/<service> and the node label
+// of its Consul node: a meshfed proxy in front of it (registered in
+// Consul at its inbound listener) gets that SVID when it is attested as
+// that node, and other sites reach it through the site's gateway.
+//
 // Which services: those tagged ExportTag ("meshfed-export"), or all with
 // ExportAll. meshfed's own registrations (node meta external-source=meshfed)
 // are never imported. Only passing instances are healthy; an instance with
@@ -216,7 +222,14 @@ func (s *Source) endpoints(name string, entries []*api.ServiceEntry) []catalog.E
 			continue
 		}
 		seen[id] = true
-		ep := catalog.Endpoint{Address: addr, Port: uint32(e.Service.Port), Health: catalog.HealthHealthy, Labels: map[string]string{"consul.io/node": e.Node.Node}}
+		ep := catalog.Endpoint{Address: addr, Port: uint32(e.Service.Port), Health: catalog.HealthHealthy,
+			Labels: map[string]string{"consul.io/node": e.Node.Node, catalog.LabelNode: e.Node.Node}}
+		if s.local != nil && !s.local.TrustDomain().IsZero() {
+			// The workload identity a meshfed proxy in front of the
+			// instance holds (meshfed proxy --workload, attested with a
+			// node token for the Consul node's name).
+			ep.Identity = fmt.Sprintf("spiffe://%s/ns/default/sa/%s", s.local.TrustDomain().Name(), name)
+		}
 		switch e.Checks.AggregatedStatus() {
 		case api.HealthPassing:
 		case api.HealthWarning:
