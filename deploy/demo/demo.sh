@@ -7,7 +7,8 @@
 # west's gateway refusing names that are not its own services, and (with a
 # Docker engine) a vmagent in east exporting two labelled containers,
 # which central calls through east's gateway and which call default/echo
-# by its DNS name;
+# by its DNS name; (with the pinned Consul agent) a Consul site whose
+# service central calls and whose Consul lists the other sites' services;
 # then keeps running until Ctrl-C, when it stops everything and
 # cleans up.
 set -euo pipefail
@@ -267,9 +268,9 @@ if [ -n "$CONSUL" ]; then
   done
   "$BIN" debug call "$INVENTORY" --count 5
   step "the other sites' services in Consul, and a plain Consul client calling default/echo"
-  curl -s 127.0.0.1:18500/v1/catalog/services | tr -d '\n'; echo
+  curl -s 127.0.0.1:18500/v1/catalog/services | tr -d ' \n'; echo
   for _ in $(seq 1 100); do curl -s 127.0.0.1:18500/v1/catalog/service/echo | grep -q ServiceAddress && break; sleep 0.1; done
-  ECHO_CONSUL=$(curl -s 127.0.0.1:18500/v1/catalog/service/echo | sed -n 's/.*"ServiceAddress":"\([^"]*\)".*"ServicePort":\([0-9]*\).*/\1:\2/p')
+  ECHO_CONSUL=$(curl -s 127.0.0.1:18500/v1/catalog/service/echo | tr -d ' \n' | sed -n 's/.*"ServiceAddress":"\([^"]*\)".*"ServicePort":\([0-9]*\).*/\1:\2/p')
   echo "consul catalog service echo -> $ECHO_CONSUL (node meshfed-east, tagged meshfed; the dc1 proxy's listener)"
   "$BIN" debug call "$ECHO_CONSUL" --count 5
 fi
