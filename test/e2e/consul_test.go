@@ -114,6 +114,19 @@ func TestConsulSource(t *testing.T) {
 		})
 		consulEndpointsAre(t, time.Second, west, "dc1", "web", "web-2 stays while Consul is down", "127.0.0.42:8080 unhealthy v1")
 	})
+
+	t.Run("Consul back: the sync resumes, nothing lost or doubled", func(t *testing.T) {
+		c.Start()
+		register(&api.AgentServiceRegistration{ID: "web-3", Name: "web", Port: 8080, Address: "127.0.0.46", Tags: []string{"meshfed-export"}, Check: ttl("web-3")})
+		consulEndpointsAre(t, 20*time.Second, west, "dc1", "web", "web-2 kept, web-3 new, once each",
+			"127.0.0.42:8080 unhealthy v1\n127.0.0.46:8080 healthy ")
+		harness.Eventually(t, 15*time.Second, "site show dc1: the source is ok again", func() error {
+			if out := f.mustCLI("site", "show", "dc1"); strings.Contains(out, "last state") {
+				return fmt.Errorf("site show dc1:\n%s", out)
+			}
+			return nil
+		})
+	})
 }
 
 // TestConsulRegistersFederatedServices: the Consul site's spoke registers

@@ -10,8 +10,9 @@ import (
 	"github.com/hashicorp/consul/api"
 )
 
-// Consul is a Consul agent in dev mode (one server, in memory) on
-// loopback.
+// Consul is a one-server Consul datacenter on loopback, its state in a
+// temp dir, so a restart keeps it (as a real one does; dev mode would
+// start empty).
 type Consul struct {
 	Addr   string // the HTTP API, host:port
 	DNS    string // the DNS interface, host:port
@@ -37,16 +38,18 @@ func ConsulBinary(t testing.TB) string {
 	return strings.TrimSpace(string(out))
 }
 
-// StartConsul starts `consul agent -dev` with every port its own and
-// waits until it has a leader.
+// StartConsul starts `consul agent -server -bootstrap-expect 1` with every
+// port its own and waits until it has a leader.
 func StartConsul(t testing.TB, datacenter string) *Consul {
 	t.Helper()
 	c := &Consul{t: t, bin: ConsulBinary(t), Addr: FreePort(t), DNS: FreePort(t)}
 	port := func(hp string) string { _, p, _ := strings.Cut(hp, ":"); return p }
-	c.args = []string{"agent", "-dev", "-datacenter", datacenter, "-node", "consul-" + datacenter, "-bind", "127.0.0.1", "-client", "127.0.0.1",
+	c.args = []string{"agent", "-server", "-bootstrap-expect", "1", "-data-dir", t.TempDir(), "-ui=false",
+		"-datacenter", datacenter, "-node", "consul-" + datacenter, "-bind", "127.0.0.1", "-client", "127.0.0.1",
 		"-http-port", port(c.Addr), "-dns-port", port(c.DNS), "-grpc-port", port(FreePort(t)),
 		"-server-port", port(FreePort(t)), "-serf-lan-port", port(FreePort(t)), "-serf-wan-port", port(FreePort(t)),
-		"-hcl", `ports { grpc_tls = -1 }`, "-log-level", "warn"}
+		// Raft at its fastest, as dev mode has it: a leader within a second.
+		"-hcl", `ports { grpc_tls = -1 }`, "-hcl", `performance { raft_multiplier = 1 }`, "-log-level", "warn"}
 	cfg := api.DefaultConfig()
 	cfg.Address = "http://" + c.Addr
 	var err error
@@ -57,7 +60,7 @@ func StartConsul(t testing.TB, datacenter string) *Consul {
 	return c
 }
 
-// Start starts the agent (again, after Stop: dev mode starts empty).
+// Start starts the agent (again, after Stop, on its state).
 func (c *Consul) Start() {
 	c.t.Helper()
 	c.proc = Start(c.t, "consul", c.bin, c.args...)
