@@ -3,6 +3,7 @@ package cli
 import (
 	"fmt"
 	"os"
+	"strings"
 	"time"
 
 	"github.com/meshfed/meshfed/catalog"
@@ -76,6 +77,7 @@ func newSpokeCmd(g *globals) *cobra.Command {
 	var services, kubeconfig, kubeContext, caSecret, credSecret, bundleConfigMap string
 	var poll time.Duration
 	var cf consulFlags
+	var tokenFile string
 	cmd := &cobra.Command{
 		Use:   "spoke",
 		Short: "Run a site's spoke: publish its services to the hub and keep the federated view",
@@ -90,6 +92,13 @@ func newSpokeCmd(g *globals) *cobra.Command {
 			// In a cluster the join secret arrives through the environment.
 			if o.Hub == "" {
 				o.Hub = os.Getenv("MESHFED_HUB")
+			}
+			if o.Token == "" && tokenFile != "" {
+				tok, err := os.ReadFile(tokenFile)
+				if err != nil {
+					return fmt.Errorf("--token-file: %w", err)
+				}
+				o.Token = strings.TrimSpace(string(tok))
 			}
 			if o.Token == "" {
 				o.Token = os.Getenv("MESHFED_TOKEN")
@@ -181,6 +190,7 @@ func newSpokeCmd(g *globals) *cobra.Command {
 	f.StringVar(&o.Site, "site", "", "this site's name (required)")
 	f.StringVar(&o.Hub, "hub", "", "hub address host:port (needed to join)")
 	f.StringVar(&o.Token, "token", "", "one-time join `token` from 'meshfed site token create', first start only (or MESHFED_TOKEN, which ps does not show)")
+	f.StringVar(&tokenFile, "token-file", "", "file holding the one-time join token, instead of --token")
 	f.StringVar(&o.DataDir, "data-dir", "", "directory for the spoke's credential and federated view (required)")
 	f.StringVar(&services, "services", "", "YAML file listing this site's services (watched for changes)")
 	f.StringVar(&kubeconfig, "kubeconfig", "", "kubeconfig of the site's cluster, when the spoke runs outside it (inside, the in-cluster config is used)")

@@ -11,6 +11,7 @@ import (
 	"github.com/meshfed/meshfed/catalog"
 	"github.com/meshfed/meshfed/spoke/consul"
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
 )
 
@@ -89,4 +90,32 @@ func (c *consulFlags) dial() error {
 		return fmt.Errorf("--consul-addr %s: %w", c.addr, err)
 	}
 	return nil
+}
+
+// newConsulCmd is `meshfed consul sync`: a Consul site's spoke, named for
+// what it does, with the Consul flags short (--direction, --datacenter).
+func newConsulCmd(g *globals) *cobra.Command {
+	sync := newSpokeCmd(g)
+	sync.Use = "sync --site SITE --consul-addr URL"
+	sync.Short = "Sync a Consul datacenter with the federation, both ways: the spoke of a site of kind consul"
+	sync.Long = `Runs the site's spoke with the Consul datacenter as its catalog: Consul
+services tagged meshfed-export join the federation, and (with
+--register-prefix, the outbound prefix of the site's proxy that Consul
+clients connect through) the other sites' services are registered in
+Consul, tagged meshfed. It is 'meshfed spoke --consul-addr …'; every spoke
+flag applies. See "Sync a Consul catalog" in the README.`
+	sync.Example = `  meshfed consul sync --site dc1 --hub hub.example:7443 --token-file join.token --data-dir /var/lib/meshfed-dc1 \
+    --consul-addr http://127.0.0.1:8500 --register-prefix 10.200.0.0/16 --direction both`
+	short := map[string]string{"direction": "consul-direction", "datacenter": "consul-datacenter", "register-prefix": "consul-register-prefix",
+		"export-tag": "consul-export-tag", "export-all": "consul-export-all"}
+	sync.Flags().SetNormalizeFunc(func(_ *pflag.FlagSet, name string) pflag.NormalizedName {
+		if long, ok := short[name]; ok {
+			return pflag.NormalizedName(long)
+		}
+		return pflag.NormalizedName(name)
+	})
+	_ = sync.MarkFlagRequired("consul-addr")
+	cmd := &cobra.Command{Use: "consul", Short: "Consul datacenters in the federation"}
+	cmd.AddCommand(sync)
+	return cmd
 }

@@ -51,7 +51,7 @@ func newRoot(g *globals) *cobra.Command {
 	root.PersistentFlags().StringVar(&g.config, "config", defaultConfig(), "hub credential file (the admin.conf in the hub's data dir); env MESHFED_CONFIG")
 	root.PersistentFlags().StringVarP(&g.output, "output", "o", "table", "output format: table, json or yaml (pem too for trust bundles)")
 	root.PersistentFlags().StringVar(&g.logLevel, "log-level", "info", "log level of long-running commands: debug, info, warn or error")
-	root.AddCommand(newHubCmd(g), newSpokeCmd(g), newSiteCmd(g), newServiceCmd(g), newTrustCmd(g), newPolicyCmd(g), newGossipCmd(g), newDebugCmd(g), newProxyCmd(g), newGatewayCmd(g), newVMCmd(g), vmagentcmd.New(g.logger, Version), newSVIDCmd(g), newClusterCmd(g), newVersionCmd(g))
+	root.AddCommand(newHubCmd(g), newSpokeCmd(g), newSiteCmd(g), newServiceCmd(g), newTrustCmd(g), newPolicyCmd(g), newGossipCmd(g), newDebugCmd(g), newProxyCmd(g), newGatewayCmd(g), newVMCmd(g), newConsulCmd(g), vmagentcmd.New(g.logger, Version), newSVIDCmd(g), newClusterCmd(g), newVersionCmd(g))
 	return root
 }
 
