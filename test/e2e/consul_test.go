@@ -212,6 +212,22 @@ func TestConsulRegistersFederatedServices(t *testing.T) {
 			t.Errorf("greeter in Consul after the restart: %v (%v), modify index was %d", svcs, err, inst.ModifyIndex)
 		}
 	})
+
+	t.Run("Consul stopped and started again: greeter is there once, still reachable", func(t *testing.T) {
+		c.Stop()
+		c.Start()
+		harness.Eventually(t, 20*time.Second, "greeter once in Consul and reachable", func() error {
+			svcs, _, err := c.Client.Catalog().Service("greeter", "", nil)
+			if err != nil || len(svcs) != 1 {
+				return fmt.Errorf("%d instances of greeter (%v)", len(svcs), err)
+			}
+			got, err := httpVia(net.JoinHostPort(svcs[0].ServiceAddress, strconv.Itoa(svcs[0].ServicePort)), "/again")
+			if err != nil || got != "west /again" {
+				return fmt.Errorf("got %q (%v)", got, err)
+			}
+			return nil
+		})
+	})
 }
 
 // TestConsulSitesBothWaysDoNotLoop: two Consul sites sync both ways; a
@@ -278,5 +294,47 @@ func TestConsulSitesBothWaysDoNotLoop(t *testing.T) {
 	}
 	if strings.Contains(out, "dc2") {
 		t.Errorf("dc2 exports what meshfed registered in its Consul:\n%s", out)
+	}
+}
+
+// consulSyncRules are the README's minimal ACL rules for syncing both ways.
+const consulSyncRules = `service_prefix "" { policy = "write" }
+node_prefix "" { policy = "read" }
+node_prefix "meshfed-" { policy = "write" }
+`
+
+// TestConsulACL: with ACLs on and deny by default, a token with the
+// README's rules is enough to sync both ways.
+func TestConsulACL(t *testing.T) {
+	c := harness.StartConsulACL(t, "dc1")
+	pol, _, err := c.Client.ACL().PolicyCreate(&api.ACLPolicy{Name: "meshfed-sync", Rules: consulSyncRules}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tok, _, err := c.Client.ACL().TokenCreate(&api.ACLToken{Policies: []*api.ACLTokenPolicyLink{{ID: pol.ID}}}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tokenFile := filepath.Join(t.TempDir(), "acl.token")
+	writeFile(t, tokenFile, tok.SecretID+"\n")
+	f := newFederation(t)
+	f.kinds["dc1"] = "consul"
+	dc1 := f.addSite("dc1", "z1", "", "--consul-addr", "http://"+c.Addr, "--consul-token-file", tokenFile, "--consul-register-prefix", "127.135.0.0/16")
+	west := f.addSite("west", "z2", echoServices("greeter", "v1", "west", "127.0.0.23:9080"))
+	harness.WaitReady(t, dc1.http, 30*time.Second)
+	harness.WaitReady(t, west.http, 30*time.Second)
+	if err := c.Client.Agent().ServiceRegister(&api.AgentServiceRegistration{ID: "web-1", Name: "web", Port: 8080, Address: "127.0.0.41", Tags: []string{"meshfed-export"}}); err != nil {
+		t.Fatal(err)
+	}
+	consulEndpointsAre(t, 20*time.Second, west, "dc1", "web", "west sees web, read with the sync's token", "127.0.0.41:8080 healthy ")
+	harness.Eventually(t, 20*time.Second, "greeter registered with the sync's token", func() error {
+		svcs, _, err := c.Client.Catalog().Service("greeter", "", nil)
+		if err != nil || len(svcs) != 1 {
+			return fmt.Errorf("%d instances of greeter (%v)", len(svcs), err)
+		}
+		return nil
+	})
+	if n, err := harness.Metric(dc1.http, "meshfed_consul_register_errors_total"); err != nil || n != 0 {
+		t.Errorf("register errors: %v (%v)", n, err)
 	}
 }

@@ -40,7 +40,15 @@ func ConsulBinary(t testing.TB) string {
 
 // StartConsul starts `consul agent -server -bootstrap-expect 1` with every
 // port its own and waits until it has a leader.
-func StartConsul(t testing.TB, datacenter string) *Consul {
+func StartConsul(t testing.TB, datacenter string) *Consul { return startConsul(t, datacenter, "") }
+
+// StartConsulACL is StartConsul with ACLs on, denying by default; its
+// Client holds the management token.
+func StartConsulACL(t testing.TB, datacenter string) *Consul {
+	return startConsul(t, datacenter, Unique("management"))
+}
+
+func startConsul(t testing.TB, datacenter, management string) *Consul {
 	t.Helper()
 	c := &Consul{t: t, bin: ConsulBinary(t), Addr: FreePort(t), DNS: FreePort(t)}
 	port := func(hp string) string { _, p, _ := strings.Cut(hp, ":"); return p }
@@ -50,8 +58,12 @@ func StartConsul(t testing.TB, datacenter string) *Consul {
 		"-server-port", port(FreePort(t)), "-serf-lan-port", port(FreePort(t)), "-serf-wan-port", port(FreePort(t)),
 		// Raft at its fastest, as dev mode has it: a leader within a second.
 		"-hcl", `ports { grpc_tls = -1 }`, "-hcl", `performance { raft_multiplier = 1 }`, "-log-level", "warn"}
+	if management != "" {
+		c.args = append(c.args, "-hcl", `acl { enabled = true, default_policy = "deny", tokens { initial_management = "`+management+`" } }`)
+	}
 	cfg := api.DefaultConfig()
 	cfg.Address = "http://" + c.Addr
+	cfg.Token = management
 	var err error
 	if c.Client, err = api.NewClient(cfg); err != nil {
 		t.Fatal(err)
