@@ -109,8 +109,25 @@ func (s *Source) Run(ctx context.Context, local *spoke.Local) error {
 	wg.Go(func() { s.publishLoop(ctx, local) })
 	watchers := map[string]context.CancelFunc{}
 	var index uint64
+	var dc string // the datacenter read, when the agent's
 	backoff := newBackoff()
 	for {
+		if s.o.Datacenter == "" {
+			// An agent moved to another datacenter: its indexes mean
+			// nothing here, so every query starts over.
+			now, err := s.agentDatacenter()
+			if err == nil && dc != "" && now != dc {
+				s.o.Logger.Warn("the Consul agent's datacenter changed: reading it anew", "was", dc, "now", now)
+				index = 0
+				for name, stop := range watchers {
+					stop()
+					delete(watchers, name)
+				}
+			}
+			if err == nil {
+				dc = now
+			}
+		}
 		q := (&api.QueryOptions{Datacenter: s.o.Datacenter, WaitIndex: index, WaitTime: s.o.Wait}).WithContext(ctx)
 		services, meta, err := s.o.Client.Catalog().Services(q)
 		if ctx.Err() != nil {
@@ -151,6 +168,15 @@ func (s *Source) Run(ctx context.Context, local *spoke.Local) error {
 		}
 		s.m.services.Set(float64(len(want)))
 	}
+}
+
+func (s *Source) agentDatacenter() (string, error) {
+	self, err := s.o.Client.Agent().Self()
+	if err != nil {
+		return "", err
+	}
+	dc, _ := self["Config"]["Datacenter"].(string)
+	return dc, nil
 }
 
 // nextIndex follows Consul's advice on blocking queries: an index that
