@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"os"
 	"strings"
+	"time"
 
 	"github.com/hashicorp/consul/api"
 	"github.com/meshfed/meshfed/catalog"
@@ -19,6 +20,7 @@ import (
 type consulFlags struct {
 	addr, tokenFile, datacenter, exportTag, direction, registerPrefix string
 	exportAll                                                         bool
+	emptyGrace                                                        time.Duration
 	client                                                            *api.Client
 }
 
@@ -28,6 +30,7 @@ func (c *consulFlags) register(f *pflag.FlagSet) {
 	f.StringVar(&c.datacenter, "consul-datacenter", "", "Consul datacenter to read (default: the agent's)")
 	f.StringVar(&c.exportTag, "consul-export-tag", "meshfed-export", "export the Consul services with this tag")
 	f.BoolVar(&c.exportAll, "consul-export-all", false, "export every Consul service, tagged or not")
+	f.DurationVar(&c.emptyGrace, "consul-empty-grace", time.Minute, "hold the site's services this long when Consul suddenly answers with none at all (a reset Consul), before withdrawing them")
 	f.StringVar(&c.direction, "consul-direction", "", "from-consul, to-consul or both (default: both with --consul-register-prefix, else from-consul)")
 	f.StringVar(&c.registerPrefix, "consul-register-prefix", "", "register the other sites' services in Consul at their listeners in this range: the --outbound-prefix of the site's proxy that Consul clients connect through")
 }
@@ -70,7 +73,7 @@ func (c *consulFlags) registrar(log *slog.Logger, reg prometheus.Registerer, sna
 
 // source is the Consul source the flags describe.
 func (c *consulFlags) source(log *slog.Logger, reg prometheus.Registerer, onError func(error)) (*consul.Source, error) {
-	return consul.New(consul.Options{Client: c.client, Datacenter: c.datacenter, ExportTag: c.exportTag, ExportAll: c.exportAll,
+	return consul.New(consul.Options{Client: c.client, Datacenter: c.datacenter, ExportTag: c.exportTag, ExportAll: c.exportAll, EmptyGrace: c.emptyGrace,
 		Logger: log.With("component", "consul"), OnError: onError, Registry: reg})
 }
 

@@ -28,6 +28,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/consul/api"
@@ -59,8 +60,14 @@ type Options struct {
 	ExportTag string
 	ExportAll bool
 	// Wait bounds one blocking query.
-	Wait   time.Duration
-	Logger *slog.Logger
+	Wait time.Duration
+	// EmptyGrace is how long an answer with no exported service at all,
+	// after some, is held (and reported) before the site's services are
+	// withdrawn: a reset or restored Consul answers empty, and taking a
+	// whole site out of the federation on that would be worse than a
+	// minute's delay when every service really went.
+	EmptyGrace time.Duration
+	Logger     *slog.Logger
 	// OnError is called with each failure to read Consul.
 	OnError  func(error)
 	Registry prometheus.Registerer
@@ -71,7 +78,8 @@ type Source struct {
 	o Options
 	m *metrics
 
-	local *spoke.Local // set by Run, for the source status
+	local   *spoke.Local // set by Run, for the source status
+	holding atomic.Bool  // an empty answer is held: the status says so
 
 	mu        sync.Mutex
 	instances map[string][]catalog.Endpoint // by service name
@@ -88,6 +96,9 @@ func New(o Options) (*Source, error) {
 	}
 	if o.Wait <= 0 {
 		o.Wait = 30 * time.Second
+	}
+	if o.EmptyGrace < 0 {
+		o.EmptyGrace = 0
 	}
 	if o.Logger == nil {
 		o.Logger = slog.Default()
@@ -313,15 +324,39 @@ func (s *Source) set(name string, eps []catalog.Endpoint) {
 // every change.
 func (s *Source) publishLoop(ctx context.Context, local *spoke.Local) {
 	var last []catalog.Service
+	var emptySince time.Time
+	grace := time.NewTimer(time.Hour)
+	grace.Stop()
+	defer grace.Stop()
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-s.changed:
+		case <-grace.C:
 		}
 		services := s.services()
 		if catalog.SameServices(services, last) {
 			continue
+		}
+		if len(services) == 0 && len(last) > 0 && s.o.EmptyGrace > 0 {
+			if emptySince.IsZero() {
+				emptySince = time.Now()
+				grace.Reset(s.o.EmptyGrace)
+				s.holding.Store(true)
+				s.o.Logger.Warn("Consul answers with no exported service at all: holding the last state", "services", len(last), "for", s.o.EmptyGrace)
+				local.SetSourceStatus(false, fmt.Sprintf("Consul answers with no exported service at all: holding the last %d for %v (an empty Consul is more often a reset one than every service gone)", len(last), s.o.EmptyGrace))
+			}
+			if time.Since(emptySince) < s.o.EmptyGrace {
+				continue
+			}
+			s.o.Logger.Warn("Consul still has no exported service after the grace: withdrawing the site's services", "grace", s.o.EmptyGrace)
+		}
+		if !emptySince.IsZero() {
+			emptySince = time.Time{}
+			grace.Stop()
+			s.holding.Store(false)
+			local.SetSourceStatus(true, "")
 		}
 		last = services
 		local.Replace(services)
@@ -371,7 +406,11 @@ func (s *Source) fail(err error) {
 	}
 }
 
-func (s *Source) ok() { s.local.SetSourceStatus(true, "") }
+func (s *Source) ok() {
+	if !s.holding.Load() {
+		s.local.SetSourceStatus(true, "")
+	}
+}
 
 // backoff is a jittered exponential wait between failed queries.
 type backoff struct{ d time.Duration }

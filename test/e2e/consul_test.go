@@ -55,7 +55,7 @@ func TestConsulSource(t *testing.T) {
 	c := harness.StartConsul(t, "dc1")
 	f := newFederation(t)
 	f.kinds["dc1"] = "consul"
-	dc1 := f.addSite("dc1", "z1", "", "--consul-addr", "http://"+c.Addr)
+	dc1 := f.addSite("dc1", "z1", "", "--consul-addr", "http://"+c.Addr, "--consul-empty-grace", "3s")
 	west := f.addSite("west", "z2", "services: []\n")
 	harness.WaitReady(t, dc1.http, 30*time.Second)
 	harness.WaitReady(t, west.http, 30*time.Second)
@@ -126,6 +126,23 @@ func TestConsulSource(t *testing.T) {
 			}
 			return nil
 		})
+	})
+
+	t.Run("a Consul with no exported service at all is held for the grace, then withdrawn", func(t *testing.T) {
+		for _, id := range []string{"web-2", "web-3"} {
+			if err := agent.ServiceDeregister(id); err != nil {
+				t.Fatal(err)
+			}
+		}
+		harness.Eventually(t, 10*time.Second, "site show says the empty answer is held, and west still has web", func() error {
+			out := f.mustCLI("site", "show", "dc1")
+			got, err := consulEndpoints(west, "dc1", "web")
+			if err != nil || !strings.Contains(out, "holding the last") || got == "" {
+				return fmt.Errorf("site show dc1:\n%s\nwest's web of dc1: %q (%v)", out, got, err)
+			}
+			return nil
+		})
+		consulEndpointsAre(t, 15*time.Second, west, "dc1", "web", "after the grace, web leaves", "")
 	})
 }
 
