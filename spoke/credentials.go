@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"time"
 
@@ -18,6 +19,8 @@ import (
 	"github.com/meshfed/meshfed/trust/credential"
 	"github.com/meshfed/meshfed/trust/siteca"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 )
 
 // credentials is the spoke's identity at the hub, kept as spoke.conf
@@ -103,7 +106,19 @@ func loadOrJoin(ctx context.Context, dataDir string, store siteca.Storage, site,
 	defer conn.Close()
 	cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
-	resp, err := meshfedv1.NewFederationClient(conn).Join(cctx, &meshfedv1.JoinRequest{Token: token, Site: site, Csr: csr}, grpc.WaitForReady(true))
+	join := func(wait bool) (*meshfedv1.JoinResponse, error) {
+		return meshfedv1.NewFederationClient(conn).Join(cctx, &meshfedv1.JoinRequest{Token: token, Site: site, Csr: csr}, grpc.WaitForReady(wait))
+	}
+	// At once first: a hub whose CA is not the token's fails the
+	// handshake for good, and waiting out the timeout would only hide why.
+	// A hub that is not up yet is waited for.
+	resp, err := join(false)
+	if status.Code(err) == codes.Unavailable && !strings.Contains(err.Error(), ca.PinMismatch) {
+		resp, err = join(true)
+	}
+	if err != nil && strings.Contains(err.Error(), ca.PinMismatch) {
+		return nil, fmt.Errorf("spoke: join hub %s: its CA does not match the join token's pin: the token is from another hub (or someone is in the middle); create one at this hub with `meshfed site token create --site %s`", hub, site)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("spoke: join hub %s: %w", hub, err)
 	}

@@ -161,6 +161,13 @@ func New(ctx context.Context, o Options) (*Spoke, error) {
 	if o.MaxStale == 0 {
 		return nil, errors.New("spoke: --max-stale 0 would drop other sites' services the moment the hub is out of reach: give a duration, or a negative one to keep them forever")
 	}
+	// A refused join leaves the data dir as it was: what this start made
+	// before it joined goes again.
+	_, statErr := os.Stat(o.DataDir)
+	newDir := errors.Is(statErr, os.ErrNotExist)
+	viewPath := filepath.Join(o.DataDir, "view.db")
+	_, statErr = os.Stat(viewPath)
+	newView := errors.Is(statErr, os.ErrNotExist)
 	if err := os.MkdirAll(o.DataDir, 0o700); err != nil {
 		return nil, fmt.Errorf("spoke: create data dir: %w", err)
 	}
@@ -173,6 +180,12 @@ func New(ctx context.Context, o Options) (*Spoke, error) {
 	}
 	if s.creds, err = loadOrJoin(ctx, o.DataDir, o.Credentials, o.Site, o.Hub, o.Token); err != nil {
 		s.view.Close()
+		if newView {
+			_ = os.Remove(viewPath)
+		}
+		if newDir {
+			_ = os.Remove(o.DataDir) // only if empty: nothing else is lost
+		}
 		return nil, err
 	}
 	if s.ca, err = openSiteCA(o, s.creds.conf.TrustDomain); err != nil {

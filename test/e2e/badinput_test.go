@@ -31,6 +31,22 @@ func TestBadInput(t *testing.T) {
 		}
 	}
 	config := []string{"--config", filepath.Join(f.dir, "hub", "admin.conf")}
+	// joinRefused: a spoke whose join is refused says so, exits, and
+	// leaves its data dir as it was: an empty one stays empty, a missing
+	// one is not made.
+	joinRefused := func(t *testing.T, says, site, token string) {
+		t.Helper()
+		empty, missing := t.TempDir(), filepath.Join(t.TempDir(), "not-yet")
+		for _, dir := range []string{empty, missing} {
+			refused(t, says, "spoke", "--site", site, "--hub", f.hubAddr, "--token", token, "--http-listen", "-", "--identity-listen", "-", "--xds-listen", "-", "--data-dir", dir)
+		}
+		if left, _ := os.ReadDir(empty); len(left) > 0 {
+			t.Errorf("a refused join left %d files in the data dir (%s, …)", len(left), left[0].Name())
+		}
+		if _, err := os.Stat(missing); err == nil {
+			t.Errorf("a refused join made the data dir %s", missing)
+		}
+	}
 
 	t.Run("an invalid site name is refused", func(t *testing.T) {
 		refused(t, "DNS-1123", append(config, "site", "add", "Bad_Name")...)
@@ -61,14 +77,23 @@ func TestBadInput(t *testing.T) {
 		})
 		p.Kill()
 		refused(t, "already used", append(spoke, t.TempDir())...)
+		joinRefused(t, "already used", "c", token)
 	})
 	t.Run("an expired join token is refused", func(t *testing.T) {
 		token := strings.TrimSpace(f.mustCLI("site", "token", "create", "--site", "c", "--ttl", "1ms"))
-		refused(t, "expired", "spoke", "--site", "c", "--hub", f.hubAddr, "--token", token, "--http-listen", "-", "--identity-listen", "-", "--data-dir", t.TempDir())
+		joinRefused(t, "expired", "c", token)
 	})
 	t.Run("a token for another site is refused", func(t *testing.T) {
 		token := strings.TrimSpace(f.mustCLI("site", "token", "create", "--site", "c"))
-		refused(t, `is for site "c"`, "spoke", "--site", "b", "--hub", f.hubAddr, "--token", token, "--http-listen", "-", "--identity-listen", "-", "--data-dir", t.TempDir())
+		joinRefused(t, `is for site "c"`, "b", token)
+	})
+	t.Run("a token from another hub is refused at once, saying so", func(t *testing.T) {
+		token := strings.TrimSpace(f.mustCLI("site", "token", "create", "--site", "c"))
+		// The same token with another hub's CA pin.
+		other := token[:strings.LastIndex(token, ".")+1] + strings.Repeat("0", 64)
+		// The old spoke waited out its join timeout and said the hub did
+		// not answer in time.
+		joinRefused(t, "its CA does not match the join token's pin", "c", other)
 	})
 	t.Run("a spoke cannot claim another site with its credential", func(t *testing.T) {
 		dir := t.TempDir()
