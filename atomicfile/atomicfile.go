@@ -112,3 +112,25 @@ func replaceLink(dir, name, target string) error {
 	}
 	return nil
 }
+
+// PrivateDir makes dir (and its parents) for secrets: 0700. An existing
+// dir that others may read or enter is tightened to 0700, and tightened
+// says so, for the caller to log: a data dir made 0755 by hand or by a
+// config manager would otherwise expose the keys kept in it to every
+// local user who can guess a file's name.
+func PrivateDir(dir string) (tightened bool, err error) {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return false, err
+	}
+	info, err := os.Stat(dir)
+	if err != nil {
+		return false, err
+	}
+	if info.Mode().Perm()&0o077 == 0 {
+		return false, nil
+	}
+	if err := os.Chmod(dir, 0o700); err != nil {
+		return false, fmt.Errorf("%s is open to other users (mode %v) and could not be made 0700: %w: chmod 700 it", dir, info.Mode().Perm(), err)
+	}
+	return true, nil
+}

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	meshfedv1 "github.com/meshfed/meshfed/api/meshfed/v1"
+	"github.com/meshfed/meshfed/atomicfile"
 	"github.com/meshfed/meshfed/federation"
 	"github.com/meshfed/meshfed/gossip"
 	"github.com/meshfed/meshfed/hub/trustfed"
@@ -154,8 +155,10 @@ func New(ctx context.Context, o Options) (*Hub, error) {
 	if err != nil {
 		return nil, fmt.Errorf("hub: federation name %q is not a valid trust domain: %w", o.Federation, err)
 	}
-	if err := os.MkdirAll(o.DataDir, 0o700); err != nil {
-		return nil, fmt.Errorf("hub: create data dir: %w", err)
+	if tightened, err := atomicfile.PrivateDir(o.DataDir); err != nil {
+		return nil, fmt.Errorf("hub: data dir: %w", err)
+	} else if tightened {
+		o.Logger.Warn("the data dir was open to other users: made it 0700", "dir", o.DataDir)
 	}
 	h := &Hub{o: o, log: o.Logger.With("component", "hub"), td: td, table: federation.NewTable(), sites: map[string]*siteState{}}
 	if o.Store == nil {

@@ -17,6 +17,7 @@ import (
 	"time"
 
 	meshfedv1 "github.com/meshfed/meshfed/api/meshfed/v1"
+	"github.com/meshfed/meshfed/atomicfile"
 	"github.com/meshfed/meshfed/catalog"
 	"github.com/meshfed/meshfed/federation"
 	"github.com/meshfed/meshfed/gossip"
@@ -168,8 +169,10 @@ func New(ctx context.Context, o Options) (*Spoke, error) {
 	viewPath := filepath.Join(o.DataDir, "view.db")
 	_, statErr = os.Stat(viewPath)
 	newView := errors.Is(statErr, os.ErrNotExist)
-	if err := os.MkdirAll(o.DataDir, 0o700); err != nil {
-		return nil, fmt.Errorf("spoke: create data dir: %w", err)
+	if tightened, err := atomicfile.PrivateDir(o.DataDir); err != nil {
+		return nil, fmt.Errorf("spoke: data dir: %w", err)
+	} else if tightened {
+		o.Logger.Warn("the data dir was open to other users: made it 0700", "dir", o.DataDir)
 	}
 	s := &Spoke{o: o, log: o.Logger.With("component", "spoke", "site", o.Site), local: NewLocal(o.Site)}
 	var err error

@@ -9,7 +9,6 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
-	"os"
 	"slices"
 	"strconv"
 	"strings"
@@ -17,6 +16,7 @@ import (
 	"time"
 
 	meshfedv1 "github.com/meshfed/meshfed/api/meshfed/v1"
+	"github.com/meshfed/meshfed/atomicfile"
 	"github.com/meshfed/meshfed/catalog"
 	"github.com/meshfed/meshfed/federation"
 	"github.com/meshfed/meshfed/identityclient"
@@ -138,8 +138,10 @@ func New(ctx context.Context, o Options) (*Agent, error) {
 	if o.CheckInterval <= 0 || o.CheckTimeout <= 0 || o.HTTPListen == "" || o.Logger == nil || o.Registry == nil {
 		return nil, errors.New("vmagent: CheckInterval, CheckTimeout, HTTPListen, Logger and Registry are required: start from vmagent.DefaultOptions()")
 	}
-	if err := os.MkdirAll(o.DataDir, 0o700); err != nil {
+	if tightened, err := atomicfile.PrivateDir(o.DataDir); err != nil {
 		return nil, fmt.Errorf("vmagent: data dir: %w", err)
+	} else if tightened {
+		o.Logger.Warn("the data dir was open to other users: made it 0700", "dir", o.DataDir)
 	}
 	a := &Agent{
 		o: o, log: o.Logger.With("component", "vmagent"), changed: make(chan struct{}, 1), fresh: make(chan string, 256),

@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -70,7 +71,18 @@ func TestBadInput(t *testing.T) {
 		token := strings.TrimSpace(f.mustCLI("site", "token", "create", "--site", "c"))
 		dir := t.TempDir()
 		spoke := []string{"spoke", "--site", "c", "--hub", f.hubAddr, "--token", token, "--http-listen", "-", "--identity-listen", "-", "--data-dir"}
+		// A data dir others may read, as a config manager might make it:
+		// the spoke makes it 0700 before it keeps a key there.
+		if err := os.Chmod(dir, 0o755); err != nil {
+			t.Fatal(err)
+		}
 		p := harness.Start(t, "spoke-c2", f.bin, append(spoke, dir)...)
+		harness.Eventually(t, 10*time.Second, "the data dir is made 0700", func() error {
+			if info, err := os.Stat(dir); err != nil || info.Mode().Perm() != 0o700 {
+				return fmt.Errorf("data dir mode %v (%v)", info.Mode().Perm(), err)
+			}
+			return nil
+		})
 		harness.Eventually(t, 10*time.Second, "the token is redeemed", func() error {
 			_, err := os.Stat(filepath.Join(dir, "spoke.conf"))
 			return err
