@@ -6,6 +6,7 @@ package file
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"log/slog"
 	"os"
 	"time"
@@ -63,18 +64,19 @@ func (s *Source) Run(ctx context.Context, local *spoke.Local) error {
 		case err != nil:
 			if err.Error() != lastErr {
 				lastErr = err.Error()
-				s.fail(err)
+				s.fail(local, err)
 			}
 		case !bytes.Equal(b, last):
 			last = b
 			services, err := catalog.ParseServicesFile(b)
 			if err != nil {
 				lastErr = err.Error()
-				s.fail(err)
+				s.fail(local, err)
 				break
 			}
 			lastErr = ""
 			local.Replace(services)
+			local.SetSourceStatus(true, "")
 			s.o.Logger.Info("services file loaded", "path", s.o.Path, "services", len(services))
 		}
 		select {
@@ -85,8 +87,11 @@ func (s *Source) Run(ctx context.Context, local *spoke.Local) error {
 	}
 }
 
-func (s *Source) fail(err error) {
+// fail reports an unreadable or invalid file: in the log, at the hub
+// (site list's SOURCE) and to OnError; the last valid content stays.
+func (s *Source) fail(local *spoke.Local, err error) {
 	s.o.Logger.Error("services file is invalid; still publishing its last valid content", "path", s.o.Path, "err", err)
+	local.SetSourceStatus(false, fmt.Sprintf("services file %s: %v; serving its last valid content", s.o.Path, err))
 	if s.o.OnError != nil {
 		s.o.OnError(err)
 	}

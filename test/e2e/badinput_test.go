@@ -49,6 +49,15 @@ func TestBadInput(t *testing.T) {
 		}
 	}
 
+	t.Run("a bad services file shows at the hub within a second, and clears", func(t *testing.T) {
+		writeFile(t, b.file, "services:\n- {namespace: default, name: echo, endpoints: [{address: 127.0.0.21, port: 18080, helth: ok}]}\n")
+		harness.Eventually(t, 2*time.Second, "site show b says the file is invalid", func() error {
+			return siteSourceSays(f, "b", `unknown field "helth"`)
+		})
+		f.converged(time.Second, want) // the last valid content stays
+		writeFile(t, b.file, siteB)
+		harness.Eventually(t, 2*time.Second, "site show b says ok again", func() error { return siteSourceSays(f, "b", "ok") })
+	})
 	t.Run("an invalid site name is refused", func(t *testing.T) {
 		refused(t, "DNS-1123", append(config, "site", "add", "Bad_Name")...)
 	})
