@@ -182,6 +182,7 @@ func (s *federationServer) Sync(stream meshfedv1.Federation_SyncServer) error {
 		return err
 	}
 	defer h.disconnect(site, st)
+	connected := time.Now()
 	reply := &meshfedv1.Hello{KnownVersions: h.ownedVersions(site)}
 	if err := stream.Send(&meshfedv1.SyncMessage{Kind: &meshfedv1.SyncMessage_Hello{Hello: reply}}); err != nil {
 		return err
@@ -195,7 +196,13 @@ func (s *federationServer) Sync(stream meshfedv1.Federation_SyncServer) error {
 		Logger:    h.log.With("site", site),
 		OnSent: func(n int, oldest time.Time) {
 			h.m.resourcesSent.WithLabelValues(site).Add(float64(n))
-			if !oldest.IsZero() {
+			switch {
+			case oldest.IsZero():
+			case oldest.Before(connected):
+				// Changes from before the stream: the initial sync, timed
+				// from the stream's start; it is not a push's latency.
+				h.m.initialSync.WithLabelValues(site).Set(time.Since(connected).Seconds())
+			default:
 				h.m.pushDuration.Observe(time.Since(oldest).Seconds())
 			}
 		},

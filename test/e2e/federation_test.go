@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -449,4 +450,44 @@ func currentRev(t *testing.T, path string) int {
 	i := strings.Index(string(b), `rev: "`)
 	fmt.Sscanf(string(b)[i+len(`rev: "`):], "%d", &rev)
 	return rev
+}
+
+// TestHubPushDurationIsPushes: a spoke that joins long after the catalog
+// changed gets it in its initial sync, which meshfed_hub_initial_sync_seconds
+// times from the stream's start; meshfed_hub_push_duration_seconds, the
+// latency of pushes, does not take the changes' age for one.
+func TestHubPushDurationIsPushes(t *testing.T) {
+	f := newFederation(t)
+	f.addSite("b", "z1", siteB)
+	start := time.Now()
+	harness.Eventually(t, 20*time.Second, "the hub has b's services", func() error {
+		n, err := harness.Metric(f.hubHTTP, "meshfed_hub_catalog_services")
+		if err != nil || n != 2 {
+			return fmt.Errorf("%v services (%v)", n, err)
+		}
+		return nil
+	})
+	// The catalog's changes age before c joins.
+	harness.Eventually(t, 10*time.Second, "3 s pass", func() error {
+		if time.Since(start) < 3*time.Second {
+			return errors.New("not yet")
+		}
+		return nil
+	})
+	c := f.addSite("c", "z2", siteC)
+	viewIs(t, 20*time.Second, c, "b:default/echo:127.0.0.21:18080map[]\nb:shop/bravo:127.0.0.22:9000map[]\nc:shop/charlie:127.0.0.31:9000map[]")
+	all, err := harness.Metric(f.hubHTTP, "meshfed_hub_push_duration_seconds_count")
+	if err != nil {
+		t.Fatal(err)
+	}
+	fast, err := harness.Metric(f.hubHTTP, "meshfed_hub_push_duration_seconds_bucket", `le="2.048"`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if all != fast {
+		t.Errorf("%v of %v pushes took over 2 s: the initial sync of c was timed from changes made before it joined", all-fast, all)
+	}
+	if sync, err := harness.Metric(f.hubHTTP, "meshfed_hub_initial_sync_seconds", `site="c"`); err != nil || sync <= 0 || sync > 2 {
+		t.Errorf("c's initial sync: %v s (%v)", sync, err)
+	}
 }
