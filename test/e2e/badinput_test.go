@@ -1,7 +1,14 @@
 package e2e
 
 import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
 	"fmt"
+	"math/big"
 	"os"
 	"path/filepath"
 	"strings"
@@ -9,6 +16,7 @@ import (
 	"time"
 
 	"github.com/meshfed/meshfed/test/harness"
+	"github.com/meshfed/meshfed/trust/credential"
 )
 
 // TestBadInput checks that what a user gets wrong is refused with an error
@@ -57,6 +65,32 @@ func TestBadInput(t *testing.T) {
 		f.converged(time.Second, want) // the last valid content stays
 		writeFile(t, b.file, siteB)
 		harness.Eventually(t, 2*time.Second, "site show b says ok again", func() error { return siteSourceSays(f, "b", "ok") })
+	})
+	t.Run("an admin certificate of another CA is refused, naming the hub's CA", func(t *testing.T) {
+		conf, err := credential.Load(filepath.Join(f.dir, "hub", "admin.conf"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+		if err != nil {
+			t.Fatal(err)
+		}
+		tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "another CA's admin"},
+			NotBefore: time.Now().Add(-time.Minute), NotAfter: time.Now().Add(time.Hour), ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}}
+		der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		keyDER, _ := x509.MarshalECPrivateKey(key)
+		conf.Cert = string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}))
+		conf.Key = string(pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: keyDER}))
+		path := filepath.Join(t.TempDir(), "admin.conf")
+		if err := conf.Write(path); err != nil {
+			t.Fatal(err)
+		}
+		// The old CLI said "no client certificate".
+		refused(t, "the hub does not trust its certificate", "--config", path, "site", "list")
+		refused(t, "sha256:", "--config", path, "site", "list")
 	})
 	t.Run("an invalid site name is refused", func(t *testing.T) {
 		refused(t, "DNS-1123", append(config, "site", "add", "Bad_Name")...)

@@ -1,8 +1,11 @@
 package credential
 
 import (
+	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/hex"
+	"encoding/pem"
 	"errors"
 	"fmt"
 	"os"
@@ -74,7 +77,34 @@ func (c *File) TLS() (*tls.Config, error) {
 	if !roots.AppendCertsFromPEM([]byte(c.CA)) {
 		return nil, errors.New("hub credential: no CA certificate in it")
 	}
+	if err := c.checkSigned(pair, roots); err != nil {
+		return nil, err
+	}
 	return &tls.Config{Certificates: []tls.Certificate{pair}, RootCAs: roots, MinVersion: tls.VersionTLS13, ServerName: hostOf(c.Hub)}, nil
+}
+
+// checkSigned refuses a certificate the hub CA in the file did not sign:
+// the hub would refuse it in the handshake, and the client would hear
+// only "bad certificate".
+func (c *File) checkSigned(pair tls.Certificate, roots *x509.CertPool) error {
+	leaf, err := x509.ParseCertificate(pair.Certificate[0])
+	if err != nil {
+		return fmt.Errorf("hub credential: certificate: %w", err)
+	}
+	_, err = leaf.Verify(x509.VerifyOptions{Roots: roots, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}})
+	if err == nil {
+		return nil
+	}
+	var fps []string
+	for rest := []byte(c.CA); ; {
+		var b *pem.Block
+		if b, rest = pem.Decode(rest); b == nil {
+			break
+		}
+		sum := sha256.Sum256(b.Bytes)
+		fps = append(fps, "sha256:"+hex.EncodeToString(sum[:]))
+	}
+	return fmt.Errorf("hub credential: the hub does not trust its certificate (issued by %q): the hub's CA is %s (%v); use the admin.conf from the hub's data dir, or the spoke.conf its join wrote", leaf.Issuer.String(), strings.Join(fps, ", "), err)
 }
 
 func hostOf(addr string) string {
