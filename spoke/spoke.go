@@ -220,7 +220,7 @@ func New(ctx context.Context, o Options) (*Spoke, error) {
 	}
 	if o.HTTPListen != "-" {
 		s.tele, err = telemetry.Listen(telemetry.Options{
-			Listen: o.HTTPListen, Registry: o.Registry, Logger: s.log, Ready: s.ready,
+			Listen: o.HTTPListen, Registry: o.Registry, Logger: s.log, Ready: s.ready, Degraded: s.degraded,
 			Handlers: map[string]http.Handler{"/v1/catalog": http.HandlerFunc(s.serveView)},
 		})
 		if err != nil {
@@ -275,6 +275,16 @@ func (s *Spoke) HTTPAddr() string {
 
 // OnSourceError counts an invalid input of the local source.
 func (s *Spoke) OnSourceError(error) { s.m.sourceErrors.Inc() }
+
+// degraded is what is wrong with the site's source while the spoke serves
+// its last valid content ("" when nothing is).
+func (s *Spoke) degraded() string {
+	r, ok := s.local.table.Get(federation.SourceStatusKey(s.o.Site))
+	if st := r.GetSourceStatus(); ok && st.GetSince() != nil && !st.GetHealthy() {
+		return "source: " + st.GetMessage()
+	}
+	return ""
+}
 
 func (s *Spoke) ready() error {
 	if s.view.LastContact().IsZero() {

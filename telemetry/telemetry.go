@@ -32,6 +32,10 @@ type Options struct {
 	Registry *prometheus.Registry
 	// Ready reports why the component is not ready, or nil.
 	Ready func() error
+	// Degraded, when set, says what is wrong with a component that still
+	// does its job (a spoke serving its source's last valid content); ""
+	// when nothing is. /readyz stays 200 and says it.
+	Degraded func() string
 	// Handlers are extra paths the component serves (for example a spoke's
 	// view of the catalog).
 	Handlers map[string]http.Handler
@@ -64,6 +68,12 @@ func (s *Server) Run(ctx context.Context) error {
 		if s.o.Ready != nil {
 			if err := s.o.Ready(); err != nil {
 				http.Error(w, "not ready: "+err.Error(), http.StatusServiceUnavailable)
+				return
+			}
+		}
+		if s.o.Degraded != nil {
+			if msg := s.o.Degraded(); msg != "" {
+				fmt.Fprintln(w, "ok, degraded: "+msg)
 				return
 			}
 		}

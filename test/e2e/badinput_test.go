@@ -63,8 +63,14 @@ func TestBadInput(t *testing.T) {
 			return siteSourceSays(f, "b", `unknown field "helth"`)
 		})
 		f.converged(time.Second, want) // the last valid content stays
+		if got, err := harness.GetText("http://" + b.http + "/readyz"); err != nil || !strings.Contains(got, "degraded") || !strings.Contains(got, "helth") {
+			t.Errorf("b's /readyz with its file invalid: %q (%v), want ok, degraded, and why", got, err)
+		}
 		writeFile(t, b.file, siteB)
 		harness.Eventually(t, 2*time.Second, "site show b says ok again", func() error { return siteSourceSays(f, "b", "ok") })
+		if got, err := harness.GetText("http://" + b.http + "/readyz"); err != nil || strings.TrimSpace(got) != "ok" {
+			t.Errorf("b's /readyz with its file good again: %q (%v)", got, err)
+		}
 	})
 	t.Run("an admin certificate of another CA is refused, naming the hub's CA", func(t *testing.T) {
 		conf, err := credential.Load(filepath.Join(f.dir, "hub", "admin.conf"))
