@@ -216,9 +216,14 @@ func TestGatewayFailover(t *testing.T) {
 		eastGateway.p.Signal(syscall.SIGTERM)
 		// It leaves the pool at once: c's spoke marks east down.
 		harness.Eventually(t, 5*time.Second, "east left the pool", gossipAlive("east", 0))
-		if site, err := call(echo); err != nil || site != "west" {
-			t.Fatalf("a new call during the drain: %q, %v", site, err)
-		}
+		// c's spoke knows; its push to the client proxy follows within
+		// moments (CI once saw one call reach east between the two).
+		harness.Eventually(t, 2*time.Second, "new calls during the drain go to west", func() error {
+			if site, err := call(echo); err != nil || site != "west" {
+				return fmt.Errorf("a new call during the drain: %q, %v", site, err)
+			}
+			return nil
+		})
 		stillEchoes(t, live)
 	})
 	restart()
