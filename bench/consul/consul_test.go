@@ -95,4 +95,11 @@ func BenchmarkConsul(b *testing.B) {
 	fmt.Printf("\n%-52s %-12s %-10s %s\n", "FIGURE", "TARGET", "MEASURED", "RESULT")
 	fmt.Printf("%-52s %-12s %-10s %s\n", "consul register -> other site's EDS, p99", "<= 1000 ms", fmt.Sprintf("%.0f ms", load.Ms(p99)), load.Verdict(p99 <= time.Second))
 	fmt.Printf("%-52s %-12s %-10s %s\n", "consul writes after a restart, nothing changed", "0", fmt.Sprintf("%.0f", again), load.Verdict(again == 0))
+	// make bench exits non-zero on a miss.
+	if p99 > time.Second {
+		b.Errorf("MISSED: Consul registration -> other site's EDS p99 %v, target 1 s", p99)
+	}
+	if again != 0 {
+		b.Errorf("MISSED: %.0f writes to Consul after a restart with nothing changed, target 0", again)
+	}
 }

@@ -124,4 +124,11 @@ func BenchmarkVMAgent(b *testing.B) {
 	fmt.Printf("\n%-52s %-12s %-10s %s\n", "FIGURE", "TARGET", "MEASURED", "RESULT")
 	fmt.Printf("%-52s %-12s %-10s %s\n", "vmagent docker run -> other site's EDS, p99", "<= 1000 ms", fmt.Sprintf("%.0f ms", load.Ms(p99)), load.Verdict(p99 <= time.Second))
 	fmt.Printf("%-52s %-12s %-10s %s\n", fmt.Sprintf("vmagent RSS, %d containers", containers), "<= 40 MiB", fmt.Sprintf("%.1f MiB", mib), load.Verdict(mib <= 40))
+	// make bench exits non-zero on a miss.
+	if p99 > time.Second {
+		b.Errorf("MISSED: docker run -> other site's EDS p99 %v, target 1 s", p99)
+	}
+	if mib > 40 {
+		b.Errorf("MISSED: agent RSS %.1f MiB with %d containers, target 40 MiB", mib, containers)
+	}
 }
