@@ -3,6 +3,9 @@ package catalog
 import (
 	"encoding/json"
 	"fmt"
+	"slices"
+	"strconv"
+	"strings"
 	"time"
 )
 
@@ -106,6 +109,14 @@ func SameServices(a, b []Service) bool {
 	ja, errA := json.Marshal(a)
 	jb, errB := json.Marshal(b)
 	return errA == nil && errB == nil && string(ja) == string(jb)
+}
+
+// SortEndpoints orders endpoints by "address:port", the order the host
+// agents and the Consul source publish them in, so an unchanged set
+// compares equal.
+func SortEndpoints(eps []Endpoint) {
+	key := func(e Endpoint) string { return e.Address + ":" + strconv.Itoa(int(e.Port)) }
+	slices.SortFunc(eps, func(a, b Endpoint) int { return strings.Compare(key(a), key(b)) })
 }
 
 // ID is the service's namespace/name.

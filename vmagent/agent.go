@@ -520,9 +520,7 @@ func (a *Agent) services() (services []catalog.Service, seen int) {
 	}
 	for _, k := range slices.Sorted(maps.Keys(byID)) {
 		s := byID[k]
-		slices.SortFunc(s.Endpoints, func(x, y catalog.Endpoint) int {
-			return strings.Compare(x.Address+":"+strconv.Itoa(int(x.Port)), y.Address+":"+strconv.Itoa(int(y.Port)))
-		})
+		catalog.SortEndpoints(s.Endpoints)
 		services = append(services, *s)
 	}
 	if a.hp != nil {

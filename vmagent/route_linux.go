@@ -1,6 +1,7 @@
 package vmagent
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"net"
@@ -54,13 +55,13 @@ func routeRequest(typ uint16, flags uint16, prefix netip.Prefix) error {
 	}
 	body = appendAttr(body, unix.RTA_DST, dst[:])
 	oif := make([]byte, 4)
-	nativeEndian.PutUint32(oif, uint32(lo.Index))
+	binary.NativeEndian.PutUint32(oif, uint32(lo.Index))
 	body = appendAttr(body, unix.RTA_OIF, oif)
 	msg := make([]byte, unix.NLMSG_HDRLEN, unix.NLMSG_HDRLEN+len(body))
-	nativeEndian.PutUint32(msg[0:], uint32(unix.NLMSG_HDRLEN+len(body)))
-	nativeEndian.PutUint16(msg[4:], typ)
-	nativeEndian.PutUint16(msg[6:], unix.NLM_F_REQUEST|unix.NLM_F_ACK|flags)
-	nativeEndian.PutUint32(msg[8:], 1) // seq
+	binary.NativeEndian.PutUint32(msg[0:], uint32(unix.NLMSG_HDRLEN+len(body)))
+	binary.NativeEndian.PutUint16(msg[4:], typ)
+	binary.NativeEndian.PutUint16(msg[6:], unix.NLM_F_REQUEST|unix.NLM_F_ACK|flags)
+	binary.NativeEndian.PutUint32(msg[8:], 1) // seq
 	msg = append(msg, body...)
 	if err := unix.Sendto(fd, msg, 0, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
 		return err
@@ -76,7 +77,7 @@ func routeRequest(typ uint16, flags uint16, prefix netip.Prefix) error {
 	}
 	for _, m := range msgs {
 		if m.Header.Type == unix.NLMSG_ERROR && len(m.Data) >= 4 {
-			if errno := int32(nativeEndian.Uint32(m.Data[:4])); errno != 0 {
+			if errno := int32(binary.NativeEndian.Uint32(m.Data[:4])); errno != 0 {
 				return syscall.Errno(-errno)
 			}
 			return nil
@@ -88,8 +89,8 @@ func routeRequest(typ uint16, flags uint16, prefix netip.Prefix) error {
 func appendAttr(b []byte, typ uint16, data []byte) []byte {
 	l := unix.SizeofRtAttr + len(data)
 	hdr := make([]byte, unix.SizeofRtAttr)
-	nativeEndian.PutUint16(hdr[0:], uint16(l))
-	nativeEndian.PutUint16(hdr[2:], typ)
+	binary.NativeEndian.PutUint16(hdr[0:], uint16(l))
+	binary.NativeEndian.PutUint16(hdr[2:], typ)
 	b = append(append(b, hdr...), data...)
 	for len(b)%4 != 0 {
 		b = append(b, 0)

@@ -26,7 +26,6 @@ import (
 	"math/rand/v2"
 	"regexp"
 	"slices"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -294,9 +293,7 @@ func (s *Source) endpoints(name string, entries []*api.ServiceEntry) []catalog.E
 		}
 		out = append(out, ep)
 	}
-	slices.SortFunc(out, func(a, b catalog.Endpoint) int {
-		return strings.Compare(fmt.Sprintf("%s:%d", a.Address, a.Port), fmt.Sprintf("%s:%d", b.Address, b.Port))
-	})
+	catalog.SortEndpoints(out)
 	return out
 }
 

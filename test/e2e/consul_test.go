@@ -12,39 +12,23 @@ import (
 	"time"
 
 	"github.com/hashicorp/consul/api"
+	"github.com/meshfed/meshfed/catalog"
 	"github.com/meshfed/meshfed/test/harness"
 )
 
-// consulEndpoints renders site's endpoints of default/<name> in spoke s's
-// view as sorted "address:port health version" lines.
+// consulLine is a Consul instance's endpoint as "address:port health
+// version".
+func consulLine(e catalog.Endpoint) string {
+	return fmt.Sprintf("%s:%d %s %s", e.Address, e.Port, e.Health, e.Labels["version"])
+}
+
 func consulEndpoints(s *spokeProc, site, name string) (string, error) {
-	v, err := harness.View(s.http)
-	if err != nil {
-		return "", err
-	}
-	var out []string
-	for _, svc := range v.Services {
-		if svc.Site == site && svc.Namespace == "default" && svc.Name == name {
-			for _, e := range svc.Endpoints {
-				out = append(out, fmt.Sprintf("%s:%d %s %s", e.Address, e.Port, e.Health, e.Labels["version"]))
-			}
-		}
-	}
-	return strings.Join(out, "\n"), nil
+	return endpointLines(s, site, name, consulLine)
 }
 
 func consulEndpointsAre(t *testing.T, within time.Duration, s *spokeProc, site, name, what, want string) {
 	t.Helper()
-	harness.Eventually(t, within, what, func() error {
-		got, err := consulEndpoints(s, site, name)
-		if err != nil {
-			return err
-		}
-		if got != want {
-			return fmt.Errorf("%s's endpoints of default/%s as %s sees them:\n%s\nwant:\n%s", site, name, s.site, got, want)
-		}
-		return nil
-	})
+	endpointLinesAre(t, within, s, site, name, consulLine, what, want)
 }
 
 // TestConsulSource: a site of kind consul whose spoke follows a real Consul

@@ -17,6 +17,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/meshfed/meshfed/catalog"
 	"github.com/meshfed/meshfed/test/harness"
 )
 
@@ -79,31 +80,30 @@ func (s *socketCut) cut() {
 	s.conns = nil
 }
 
-// hostEndpoints renders site's endpoints of default/<name> in spoke s's
-// view as sorted "address health version container" lines (the port is
-// the host proxy's pick).
-func hostEndpoints(s *spokeProc, site, name string) (string, error) {
+// endpointLines renders site's endpoints of default/<name> in spoke s's
+// view, one line each, sorted.
+func endpointLines(s *spokeProc, site, name string, line func(catalog.Endpoint) string) (string, error) {
 	v, err := harness.View(s.http)
 	if err != nil {
 		return "", err
 	}
 	var out []string
 	for _, svc := range v.Services {
-		if svc.Site != site || svc.Namespace != "default" || svc.Name != name {
-			continue
-		}
-		for _, e := range svc.Endpoints {
-			out = append(out, fmt.Sprintf("%s %s %s %s", e.Address, e.Health, e.Labels["version"], e.Labels["meshfed.io/container"]))
+		if svc.Site == site && svc.Namespace == "default" && svc.Name == name {
+			for _, e := range svc.Endpoints {
+				out = append(out, line(e))
+			}
 		}
 	}
 	sort.Strings(out)
 	return strings.Join(out, "\n"), nil
 }
 
-func hostEndpointsAre(t *testing.T, within time.Duration, s *spokeProc, site, name, what, want string) {
+// endpointLinesAre waits until endpointLines are want.
+func endpointLinesAre(t *testing.T, within time.Duration, s *spokeProc, site, name string, line func(catalog.Endpoint) string, what, want string) {
 	t.Helper()
 	harness.Eventually(t, within, what, func() error {
-		got, err := hostEndpoints(s, site, name)
+		got, err := endpointLines(s, site, name, line)
 		if err != nil {
 			return err
 		}
@@ -112,6 +112,17 @@ func hostEndpointsAre(t *testing.T, within time.Duration, s *spokeProc, site, na
 		}
 		return nil
 	})
+}
+
+// hostLine is a host's endpoint as "address health version container"
+// (the port is the host proxy's pick).
+func hostLine(e catalog.Endpoint) string {
+	return fmt.Sprintf("%s %s %s %s", e.Address, e.Health, e.Labels["version"], e.Labels["meshfed.io/container"])
+}
+
+func hostEndpointsAre(t *testing.T, within time.Duration, s *spokeProc, site, name, what, want string) {
+	t.Helper()
+	endpointLinesAre(t, within, s, site, name, hostLine, what, want)
 }
 
 // httpApp serves "<name> <path>" over HTTP on loopback until the test ends.

@@ -1,8 +1,6 @@
 package harness
 
 import (
-	"os/exec"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -25,18 +23,7 @@ type Consul struct {
 
 // ConsulBinary returns the pinned consul, building it into the tools
 // cache the first time (test/consul.sh).
-func ConsulBinary(t testing.TB) string {
-	t.Helper()
-	root, err := moduleRoot()
-	if err != nil {
-		t.Fatal(err)
-	}
-	out, err := exec.Command(filepath.Join(root, "test", "consul.sh")).Output()
-	if err != nil {
-		t.Fatalf("build consul (test/consul.sh): %v", err)
-	}
-	return strings.TrimSpace(string(out))
-}
+func ConsulBinary(t testing.TB) string { return toolBinary(t, "consul.sh") }
 
 // StartConsul starts `consul agent -server -bootstrap-expect 1` with every
 // port its own and waits until it has a leader.

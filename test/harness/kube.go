@@ -48,15 +48,19 @@ func (k *Kube) Start() {
 
 // KubeAPIServerBinary returns the pinned kube-apiserver, building it into
 // the tools cache the first time (test/kube.sh).
-func KubeAPIServerBinary(t testing.TB) string {
+func KubeAPIServerBinary(t testing.TB) string { return toolBinary(t, "kube.sh") }
+
+// toolBinary runs test/<script>, which builds a pinned tool into the tools
+// cache the first time, and returns the path it prints.
+func toolBinary(t testing.TB, script string) string {
 	t.Helper()
 	root, err := moduleRoot()
 	if err != nil {
 		t.Fatal(err)
 	}
-	out, err := exec.Command(filepath.Join(root, "test", "kube.sh")).Output()
+	out, err := exec.Command(filepath.Join(root, "test", script)).Output()
 	if err != nil {
-		t.Fatalf("build kube-apiserver (test/kube.sh): %v", err)
+		t.Fatalf("build a test tool (test/%s): %v", script, err)
 	}
 	return strings.TrimSpace(string(out))
 }
