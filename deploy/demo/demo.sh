@@ -240,19 +240,27 @@ YAML
 "$BIN" policy apply -f "$DEMO/echo-policy.yaml"
 dataplane client-host central proxy --identity 127.0.0.1:17192 --xds 127.0.0.1:17202 --http-listen 127.0.0.1:17420 --outbound-prefix 127.130.0.0/16
 wait_http http://127.0.0.1:17420/readyz "central's proxy" client-host
-ECHO=""
-for _ in $(seq 1 100); do
-  ECHO=$(curl -s 127.0.0.1:17420/v1/listeners | sed -n 's/.*"echo.default:8080":"\([^"]*\)".*/\1/p')
-  [ -n "$ECHO" ] && "$BIN" debug call "$ECHO" --count 1 --timeout 1s 2>/dev/null | grep -q east && break
-  sleep 0.2
-done
+# listener NAME: the address of central's proxy listener NAME.
+listener() { curl -s 127.0.0.1:17420/v1/listeners | sed -n "s/.*\"$1\":\"\([^\"]*\)\".*/\1/p"; }
+# until_answers NAME WHO: listener NAME's address, once a call through it
+# is answered by WHO.
+until_answers() {
+  local addr=""
+  for _ in $(seq 1 100); do
+    addr=$(listener "$1")
+    [ -n "$addr" ] && "$BIN" debug call "$addr" --count 1 --timeout 1s 2>/dev/null | grep -q "$2" && break
+    sleep 0.2
+  done
+  echo "$addr"
+}
+ECHO=$(until_answers echo.default:8080 east)
 # The hub is in the gossip pool too: wait until it sees both gateways.
 for _ in $(seq 1 100); do [ "$("$BIN" site list | grep -Ec ' alive ')" -ge 2 ] && break; sleep 0.1; done
 step "calls from central to default/echo at $ECHO (the client proxy's listener): through east's gateway"
 "$BIN" debug call "$ECHO" --count 20
 if [ -n "${DOCKER_NET:-}" ]; then
   step "central calls east's Docker containers: client proxy → east's gateway → the host proxy (mTLS, policy) → the container"
-  HELLO=$(curl -s 127.0.0.1:17420/v1/listeners | sed -n 's/.*"hello.default:8080":"\([^"]*\)".*/\1/p')
+  HELLO=$(listener hello.default:8080)
   for _ in $(seq 1 6); do curl -s --max-time 2 "http://$HELLO/"; done
   step "a container calls default/echo by its name: the host proxy's DNS and its listener, with the hello workload's SVID"
   echo "docker exec $DOCKER_NET-hello-1 /app greet echo.default.svc.clusterset.local:8080"
@@ -260,12 +268,7 @@ if [ -n "${DOCKER_NET:-}" ]; then
 fi
 if [ -n "$CONSUL" ]; then
   step "Consul's inventory, called from central: client proxy -> dc1's gateway -> the proxy in front of it"
-  INVENTORY=""
-  for _ in $(seq 1 100); do
-    INVENTORY=$(curl -s 127.0.0.1:17420/v1/listeners | sed -n 's/.*"inventory.default:18090":"\([^"]*\)".*/\1/p')
-    [ -n "$INVENTORY" ] && "$BIN" debug call "$INVENTORY" --count 1 --timeout 1s 2>/dev/null | grep -q inventory && break
-    sleep 0.2
-  done
+  INVENTORY=$(until_answers inventory.default:18090 inventory)
   "$BIN" debug call "$INVENTORY" --count 5
   step "the other sites' services in Consul, and a plain Consul client calling default/echo"
   curl -s 127.0.0.1:18500/v1/catalog/services | tr -d ' \n'; echo
